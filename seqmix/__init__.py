@@ -1,0 +1,3 @@
+"""seqmix: efficient sequence mixers in JAX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,241 @@
+"""Softmax attention in plain XLA: the oracle (``naive``) and a memory-efficient form (``xla``).
+
+Both take normalised arguments (see ``api.attention``): ``window = (left, right)`` with
+``None`` for an unbounded side, and return ``(o, lse)``: ``o [B, T, H, D]`` in q's dtype and
+``lse [B, T, H]`` float32, the natural log-sum-exp of the (scaled, soft-capped) visible
+logits. A query row that sees no key gets ``o = 0`` and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqmix.kernels.checks import accum_dtype
+
+Window = tuple[int | None, int | None]
+
+
+def visible(
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    *,
+    causal: bool,
+    window: Window,
+    q_segment_ids: jax.Array | None = None,
+    k_segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Which keys each query sees: a boolean ``[..., Tq, Tk]`` mask.
+
+    ``q_pos [Tq]`` and ``k_pos [Tk]`` are positions; segment ids, when given, are
+    ``[B, Tq]`` and ``[B, Tk]`` and add a leading batch axis to the mask.
+    """
+    diff = q_pos[:, None] - k_pos[None, :]  # query position minus key position
+    mask = jnp.ones(diff.shape, dtype=bool)
+    left, right = window
+    if causal:
+        mask &= diff >= 0
+    if left is not None:
+        mask &= diff <= left
+    if right is not None:
+        mask &= diff >= -right
+    if q_segment_ids is not None:
+        mask = mask[None] & (q_segment_ids[:, :, None] == k_segment_ids[:, None, :])
+    return mask
+
+
+def _softcap(s: jax.Array, softcap: float | None) -> jax.Array:
+    return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+
+def attention_naive(q, k, v, *, causal, window, segment_ids, softcap, scale):
+    """Dense masked softmax attention, float32 (float64 for float64 inputs) inside."""
+    acc = accum_dtype(q.dtype)
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qf = q.astype(acc).reshape(B, T, Hkv, G, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(acc)) * scale
+    s = _softcap(s, softcap)
+    mask = visible(
+        jnp.arange(T), jnp.arange(S), causal=causal, window=window,
+        q_segment_ids=segment_ids, k_segment_ids=segment_ids,
+    )
+    mask = mask[:, None, None] if mask.ndim == 3 else mask[None, None, None]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bkgts,bskd->btkgd", p / jnp.where(l > 0, l, 1.0), v.astype(acc))
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, H)
+    return o.reshape(B, T, H, D).astype(q.dtype), lse.astype(acc)
+
+
+# --- memory-efficient XLA form: key blocks with an online softmax, flash backward ---------
+
+
+def _blocks(x, block, axis=1):
+    """[B, S, ...] -> [nblocks, B, block, ...], zero-padded along ``axis``."""
+    S = x.shape[axis]
+    n = -(-S // block)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n * block - S)
+    x = jnp.pad(x, pad)
+    x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _key_positions(S, block):
+    """Positions of the keys of each block, [nblocks, block]; padding gets positions >= S."""
+    n = -(-S // block)
+    return jnp.arange(n * block).reshape(n, block)
+
+
+def _block_logits(qf, kb, kpos, qpos, q_seg, kseg, *, causal, window, softcap, scale, S):
+    """Scaled, capped logits of one key block and its mask: s [B,Hkv,G,T,bk], mask."""
+    s_raw = jnp.einsum("btkgd,bskd->bkgts", qf, kb.astype(qf.dtype)) * scale
+    s = _softcap(s_raw, softcap)
+    mask = visible(qpos, kpos, causal=causal, window=window,
+                   q_segment_ids=q_seg, k_segment_ids=kseg)
+    mask = mask & (kpos < S)[None, :] if mask.ndim == 2 else mask & (kpos < S)[None, None, :]
+    mask = mask[:, None, None] if mask.ndim == 3 else mask[None, None, None]
+    return s, s_raw, mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _attention_xla(q, k, v, segment_ids, causal, window, softcap, scale, block_k):
+    return _attention_xla_fwd(q, k, v, segment_ids, causal, window, softcap, scale, block_k)[0]
+
+
+def _attention_xla_fwd(q, k, v, segment_ids, causal, window, softcap, scale, block_k):
+    acc = accum_dtype(q.dtype)
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    bk = min(block_k, S)
+    qf = q.astype(acc).reshape(B, T, Hkv, G, D)
+    qpos = jnp.arange(T)
+    kpos_blocks = _key_positions(S, bk)
+    seg_blocks = None if segment_ids is None else _blocks(segment_ids, bk)
+
+    def body(carry, xs):
+        o, m, l = carry
+        kb, vb, kpos, kseg = xs
+        s, _, mask = _block_logits(qf, kb, kpos, qpos, segment_ids, kseg, causal=causal,
+                                   window=window, softcap=softcap, scale=scale, S=S)
+        s = jnp.where(mask, s, -jnp.inf)
+        m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        corr = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[..., None])
+        l = l * corr + jnp.sum(p, axis=-1)
+        o = o * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, vb.astype(acc))
+        return (o, m_new, l), None
+
+    init = (
+        jnp.zeros((B, Hkv, G, T, D), acc),
+        jnp.full((B, Hkv, G, T), -jnp.inf, acc),
+        jnp.zeros((B, Hkv, G, T), acc),
+    )
+    xs = (_blocks(k, bk), _blocks(v, bk), kpos_blocks, seg_blocks)
+    (o, m, l), _ = lax.scan(body, init, xs)
+    o = o / jnp.where(l > 0, l, 1.0)[..., None]
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, H, D).astype(q.dtype)
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, H)
+    return (o, lse), (q, k, v, segment_ids, o, lse)
+
+
+def _attention_xla_bwd(causal, window, softcap, scale, block_k, res, cts):
+    q, k, v, segment_ids, o, lse = res
+    do, dlse = cts
+    acc = accum_dtype(q.dtype)
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    bk = min(block_k, S)
+    to_bkgt = lambda x: jnp.transpose(x.reshape(B, T, Hkv, G, *x.shape[3:]),
+                                      (0, 2, 3, 1) + tuple(range(4, x.ndim + 1)))
+    qf = q.astype(acc).reshape(B, T, Hkv, G, D)
+    dof = do.astype(acc).reshape(B, T, Hkv, G, D)
+    lse_k = to_bkgt(lse)  # [B,Hkv,G,T]
+    lse_safe = jnp.where(jnp.isfinite(lse_k), lse_k, 0.0)
+    delta = to_bkgt(jnp.sum(do.astype(acc) * o.astype(acc), axis=-1))
+    dlse_k = jnp.zeros_like(lse_k) if dlse is None else to_bkgt(dlse.astype(acc))
+    qpos = jnp.arange(T)
+
+    def body(dq, xs):
+        kb, vb, kpos, kseg = xs
+        s, s_raw, mask = _block_logits(qf, kb, kpos, qpos, segment_ids, kseg, causal=causal,
+                                       window=window, softcap=softcap, scale=scale, S=S)
+        p = jnp.where(mask, jnp.exp(s - lse_safe[..., None]), 0.0)
+        dv = jnp.einsum("bkgts,btkgd->bskd", p, dof)
+        dp = jnp.einsum("btkgd,bskd->bkgts", dof, vb.astype(acc))
+        ds = p * (dp - delta[..., None] + dlse_k[..., None])
+        if softcap is not None:
+            ds = ds * (1.0 - jnp.tanh(s_raw / softcap) ** 2)
+        ds = ds * scale
+        dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, kb.astype(acc))
+        dk = jnp.einsum("bkgts,btkgd->bskd", ds, qf)
+        return dq, (dk, dv)
+
+    xs = (_blocks(k, bk), _blocks(v, bk), _key_positions(S, bk),
+          None if segment_ids is None else _blocks(segment_ids, bk))
+    dq, (dk, dv) = lax.scan(body, jnp.zeros((B, T, Hkv, G, D), acc), xs)
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, -1, Hkv, D)[:, :S]
+    return (dq.reshape(B, T, H, D).astype(q.dtype), unblock(dk).astype(k.dtype),
+            unblock(dv).astype(v.dtype), None)
+
+
+_attention_xla.defvjp(_attention_xla_fwd, _attention_xla_bwd)
+
+
+def attention_xla(q, k, v, *, causal, window, segment_ids, softcap, scale, block_k=512):
+    """Flash attention written in XLA: keys in blocks of ``block_k`` with an online softmax;
+    the backward recomputes each block's probabilities from the saved log-sum-exp, so memory
+    grows with T * block_k, never T * S."""
+    return _attention_xla(q, k, v, segment_ids, causal, window, softcap, scale, block_k)
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def decode_attention_naive(q, k_cache, v_cache, lengths, *, scale, softcap):
+    """One query per row over its first ``lengths[b]`` cache entries (dense, float32)."""
+    acc = accum_dtype(q.dtype)
+    B, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    qf = q.astype(acc).reshape(B, Hkv, H // Hkv, D)
+    s = _softcap(jnp.einsum("bkgd,bskd->bkgs", qf, k_cache.astype(acc)) * scale, softcap)
+    mask = (jnp.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bkgs,bskd->bkgd", p / jnp.where(l > 0, l, 1.0), v_cache.astype(acc))
+    return o.reshape(B, H, D).astype(q.dtype)
+
+
+def decode_attention_xla(q, k_cache, v_cache, lengths, *, scale, softcap):
+    """Decoding in XLA: the cache is read in its own dtype, logits and sums in float32."""
+    B, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, Hkv, H // Hkv, D)
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache.astype(q.dtype),
+                   preferred_element_type=jnp.float32) * scale
+    s = _softcap(s, softcap)
+    mask = (jnp.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bkgs,bskd->bkgd", p.astype(v_cache.dtype), v_cache,
+                   preferred_element_type=jnp.float32) / jnp.where(l > 0, l, 1.0)
+    return o.reshape(B, H, D).astype(q.dtype)

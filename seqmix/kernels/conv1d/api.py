@@ -1,0 +1,98 @@
+"""Public short causal depthwise convolution ops."""
+
+from __future__ import annotations
+
+import jax
+
+from seqmix.kernels import checks
+from seqmix.kernels.conv1d import reference
+from seqmix.kernels.dispatch import Op
+
+Array = jax.Array
+
+ACTIVATIONS = (None, "silu")
+
+# Every implementation is called as impl(x, weight, bias, *, activation, initial_state) and
+# returns (y, final_state).
+CAUSAL_CONV1D = Op(
+    "causal_conv1d",
+    impls={
+        "naive": reference.causal_conv1d_naive,
+        "xla": reference.causal_conv1d_xla,
+    },
+    auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+)
+
+CAUSAL_CONV1D_STEP = Op(
+    "causal_conv1d_step",
+    impls={
+        "naive": reference.causal_conv1d_step_reference,
+        "xla": reference.causal_conv1d_step_reference,
+    },
+    auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+)
+
+
+def _check_common(weight, bias, activation, C):
+    checks.check_array("weight", weight, 2, "[width, channels]", shape=(None, C))
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have width >= 1, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        checks.check_array("bias", bias, 1, "[channels]", shape=(C,))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def causal_conv1d(
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    *,
+    activation: str | None = None,
+    initial_state: Array | None = None,
+    return_final_state: bool = False,
+    implementation: str | None = None,
+) -> Array | tuple[Array, Array]:
+    """Causal depthwise convolution ``y[t] = act(bias + sum_j weight[j] * x[t - W + 1 + j])``.
+
+    Args:
+      x: ``[B, T, C]``.
+      weight: ``[W, C]``; bias: ``[C]``; activation: None or ``"silu"``.
+      initial_state: ``[B, W - 1, C]``, the inputs before ``t = 0`` (zeros when None).
+      return_final_state: also return the last ``W - 1`` inputs, ``[B, W - 1, C]``.
+
+    Returns:
+      ``y [B, T, C]`` in x's dtype, or ``(y, final_state)``.
+    """
+    checks.check_array("x", x, 3, "[batch, time, channels]")
+    B, _, C = x.shape
+    _check_common(weight, bias, activation, C)
+    W = weight.shape[0]
+    if initial_state is not None:
+        checks.check_array("initial_state", initial_state, 3, "[batch, width - 1, channels]",
+                           shape=(B, W - 1, C))
+    y, final = CAUSAL_CONV1D(implementation, x, weight, bias, activation=activation,
+                             initial_state=initial_state)
+    return (y, final) if return_final_state else y
+
+
+def causal_conv1d_step(
+    x: Array,
+    state: Array,
+    weight: Array,
+    bias: Array | None = None,
+    *,
+    activation: str | None = None,
+    implementation: str | None = None,
+) -> tuple[Array, Array]:
+    """One token of ``causal_conv1d`` (decoding): x ``[B, C]``, state ``[B, W - 1, C]``.
+
+    Returns:
+      ``(y [B, C], new_state [B, W - 1, C])``.
+    """
+    checks.check_array("x", x, 2, "[batch, channels]")
+    B, C = x.shape
+    _check_common(weight, bias, activation, C)
+    checks.check_array("state", state, 3, "[batch, width - 1, channels]",
+                       shape=(B, weight.shape[0] - 1, C))
+    return CAUSAL_CONV1D_STEP(implementation, x, state, weight, bias, activation=activation)

@@ -1,0 +1,187 @@
+"""Public gated linear-attention ops (linear attention, RetNet, GLA, Mamba-2 SSD)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from seqmix.kernels import checks
+from seqmix.kernels.dispatch import Op
+from seqmix.kernels.linear_attention import reference
+
+Array = jax.Array
+
+# The normaliser of ``normalize=True`` is added to the denominator with this epsilon.
+NORMALIZE_EPS = 1e-6
+
+
+def _naive(q, k, v, g, *, scale, initial_state, runs, chunk_size):
+    del chunk_size
+    return reference.linear_attention_naive(
+        q, k, v, g, scale=scale, initial_state=initial_state, runs=runs)
+
+
+# Every implementation is called as impl(q, k, v, g, *, scale, initial_state, runs,
+# chunk_size) with normalised arguments (reference.py's docstring) and returns
+# (o, final_state); it raises NotImplementedError for arguments it cannot serve.
+LINEAR_ATTENTION = Op(
+    "linear_attention",
+    impls={
+        "naive": _naive,
+        "xla": reference.linear_attention_xla,
+    },
+    auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+)
+
+LINEAR_ATTENTION_STEP = Op(
+    "linear_attention_step",
+    impls={
+        "naive": reference.linear_attention_step_reference,
+        "xla": reference.linear_attention_step_reference,
+    },
+    auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+)
+
+
+def segment_runs(segment_ids: Array) -> Array:
+    """``[B, T]`` segment ids -> non-decreasing run indices (a new run wherever the id
+    changes), so that packed rows reset their state at every segment start."""
+    change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+    return jnp.concatenate(
+        [jnp.zeros_like(segment_ids[:, :1], jnp.int32), jnp.cumsum(change, axis=1)], axis=1)
+
+
+def _check_decay(log_decay, B, T, Hv, K, layout_prefix):
+    if log_decay is None:
+        return None
+    if not hasattr(log_decay, "ndim") or log_decay.ndim not in (len(layout_prefix) + 1,
+                                                                len(layout_prefix) + 2):
+        raise ValueError(
+            f"log_decay must have shape [{', '.join(layout_prefix)}, heads] (a scalar per "
+            f"head) or [{', '.join(layout_prefix)}, heads, key_dim] (per channel), got "
+            f"{getattr(log_decay, 'shape', log_decay)}")
+    want = (B, T, Hv, K)[: log_decay.ndim] if T is not None else (B, Hv, K)[: log_decay.ndim]
+    checks.check_array("log_decay", log_decay, log_decay.ndim,
+                       "[" + ", ".join(layout_prefix) + ", heads(, key_dim)]", shape=want)
+    checks.check_nonpositive("log_decay", log_decay)
+    return log_decay.astype(jnp.promote_types(log_decay.dtype, jnp.float32))
+
+
+def _normalized_v(v):
+    """v with a column of ones appended: its output column is the normaliser q^T z."""
+    return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+
+
+def _divide(o_aug, dtype):
+    num = o_aug[..., :-1].astype(jnp.float32)
+    den = o_aug[..., -1:].astype(jnp.float32)
+    return (num / (den + NORMALIZE_EPS)).astype(dtype)
+
+
+def linear_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    log_decay: Array | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: Array | None = None,
+    return_final_state: bool = False,
+    segment_ids: Array | None = None,
+    normalize: bool = False,
+    chunk_size: int = 64,
+    implementation: str | None = None,
+) -> Array | tuple[Array, Array]:
+    """Causal gated linear attention, chunked.
+
+    ``S_t = exp(g_t) * S_{t-1} + k_t v_t^T`` and ``o_t = scale * q_t^T S_t`` with
+    ``S_{-1} = initial_state`` (or 0), ``g = log_decay``.
+
+    Args:
+      q, k: ``[B, T, Hqk, K]``.
+      v: ``[B, T, Hv, V]`` with ``Hv % Hqk == 0``; v head ``h`` reads q/k head
+        ``h // (Hv // Hqk)`` (Mamba-2 groups).
+      log_decay: None (no decay), ``[B, T, Hv]`` (a scalar per head: RetNet, Mamba-2 SSD,
+        simple GLA) or ``[B, T, Hv, K]`` (per key channel: GLA); <= 0, float32 inside.
+      scale: default ``K ** -0.5``.
+      initial_state: float32 ``[B, Hv, K, V]`` (``[B, Hv, K, V + 1]`` when ``normalize``).
+      return_final_state: also return the state after the last token (same shape).
+      segment_ids: ``[B, T]`` ints; the state resets to zero wherever the id changes.
+      normalize: divide by ``scale * q_t^T z_t + 1e-6`` where ``z_t`` is the same recurrence
+        over ``k_t``. The state then carries ``z`` as an extra last column.
+      chunk_size: tokens per chunk of the chunked implementations.
+
+    Returns:
+      ``o [B, T, Hv, V]`` in q's dtype, or ``(o, final_state)``.
+    """
+    checks.check_array("q", q, 4, "[batch, time, qk_heads, key_dim]")
+    B, T, Hqk, K = q.shape
+    checks.check_array("k", k, 4, "[batch, time, qk_heads, key_dim]", shape=(B, T, Hqk, K))
+    checks.check_array("v", v, 4, "[batch, time, v_heads, value_dim]", shape=(B, T, None, None))
+    Hv, V = v.shape[2], v.shape[3]
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    checks.check_heads("v", Hv, "q/k", Hqk)
+    g = _check_decay(log_decay, B, T, Hv, K, ("batch", "time"))
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    Vs = V + 1 if normalize else V
+    if initial_state is not None:
+        checks.check_array("initial_state", initial_state, 4,
+                           "[batch, v_heads, key_dim, value_dim" + (" + 1]" if normalize else "]"),
+                           shape=(B, Hv, K, Vs))
+        initial_state = initial_state.astype(jnp.promote_types(initial_state.dtype, jnp.float32))
+    runs = None
+    if segment_ids is not None:
+        checks.check_int_array("segment_ids", segment_ids, 2, "[batch, time]", shape=(B, T))
+        runs = segment_runs(segment_ids)
+    o, final = LINEAR_ATTENTION(
+        implementation, q, k, _normalized_v(v) if normalize else v, g,
+        scale=checks.default_scale(scale, K), initial_state=initial_state, runs=runs,
+        chunk_size=chunk_size,
+    )
+    if normalize:
+        o = _divide(o, q.dtype)
+    return (o, final) if return_final_state else o
+
+
+def linear_attention_step(
+    q: Array,
+    k: Array,
+    v: Array,
+    state: Array,
+    log_decay: Array | None = None,
+    *,
+    scale: float | None = None,
+    normalize: bool = False,
+    implementation: str | None = None,
+) -> tuple[Array, Array]:
+    """One token of ``linear_attention`` for a batch of rows (decoding).
+
+    Args:
+      q, k: ``[B, Hqk, K]``; v: ``[B, Hv, V]``; state: float32 ``[B, Hv, K, V]``
+        (``V + 1`` columns when ``normalize``); log_decay: None, ``[B, Hv]`` or
+        ``[B, Hv, K]``.
+
+    Returns:
+      ``(o [B, Hv, V], new_state)``.
+    """
+    checks.check_array("q", q, 3, "[batch, qk_heads, key_dim]")
+    B, Hqk, K = q.shape
+    checks.check_array("k", k, 3, "[batch, qk_heads, key_dim]", shape=(B, Hqk, K))
+    checks.check_array("v", v, 3, "[batch, v_heads, value_dim]", shape=(B, None, None))
+    Hv, V = v.shape[1], v.shape[2]
+    checks.check_heads("v", Hv, "q/k", Hqk)
+    Vs = V + 1 if normalize else V
+    checks.check_array("state", state, 4,
+                       "[batch, v_heads, key_dim, value_dim" + (" + 1]" if normalize else "]"),
+                       shape=(B, Hv, K, Vs))
+    g = _check_decay(log_decay, B, None, Hv, K, ("batch",))
+    o, new_state = LINEAR_ATTENTION_STEP(
+        implementation, q, k, _normalized_v(v) if normalize else v,
+        state.astype(jnp.promote_types(state.dtype, jnp.float32)), g,
+        scale=checks.default_scale(scale, K),
+    )
+    if normalize:
+        o = _divide(o, q.dtype)
+    return o, new_state

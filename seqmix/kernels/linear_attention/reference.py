@@ -1,0 +1,147 @@
+"""Gated linear attention in plain XLA: the token-by-token oracle and the chunked form.
+
+Normalised arguments (see ``api.linear_attention``): q and k ``[B, T, Hqk, K]``, v
+``[B, T, Hv, V]``; ``g`` is None, ``[B, T, Hv]`` or ``[B, T, Hv, K]`` float32 log decays;
+``initial_state`` float32 ``[B, Hv, K, V]`` (zeros when None); ``runs`` is None or ``[B, T]``
+int32 non-decreasing run indices: the state resets where the run index changes. Both
+implementations return ``(o [B, T, Hv, V] in q's dtype, final_state float32)`` with
+
+    S_t = exp(g_t) * S_{t-1} + k_t v_t^T,     o_t = scale * q_t^T S_t.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqmix.kernels.checks import accum_dtype
+
+
+def _expand(q, k, v, g, initial_state):
+    """q/k repeated to v's heads, everything in the accumulation dtype; g as [..., Kg]."""
+    acc = accum_dtype(q.dtype)
+    B, T, Hqk, K = q.shape
+    Hv, V = v.shape[2], v.shape[3]
+    rep = Hv // Hqk
+    q = jnp.repeat(q.astype(acc), rep, axis=2)
+    k = jnp.repeat(k.astype(acc), rep, axis=2)
+    v = v.astype(acc)
+    if g is None:
+        g = jnp.zeros((B, T, Hv, 1), acc)
+    elif g.ndim == 3:
+        g = g.astype(acc)[..., None]
+    else:
+        g = g.astype(acc)
+    s0 = (jnp.zeros((B, Hv, K, V), acc) if initial_state is None
+          else initial_state.astype(acc))
+    return q, k, v, g, s0
+
+
+def linear_attention_naive(q, k, v, g, *, scale, initial_state, runs):
+    """The recurrence token by token (``lax.scan`` over time)."""
+    out_dtype = q.dtype
+    B, T = q.shape[:2]
+    q, k, v, g, s0 = _expand(q, k, v, g, initial_state)
+    if runs is None:
+        reset = jnp.zeros((B, T), bool)
+    else:
+        reset = jnp.concatenate([jnp.zeros((B, 1), bool), runs[:, 1:] != runs[:, :-1]], axis=1)
+
+    def step(state, xs):
+        qt, kt, vt, gt, rt = xs
+        state = jnp.where(rt[:, None, None, None], 0.0, state)
+        state = jnp.exp(gt)[..., None] * state + kt[..., None] * vt[..., None, :]
+        return state, scale * jnp.einsum("bhk,bhkv->bhv", qt, state)
+
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, reset))
+    final, o = lax.scan(step, s0, xs)
+    return jnp.moveaxis(o, 0, 1).astype(out_dtype), final
+
+
+def linear_attention_step_reference(q, k, v, state, g, *, scale):
+    """One token of the recurrence: q, k ``[B, Hqk, K]``, v ``[B, Hv, V]``, state
+    ``[B, Hv, K, V]``, g None, ``[B, Hv]`` or ``[B, Hv, K]``. Returns ``(o, new_state)``."""
+    o, new_state = linear_attention_naive(
+        q[:, None], k[:, None], v[:, None], None if g is None else g[:, None],
+        scale=scale, initial_state=state, runs=None,
+    )
+    return o[:, 0], new_state
+
+
+# --- chunked form ----------------------------------------------------------------------------
+
+
+def _pad_time(x, tp):
+    return jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def linear_attention_xla(q, k, v, g, *, scale, initial_state, runs, chunk_size=64,
+                         max_chunk_bytes=1 << 28):
+    """Chunked form in three stages, every decay factor ``exp`` of a non-positive number.
+
+    With ``b`` the inclusive cumulative sum of ``g`` inside a chunk of ``C`` tokens:
+      1. per-chunk states ``h_c = sum_s exp(b_last - b_s) k_s v_s^T`` (all chunks at once);
+      2. the inter-chunk pass ``S_{c+1} = exp(b_last) S_c + h_c`` (a scan over chunks);
+      3. per-chunk outputs: ``(q_t exp(b_t))^T S_c`` plus the intra-chunk attention
+         ``sum_{s<=t} (q_t . k_s exp(b_t - b_s)) v_s``.
+    Per-channel decays need a ``[C, C, K]`` decay tensor per chunk; stage 3 then runs over
+    chunks in groups that keep it under ``max_chunk_bytes``.
+    """
+    out_dtype = q.dtype
+    B, T = q.shape[:2]
+    q, k, v, g, s0 = _expand(q, k, v, g, initial_state)
+    H, K, V, Kg = v.shape[2], q.shape[3], v.shape[3], g.shape[3]
+    C = chunk_size
+    n = -(-T // C)
+    tp = n * C
+    q, k, v, g = (_pad_time(x, tp).reshape(B, n, C, *x.shape[2:]) for x in (q, k, v, g))
+    if runs is None:
+        runs = jnp.zeros((B, T), jnp.int32)
+    runs = jnp.pad(runs, [(0, 0), (0, tp - T)], mode="edge").reshape(B, n, C)
+    r_last = runs[:, :, -1]  # run of each chunk's last token
+    r_prev = jnp.concatenate([runs[:, :1, 0], r_last[:, :-1]], axis=1)  # run of the state in
+
+    b = jnp.cumsum(g, axis=2)  # [B, n, C, H, Kg], inclusive, <= 0 and decreasing
+    b_last = b[:, :, -1]
+
+    # 1. Per-chunk states.
+    keep_k = (runs == r_last[:, :, None])[..., None, None]
+    w_k = jnp.where(keep_k, jnp.exp(b_last[:, :, None] - b), 0.0)
+    h = jnp.einsum("bnchk,bnchv->bnhkv", k * w_k, v)
+    carry = jnp.where((r_last == r_prev)[:, :, None, None], jnp.exp(b_last), 0.0)
+
+    # 2. Inter-chunk state pass.
+    def step(state, xs):
+        a_c, h_c = xs
+        return a_c[..., None] * state + h_c, state
+
+    final, s_in = lax.scan(step, s0, (jnp.moveaxis(carry, 1, 0), jnp.moveaxis(h, 1, 0)))
+
+    # 3. Per-chunk outputs, chunks along the leading axis.
+    causal = jnp.tril(jnp.ones((C, C), bool))
+
+    def chunk_output(xs):
+        qc, kc, vc, bc, sc, rc, rp = xs  # [B, C, H, *], sc [B, H, K, V], rc [B, C], rp [B]
+        keep_q = (rc == rp[:, None])[..., None, None]
+        o = jnp.einsum("bchk,bhkv->bchv", jnp.where(keep_q, qc * jnp.exp(bc), 0.0), sc)
+        mask = causal[None] & (rc[:, :, None] == rc[:, None, :])  # [B, t, s]
+        if Kg == 1:
+            bh = bc[..., 0]  # [B, C, H]
+            diff = bh[:, :, None, :] - bh[:, None, :, :]  # [B, t, s, H]
+            decay = jnp.exp(jnp.where(mask[..., None], diff, -jnp.inf))
+            att = jnp.einsum("bthk,bshk->btsh", qc, kc) * decay
+        else:
+            diff = bc[:, :, None] - bc[:, None, :]  # [B, t, s, H, K]
+            decay = jnp.exp(jnp.where(mask[..., None, None], diff, -jnp.inf))
+            att = jnp.einsum("bthk,bshk,btshk->btsh", qc, kc, decay)
+        return scale * (o + jnp.einsum("btsh,bshv->bthv", att, vc))
+
+    per_chunk = B * C * C * H * (K if Kg > 1 else 1) * 4
+    batch = max(1, min(n, max_chunk_bytes // max(per_chunk, 1)))
+    xs = (q, k, v, b, jnp.moveaxis(s_in, 0, 1), runs, r_prev)
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in xs)
+    o = lax.map(chunk_output, xs, batch_size=batch)  # [n, B, C, H, V]
+    o = jnp.moveaxis(o, 0, 1).reshape(B, tp, H, V)[:, :T]
+    return o.astype(out_dtype), final
+

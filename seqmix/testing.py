@@ -1,0 +1,122 @@
+"""Helpers for checking kernels against their oracles (used by tests, notebooks, benchmarks).
+
+The protocol (DESIGN.md): fresh random inputs each check, ``||out - ref|| / ||ref||`` under
+``tolerance(dtype)``, outputs and every gradient compared, NaN never passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOLERANCE = {"float32": 1e-5, "float64": 1e-9, "bfloat16": 5e-3, "float16": 5e-3}
+
+
+def tolerance(dtype) -> float:
+    return TOLERANCE[jnp.dtype(dtype).name]
+
+
+def fresh_seed() -> int:
+    """A new seed per call (reported in failures so that a failing case can be replayed).
+    ``SEQMIX_TEST_SEED`` fixes it."""
+    fixed = os.environ.get("SEQMIX_TEST_SEED")
+    return int(fixed) if fixed else int(np.random.SeedSequence().entropy % (2**31))
+
+
+def relative_error(x, ref) -> float:
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    denom = np.linalg.norm(ref)
+    num = np.linalg.norm(x - ref)
+    return float(num / denom) if denom > 0 else float(num)
+
+
+def assert_close(x, ref, tol: float, what: str = "output") -> None:
+    """Relative error under ``tol``, same shape, every element finite where ref is."""
+    x, ref = np.asarray(jnp.asarray(x, jnp.float32)), np.asarray(jnp.asarray(ref, jnp.float32))
+    assert x.shape == ref.shape, f"{what}: shape {x.shape} != reference {ref.shape}"
+    finite = np.isfinite(ref)
+    assert np.all(np.isfinite(x[finite])), f"{what}: non-finite values where the reference is finite"
+    assert np.array_equal(np.isposinf(x), np.isposinf(ref)) and np.array_equal(
+        np.isneginf(x), np.isneginf(ref)), f"{what}: infinities differ from the reference"
+    err = relative_error(np.where(finite, x, 0), np.where(finite, ref, 0))
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+def random_cotangent(tree, key):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    out = [
+        jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.floating) else None
+        for k, x in zip(keys, leaves)
+    ]
+    return treedef.unflatten(out)
+
+
+def check_against(
+    fn: Callable,
+    ref: Callable,
+    args: Sequence,
+    *,
+    argnums: Sequence[int],
+    tol: float,
+    grad_tol: float | None = None,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Compares ``fn(*args)`` with ``ref(*args)`` and their VJPs for a random cotangent.
+
+    Outputs may be any pytree; ``argnums`` are the differentiated positions.
+    """
+    grad_tol = tol if grad_tol is None else grad_tol
+    argnums = tuple(argnums)
+
+    def closed(f):
+        def g(*diff):
+            full = list(args)
+            for i, a in zip(argnums, diff):
+                full[i] = a
+            return f(*full)
+        return g
+
+    diff = [args[i] for i in argnums]
+    out, vjp = jax.vjp(closed(fn), *diff)
+    out_ref, vjp_ref = jax.vjp(closed(ref), *diff)
+    flat, flat_ref = jax.tree.leaves(out), jax.tree.leaves(out_ref)
+    assert len(flat) == len(flat_ref)
+    for i, (a, b) in enumerate(zip(flat, flat_ref)):
+        assert_close(a, b, tol, f"output {i} (seed {seed})")
+    ct = random_cotangent(out_ref, jax.random.key(seed + 1))
+    grads, grads_ref = vjp(ct), vjp_ref(ct)
+    names = names or [f"arg {i}" for i in argnums]
+    for name, a, b in zip(names, grads, grads_ref):
+        assert_close(a, b, grad_tol, f"d{name} (seed {seed})")
+
+
+@contextlib.contextmanager
+def abstract_device(platform: str = "cuda", device_kind: str = "NVIDIA H200"):
+    """Lower for a GPU or TPU without one: ``fn.trace(...).lower(lowering_platforms=...)``
+    inside this context emits the Triton or Mosaic IR that the real device would compile."""
+    from jax._src import mesh as mesh_lib  # noqa: PLC0415 - private, used only for lowering
+
+    if platform == "tpu" and device_kind == "NVIDIA H200":
+        device_kind = "TPU v5e"
+    dev = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=132, platform=platform)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=dev)):
+        yield
+
+
+def lower_for(fn: Callable, *args, platform: str = "cuda") -> str:
+    """Lowers ``jax.jit(fn)(*args)`` for ``platform`` ("cuda" or "tpu") on this machine and
+    returns the StableHLO text; raises where a kernel cannot be lowered there."""
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "shape") else a
+              for a in args]
+    with abstract_device(platform):
+        return jax.jit(fn).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
