@@ -1,0 +1,41 @@
+"""Times every implementation of one op side by side, with the ceilings of the same run.
+
+    python -m experiments.bench_kernels --op=attention   # or linear_attention, selective_scan,
+                                                         # causal_conv1d, decode_attention
+Writes JSON to benchmarks/results/ (and $OUT), prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from absl import app, flags
+
+from experiments.bench import common
+
+OPS = {
+    "attention": "experiments.bench.attention",
+    "decode_attention": "experiments.bench.attention",
+    "linear_attention": "experiments.bench.linear_attention",
+    "selective_scan": "experiments.bench.selective_scan",
+    "causal_conv1d": "experiments.bench.selective_scan",
+}
+
+_OP = flags.DEFINE_enum("op", "attention", list(OPS), "Which op to benchmark.")
+_QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes (a smoke run).")
+_OUT = flags.DEFINE_string("out_dir", None, "Results folder (default benchmarks/results).")
+
+
+def main(argv):
+    del argv
+    module = importlib.import_module(OPS[_OP.value])
+    ceilings = {"bf16_matmul_tflops": common.matmul_ceiling(), "copy_tbps": common.copy_ceiling()}
+    print("ceilings:", ceilings, flush=True)
+    rows, columns = module.run(_OP.value, quick=_QUICK.value, ceilings=ceilings)
+    path = common.write_results(_OP.value, rows, ceilings, _OUT.value)
+    print(f"wrote {path}")
+    print(common.markdown_table(rows, columns))
+
+
+if __name__ == "__main__":
+    app.run(main)
