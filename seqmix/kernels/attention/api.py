@@ -30,6 +30,9 @@ ATTENTION = Op(
     impls={
         "naive": _naive,
         "xla": _xla,
+        "pallas_triton": "seqmix.kernels.attention.triton:attention",
+        "pallas_tpu": "seqmix.kernels.attention.tpu:attention",
+        "cudnn": "seqmix.kernels.attention.cudnn:attention",
     },
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 )
@@ -39,6 +42,9 @@ DECODE_ATTENTION = Op(
     impls={
         "naive": reference.decode_attention_naive,
         "xla": reference.decode_attention_xla,
+        "pallas_triton": "seqmix.kernels.attention.decode:decode_attention_triton",
+        "pallas_tpu": "seqmix.kernels.attention.decode:decode_attention_tpu",
+        "cudnn": "seqmix.kernels.attention.cudnn:decode_attention",
     },
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 )

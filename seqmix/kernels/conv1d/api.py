@@ -19,6 +19,8 @@ CAUSAL_CONV1D = Op(
     impls={
         "naive": reference.causal_conv1d_naive,
         "xla": reference.causal_conv1d_xla,
+        "pallas_triton": "seqmix.kernels.conv1d.triton:causal_conv1d",
+        "pallas_tpu": "seqmix.kernels.conv1d.tpu:causal_conv1d",
     },
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 )
@@ -28,6 +30,8 @@ CAUSAL_CONV1D_STEP = Op(
     impls={
         "naive": reference.causal_conv1d_step_reference,
         "xla": reference.causal_conv1d_step_reference,
+        "pallas_triton": "seqmix.kernels.conv1d.triton:causal_conv1d_step",
+        "pallas_tpu": "seqmix.kernels.conv1d.tpu:causal_conv1d_step",
     },
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 )

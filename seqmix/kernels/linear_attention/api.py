@@ -29,6 +29,8 @@ LINEAR_ATTENTION = Op(
     impls={
         "naive": _naive,
         "xla": reference.linear_attention_xla,
+        "pallas_triton": "seqmix.kernels.linear_attention.triton:linear_attention",
+        "pallas_tpu": "seqmix.kernels.linear_attention.tpu:linear_attention",
     },
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 )
@@ -38,6 +40,8 @@ LINEAR_ATTENTION_STEP = Op(
     impls={
         "naive": reference.linear_attention_step_reference,
         "xla": reference.linear_attention_step_reference,
+        "pallas_triton": "seqmix.kernels.linear_attention.step:linear_attention_step_triton",
+        "pallas_tpu": "seqmix.kernels.linear_attention.step:linear_attention_step_tpu",
     },
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 )

@@ -18,6 +18,8 @@ SELECTIVE_SCAN = Op(
     impls={
         "naive": reference.selective_scan_naive,
         "xla": reference.selective_scan_xla,
+        "pallas_triton": "seqmix.kernels.selective_scan.triton:selective_scan",
+        "pallas_tpu": "seqmix.kernels.selective_scan.tpu:selective_scan",
     },
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 )
