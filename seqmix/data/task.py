@@ -1,0 +1,77 @@
+"""The task interface the trainer sees, and the one source of randomness for data.
+
+A task turns ``(seed, step)`` into a batch: no iterator state, so a resumed run draws exactly
+the batches an uninterrupted one would have drawn. Evaluation sets come from a separate
+stream of the same seed and are therefore fixed.
+
+Batches are dicts of numpy arrays:
+
+- language-model tasks (``kind="causal_lm"``): ``inputs`` int32 ``[B, T]``, ``targets`` int32
+  ``[B, T]`` (the token that the logits at position ``t`` must predict) and ``mask`` float32
+  ``[B, T]`` (1 where the position counts for loss and accuracy, 0 elsewhere);
+- classification tasks (``kind="classifier"``): ``inputs`` int32 ``[B, T]`` (0 is padding),
+  ``segment_ids`` int32 ``[B, T]`` (1 on tokens, 0 on padding), ``targets`` int32 ``[B]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+TRAIN_STREAM = 0
+EVAL_STREAM = 1
+
+
+def rng_for(seed: int, stream: int, index: int) -> np.random.Generator:
+    """A numpy generator that depends only on ``(seed, stream, index)`` (never on call order)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and step must be >= 0, got seed={seed}, step={index}")
+    return np.random.default_rng([int(seed), int(stream), int(index)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A data source for the trainer.
+
+    ``batch(stream, index, batch_size)`` is pure; ``train_batch(step)`` and
+    ``eval_batches()`` are the two ways the loop calls it. ``metric`` names the evaluation
+    number that ranks checkpoints (``metric_mode`` "max" or "min").
+    """
+
+    name: str
+    kind: str  # "causal_lm" or "classifier": the model kind the task trains
+    vocab_size: int
+    seq_len: int
+    batch: Callable[[int, int, int], Batch]  # (stream, index, batch_size) -> Batch
+    batch_size: int
+    eval_batch_size: int
+    num_eval_batches: int
+    metric: str = "accuracy"
+    metric_mode: str = "max"
+    num_classes: int | None = None
+    bits_per_byte: bool = False  # report loss / ln 2 as bits per byte (byte-level LM)
+
+    def train_batch(self, step: int) -> Batch:
+        return self.batch(TRAIN_STREAM, step, self.batch_size)
+
+    def eval_batches(self) -> list[Batch]:
+        return [
+            self.batch(EVAL_STREAM, i, self.eval_batch_size) for i in range(self.num_eval_batches)
+        ]
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+def check_positive(value, key: str, *, allow_zero: bool = False) -> int:
+    """``value`` as an int, or ValueError naming ``key``."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        want = ">= 0" if allow_zero else ">= 1"
+        raise ValueError(f"{key} must be an integer {want}, got {value!r}")
+    return int(value)
