@@ -1,0 +1,289 @@
+"""Softmax attention and KV-cache decoding: every implementation side by side, one run.
+
+    python -m experiments.bench_kernels --op=attention [--quick]
+    python -m experiments.bench_kernels --op=decode_attention [--quick]
+
+``attention``: seqmix ``pallas_triton``, ``cudnn``, ``xla`` and jax's own Pallas Triton
+``mha`` (``jax.experimental.pallas.ops.gpu.attention``; forward blocks 128 x 128, backward
+64 x 64; it has no GQA, so GQA rows give it K/V repeated beforehand, and no window). bf16,
+``[B, T, 16, D]`` with ``B * T = 32k`` tokens, D = 64 and 128, T = 1k..32k, causal and not,
+GQA 4:1 rows and a 1k causal window at T = 32k (beside full causal at 32k). Forward and
+forward+backward time and TFLOP/s: ``4 * B * H * D * pairs`` for the forward, where pairs is
+``T * S``, halved when causal, and the exact number of visible (query, key) pairs for a
+window; forward+backward counts 3.5x that. ``mem_mb``: XLA's account of the compiled
+forward+backward; ``err_o`` / ``err_grad``: relative error of o / the worst of dq, dk, dv
+against ``xla`` at the same shape.
+
+``decode_attention``: one query per row over a full KV cache, B = 4, 32 query heads, 8 KV
+heads, D = 128, bf16, cache 128k (and 8k, 1M unless quick): seqmix ``pallas_triton``,
+``cudnn``, ``xla`` and jax's Pallas ``gqa`` decoder, reporting KV-cache bytes read per second.
+
+``SEQMIX_BENCH_FILTER=<substring>`` keeps only the shapes whose label contains it (to fit a
+run into the device's per-command limit, e.g. ``d64`` or ``d128``).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench import common
+
+TOKENS = 32768
+HEADS = 16
+DTYPE = jnp.bfloat16
+
+
+def run(op: str, quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
+    """Rows and the columns to print, for ``op`` in {"attention", "decode_attention"}."""
+    if op == "attention":
+        return run_attention(quick, ceilings)
+    if op == "decode_attention":
+        return run_decode(quick, ceilings)
+    raise ValueError(f"op must be 'attention' or 'decode_attention', got {op!r}")
+
+
+def _short(e: BaseException) -> str:
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {line}"[:90]
+
+
+def _attempt(row: dict, key: str, fn):
+    """Runs ``fn()``; on failure records the error in ``row`` and returns None."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - one implementation failing must not stop the run
+        row.setdefault("error", f"{key}: {_short(e)}")
+        row.setdefault("error_full", traceback.format_exc(limit=6))
+        return None
+
+
+def _filtered(shapes: list[dict]) -> list[dict]:
+    needle = os.environ.get("SEQMIX_BENCH_FILTER")
+    return [s for s in shapes if not needle or needle in s["label"]]
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+
+def attention_shapes(quick: bool) -> list[dict]:
+    shapes = []
+
+    def add(D, T, causal, Hkv=HEADS, window=None):
+        B = max(1, TOKENS // T)
+        label = f"d{D} {B}x{T}x{HEADS}" + (f"/{Hkv}" if Hkv != HEADS else "")
+        label += (" causal" if causal else "") + (f" w{window}" if window else "")
+        shapes.append(dict(label=label, D=D, T=T, B=B, H=HEADS, Hkv=Hkv, causal=causal,
+                           window=window))
+
+    if quick:
+        add(128, 4096, True)
+        add(128, 4096, False)
+        add(128, 16384, True, Hkv=HEADS // 4)
+        add(128, 32768, True)
+        add(128, 32768, True, window=1024)
+        return _filtered(shapes)
+    for D in (64, 128):
+        for T in (1024, 2048, 4096, 8192, 16384, 32768):
+            for causal in (True, False):
+                add(D, T, causal)
+    for T in (4096, 16384):
+        for causal in (True, False):
+            add(128, T, causal, Hkv=HEADS // 4)
+    add(64, 32768, True, window=1024)
+    add(128, 32768, True, window=1024)
+    return _filtered(shapes)
+
+
+def visible_pairs(T: int, S: int, causal: bool, window: int | None) -> float:
+    """(query, key) pairs counted for FLOPs: T*S, half when causal, exact for a window."""
+    if window is not None:  # causal window: query t sees keys [t - window, t]
+        w = min(window, T - 1)
+        return float(T * (w + 1) - w * (w + 1) // 2)
+    return T * S / 2 if causal else float(T * S)
+
+
+def _seqmix(impl):
+    from seqmix.kernels import attention  # noqa: PLC0415
+
+    def f(q, k, v, *, causal, window):
+        return attention(q, k, v, causal=causal, local_window_size=window and (window, 0),
+                         implementation=impl)
+    return f
+
+
+def _jax_mha(q, k, v, *, causal, window):
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import attention as jax_attention  # noqa: PLC0415
+    if window is not None:
+        raise NotImplementedError("jax mha has no local window")
+    blocks = jax_attention.BlockSizes(block_q=128, block_k=128, block_q_dkv=64,
+                                      block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    return jax_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal,
+                             block_sizes=blocks)
+
+
+ATTENTION_IMPLS = {
+    "xla": _seqmix("xla"),  # first: the reference of every row's error
+    "pallas_triton": _seqmix("pallas_triton"),
+    "cudnn": _seqmix("cudnn"),
+    "jax_mha": _jax_mha,
+}
+
+
+def _attention_inputs(s: dict):
+    kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(kq, (s["B"], s["T"], s["H"], s["D"]), DTYPE)
+    k = jax.random.normal(kk, (s["B"], s["T"], s["Hkv"], s["D"]), DTYPE)
+    v = jax.random.normal(kv, (s["B"], s["T"], s["Hkv"], s["D"]), DTYPE)
+    do = jax.random.normal(kd, q.shape, DTYPE)
+    return q, k, v, do
+
+
+def run_attention(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
+    rows = []
+    peak = ceilings.get("bf16_matmul_tflops")
+    for s in attention_shapes(quick):
+        q, k, v, do = _attention_inputs(s)
+        flops = 4.0 * s["B"] * s["H"] * s["D"] * visible_pairs(s["T"], s["T"], s["causal"],
+                                                               s["window"])
+        ref = None
+        for name, impl in ATTENTION_IMPLS.items():
+            row = {"impl": name, **{key: s[key] for key in ("label", "D", "T", "B", "H", "Hkv",
+                                                             "causal", "window")}}
+            kk, vv = k, v
+            if name == "jax_mha" and s["Hkv"] != s["H"]:
+                kk = jnp.repeat(k, s["H"] // s["Hkv"], axis=2)  # the peer has no GQA
+                vv = jnp.repeat(v, s["H"] // s["Hkv"], axis=2)
+            f = lambda q, k, v, impl=impl: impl(q, k, v, causal=s["causal"], window=s["window"])
+            fwd = jax.jit(f)
+            fb = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
+            out = _attempt(row, "fwd", lambda: fwd(q, kk, vv))
+            if out is not None:
+                t = _attempt(row, "fwd", lambda: common.time_jax(fwd, q, kk, vv))
+                if t is not None:
+                    row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12)
+                    if peak:
+                        row["fwd_of_peak"] = row["fwd_tflops"] / peak
+            grads = _attempt(row, "fwd+bwd", lambda: fb(q, kk, vv, do))
+            if grads is not None:
+                t = _attempt(row, "fwd+bwd", lambda: common.time_jax(fb, q, kk, vv, do))
+                if t is not None:
+                    row.update(fb_ms=t * 1e3, fb_tflops=3.5 * flops / t / 1e12)
+                mem = common.compiled_bytes(fb, q, kk, vv, do)
+                row["mem_mb"] = None if mem is None else mem / 2**20
+            if name == "xla":
+                ref = (out, grads)
+            elif ref is not None:
+                if out is not None and ref[0] is not None:
+                    row["err_o"] = common.rel_err(out, ref[0])
+                if grads is not None and ref[1] is not None:
+                    if name == "jax_mha" and s["Hkv"] != s["H"]:  # fold repeated heads back
+                        G = s["H"] // s["Hkv"]
+                        fold = lambda g: g.reshape(*g.shape[:2], s["Hkv"], G, -1).sum(3)
+                        grads = (grads[0], fold(grads[1]), fold(grads[2]))
+                    row["err_grad"] = max(common.rel_err(a, b) for a, b in zip(grads, ref[1]))
+            print({key: row.get(key) for key in ATTENTION_COLUMNS}, flush=True)
+            rows.append(row)
+            del out, grads
+    _plots(rows)
+    return rows, ATTENTION_COLUMNS
+
+
+ATTENTION_COLUMNS = ["label", "impl", "fwd_ms", "fwd_tflops", "fb_ms", "fb_tflops", "mem_mb",
+                     "err_o", "err_grad", "error"]
+
+
+def _plots(rows: list[dict]) -> None:
+    """fwd time vs T per implementation (D = 128, H = 16 heads of K/V, no window)."""
+    dirs = [d for d in (os.environ.get("OUT"), common.RESULTS_DIR) if d and os.path.isdir(d)]
+    for causal in (True, False):
+        sel = [r for r in rows if r["D"] == 128 and r["Hkv"] == r["H"]
+               and r["window"] is None and r["causal"] == causal and r.get("fwd_ms")]
+        if len({r["T"] for r in sel}) < 2:
+            continue
+        name = f"attention_fwd_d128_{'causal' if causal else 'full'}.png"
+        for d in dirs:
+            try:
+                common.plot_time_vs_length(
+                    sel, os.path.join(d, name), x="T", y="fwd_ms", group="impl",
+                    title=f"attention forward, bf16, D=128, {TOKENS} tokens, "
+                          f"{'causal' if causal else 'full'}")
+            except Exception as e:  # noqa: BLE001 - a plot must not lose the results
+                print(f"plot {name} failed: {_short(e)}")
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+DECODE = dict(B=4, H=32, Hkv=8, D=128)
+
+
+def decode_shapes(quick: bool) -> list[dict]:
+    lengths = (131072,) if quick else (8192, 131072, 1048576)
+    return _filtered([dict(label=f"{DECODE['B']}x{S} h{DECODE['H']}/{DECODE['Hkv']} "
+                                 f"d{DECODE['D']}", S=S, **DECODE) for S in lengths])
+
+
+def _seqmix_decode(impl):
+    from seqmix.kernels import decode_attention  # noqa: PLC0415
+
+    return lambda q, k, v, lengths: decode_attention(q, k, v, lengths, implementation=impl)
+
+
+def _jax_gqa(q, k, v, lengths):
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode  # noqa: PLC0415
+    return jax_decode.gqa(q, k, v, kv_seq_len=lengths, sm_scale=q.shape[-1] ** -0.5)
+
+
+DECODE_IMPLS = {
+    "xla": _seqmix_decode("xla"),
+    "pallas_triton": _seqmix_decode("pallas_triton"),
+    "cudnn": _seqmix_decode("cudnn"),
+    "jax_gqa": _jax_gqa,
+}
+
+
+def run_decode(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
+    rows = []
+    copy = ceilings.get("copy_tbps")
+    for s in decode_shapes(quick):
+        B, S, H, Hkv, D = s["B"], s["S"], s["H"], s["Hkv"], s["D"]
+        kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+        q = jax.random.normal(kq, (B, H, D), DTYPE)
+        k = jax.random.normal(kk, (B, S, Hkv, D), DTYPE)
+        v = jax.random.normal(kv, (B, S, Hkv, D), DTYPE)
+        lengths = jnp.full((B,), S, jnp.int32)
+        kv_bytes = 2 * B * S * Hkv * D * jnp.dtype(DTYPE).itemsize
+        ref = None
+        for name, impl in DECODE_IMPLS.items():
+            row = {"impl": name, **s, "kv_gb": kv_bytes / 1e9}
+            fn = jax.jit(impl)
+            out = _attempt(row, "decode", lambda: fn(q, k, v, lengths))
+            if out is not None:
+                t = _attempt(row, "decode", lambda: common.time_jax(fn, q, k, v, lengths))
+                if t is not None:
+                    row.update(ms=t * 1e3, kv_tbps=kv_bytes / t / 1e12)
+                    if copy:
+                        row["of_copy"] = row["kv_tbps"] / copy
+                if name == "xla":
+                    ref = out
+                elif ref is not None:
+                    row["err_o"] = common.rel_err(out, ref)
+            print({key: row.get(key) for key in DECODE_COLUMNS}, flush=True)
+            rows.append(row)
+            del out
+        del k, v
+    return rows, DECODE_COLUMNS
+
+
+DECODE_COLUMNS = ["label", "impl", "ms", "kv_tbps", "of_copy", "err_o", "error"]

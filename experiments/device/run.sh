@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One device session: install the carried wheels, then run the named stages in order,
+# each stage's log under $OUT. Usage: experiments/device/run.sh check bench:attention ...
+# Stages: check[:op,op] | bench:<op> | bench_quick:<op> | model | recall
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+else
+  export PYTHONPATH=$PWD
+fi
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+for stage in "$@"; do
+  name=${stage%%:*}; arg=${stage#*:}; [ "$arg" = "$stage" ] && arg=""
+  log="$OUT/${name}_${arg//,/-}.log"
+  echo "=== $stage" | tee -a "$OUT/summary.txt"
+  start=$(date +%s)
+  case $name in
+    check) python3 -m experiments.gpu_check ${arg:+--only=$arg} > "$log" 2>&1 ;;
+    bench) python3 -m experiments.bench_kernels --op="$arg" --out_dir="$OUT" > "$log" 2>&1 ;;
+    bench_quick) python3 -m experiments.bench_kernels --op="$arg" --quick --out_dir="$OUT" > "$log" 2>&1 ;;
+    model) python3 -m experiments.bench_model ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    recall) python3 -m experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    *) echo "unknown stage $stage"; continue ;;
+  esac
+  rc=$?
+  echo "rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
+  # the table printed last by each stage
+  awk '/^\| /' "$log" | tail -60 | tee -a "$OUT/summary.txt"
+  [ $rc -ne 0 ] && tail -30 "$log" | tee -a "$OUT/summary.txt"
+done
