@@ -33,3 +33,7 @@ for stage in "$@"; do
   awk '/^\| /' "$log" | tail -60 | tee -a "$OUT/summary.txt"
   [ $rc -ne 0 ] && tail -30 "$log" | tee -a "$OUT/summary.txt"
 done
+# At most 8 files come back from $OUT: bundle everything but the summary.
+cd "$OUT" && tar czf bundle.tgz --exclude=bundle.tgz --exclude=summary.txt . && \
+  find . -mindepth 1 ! -name bundle.tgz ! -name summary.txt -delete
+ls -la "$OUT"
