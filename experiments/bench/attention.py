@@ -18,6 +18,9 @@ against ``xla`` at the same shape.
 heads, D = 128, bf16, cache 128k (and 8k, 1M unless quick): seqmix ``pallas_triton``,
 ``cudnn``, ``xla`` and jax's Pallas ``gqa`` decoder, reporting KV-cache bytes read per second.
 
+``tune_blocks`` (below) times candidate tiles of the Triton kernels to retune
+``seqmix/kernels/attention/tuning.py``.
+
 ``SEQMIX_BENCH_FILTER=<substring>`` keeps only the shapes whose label contains it (to fit a
 run into the device's per-command limit, e.g. ``d64`` or ``d128``).
 """
@@ -287,3 +290,50 @@ def run_decode(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
 
 
 DECODE_COLUMNS = ["label", "impl", "ms", "kv_tbps", "of_copy", "err_o", "error"]
+
+
+# --- retuning the tile table (not part of bench_kernels) ------------------------------------
+
+FWD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                  (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2)]
+BWD_CANDIDATES = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3),
+                  (32, 64, 4, 4), (128, 128, 8, 1), (64, 64, 8, 2), (16, 128, 4, 4)]
+DQ_CANDIDATES = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3),
+                 (128, 128, 8, 2), (64, 32, 4, 4), (128, 32, 8, 3)]
+
+
+def tune_blocks(D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | None = None) -> dict:
+    """Times seqmix's Triton kernels over candidate tiles at one bf16 shape ``[32k/T, T, 16,
+    D]`` and prints the best ``tuning.Blocks`` per kind (forward alone; then dK/dV and dQ
+    inside forward+backward with the other tiles at their table values). Copy the winners
+    into ``seqmix/kernels/attention/tuning.py``.
+
+        python -c "from experiments.bench.attention import tune_blocks; tune_blocks(128)"
+    """
+    from seqmix.kernels.attention import triton, tuning  # noqa: PLC0415
+
+    s = dict(D=D, T=T, B=max(1, TOKENS // T), H=HEADS, Hkv=Hkv or HEADS)
+    q, k, v, do = _attention_inputs(s)
+    window = (None, 0) if causal else (None, None)
+    best = {}
+    for kind, cands in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES),
+                        ("bwd_dq", DQ_CANDIDATES)):
+        results = []
+        for c in cands:
+            blocks = {kind: tuning.Blocks(*c)}
+            f = lambda q, k, v, blocks=blocks: triton.flash_attention(
+                q, k, v, window=window, blocks=blocks)[0]
+            fn = jax.jit(f) if kind == "fwd" else jax.jit(
+                lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
+            args = (q, k, v) if kind == "fwd" else (q, k, v, do)
+            try:
+                t = common.time_jax(fn, *args)
+            except Exception as e:  # noqa: BLE001 - a tile that does not compile is skipped
+                print(f"{kind} {c}: {_short(e)}", flush=True)
+                continue
+            results.append((t, c))
+            print(f"{kind} {c}: {t * 1e3:.3f} ms", flush=True)
+        if results:
+            best[kind] = tuning.Blocks(*min(results)[1])
+            print(f"best {kind} for D={D}, T={T}, causal={causal}: {best[kind]}", flush=True)
+    return best

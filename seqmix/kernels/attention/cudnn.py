@@ -1,0 +1,98 @@
+"""cuDNN flash attention through ``jax.nn.dot_product_attention(implementation="cudnn")``.
+
+What that path serves (jax 0.11, ``jax._src.cudnn.fused_attention_stablehlo``), and so
+what these wrappers accept; anything else raises ``NotImplementedError`` with the reason:
+
+- bf16 or fp16 inputs (cuDNN's flash kernels have no fp32 path);
+- head dim a multiple of 8, at most 256 on Hopper and newer (128 before);
+- no mask, causal, or a left window ``(left, 0)`` (cuDNN's sliding window is causal-only);
+  masks other than full attention need ``T == S`` (cuDNN's causal diagonal alignment for
+  ``T != S`` is not the one of seqmix's oracle, which aligns positions at 0);
+- no ``segment_ids`` (jax exposes cuDNN's packed layout only as a dense ``[B, T, S]`` mask),
+  no ``softcap``, no ``return_lse`` (jax returns cuDNN's statistics cast to the input dtype
+  and without a derivative).
+
+GQA/MQA is native. Gradients are cuDNN's own backward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _max_head_dim() -> int:
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if not gpus:
+        return 256  # checked again by jax on the device itself
+    major = int(str(getattr(gpus[0], "compute_capability", "9.0")).split(".")[0])
+    return 256 if major >= 9 else 128
+
+
+def _check_common(op: str, dtype, head_dim: int, softcap) -> None:
+    if not any(dtype == jnp.dtype(d) for d in DTYPES):
+        raise NotImplementedError(f"cudnn {op} takes bfloat16 or float16 inputs, got {dtype}")
+    limit = _max_head_dim()
+    if head_dim % 8 or head_dim > limit:
+        raise NotImplementedError(
+            f"cudnn {op} needs a head dim that is a multiple of 8 and <= {limit}, got {head_dim}"
+        )
+    if softcap is not None:
+        raise NotImplementedError(f"cudnn {op} has no softcap (got softcap={softcap})")
+
+
+def attention(q, k, v, *, causal, window, segment_ids, softcap, scale, return_lse):
+    """The ``cudnn`` implementation of ``seqmix.kernels.attention`` (normalised arguments,
+    see ``api.py``): returns ``(o, None)``."""
+    _check_common("attention", q.dtype, q.shape[-1], softcap)
+    if return_lse:
+        raise NotImplementedError(
+            "cudnn attention cannot return the log-sum-exp (jax.nn.dot_product_attention "
+            "returns cuDNN's statistics in the input dtype and without a gradient)"
+        )
+    if segment_ids is not None:
+        raise NotImplementedError(
+            "cudnn attention through jax.nn.dot_product_attention takes no segment_ids "
+            "(only a dense [B, T, S] mask)"
+        )
+    left, right = window
+    T, S = q.shape[1], k.shape[1]
+    if right is None and left is not None:
+        raise NotImplementedError(
+            f"cudnn attention supports only causal windows (left, 0), got window={window}"
+        )
+    if right is not None and right != 0:
+        raise NotImplementedError(
+            f"cudnn attention supports only causal windows (left, 0), got window={window}"
+        )
+    is_causal = right == 0
+    if is_causal and T != S:
+        raise NotImplementedError(
+            f"cudnn causal/windowed attention needs T == S here, got T={T}, S={S}"
+        )
+    o = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=is_causal,
+        local_window_size=None if left is None else (left, 0),
+        implementation="cudnn",
+    )
+    return o, None
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, scale, softcap):
+    """The ``cudnn`` implementation of ``seqmix.kernels.decode_attention``: one query per row
+    over the first ``lengths[b]`` cache entries (``key_value_seq_lengths``). A row of
+    length 0 gets output 0."""
+    _check_common("decode_attention", q.dtype, q.shape[-1], softcap)
+    B = q.shape[0]
+    lengths = lengths.astype(jnp.int32)
+    o = jax.nn.dot_product_attention(
+        q[:, None], k_cache, v_cache, scale=scale,
+        query_seq_lengths=jnp.ones((B,), jnp.int32), key_value_seq_lengths=lengths,
+        implementation="cudnn",
+    )[:, 0]
+    return jnp.where((lengths > 0)[:, None, None], o, jnp.zeros_like(o))
