@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session: install the carried wheels, then run the named stages in order,
 # each stage's log under $OUT. Usage: experiments/device/run.sh check bench:attention ...
-# Stages: check[:op,op] | bench:<op> | bench_quick:<op> | model | recall
+# Stages: check[:op,op] | bench:<op> | bench_quick:<op> | tune:<D> | model | recall
+# A stage may be given a time limit in seconds after '@': bench:attention@240.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -15,22 +16,25 @@ fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
 for stage in "$@"; do
+  limit=600; case $stage in *@*) limit=${stage##*@}; stage=${stage%@*} ;; esac
   name=${stage%%:*}; arg=${stage#*:}; [ "$arg" = "$stage" ] && arg=""
+  T="timeout -s INT $limit"
   log="$OUT/${name}_${arg//,/-}.log"
   echo "=== $stage" | tee -a "$OUT/summary.txt"
   start=$(date +%s)
   case $name in
-    check) python3 -m experiments.gpu_check ${arg:+--only=$arg} > "$log" 2>&1 ;;
-    bench) python3 -m experiments.bench_kernels --op="$arg" --out_dir="$OUT" > "$log" 2>&1 ;;
-    bench_quick) python3 -m experiments.bench_kernels --op="$arg" --quick --out_dir="$OUT" > "$log" 2>&1 ;;
-    model) python3 -m experiments.bench_model ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
-    recall) python3 -m experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    check) $T python3 -m experiments.gpu_check ${arg:+--only=$arg} > "$log" 2>&1 ;;
+    bench) $T python3 -m experiments.bench_kernels --op="$arg" --out_dir="$OUT" > "$log" 2>&1 ;;
+    bench_quick) $T python3 -m experiments.bench_kernels --op="$arg" --quick --out_dir="$OUT" > "$log" 2>&1 ;;
+    model) $T python3 -m experiments.bench_model ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    recall) $T python3 -m experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    tune) $T python3 -c "from experiments.bench.attention import tune_blocks; tune_blocks($arg)" > "$log" 2>&1 ;;
     *) echo "unknown stage $stage"; continue ;;
   esac
   rc=$?
   echo "rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
   # the table printed last by each stage
-  awk '/^\| /' "$log" | tail -60 | tee -a "$OUT/summary.txt"
+  awk '/^\| |^best /' "$log" | tail -60 | tee -a "$OUT/summary.txt"
   [ $rc -ne 0 ] && tail -30 "$log" | tee -a "$OUT/summary.txt"
 done
 # At most 8 files come back from $OUT: bundle everything but the summary.
