@@ -59,14 +59,15 @@ def main(argv):
         logging.error("%s", e)
         print(f"STOPPED: {e}", file=sys.stderr)
         sys.exit(1)
+    print(f"workdir: {result['workdir']} (metrics.jsonl, tensorboard/, checkpoints/)", flush=True)
+    if result["stopped_by"]:
+        print(f"stopped by {result['stopped_by']} at step {result['step']} (checkpoint saved); "
+              "run the same command to resume", flush=True)
+        sys.exit(143)
     metrics = result["eval"]
     summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     print(f"FINAL eval at step {result['step']}: {result['metric']} = "
           f"{metrics[result['metric']]:.4f} ({summary})", flush=True)
-    print(f"workdir: {result['workdir']} (metrics.jsonl, tensorboard/, checkpoints/)", flush=True)
-    if result["stopped_by"]:
-        print(f"stopped by {result['stopped_by']}; run the same command to resume", flush=True)
-        sys.exit(143)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ LINEAR_ATTENTION_STEP = Op(
         "naive": reference.linear_attention_step_reference,
         "xla": reference.linear_attention_step_reference,
         "pallas_triton": "seqmix.kernels.linear_attention.step:linear_attention_step_triton",
-        "pallas_tpu": "seqmix.kernels.linear_attention.step:linear_attention_step_tpu",
+        "pallas_tpu": "seqmix.kernels.linear_attention.step_tpu:linear_attention_step_tpu",
     },
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 )
