@@ -102,14 +102,20 @@ def check_against(
 @contextlib.contextmanager
 def abstract_device(platform: str = "cuda", device_kind: str = "NVIDIA H200"):
     """Lower for a GPU or TPU without one: ``fn.trace(...).lower(lowering_platforms=...)``
-    inside this context emits the Triton or Mosaic IR that the real device would compile."""
+    inside this context emits the Triton or Mosaic IR that the real device would compile.
+    Dispatch targets that platform too (interpret mode off), so the public ops can be
+    lowered with ``implementation="pallas_triton"`` or ``"pallas_tpu"``."""
     from jax._src import mesh as mesh_lib  # noqa: PLC0415 - private, used only for lowering
+
+    from seqmix.kernels import dispatch  # noqa: PLC0415
 
     if platform == "tpu" and device_kind == "NVIDIA H200":
         device_kind = "TPU v5e"
     dev = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=132, platform=platform)
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                  abstract_device=dev)):
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+    target = "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+    with jax.sharding.use_abstract_mesh(mesh), dispatch.target_platform(target), \
+            dispatch.interpret(False):
         yield
 
 

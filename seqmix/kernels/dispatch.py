@@ -58,8 +58,24 @@ def interpret(enabled: bool = True) -> Iterator[None]:
         _local.interpret = previous
 
 
+@contextlib.contextmanager
+def target_platform(name: str) -> Iterator[None]:
+    """Dispatch as if on platform ``name`` ("gpu" or "tpu"), for lowering on a CPU (see
+    ``seqmix.testing.lower_for``): Pallas kernels are then built for that platform."""
+    previous = getattr(_local, "platform", None)
+    _local.platform = name
+    try:
+        yield
+    finally:
+        _local.platform = previous
+
+
 def platform() -> str:
-    """The default backend: ``"cpu"``, ``"gpu"`` or ``"tpu"``."""
+    """The platform ops run on: ``"cpu"``, ``"gpu"`` or ``"tpu"`` (the default backend, or
+    the target of ``target_platform``)."""
+    override = getattr(_local, "platform", None)
+    if override is not None:
+        return override
     backend = jax.default_backend()
     return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
 

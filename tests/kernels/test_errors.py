@@ -85,3 +85,16 @@ def test_interpret_switch(monkeypatch):
     assert not dispatch.interpret_mode()
     with dispatch.interpret():
         assert dispatch.interpret_mode()
+
+
+def test_public_ops_lower_for_gpu_and_tpu_on_this_cpu():
+    """The lowering check that CI runs for every kernel family works through the public API."""
+    from seqmix import testing
+
+    q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    k = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    for platform, impl in (("cuda", "pallas_triton"), ("tpu", "pallas_tpu")):
+        text = testing.lower_for(
+            lambda q, k, v: attention(q, k, v, causal=True, implementation=impl), q, k, k,
+            platform=platform)
+        assert ("triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)
