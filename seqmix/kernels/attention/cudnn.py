@@ -23,15 +23,23 @@ import jax.numpy as jnp
 DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def _max_head_dim() -> int:
+def _gpus() -> list:
     try:
-        gpus = jax.devices("gpu")
+        return jax.devices("gpu")
     except RuntimeError:
-        gpus = []
-    if not gpus:
-        return 256  # checked again by jax on the device itself
+        return []
+
+
+def _max_head_dim() -> int:
+    gpus = _gpus()
     major = int(str(getattr(gpus[0], "compute_capability", "9.0")).split(".")[0])
     return 256 if major >= 9 else 128
+
+
+def _require_gpu(op: str) -> None:
+    if not _gpus():
+        # e.g. lowering for a GPU on a CPU (seqmix.testing.lower_for): cuDNN is not linked
+        raise NotImplementedError(f"cudnn {op} needs a GPU in this process")
 
 
 def _check_common(op: str, dtype, head_dim: int, softcap) -> None:
@@ -75,6 +83,7 @@ def attention(q, k, v, *, causal, window, segment_ids, softcap, scale, return_ls
         raise NotImplementedError(
             f"cudnn causal/windowed attention needs T == S here, got T={T}, S={S}"
         )
+    _require_gpu("attention")
     o = jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=is_causal,
         local_window_size=None if left is None else (left, 0),
@@ -90,6 +99,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale, softcap):
     _check_common("decode_attention", q.dtype, q.shape[-1], softcap)
     B = q.shape[0]
     lengths = lengths.astype(jnp.int32)
+    _require_gpu("decode_attention")
     o = jax.nn.dot_product_attention(
         q[:, None], k_cache, v_cache, scale=scale,
         query_seq_lengths=jnp.ones((B,), jnp.int32), key_value_seq_lengths=lengths,

@@ -1,0 +1,189 @@
+"""Softmax attention: MHA, GQA and MQA with RoPE, sliding window, softcap, QK-norm, KV cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from seqmix import kernels
+from seqmix.layers import segments
+from seqmix.layers.base import Mixer, divide
+from seqmix.layers.norms import RMSNorm
+from seqmix.layers.params import Dense
+from seqmix.layers.rotary import apply_rotary
+
+Array = jax.Array
+
+
+def cached_attention(q, k_old, v_old, k_new, v_new, lengths, *, scale, window_left, softcap):
+    """Causal attention of ``T`` new queries over a KV cache plus the ``T`` new keys.
+
+    The cache is a ring of ``S`` slots: slot ``j`` of row ``b`` holds the latest position
+    ``p < lengths[b]`` with ``p = j (mod S)`` (a plain cache when ``S`` >= every length).
+    New token ``t`` has position ``lengths[b] + t``; query ``P`` sees positions
+    ``[P - window_left, P]`` (``[0, P]`` without a window). Dense, float32 softmax.
+
+    Shapes: q ``[B, T, H, D]``; k_old/v_old ``[B, S, Hkv, D]``; k_new/v_new
+    ``[B, T, Hkv, D]``; lengths ``[B]``. Returns ``[B, T, H, D]`` in q's dtype.
+    """
+    B, T, H, D = q.shape
+    S, Hkv = k_old.shape[1], k_old.shape[2]
+    G = H // Hkv
+    keys = jnp.concatenate([k_old, k_new], axis=1).astype(jnp.float32)
+    vals = jnp.concatenate([v_old, v_new], axis=1).astype(jnp.float32)
+    L = lengths.astype(jnp.int32)[:, None]
+    old_pos = L - 1 - jnp.mod(L - 1 - jnp.arange(S, dtype=jnp.int32)[None], S)
+    new_pos = L + jnp.arange(T, dtype=jnp.int32)[None]
+    kpos = jnp.concatenate([old_pos, new_pos], axis=1)  # [B, S + T]
+    diff = new_pos[:, :, None] - kpos[:, None, :]  # [B, T, S + T]
+    mask = (kpos >= 0)[:, None, :] & (diff >= 0)
+    if window_left is not None:
+        mask &= diff <= window_left
+    qf = q.astype(jnp.float32).reshape(B, T, Hkv, G, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", qf, keys) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)  # every query sees at least itself
+    o = jnp.einsum("bkgts,bskd->btkgd", p, vals)
+    return o.reshape(B, T, H, D).astype(q.dtype)
+
+
+def write_cache(cache_x: Array, new: Array, lengths: Array) -> Array:
+    """Writes ``new [B, T, ...]`` at ring slots ``(lengths[b] + t) mod S``; only the last
+    ``min(T, S)`` tokens are written (earlier ones would be overwritten anyway)."""
+    B, T = new.shape[:2]
+    S = cache_x.shape[1]
+    m = min(T, S)
+    new = new[:, T - m:]
+    slots = jnp.mod(lengths.astype(jnp.int32)[:, None] + jnp.arange(T - m, T)[None], S)
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], slots.shape)
+    return cache_x.at[rows, slots].set(new.astype(cache_x.dtype))
+
+
+class Attention(Mixer):
+    """Multi-head softmax attention (MHA, GQA, MQA), registered as ``attention``.
+
+    ``q = x Wq``, ``k = x Wk``, ``v = x Wv`` (``num_heads``, ``num_kv_heads`` heads of
+    ``head_dim``), optional RMS QK-norm, RoPE on q and k, then
+    ``seqmix.kernels.attention`` (causal or not, ``local_window_size``, ``softcap``,
+    ``segment_ids``) and ``o Wo``.
+
+    Decoding cache: ``{"k", "v": [B, S, num_kv_heads, head_dim] (compute dtype), "lengths":
+    [B] int32}`` (tokens seen per row), ``S = max_length``, or ``local_window_size + 1`` for
+    a sliding window (a ring buffer: constant memory). One new token goes through
+    ``seqmix.kernels.decode_attention``; several through a dense masked attention.
+    """
+
+    recurrent = False
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict({
+            "num_heads": 4,
+            "num_kv_heads": None,  # None: num_heads (MHA); 1: MQA
+            "head_dim": None,  # None: d_model // num_heads
+            "rope": True,
+            "rope_theta": 10000.0,
+            "local_window_size": None,  # int w: query t sees [t - w, t] (and t + w if not causal)
+            "softcap": None,
+            "qk_norm": False,
+            "use_bias": False,
+        })
+
+    def __init__(self, config, *, rngs: nnx.Rngs, project_output: bool = True):
+        self._common(config)
+        H = int(config.num_heads)
+        if H < 1:
+            raise ValueError(f"num_heads must be >= 1, got {H}")
+        Hkv = H if config.num_kv_heads is None else int(config.num_kv_heads)
+        if Hkv < 1 or H % Hkv:
+            raise ValueError(
+                f"num_heads ({H}) must be divisible by num_kv_heads ({Hkv})")
+        D = (divide(self.d_model, H, "d_model", "num_heads") if config.head_dim is None
+             else int(config.head_dim))
+        if config.rope and D % 2:
+            raise ValueError(f"head_dim ({D}) must be even for rope")
+        w = config.local_window_size
+        if w is not None:
+            w = tuple(int(s) for s in w) if isinstance(w, (tuple, list)) else int(w)
+            if min(w if isinstance(w, tuple) else (w,)) < 0:
+                raise ValueError(f"local_window_size must be >= 0, got {w}")
+        if config.softcap is not None and not config.softcap > 0:
+            raise ValueError(f"softcap must be > 0 or None, got {config.softcap}")
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
+        self.rope = bool(config.rope)
+        self.rope_theta = float(config.rope_theta)
+        self.local_window_size = w
+        self.softcap = None if config.softcap is None else float(config.softcap)
+        self.scale = D ** -0.5
+        kw = dict(rngs=rngs, dtype=self.dtype, use_bias=bool(config.use_bias))
+        self.q_proj = Dense(self.d_model, H * D, ("embed", "heads"), **kw)
+        self.k_proj = Dense(self.d_model, Hkv * D, ("embed", "kv"), **kw)
+        self.v_proj = Dense(self.d_model, Hkv * D, ("embed", "kv"), **kw)
+        self.o_proj = (Dense(H * D, self.d_model, ("heads", "embed"), **kw)
+                       if project_output else None)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(D, eps=self.norm_eps, dtype=self.dtype, axis=None, rngs=rngs)
+            self.k_norm = RMSNorm(D, eps=self.norm_eps, dtype=self.dtype, axis=None, rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
+
+    @property
+    def output_features(self) -> int:
+        """Width of the output before ``o_proj`` (``num_heads * head_dim``)."""
+        return self.num_heads * self.head_dim
+
+    def _window_left(self) -> int | None:
+        w = self.local_window_size
+        return w[0] if isinstance(w, tuple) else w
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
+        left = self._window_left()
+        S = int(max_length) if left is None else min(int(max_length), left + 1)
+        shape = (batch_size, S, self.num_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
+                "lengths": jnp.zeros((batch_size,), jnp.int32)}
+
+    def __call__(self, x: Array, *, segment_ids: Array | None = None, cache=None):
+        self._check_call(x, segment_ids, cache)
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(B, T, H, D)
+        k = self.k_proj(x).reshape(B, T, Hkv, D)
+        v = self.v_proj(x).reshape(B, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            offset = None if cache is None else cache["lengths"]
+            pos = segments.positions(B, T, segment_ids, offset)
+            q = apply_rotary(q, pos, theta=self.rope_theta)
+            k = apply_rotary(k, pos, theta=self.rope_theta)
+        if cache is None:
+            o = kernels.attention(
+                q, k, v, causal=self.causal, local_window_size=self.local_window_size,
+                segment_ids=segment_ids, softcap=self.softcap, scale=self.scale,
+                implementation=self.impl("attention"))
+            return self._project(o)
+        lengths = cache["lengths"]
+        if T == 1:
+            k_cache = write_cache(cache["k"], k, lengths)
+            v_cache = write_cache(cache["v"], v, lengths)
+            S = k_cache.shape[1]
+            o = kernels.decode_attention(
+                q[:, 0], k_cache, v_cache, jnp.minimum(lengths + 1, S), scale=self.scale,
+                softcap=self.softcap, implementation=self.impl("decode_attention"))[:, None]
+        else:
+            o = cached_attention(q, cache["k"], cache["v"], k, v, lengths, scale=self.scale,
+                                 window_left=self._window_left(), softcap=self.softcap)
+            k_cache = write_cache(cache["k"], k, lengths)
+            v_cache = write_cache(cache["v"], v, lengths)
+        new_cache = {"k": k_cache, "v": v_cache, "lengths": lengths + T}
+        return self._project(o), new_cache
+
+    def _project(self, o: Array) -> Array:
+        B, T = o.shape[:2]
+        o = o.reshape(B, T, self.num_heads * self.head_dim)
+        return o if self.o_proj is None else self.o_proj(o)

@@ -1,0 +1,48 @@
+"""The feed-forward block: SwiGLU or GELU."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from seqmix.layers.params import Dense
+
+Array = jax.Array
+
+MLP_TYPES = ("swiglu", "gelu")
+
+
+def hidden_size(d_model: int, mlp_type: str, expansion: float, multiple_of: int = 8) -> int:
+    """Hidden width: ``expansion * d_model``, times 2/3 for SwiGLU (so that SwiGLU and GELU
+    have the same parameter count), rounded up to a multiple of ``multiple_of``."""
+    width = expansion * d_model * (2.0 / 3.0 if mlp_type == "swiglu" else 1.0)
+    return int(-(-int(round(width)) // multiple_of) * multiple_of)
+
+
+class MLP(nnx.Module):
+    """``swiglu``: ``down(silu(gate(x)) * up(x))``; ``gelu``: ``down(gelu(up(x)))``.
+
+    Kernels: ``up``/``gate`` ``[d_model, hidden]`` axes ``("embed", "mlp")``; ``down``
+    ``[hidden, d_model]`` axes ``("mlp", "embed")``. No biases.
+    """
+
+    def __init__(self, d_model: int, *, mlp_type: str = "swiglu", expansion: float = 4.0,
+                 multiple_of: int = 8, dtype="float32", rngs: nnx.Rngs):
+        if mlp_type not in MLP_TYPES:
+            raise ValueError(f"mlp.type must be one of {MLP_TYPES} or None, got {mlp_type!r}")
+        if not expansion > 0:
+            raise ValueError(f"mlp.expansion must be > 0, got {expansion!r}")
+        self.mlp_type = mlp_type
+        hidden = hidden_size(d_model, mlp_type, expansion, multiple_of)
+        self.hidden = hidden
+        self.up = Dense(d_model, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.gate = (Dense(d_model, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+                     if mlp_type == "swiglu" else None)
+        self.down = Dense(hidden, d_model, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: Array) -> Array:
+        if self.mlp_type == "swiglu":
+            h = jax.nn.silu(self.gate(x)) * self.up(x)
+        else:
+            h = jax.nn.gelu(self.up(x))
+        return self.down(h)

@@ -1,0 +1,55 @@
+"""RMS normalisation, plain and gated (Mamba-2's ``norm(y * silu(z))``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seqmix.layers.params import param
+
+Array = jax.Array
+
+
+def rms_normalize(x: Array, eps: float) -> Array:
+    """``x / sqrt(mean(x^2, -1) + eps)`` in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    """``y = x / rms(x) * scale`` over the last axis (float32 inside, output in ``dtype``).
+
+    scale: float32 ``[features]`` initialised to ones, logical axes ``(axis,)``.
+    """
+
+    def __init__(self, features: int, *, eps: float = 1e-5, dtype="float32",
+                 axis: str | None = "embed", rngs: nnx.Rngs | None = None):
+        self.eps = float(eps)
+        self.dtype = jnp.dtype(dtype).name
+        self.scale = param(rngs, jnp.ones((features,)), (features,), (axis,))
+
+    def __call__(self, x: Array) -> Array:
+        y = rms_normalize(x, self.eps) * self.scale[...]
+        return y.astype(self.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """``RMSNorm(y * silu(z))`` with the norm taken over ``groups`` equal slices of the last
+    axis (Mamba-2's ``RMSNormGated`` with ``group_size = features / groups``)."""
+
+    def __init__(self, features: int, *, groups: int = 1, eps: float = 1e-5,
+                 dtype="float32", axis: str | None = "heads", rngs: nnx.Rngs | None = None):
+        if features % groups:
+            raise ValueError(f"GatedRMSNorm: features ({features}) must be divisible by "
+                             f"groups ({groups})")
+        self.groups = int(groups)
+        self.eps = float(eps)
+        self.dtype = jnp.dtype(dtype).name
+        self.scale = param(rngs, jnp.ones((features,)), (features,), (axis,))
+
+    def __call__(self, y: Array, z: Array) -> Array:
+        h = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+        shape = h.shape
+        h = rms_normalize(h.reshape(shape[:-1] + (self.groups, -1)), self.eps).reshape(shape)
+        return (h * self.scale[...]).astype(self.dtype)
