@@ -32,6 +32,8 @@ def _gpus() -> list:
 
 def _max_head_dim() -> int:
     gpus = _gpus()
+    if not gpus:
+        return 256  # checked again by jax on the device itself
     major = int(str(getattr(gpus[0], "compute_capability", "9.0")).split(".")[0])
     return 256 if major >= 9 else 128
 
