@@ -1,0 +1,314 @@
+"""Pieces shared by the Pallas Triton kernels of chunked gated linear attention.
+
+The kernels (``triton_state``, ``triton_output``, ``triton_grad``) work on padded arrays:
+``T`` a multiple of the chunk ``C``, ``K`` and ``V`` multiples of their blocks. Inside a
+chunk the log decays become ``b``, the inclusive cumulative sum of ``g`` over the chunk
+(float32, non-increasing), and every factor is ``exp`` of a difference ``b_t - b_s`` with
+``t >= s`` (so ``<= 0``), masked BEFORE the exponential where ``t < s``.
+
+Per-channel decays (GLA) split a chunk into sub-chunks of ``L`` tokens. A query sub-chunk
+``i`` and an earlier key sub-chunk ``j`` meet through ``r_j``, the last token of ``j``:
+``exp(b_t - b_s) = exp(b_t - b_{r_j}) * exp(b_{r_j} - b_s)`` with both factors ``<= 1``, so
+the pair is one matmul. The diagonal blocks ``i == j`` carry the decay per channel
+explicitly (an ``[L, L, BK]`` product). Scalar and no decay use one sub-chunk (``L = C``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static description of one call: shapes (padded), blocks, dtypes, features.
+
+    ``mma`` is the operand dtype of the matmuls: the input dtype for bf16/fp16, ``"float32"``
+    (IEEE, exact) for float32 inputs. ``state_mma`` is the operand dtype of the matmuls that
+    read a chunk state or state gradient, which are stored in ``state_dtype``.
+    """
+
+    batch: int
+    time: int  # padded to a multiple of chunk
+    qk_heads: int
+    v_heads: int
+    key_dim: int  # padded to a multiple of block_k and state_block_k
+    value_dim: int  # padded to a multiple of block_v and state_block_v
+    chunk: int
+    sub_chunk: int  # == chunk unless decay == "channel"
+    decay: str  # "none" | "scalar" | "channel"
+    has_runs: bool
+    has_initial: bool
+    scale: float
+    dtype: str  # input dtype name
+    mma: str
+    state_mma: str
+    state_dtype: str
+    block_k: int
+    block_v: int
+    state_block_k: int
+    state_block_v: int
+    split_scores: bool  # score matrices as two half-precision parts (see dot_split)
+    warps: tuple  # (("state", n), ("output", n), ...) as a hashable mapping
+    stages: tuple
+    interpret: bool
+
+    @property
+    def groups(self) -> int:
+        return self.v_heads // self.qk_heads
+
+    @property
+    def chunks(self) -> int:
+        return self.time // self.chunk
+
+    @property
+    def subs(self) -> int:
+        return self.chunk // self.sub_chunk
+
+    def compiler_params(self, kernel: str):
+        return plgpu.CompilerParams(num_warps=dict(self.warps)[kernel],
+                                    num_stages=dict(self.stages)[kernel])
+
+    # grid index of a (batch, v head) pair -> (batch, v head, q/k head)
+    def heads(self, bh):
+        b = bh // self.v_heads
+        h = bh % self.v_heads
+        return b, h, h // self.groups
+
+
+# --- arithmetic --------------------------------------------------------------------------
+
+
+def dot(a: Array, b: Array, mma: str, *, trans_a: bool = False, trans_b: bool = False) -> Array:
+    """``a @ b`` (optionally transposed operands) with operands cast to ``mma``, f32 result.
+
+    ``"float32"`` is IEEE float32 (no tf32), ``"tfloat32"`` float32 operands through tf32."""
+    if mma in ("float32", "tfloat32"):
+        return plgpu.dot(a.astype(jnp.float32), b.astype(jnp.float32), trans_a, trans_b,
+                         allow_tf32=mma == "tfloat32")
+    dt = jnp.dtype(mma)
+    return plgpu.dot(a.astype(dt), b.astype(dt), trans_a, trans_b)
+
+
+def dot_split(a: Array, b: Array, mma: str, split: bool, *, trans_a: bool = False) -> Array:
+    """``dot`` whose float32 first operand (a score matrix) is rounded to ``mma`` in two
+    parts, ``a = hi + lo``, when ``split`` and ``mma`` is half precision: two matmuls give
+    it ~16 mantissa bits (``b`` is an input, exact in ``mma``)."""
+    if not split or mma in ("float32", "tfloat32"):
+        return dot(a, b, mma, trans_a=trans_a)
+    hi = a.astype(jnp.dtype(mma))
+    lo = a - hi.astype(jnp.float32)
+    return dot(hi, b, mma, trans_a=trans_a) + dot(lo, b, mma, trans_a=trans_a)
+
+
+def masked_exp(mask: Array, x: Array) -> Array:
+    """``exp(x)`` where ``mask``, else 0; the masked entries never reach the exponential."""
+    return jnp.exp(jnp.where(mask, x, -jnp.inf))
+
+
+def last(b: Array) -> Array:
+    """The last entry along axis 0 of a non-increasing ``b`` (a cumulative sum of values
+    ``<= 0``): its minimum, bit for bit."""
+    return jnp.min(b, axis=0)
+
+
+def reverse_cumsum(x: Array) -> Array:
+    """``y_u = sum_{t >= u} x_t`` along axis 0 (Triton has no reverse scan)."""
+    return jnp.sum(x, axis=0, keepdims=True) - jnp.cumsum(x, axis=0) + x
+
+
+def causal(n: int) -> Array:
+    t = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    s = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return t >= s
+
+
+# --- tiles of one chunk --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ChunkRuns:
+    """Run ids of one chunk's sub-chunks (``[L]`` each), of the token before the chunk
+    (``prev``, 0-d) and of the chunk's last token (``last``, 0-d). None without runs."""
+
+    tiles: list
+    prev: Array
+    last: Array
+
+    def keep_prev(self, i):
+        """``[L]``: tokens of sub-chunk ``i`` that the state entering the chunk reaches."""
+        return self.tiles[i] == self.prev
+
+    def keep_last(self, j):
+        """``[L]``: tokens of sub-chunk ``j`` that count in the chunk's own state."""
+        return self.tiles[j] == self.last
+
+    def carries(self):
+        """0-d: whether the state entering the chunk survives to its end."""
+        return self.last == self.prev
+
+    def same(self, i, j):
+        return self.tiles[i][:, None] == self.tiles[j][None, :]
+
+
+def load_runs(r_ref, start, size: int, n: int) -> ChunkRuns:
+    """Runs of the ``n * size`` tokens from ``start`` (``n`` tiles of ``size``) out of a
+    whole-row ``[T]`` ref. The token before the chunk is ``start - 1`` (the first token
+    itself for the first chunk: the initial state reaches the first run)."""
+    tiles = [r_ref[pl.ds(start + i * size, size)] for i in range(n)]
+    prev = r_ref[jnp.maximum(start - 1, 0)]
+    return ChunkRuns(tiles, prev, jnp.max(tiles[-1]))
+
+
+def chunk_runs(plan: Plan, r_ref, start) -> ChunkRuns | None:
+    """Runs of the chunk starting at ``start``, tiled by sub-chunks; None without runs."""
+    if not plan.has_runs:
+        return None
+    return load_runs(r_ref, start, plan.sub_chunk, plan.subs)
+
+
+def intra_mask(plan: Plan, runs: ChunkRuns | None, i: int, j: int):
+    """Which (query of sub-chunk i, key of sub-chunk j) pairs interact; None = all."""
+    m = causal(plan.sub_chunk) if i == j else None
+    if runs is not None:
+        same = runs.same(i, j)
+        m = same if m is None else m & same
+    return m
+
+
+def scalar_decay(g_ref, rows) -> Array:
+    """``b [C]``: inclusive cumsum of a scalar log decay over one chunk."""
+    return jnp.cumsum(g_ref[rows].astype(jnp.float32), axis=0)
+
+
+def channel_decay(plan: Plan, g_ref, cols):
+    """Per sub-chunk ``b_i [L, BK]`` (cumsum over the whole chunk) and ``e_i [BK]``, the
+    value of ``b`` at the last token of sub-chunk ``i`` (``e_{-1}`` is the chunk's last)."""
+    L = plan.sub_chunk
+    bs, ends = [], []
+    off = None
+    for i in range(plan.subs):
+        gi = g_ref[pl.ds(i * L, L), cols].astype(jnp.float32)
+        bi = jnp.cumsum(gi, axis=0)
+        if off is not None:
+            bi = off[None, :] + bi
+        off = last(bi)
+        bs.append(bi)
+        ends.append(off)
+    return bs, ends
+
+
+def channel_diag(qi: Array, ki: Array, bi: Array, mask: Array) -> Array:
+    """``A[t, s] = sum_c q[t,c] k[s,c] exp(b[t,c] - b[s,c])`` over the pairs in ``mask``
+    (an ``[L, L]`` bool, causal at least); ``[L, L]`` float32."""
+    diff = bi[:, None, :] - bi[None, :, :]
+    e = masked_exp(mask[:, :, None], diff)
+    return jnp.sum(qi.astype(jnp.float32)[:, None, :] * ki.astype(jnp.float32)[None, :, :] * e,
+                   axis=2)
+
+
+def attention_blocks(plan: Plan, q_ref, k_ref, g_ref, runs, *, per_block=None):
+    """The intra-chunk score blocks of the chunk in ``q_ref``/``k_ref`` (``[C, K]``) ``A[(i, j)] [L, L]`` for ``j <= i``, summed over the key
+    dimension in blocks of ``block_k``, with decay and masks applied (``scale`` not).
+
+    ``A[(i, j)][t, s] = sum_c q_t[c] k_s[c] exp(b_t[c] - b_s[c])`` for allowed pairs, else 0.
+
+    ``per_block(kb, q_tiles, k_tiles, b_tiles, ends)`` is called for every key block with the
+    loaded tiles (``b_tiles``/``ends``: per-channel decays for that block; None otherwise)
+    so that a kernel can add its own per-block terms in the same pass.
+    Returns ``(A, b)`` with ``b`` the scalar decay ``[C]`` (None unless scalar decay).
+    """
+    L, n, BK = plan.sub_chunk, plan.subs, plan.block_k
+    A = {(i, j): jnp.zeros((L, L), jnp.float32) for i in range(n) for j in range(i + 1)}
+    b = scalar_decay(g_ref, pl.ds(0, plan.chunk)) if plan.decay == "scalar" else None
+    masks = {(i, j): intra_mask(plan, runs, i, j) for (i, j) in A}
+    for kb in range(plan.key_dim // BK):
+        cols = pl.ds(kb * BK, BK)
+        qt = [q_ref[pl.ds(i * L, L), cols] for i in range(n)]
+        kt = [k_ref[pl.ds(i * L, L), cols] for i in range(n)]
+        bt = ends = None
+        if plan.decay == "channel":
+            bt, ends = channel_decay(plan, g_ref, cols)
+            for (i, j) in A:
+                if i == j:
+                    A[(i, i)] += channel_diag(qt[i], kt[i], bt[i], masks[(i, i)])
+                else:
+                    qf = qt[i].astype(jnp.float32) * jnp.exp(bt[i] - ends[j][None, :])
+                    kf = kt[j].astype(jnp.float32) * jnp.exp(ends[j][None, :] - bt[j])
+                    A[(i, j)] += dot(qf, kf, plan.mma, trans_b=True)
+        else:
+            for (i, j) in A:
+                A[(i, j)] += dot(qt[i], kt[j], plan.mma, trans_b=True)
+        if per_block is not None:
+            per_block(kb, qt, kt, bt, ends)
+    for (i, j), m in masks.items():
+        if plan.decay == "scalar":
+            A[(i, j)] = A[(i, j)] * masked_exp(m, b[:, None] - b[None, :])
+        elif m is not None and not (plan.decay == "channel" and i == j):
+            A[(i, j)] = jnp.where(m, A[(i, j)], 0.0)
+    return A, b
+
+
+# --- block specs of the per-chunk kernels ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSpecs:
+    """BlockSpecs over a grid ``(x, chunk, batch * v head)`` whose axis 0 walks blocks of
+    ``block`` along the key (``axis0 == "k"``) or value (``"v"``) dimension; the other of
+    the two dimensions is read whole. q/k specs pick the q/k head of the v head."""
+
+    plan: Plan
+    axis0: str
+    block: int
+
+    def _k(self):
+        return (self.block, lambda x: x) if self.axis0 == "k" else (self.plan.key_dim,
+                                                                     lambda x: 0)
+
+    def _v(self):
+        return (self.block, lambda x: x) if self.axis0 == "v" else (self.plan.value_dim,
+                                                                     lambda x: 0)
+
+    def qk(self):
+        (bk, kx), p = self._k(), self.plan
+        return pl.BlockSpec((None, p.chunk, None, bk),
+                            lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[2], kx(x)))
+
+    def v(self):
+        """Also the spec of do and of o / dv."""
+        (bv, vx), p = self._v(), self.plan
+        return pl.BlockSpec((None, p.chunk, None, bv),
+                            lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1], vx(x)))
+
+    def g(self, ndim: int):
+        """Scalar ``[B, T, Hv]`` or per-channel ``[B, T, Hv, K]`` log decays; also the spec
+        of their gradients."""
+        (bk, kx), p = self._k(), self.plan
+        if ndim == 3:
+            return pl.BlockSpec((None, p.chunk, None),
+                                lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1]))
+        return pl.BlockSpec((None, p.chunk, None, bk),
+                            lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1], kx(x)))
+
+    def q_grad(self):
+        """dq / dk per v head ``[B, T, Hv, K]`` (summed over groups afterwards)."""
+        (bk, kx), p = self._k(), self.plan
+        return pl.BlockSpec((None, p.chunk, None, bk),
+                            lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1], kx(x)))
+
+    def runs(self):
+        p = self.plan
+        return pl.BlockSpec((None, p.time), lambda x, c, bh: (p.heads(bh)[0], 0))
+
+    def state(self):
+        """Per-chunk states ``[B, Hv, n, K, V]``: the block of chunk c."""
+        (bk, kx), (bv, vx), p = self._k(), self._v(), self.plan
+        return pl.BlockSpec((None, None, None, bk, bv),
+                            lambda x, c, bh: p.heads(bh)[:2] + (c, kx(x), vx(x)))
