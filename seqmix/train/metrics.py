@@ -1,0 +1,122 @@
+"""Where numbers go: ``workdir/metrics.jsonl``, TensorBoard event files, a terminal progress bar.
+
+``metrics.jsonl`` has one JSON object per line, ``{"step": s, "split": "train"|"eval", "time":
+unix seconds, <name>: value, ...}``, appended across restarts (a resumed run repeats the steps
+after its checkpoint; the later line wins). TensorBoard scalars ``<split>/<name>`` go to
+``workdir/tensorboard/`` through tensorboard's own event writer (no TensorFlow needed):
+``tensorboard --logdir <workdir>/tensorboard``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+def _plain(value):
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+class MetricsWriter:
+    """Writes scalars to ``metrics.jsonl`` and TensorBoard (``tensorboard=False``: JSON only)."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = open(self.path, "a", buffering=1)  # line-buffered: a crash loses no line
+        self._tb = EventFileWriter(os.path.join(workdir, "tensorboard")) if tensorboard else None
+
+    def write(self, step: int, split: str, scalars: dict) -> None:
+        record = {"step": int(step), "split": split, "time": round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            values = [summary_pb2.Summary.Value(tag=f"{split}/{k}", simple_value=float(v))
+                      for k, v in scalars.items()]
+            self._tb.add_event(event_pb2.Event(
+                wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
+    """The records of ``workdir/metrics.jsonl`` (of one split), later duplicates of a step
+    replacing earlier ones, in step order."""
+    by_key: dict = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if split is None or record["split"] == split:
+                by_key[(record["split"], record["step"])] = record
+    return [by_key[k] for k in sorted(by_key, key=lambda k: (k[1], k[0]))]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressBar:
+    """``step/total [####....] loss 1.234 acc 0.50 12.3k tok/s 01:02<03:04`` on a terminal
+    (redrawn in place), or the same text as a log line every ``every`` steps otherwise."""
+
+    def __init__(self, total: int, start: int = 0, *, stream=None, every: int = 100,
+                 width: int = 24):
+        self.total, self.start = total, start
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every, self.width = every, width
+        self.t0 = time.time()
+        self._last_draw = 0.0
+
+    def update(self, step: int, scalars: dict, tokens_per_second: float | None = None) -> None:
+        now = time.time()
+        done = step >= self.total
+        if self.tty:
+            if now - self._last_draw < 0.1 and not done:
+                return
+        elif step % self.every and not done:
+            return
+        self._last_draw = now
+        frac = step / max(self.total, 1)
+        filled = int(self.width * frac)
+        bar = "#" * filled + "." * (self.width - filled)
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        parts = [f"{step}/{self.total} [{bar}]"]
+        parts += [f"{k} {v:.4g}" for k, v in scalars.items()]
+        if tokens_per_second is not None:
+            parts.append(f"{tokens_per_second / 1e3:.1f}k tok/s")
+        parts.append(f"{_duration(now - self.t0)}<{_duration(eta)}")
+        text = " ".join(parts)
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if done else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def write(self, text: str) -> None:
+        """A line printed above the bar."""
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()

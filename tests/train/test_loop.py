@@ -1,0 +1,234 @@
+"""The loop end to end: configs, outputs in the workdir, restore_model, best checkpoint,
+config errors before compiling, the optimizer's schedule and decay mask, the absl launcher."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from train_helpers import tiny_config
+
+from seqmix import data as data_lib
+from seqmix.models import MIXERS, build_model, model_config
+from seqmix.train import loop, optimizer, read_metrics, restore_model, train_and_evaluate
+from seqmix.train import validate as validate_config
+
+REPO = pathlib.Path(__file__).parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.py"))
+
+
+def load_config(path: pathlib.Path, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, (module.get_config(arg) if arg is not None else module.get_config())
+
+
+def _names(model):
+    from seqmix.models import layer_names
+
+    return layer_names(model)
+
+
+SHRINK_DATA = {
+    "mqar": dict(seq_len=32, num_kv_pairs=4),
+    "copying": dict(seq_len=24, num_tokens=4),
+    "listops": dict(seq_len=60, max_length=60, min_length=10, max_depth=4, max_args=4),
+    "bytes": dict(seq_len=32),
+}
+
+
+def test_config_files_exist_and_document_their_command():
+    assert {p.stem for p in CONFIGS} >= {"mqar", "lm_bytes", "listops", "copying"}
+    for path in CONFIGS:
+        module, _ = load_config(path)
+        assert f"python -m experiments.train --config=configs/{path.stem}.py" in module.__doc__
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_builds_and_trains_a_few_steps(path, tmp_path):
+    _, config = load_config(path)
+    config.model.d_model = 32
+    # One layer per distinct mixer of the config (compiling stays cheap; the kinds stay).
+    config.model.layers = list(dict.fromkeys(_names(config.model)))
+    config.data.update(SHRINK_DATA[config.data.task])
+    if config.data.task == "bytes":
+        config.data.data_dir = str(tmp_path / "data")
+    config.data.num_eval_batches = 1
+    config.train.update(dict(num_steps=2, batch_size=4, eval_every=0, checkpoint_every=0,
+                             log_every=1))
+    config.optimizer.warmup_steps = 1
+    result = train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["step"] == 2 and np.isfinite(result["eval"]["loss"])
+    assert result["metric"] in result["eval"]
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_mqar_variant_for_every_mixer(mixer):
+    _, config = load_config(REPO / "configs" / "mqar.py", f"mixer={mixer},d_model=32")
+    assert list(config.model.layers) == [mixer, mixer]
+    parts = loop.split_model(config.model, 0)  # abstract build: nothing compiled
+    assert jax.tree.leaves(parts.params)
+    validate_config(config, task=data_lib.make_task(config), num_devices=1)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_config(num_steps=8, eval_every=4, checkpoint_every=2, keep=1)
+    result = train_and_evaluate(config, workdir)
+    return workdir, config, result
+
+
+def test_workdir_has_config_metrics_tensorboard_and_checkpoints(finished_run):
+    workdir, config, result = finished_run
+    saved = loop.load_config(workdir)
+    assert saved.train.num_steps == 8 and list(saved.model.layers) == ["attention"]
+    assert saved.data.to_dict() == config.data.to_dict()
+    train = read_metrics(workdir, "train")
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all({"loss", "accuracy", "grad_norm", "lr", "tokens_per_second"} <= r.keys()
+               for r in train)
+    evals = read_metrics(workdir, "eval")
+    assert [r["step"] for r in evals] == [4, 8]
+    assert result["eval"]["accuracy"] == pytest.approx(evals[-1]["accuracy"])
+    events = os.listdir(os.path.join(workdir, "tensorboard"))
+    assert any(e.startswith("events.out.tfevents") for e in events)
+
+
+def _kept(workdir):
+    return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_keeps_the_last_and_the_best_checkpoint(finished_run, tmp_path):
+    workdir, config, _ = finished_run
+    # Saved: 2, 6 (no evaluation) and 4, 8 (evaluated); keep=1 keeps 8 and the best of 4, 8.
+    accuracy = {r["step"]: r["accuracy"] for r in read_metrics(workdir, "eval")}
+    kept = _kept(workdir)
+    assert 8 in kept and len(kept) <= 2 and not {2, 6} & set(kept)
+    assert max(accuracy[s] for s in kept) == max(accuracy.values())
+    # Resumed (metrics of old checkpoints now read from disk), two more steps.
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    config = tiny_config(num_steps=10, eval_every=4, checkpoint_every=2, keep=1)
+    train_and_evaluate(config, copy)
+    accuracy = {r["step"]: r["accuracy"] for r in read_metrics(copy, "eval")}
+    kept = _kept(copy)
+    assert 10 in kept and len(kept) <= 2
+    assert max(accuracy[s] for s in kept) == max(accuracy[s] for s in (4, 8, 10))
+
+
+def test_restore_model_reproduces_the_final_evaluation(finished_run):
+    workdir, config, result = finished_run
+    model, restored_config = restore_model(workdir)
+    assert restored_config.train.num_steps == 8
+    task = data_lib.make_task(config)
+    correct = count = 0.0
+    for batch in task.eval_batches():
+        logits = model(jnp.asarray(batch["inputs"]))
+        hit = (np.asarray(jnp.argmax(logits, -1)) == batch["targets"]) * batch["mask"]
+        correct, count = correct + hit.sum(), count + batch["mask"].sum()
+    assert correct / count == pytest.approx(result["eval"]["accuracy"])
+
+
+def _expect_error(config, match, tmp_path):
+    workdir = tmp_path / "never"
+    with pytest.raises(ValueError, match=match):
+        train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()  # stopped before writing (or compiling) anything
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: setattr(c.model, "layers", ["attention", "nope"]), r"model.layers.*'nope'"),
+    (lambda c: setattr(c.train, "num_steps", -5), r"train.num_steps"),
+    (lambda c: setattr(c.train, "batch_size", 0), r"train.batch_size"),
+    (lambda c: setattr(c.mesh, "data", 2), r"mesh.data x mesh.fsdp"),
+    (lambda c: setattr(c.optimizer, "lr", -1.0), r"optimizer.lr"),
+    (lambda c: setattr(c.optimizer, "schedule", "step"), r"optimizer.schedule"),
+    (lambda c: setattr(c.optimizer, "warmup_steps", 100), r"optimizer.warmup_steps"),
+    (lambda c: setattr(c.data, "num_kv_pairs", 50), r"data.num_kv_pairs"),
+    (lambda c: setattr(c.data, "task", "nope"), r"data.task"),
+    (lambda c: setattr(c.model, "vocab_size", 8), r"model.vocab_size"),
+    (lambda c: setattr(c.model, "kind", "classifier"), r"model.kind"),
+    (lambda c: setattr(c.train, "compute_dtype", "int8"), r"train.compute_dtype"),
+    (lambda c: setattr(c.model.mixers.attention, "num_heads", 3), r"model: .*num_heads"),
+], ids=["mixer", "steps", "batch", "mesh", "lr", "schedule", "warmup", "kv_pairs", "task",
+        "vocab", "kind", "dtype", "heads"])
+def test_config_errors_name_the_key_before_compiling(change, match, tmp_path):
+    config = tiny_config()
+    change(config)
+    _expect_error(config, match, tmp_path)
+
+
+def test_batch_not_divisible_by_the_data_parallel_devices():
+    config = tiny_config(batch_size=12)
+    with pytest.raises(ValueError, match=r"train.batch_size=12 .* 8 data-parallel devices"):
+        validate_config(config, num_devices=8)
+    validate_config(tiny_config(batch_size=16), num_devices=8)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    for kind in ("cosine", "linear"):
+        opt = ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=10, schedule=kind))
+        s = optimizer.learning_rate_schedule(opt, 110)
+        assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
+        assert float(s(10)) == pytest.approx(1.0)
+        assert float(s(60)) == pytest.approx(0.5, abs=1e-6)  # both are 1/2 half-way
+        assert float(s(110)) == pytest.approx(0.0, abs=1e-7)
+    cos = optimizer.learning_rate_schedule(
+        ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=10, schedule="cosine")), 110)
+    assert float(cos(35)) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.25)))
+
+
+def test_weight_decay_skips_norms_biases_and_vectors():
+    config = model_config(vocab_size=16, d_model=16, layers=["mamba2", "attention"],
+                          mixers={"mamba2": {"headdim": 8, "d_state": 8}})
+    model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    mask = {"/".join(map(str, p)): v.get_value()
+            for p, v in nnx.to_flat_state(optimizer.decay_mask(params))}
+    shapes = {"/".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(params)}
+    assert mask["backbone/embed/embedding"]
+    for name, decayed in mask.items():
+        if "norm" in name or "bias" in name or len(shapes[name]) < 2:
+            assert not decayed, name
+    assert any("A_log" in n for n in mask) and not any(mask[n] for n in mask if "A_log" in n)
+    assert sum(mask.values()) >= 6
+
+
+def test_absl_launcher_overrides_and_prints_the_final_metric(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "experiments.train", "--config=configs/mqar.py:mixer=attention",
+           f"--workdir={tmp_path / 'run'}", "--config.model.d_model=16",
+           "--config.data.seq_len=32", "--config.data.num_kv_pairs=4",
+           "--config.train.num_steps=3", "--config.train.batch_size=4",
+           "--config.optimizer.warmup_steps=1", "--config.data.num_eval_batches=1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FINAL eval at step 3: accuracy = " in proc.stdout
+    assert loop.load_config(str(tmp_path / "run")).model.d_model == 16
+    from experiments.train import default_workdir
+
+    assert default_workdir("configs/mqar.py") == os.path.join("runs", "mqar")
+    assert default_workdir("configs/mqar.py:mixer=gla") == os.path.join("runs", "mqar-mixer=gla")
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
+    config = tiny_config(num_steps=3, checkpoint_every=0, compute_dtype="bfloat16")
+    result = train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(result["eval"]["loss"])
+    model, saved = restore_model(str(tmp_path))
+    assert saved.train.compute_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype("float32")}
+    assert model.backbone.embed.dtype == "bfloat16"  # the compute dtype reached the layers
