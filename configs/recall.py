@@ -1,0 +1,59 @@
+"""The associative-recall study (Zoology's MQAR protocol): one point of the grid.
+
+    python -m experiments.train --config=configs/recall.py:mixer=based,d_model=128,seq_len=256,num_kv_pairs=16
+
+Two layers of one mixer (each followed by a SwiGLU MLP), vocabulary 8192, keys and values
+from the two halves of it, queries at power-law gaps; accuracy at the answer positions.
+Arguments: ``mixer`` (attention, based, mamba2, gla, linear_attention or any registered
+name), ``d_model`` (64, 128, 256), ``seq_len``/``num_kv_pairs`` ((64, 4), (128, 8),
+(256, 16), (512, 64)), ``lr``, ``steps``, ``batch_size``. The whole grid runs in one GPU
+session through ``python -m experiments.recall_sweep`` (see there for how far the training
+budget is reduced against Zoology's).
+"""
+
+from seqmix.models import model_config
+from seqmix.train.config import base_config, parse_variant
+
+DEFAULTS = dict(mixer="based", d_model=128, seq_len=256, num_kv_pairs=16, vocab_size=8192,
+                lr=1e-3, steps=1500, batch_size=128, layers=2)
+
+MIXERS = ("attention", "based", "mamba2", "gla", "linear_attention")
+SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
+D_MODELS = (64, 128, 256)
+LRS = (1e-3, 3e-3)
+
+
+def model_for(mixer: str, d_model: int, vocab_size: int, layers: int = 2):
+    """The study's model: ``layers`` blocks of ``mixer`` + MLP at width ``d_model``."""
+    heads = max(1, d_model // 64)
+    return model_config(
+        kind="causal_lm", vocab_size=vocab_size, d_model=d_model, layers=[mixer] * layers,
+        mlp={"type": "swiglu", "expansion": 2.0},
+        mixers={
+            "attention": {"num_heads": heads},
+            "based": {"num_heads": heads, "feature_dim": 16, "window_size": 64},
+            "gla": {"num_heads": heads},
+            "linear_attention": {"num_heads": heads, "feature_map": "elu1"},
+            "mamba2": {"headdim": 32, "d_state": 64, "expand": 2},
+        },
+    )
+
+
+def get_config(arg: str | None = None):
+    v = parse_variant(arg, **DEFAULTS)
+    config = base_config(model=model_for(v["mixer"], v["d_model"], v["vocab_size"], v["layers"]))
+    config.data.task = "mqar"
+    config.data.vocab_size = v["vocab_size"]
+    config.data.seq_len = v["seq_len"]
+    config.data.num_kv_pairs = v["num_kv_pairs"]
+    config.data.power_a = 0.01
+    config.data.random_non_queries = True
+    config.data.num_eval_batches = 8
+    config.train.num_steps = v["steps"]
+    config.train.batch_size = v["batch_size"]
+    config.train.eval_every = max(1, v["steps"] // 5)
+    config.train.checkpoint_every = v["steps"]
+    config.optimizer.lr = v["lr"]
+    config.optimizer.warmup_steps = max(1, v["steps"] // 10)
+    config.optimizer.weight_decay = 0.1
+    return config

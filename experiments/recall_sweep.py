@@ -1,0 +1,219 @@
+"""The associative-recall study: every (mixer, d_model, setting) of configs/recall.py.
+
+    python -m experiments.recall_sweep [--workers=6] [--steps=1500] [--budget_s=480]
+
+Follows Zoology's MQAR protocol (vocabulary 8192, two layers, keys and values from the two
+halves of the vocabulary, power-law query gaps, accuracy at the answer positions) with a
+reduced training budget so that the grid fits one device session: ``steps`` updates of
+``batch_size`` fresh sequences (1500 x 128 = 192k sequences against Zoology's 64 epochs of
+100k, about 33x fewer), each run stopping early once its evaluation accuracy reaches 0.99.
+For each (mixer, d_model, setting) one compiled step serves every learning rate of the
+sweep: the rate lives in the optimizer state (``optax.inject_hyperparams``), not in the code.
+
+Several worker processes share the GPU (small models leave it mostly idle); jobs are
+scheduled longest first and none starts after ``budget_s``. Writes ``recall.json`` (every run,
+the best rate per point, and the recurrent state size of each model: the floats of its
+decoding cache at the sequence length) and two plots to ``--out_dir`` and ``$OUT``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import time
+
+from absl import app, flags
+
+_WORKERS = flags.DEFINE_integer("workers", 6, "Worker processes sharing the device.")
+_STEPS = flags.DEFINE_integer("steps", 1500, "Training steps per run (upper bound).")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Sequences per step.")
+_BUDGET = flags.DEFINE_float("budget_s", 480.0, "No job starts after this many seconds.")
+_MIXERS = flags.DEFINE_list("mixers", None, "Mixers (default: configs/recall.MIXERS).")
+_DMODELS = flags.DEFINE_list("d_models", None, "Widths (default: configs/recall.D_MODELS).")
+_SETTINGS = flags.DEFINE_list("settings", None, "seq_len:pairs items (default: all four).")
+_LRS = flags.DEFINE_list("lrs", None, "Learning rates (default: configs/recall.LRS).")
+_OUT = flags.DEFINE_string("out_dir", None, "Results folder (default benchmarks/results).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of models and data.")
+
+
+def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed) -> list[dict]:
+    """Trains one grid point at every learning rate; returns one row per rate."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from configs import recall  # noqa: PLC0415
+    from seqmix import data, models  # noqa: PLC0415
+    from seqmix.train import loop, losses, optimizer  # noqa: PLC0415
+
+    cfg = recall.get_config(f"mixer={mixer},d_model={d_model},seq_len={seq_len},"
+                            f"num_kv_pairs={pairs},steps={steps},batch_size={batch_size}")
+    cfg.seed = seed
+    task = data.make_task(cfg)
+    parts = loop.split_model(cfg.model, seed)
+    unit = cfg.optimizer.copy_and_resolve_references()
+    unit.lr = 1.0  # the schedule's shape; the rate itself is a traced hyperparameter
+    tx = optax.chain(optimizer.make_optimizer(unit, steps),
+                     optax.inject_hyperparams(optax.scale)(step_size=1.0))
+    schedule = optimizer.learning_rate_schedule(unit, steps)
+    train_step = jax.jit(loop.make_train_step(parts, tx, schedule, "causal_lm", seed),
+                         donate_argnums=0)
+    eval_step = jax.jit(loop.make_eval_step(parts, "causal_lm", seed))
+    eval_set = [jax.device_put(b) for b in task.eval_batches()]
+
+    model = models.build_model(cfg.model, rngs=nnx.Rngs(0))
+    cache = jax.eval_shape(lambda: model.init_cache(1, seq_len))
+    state_size = int(sum(x.size for x in jax.tree.leaves(cache)
+                         if jnp.issubdtype(x.dtype, jnp.floating)) // len(cfg.model.layers))
+    n_params = models.param_count(model)
+    del model
+
+    def evaluate(state, rngs):
+        sums = None
+        for b in eval_set:
+            s = eval_step(state.params, rngs, state.other, b)
+            sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+        return losses.finish(jax.device_get(sums))["accuracy"]
+
+    rows = []
+    for lr in lrs:
+        t0 = time.time()
+        params, rngs, other = loop._init_state(cfg.model, seed, None)  # noqa: SLF001
+        opt_state = tx.init(params)
+        opt_state = (opt_state[0], opt_state[1]._replace(
+            hyperparams={"step_size": jnp.asarray(lr, jnp.float32)}))
+        state = loop.TrainState(params, opt_state, other)
+        acc, done = 0.0, steps
+        for step in range(1, steps + 1):
+            state, metrics = train_step(state, rngs, task.train_batch(step), step)
+            if step % 250 == 0 or step == steps:
+                if not bool(np.isfinite(float(metrics["loss"]))):
+                    acc, done = float("nan"), step
+                    break
+                acc = evaluate(state, rngs)
+                done = step
+                if acc >= 0.99:
+                    break
+        rows.append(dict(mixer=mixer, d_model=d_model, seq_len=seq_len, num_kv_pairs=pairs,
+                         lr=lr, accuracy=acc, steps=done, seconds=time.time() - t0,
+                         state_size=state_size, params=n_params))
+    return rows
+
+
+def _init_worker():
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.12")
+
+
+def plot(best: list[dict], path_prefix: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    settings = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in best})
+    mixers = sorted({r["mixer"] for r in best})
+    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), squeeze=False)
+    for ax, (T, n) in zip(axes[0], settings):
+        for m in mixers:
+            pts = sorted((r["d_model"], r["accuracy"]) for r in best
+                         if r["mixer"] == m and (r["seq_len"], r["num_kv_pairs"]) == (T, n))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"T={T}, {n} pairs")
+        ax.set_xlabel("d_model")
+    axes[0][0].set_ylabel("MQAR accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path_prefix + "_vs_dmodel.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), squeeze=False)
+    for ax, (T, n) in zip(axes[0], settings):
+        for m in mixers:
+            pts = sorted((r["state_size"], r["accuracy"]) for r in best
+                         if r["mixer"] == m and (r["seq_len"], r["num_kv_pairs"]) == (T, n))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"T={T}, {n} pairs")
+        ax.set_xlabel("state size per layer (floats)")
+    axes[0][0].set_ylabel("MQAR accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path_prefix + "_vs_state.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    from configs import recall  # noqa: PLC0415
+    from experiments.bench import common  # noqa: PLC0415
+
+    mixers = _MIXERS.value or list(recall.MIXERS)
+    d_models = [int(d) for d in (_DMODELS.value or recall.D_MODELS)]
+    settings = ([tuple(int(x) for x in s.split(":")) for s in _SETTINGS.value]
+                if _SETTINGS.value else list(recall.SETTINGS))
+    lrs = [float(x) for x in (_LRS.value or recall.LRS)]
+    jobs = [(m, d, T, n) for (T, n) in settings for d in d_models for m in mixers]
+    jobs.sort(key=lambda j: -j[1] * j[2])  # longest first
+    start = time.time()
+    rows, skipped = [], []
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(_WORKERS.value, mp_context=ctx,
+                                initializer=_init_worker) as pool:
+        pending = {}
+        queue = list(jobs)
+        while queue or pending:
+            while queue and len(pending) < _WORKERS.value:
+                if time.time() - start > _BUDGET.value:
+                    skipped.extend(queue)
+                    queue = []
+                    break
+                job = queue.pop(0)
+                pending[pool.submit(run_job, *job, lrs, _STEPS.value, _BATCH.value,
+                                    _SEED.value)] = job
+            if not pending:
+                break
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                job = pending.pop(fut)
+                try:
+                    for r in fut.result():
+                        rows.append(r)
+                        print(json.dumps(r), flush=True)
+                except Exception as e:  # noqa: BLE001 - one failing job must not stop the sweep
+                    rows.append(dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), job),
+                                     error=f"{type(e).__name__}: {str(e)[:300]}"))
+                    print(json.dumps(rows[-1]), flush=True)
+    best = {}
+    for r in rows:
+        if "error" in r:
+            continue
+        key = (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"])
+        if key not in best or r["accuracy"] > best[key]["accuracy"]:
+            best[key] = r
+    best_rows = sorted(best.values(), key=lambda r: (r["seq_len"], r["mixer"], r["d_model"]))
+    payload = dict(env=common.environment(), steps=_STEPS.value, batch_size=_BATCH.value,
+                   lrs=lrs, seconds=time.time() - start, runs=rows, best=best_rows,
+                   skipped=[dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), j))
+                            for j in skipped])
+    for d in filter(None, [_OUT.value or common.RESULTS_DIR, os.environ.get("OUT")]):
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "recall.json"), "w") as f:
+            json.dump(payload, f, indent=1, default=float)
+        if best_rows:
+            plot(best_rows, os.path.join(d, "recall"))
+    print(f"{len(rows)} runs in {time.time() - start:.0f}s, {len(skipped)} jobs skipped")
+    print(common.markdown_table(best_rows, ["seq_len", "num_kv_pairs", "mixer", "d_model", "lr",
+                                            "accuracy", "steps", "state_size", "seconds"]))
+
+
+if __name__ == "__main__":
+    app.run(main)
