@@ -1,0 +1,184 @@
+"""The kernel targets of issues 5-7 in one short device call, most important first.
+
+    python -m experiments.device.final [--deadline_s=500]
+
+Reuses the benchmark modules' measuring functions on the issues' target shapes only (the
+full sweeps of bench_kernels do not fit the session's device time), writes every row to
+$OUT/final.json as it goes, and skips what the deadline leaves no time for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+
+from absl import app, flags
+
+_DEADLINE = flags.DEFINE_float("deadline_s", 500.0, "Stop starting sections after this.")
+
+ROWS: list[dict] = []
+START = time.time()
+
+
+def _save():
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "final.json"), "w") as f:
+            json.dump(ROWS, f, indent=1, default=str)
+
+
+def _section(name, fn):
+    if time.time() - START > _DEADLINE.value:
+        ROWS.append({"section": name, "error": "skipped: device-time deadline"})
+        print(f"skip {name}", flush=True)
+        return
+    t0 = time.time()
+    try:
+        for row in fn():
+            row["section"] = name
+            ROWS.append(row)
+            print(json.dumps(row, default=str), flush=True)
+            _save()
+    except Exception as e:  # noqa: BLE001 - one section failing must not stop the others
+        ROWS.append({"section": name, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+        traceback.print_exc()
+    print(f"section {name}: {time.time() - t0:.0f}s", flush=True)
+    _save()
+
+
+def scan(B, T, ceilings):
+    from experiments.bench import selective_scan as S
+
+    def run():
+        s = dict(label=f"{B}x{T}x1536x16", B=B, T=T, **S.SCAN)
+        args, dy = S.scan_inputs(B, T, s["Dm"], s["N"])
+        ref = None
+        for name in ("xla", "pallas_triton"):
+            row = {"op": "selective_scan", "impl": name, **s}
+            fwd, fb = S._fwd_and_fb(S._scan_fn(name))  # noqa: SLF001
+            out, got = S._measure(row, fwd, fb, args, dy, ceilings["copy_tbps"])  # noqa: SLF001
+            if ref is None:
+                ref = (out, got, row)
+            else:
+                S._compare(row, out, got, *ref)  # noqa: SLF001
+            yield row
+    return run
+
+
+def conv(ceilings):
+    from experiments.bench import selective_scan as S
+
+    def run():
+        s = dict(label="8x4096x3072 w4", B=8, T=4096, **S.CONV)
+        args, dy = S.conv_inputs(8, 4096, s["C"], s["W"])
+        ref = None
+        for name in ("xla", "pallas_triton"):
+            row = {"op": "causal_conv1d", "impl": name, **s}
+            fwd, fb = S._fwd_and_fb(S._conv_fn(name))  # noqa: SLF001
+            out, got = S._measure(row, fwd, fb, args, dy, ceilings["copy_tbps"])  # noqa: SLF001
+            if ref is None:
+                ref = (out, got, row)
+            else:
+                S._compare(row, out, got, *ref)  # noqa: SLF001
+            yield row
+    return run
+
+
+def linear(B, T, H, D, decay, ceilings, backward, with_xla):
+    from experiments.bench import linear_attention as L
+
+    def run():
+        for row in L._measure_shape("shapes", B, T, H, D, decay, ceilings,  # noqa: SLF001
+                                    backward=backward, with_xla=with_xla):
+            row["op"] = "linear_attention"
+            yield row
+    return run
+
+
+def window(ceilings):
+    import jax
+
+    from experiments.bench import attention as A
+    from experiments.bench import common
+
+    def run():
+        for label, win in (("full causal", None), ("window 1024", 1024)):
+            s = dict(D=128, T=32768, B=1, H=16, Hkv=16, causal=True, window=win)
+            q, k, v, do = A._attention_inputs(s)  # noqa: SLF001
+            flops = 4.0 * 16 * 128 * A.visible_pairs(32768, 32768, True, win)
+            for impl in ("pallas_triton", "cudnn"):
+                f = lambda q, k, v, impl=impl, win=win: A._seqmix(impl)(  # noqa: SLF001
+                    q, k, v, causal=True, window=win)
+                fwd = jax.jit(f)
+                fb = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
+                row = {"op": "attention", "impl": impl, "label": f"d128 1x32768 {label}"}
+                try:
+                    t = common.time_jax(fwd, q, k, v)
+                    row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12)
+                    t = common.time_jax(fb, q, k, v, do)
+                    row.update(fb_ms=t * 1e3, fb_tflops=3.5 * flops / t / 1e12)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                yield row
+    return run
+
+
+def attention_d64(ceilings):
+    import jax
+
+    from experiments.bench import attention as A
+    from experiments.bench import common
+
+    def run():
+        for causal in (True, False):
+            s = dict(D=64, T=16384, B=2, H=16, Hkv=16, causal=causal, window=None)
+            q, k, v, do = A._attention_inputs(s)  # noqa: SLF001
+            flops = 4.0 * 2 * 16 * 64 * A.visible_pairs(16384, 16384, causal, None)
+            for impl, f0 in (("pallas_triton", A._seqmix("pallas_triton")),  # noqa: SLF001
+                             ("cudnn", A._seqmix("cudnn")),  # noqa: SLF001
+                             ("jax_mha", A._jax_mha(True)),  # noqa: SLF001
+                             ("jax_mha_bwd64", A._jax_mha(False))):  # noqa: SLF001
+                f = lambda q, k, v, f0=f0: f0(q, k, v, causal=causal, window=None)
+                fwd = jax.jit(f)
+                fb = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
+                row = {"op": "attention", "impl": impl,
+                       "label": f"d64 2x16384x16{' causal' if causal else ''}"}
+                try:
+                    t = common.time_jax(fwd, q, k, v)
+                    row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12)
+                    t = common.time_jax(fb, q, k, v, do)
+                    row.update(fb_ms=t * 1e3, fb_tflops=3.5 * flops / t / 1e12)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                yield row
+    return run
+
+
+def main(argv):
+    del argv
+    from experiments.bench import common
+
+    ceilings = {"bf16_matmul_tflops": common.matmul_ceiling(), "copy_tbps": common.copy_ceiling()}
+    ROWS.append({"section": "ceilings", **ceilings, **common.environment()})
+    print(ceilings, flush=True)
+    _section("scan 8x4096", scan(8, 4096, ceilings))
+    _section("conv", conv(ceilings))
+    _section("linear 8x4096 scalar", linear(8, 4096, 16, 128, "scalar", ceilings, True, True))
+    _section("attention window", window(ceilings))
+    _section("linear 2x16384 scalar", linear(2, 16384, 16, 128, "scalar", ceilings, True, False))
+    _section("linear 1x65536 scalar", linear(1, 65536, 16, 128, "scalar", ceilings, False, False))
+    _section("linear 8x4096 channel", linear(8, 4096, 16, 128, "channel", ceilings, True, False))
+    _section("linear 8x4096x64 scalar", linear(8, 4096, 16, 64, "scalar", ceilings, False, False))
+    _section("scan 2x16384", scan(2, 16384, ceilings))
+    _section("attention d64", attention_d64(ceilings))
+    print(f"total {time.time() - START:.0f}s")
+    keys = ["section", "impl", "label", "fwd_ms", "fwdbwd_ms", "fb_ms", "fwd_tflops",
+            "fb_tflops", "fwd_x_rowo", "fb_x_rowo", "fb_vs_xla", "copy_frac", "ns_per_token",
+            "fwdbwd_speedup_vs_xla", "rel_err_xla", "rel_err_fla", "err_y", "err_grad", "error"]
+    print(common.markdown_table([r for r in ROWS if r.get("section") != "ceilings"], keys))
+
+
+if __name__ == "__main__":
+    app.run(main)
