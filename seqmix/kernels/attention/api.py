@@ -36,8 +36,7 @@ ATTENTION = Op(
     },
     # GPU: cuDNN where it serves the arguments (bf16/fp16, no softcap, segments, lse or
     # two-sided windows), then seqmix's Triton kernel; both measured in BENCHMARKS.md.
-    auto={"cpu": ("xla",), "gpu": ("cudnn", "pallas_triton", "xla"),
-          "tpu": ("pallas_tpu", "xla")},
+    auto={"cpu": ("xla",), "gpu": ("cudnn", "pallas_triton", "xla"), "tpu": ("xla",)},
 )
 
 DECODE_ATTENTION = Op(
@@ -49,8 +48,7 @@ DECODE_ATTENTION = Op(
         "pallas_tpu": "seqmix.kernels.attention.decode:decode_attention_tpu",
         "cudnn": "seqmix.kernels.attention.cudnn:decode_attention",
     },
-    auto={"cpu": ("xla",), "gpu": ("cudnn", "pallas_triton", "xla"),
-          "tpu": ("pallas_tpu", "xla")},
+    auto={"cpu": ("xla",), "gpu": ("cudnn", "pallas_triton", "xla"), "tpu": ("xla",)},
 )
 
 

@@ -22,7 +22,7 @@ CAUSAL_CONV1D = Op(
         "pallas_triton": "seqmix.kernels.conv1d.triton:causal_conv1d",
         "pallas_tpu": "seqmix.kernels.conv1d.tpu:causal_conv1d",
     },
-    auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    auto={"cpu": ("xla",), "gpu": ("pallas_triton", "xla"), "tpu": ("xla",)},
 )
 
 CAUSAL_CONV1D_STEP = Op(

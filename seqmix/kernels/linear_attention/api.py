@@ -32,7 +32,7 @@ LINEAR_ATTENTION = Op(
         "pallas_triton": "seqmix.kernels.linear_attention.triton:linear_attention",
         "pallas_tpu": "seqmix.kernels.linear_attention.tpu:linear_attention",
     },
-    auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    auto={"cpu": ("xla",), "gpu": ("pallas_triton", "xla"), "tpu": ("xla",)},
 )
 
 LINEAR_ATTENTION_STEP = Op(

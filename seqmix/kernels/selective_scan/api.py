@@ -21,7 +21,7 @@ SELECTIVE_SCAN = Op(
         "pallas_triton": "seqmix.kernels.selective_scan.triton:selective_scan",
         "pallas_tpu": "seqmix.kernels.selective_scan.tpu:selective_scan",
     },
-    auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    auto={"cpu": ("xla",), "gpu": ("pallas_triton", "xla"), "tpu": ("xla",)},
 )
 
 
