@@ -28,7 +28,6 @@ run into the device's per-command limit, e.g. ``d64`` or ``d128``).
 from __future__ import annotations
 
 import os
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -47,26 +46,6 @@ def run(op: str, quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
     if op == "decode_attention":
         return run_decode(quick, ceilings)
     raise ValueError(f"op must be 'attention' or 'decode_attention', got {op!r}")
-
-
-def _short(e: BaseException) -> str:
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"{type(e).__name__}: {line}"[:90]
-
-
-def _attempt(row: dict, key: str, fn):
-    """Runs ``fn()``; on failure records the error in ``row`` and returns None."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - one implementation failing must not stop the run
-        row.setdefault("error", f"{key}: {_short(e)}")
-        row.setdefault("error_full", traceback.format_exc(limit=6))
-        return None
-
-
-def _filtered(shapes: list[dict]) -> list[dict]:
-    needle = os.environ.get("SEQMIX_BENCH_FILTER")
-    return [s for s in shapes if not needle or needle in s["label"]]
 
 
 # --- attention ---------------------------------------------------------------------------------
@@ -88,14 +67,14 @@ def attention_shapes(quick: bool) -> list[dict]:
         add(128, 16384, True, Hkv=HEADS // 4)
         add(128, 32768, True)
         add(128, 32768, True, window=1024)
-        return _filtered(shapes)
+        return common.filtered(shapes)
     for D in (64, 128):
         for T in (1024, 4096, 16384, 32768):
             for causal in (True, False):
                 add(D, T, causal)
         add(D, 16384, True, Hkv=HEADS // 4)
         add(D, 32768, True, window=1024)
-    return _filtered(shapes)
+    return common.filtered(shapes)
 
 
 def visible_pairs(T: int, S: int, causal: bool, window: int | None) -> float:
@@ -178,16 +157,16 @@ def run_attention(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
             f = lambda q, k, v, impl=impl: impl(q, k, v, causal=s["causal"], window=s["window"])
             fwd = jax.jit(f)
             fb = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
-            out = _attempt(row, "fwd", lambda: fwd(q, kk, vv))
+            out = common.attempt(row, "fwd", lambda: fwd(q, kk, vv))
             if out is not None:
-                t = _attempt(row, "fwd", lambda: common.time_jax(fwd, q, kk, vv))
+                t = common.attempt(row, "fwd", lambda: common.time_jax(fwd, q, kk, vv))
                 if t is not None:
                     row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12)
                     if peak:
                         row["fwd_of_peak"] = row["fwd_tflops"] / peak
-            grads = _attempt(row, "fwd+bwd", lambda: fb(q, kk, vv, do))
+            grads = common.attempt(row, "fwd+bwd", lambda: fb(q, kk, vv, do))
             if grads is not None:
-                t = _attempt(row, "fwd+bwd", lambda: common.time_jax(fb, q, kk, vv, do))
+                t = common.attempt(row, "fwd+bwd", lambda: common.time_jax(fb, q, kk, vv, do))
                 if t is not None:
                     row.update(fb_ms=t * 1e3, fb_tflops=3.5 * flops / t / 1e12)
                 mem = common.compiled_bytes(fb, q, kk, vv, do)
@@ -232,7 +211,7 @@ def _plots(rows: list[dict]) -> None:
                     title=f"attention forward, bf16, D=128, {TOKENS} tokens, "
                           f"{'causal' if causal else 'full'}")
             except Exception as e:  # noqa: BLE001 - a plot must not lose the results
-                print(f"plot {name} failed: {_short(e)}")
+                print(f"plot {name} failed: {common.short_error(e)}")
 
 
 # --- decoding ----------------------------------------------------------------------------------
@@ -242,7 +221,7 @@ DECODE = dict(B=4, H=32, Hkv=8, D=128)
 
 def decode_shapes(quick: bool) -> list[dict]:
     lengths = (131072,) if quick else (8192, 131072, 1048576)
-    return _filtered([dict(label=f"{DECODE['B']}x{S} h{DECODE['H']}/{DECODE['Hkv']} "
+    return common.filtered([dict(label=f"{DECODE['B']}x{S} h{DECODE['H']}/{DECODE['Hkv']} "
                                  f"d{DECODE['D']}", S=S, **DECODE) for S in lengths])
 
 
@@ -284,9 +263,9 @@ def run_decode(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
         for name, impl in DECODE_IMPLS.items():
             row = {"impl": name, **s, "kv_gb": kv_bytes / 1e9}
             fn = jax.jit(impl)
-            out = _attempt(row, "decode", lambda: fn(q, k, v, lengths))
+            out = common.attempt(row, "decode", lambda: fn(q, k, v, lengths))
             if out is not None:
-                t = _attempt(row, "decode", lambda: common.time_jax(fn, q, k, v, lengths))
+                t = common.attempt(row, "decode", lambda: common.time_jax(fn, q, k, v, lengths))
                 if t is not None:
                     row.update(ms=t * 1e3, kv_tbps=kv_bytes / t / 1e12)
                     if copy:
@@ -342,7 +321,7 @@ def tune_blocks(D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | Non
             try:
                 t = common.time_jax(fn, *args)
             except Exception as e:  # noqa: BLE001 - a tile that does not compile is skipped
-                print(f"{kind} {c}: {_short(e)}", flush=True)
+                print(f"{kind} {c}: {common.short_error(e)}", flush=True)
                 continue
             results.append((t, c))
             print(f"{kind} {c}: {t * 1e3:.3f} ms", flush=True)

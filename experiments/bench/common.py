@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -162,3 +163,25 @@ def rel_err(x, ref) -> float:
     x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def short_error(e: BaseException) -> str:
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {line}"[:90]
+
+
+def attempt(row: dict, key: str, fn):
+    """Runs ``fn()``; on failure records the error in ``row`` and returns None, so that one
+    implementation failing never stops a benchmark run."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        row.setdefault("error", f"{key}: {short_error(e)}")
+        row.setdefault("error_full", traceback.format_exc(limit=6))
+        return None
+
+
+def filtered(shapes: list[dict]) -> list[dict]:
+    """The shapes whose label contains ``$SEQMIX_BENCH_FILTER`` (all when unset)."""
+    needle = os.environ.get("SEQMIX_BENCH_FILTER")
+    return [s for s in shapes if not needle or needle in s["label"]]

@@ -27,7 +27,6 @@ gradient against ``xla`` at the same shape. Plots of time against T go next to t
 from __future__ import annotations
 
 import os
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -49,43 +48,23 @@ def run(op: str, quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
     raise ValueError(f"op must be 'selective_scan' or 'causal_conv1d', got {op!r}")
 
 
-def _short(e: BaseException) -> str:
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"{type(e).__name__}: {line}"[:90]
-
-
-def _attempt(row: dict, key: str, fn):
-    """Runs ``fn()``; on failure records the error in ``row`` and returns None."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - one implementation failing must not stop the run
-        row.setdefault("error", f"{key}: {_short(e)}")
-        row.setdefault("error_full", traceback.format_exc(limit=6))
-        return None
-
-
 def _nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _filtered(shapes: list[dict]) -> list[dict]:
-    needle = os.environ.get("SEQMIX_BENCH_FILTER")
-    return [s for s in shapes if not needle or needle in s["label"]]
-
-
 def _measure(row: dict, fwd, fb, args, ct, copy_tbps: float | None):
     """Times ``fwd(*args)`` and ``fb(*args, ct)`` into ``row``; returns their outputs."""
-    out = _attempt(row, "fwd", lambda: jax.block_until_ready(fwd(*args)))
+    out = common.attempt(row, "fwd", lambda: jax.block_until_ready(fwd(*args)))
     if out is not None:
-        t = _attempt(row, "fwd", lambda: common.time_jax(fwd, *args))
+        t = common.attempt(row, "fwd", lambda: common.time_jax(fwd, *args))
         if t is not None:
             rowo = _nbytes(args) + _nbytes(out)
             row.update(fwd_ms=t * 1e3, fwd_gbs=rowo / t / 1e9)
             if copy_tbps:
                 row["fwd_x_rowo"] = t / (rowo / (copy_tbps * 1e12))
-    got = _attempt(row, "fwd+bwd", lambda: jax.block_until_ready(fb(*args, ct)))
+    got = common.attempt(row, "fwd+bwd", lambda: jax.block_until_ready(fb(*args, ct)))
     if got is not None:
-        t = _attempt(row, "fwd+bwd", lambda: common.time_jax(fb, *args, ct))
+        t = common.attempt(row, "fwd+bwd", lambda: common.time_jax(fb, *args, ct))
         if t is not None:
             rowo = _nbytes(args) + _nbytes(ct) + _nbytes(got)  # got = (y, grads)
             row.update(fb_ms=t * 1e3, fb_gbs=rowo / t / 1e9)
@@ -129,7 +108,7 @@ def _plots(rows: list[dict], op: str, title: str) -> None:
                 common.plot_time_vs_length(sel, os.path.join(d, name), x="T", y=key,
                                            group="impl", title=f"{op} {what}, {title}")
             except Exception as e:  # noqa: BLE001 - a plot must not lose the results
-                print(f"plot {name} failed: {_short(e)}")
+                print(f"plot {name} failed: {common.short_error(e)}")
 
 
 # --- selective scan ------------------------------------------------------------------------
@@ -138,7 +117,7 @@ def _plots(rows: list[dict], op: str, title: str) -> None:
 def scan_shapes(quick: bool) -> list[dict]:
     lengths = (2048,) if quick else (1024, 2048, 4096, 8192, 16384)
     tokens = 4096 if quick else TOKENS
-    return _filtered([dict(label=f"{tokens // T}x{T}x{SCAN['Dm']}x{SCAN['N']}", B=tokens // T,
+    return common.filtered([dict(label=f"{tokens // T}x{T}x{SCAN['Dm']}x{SCAN['N']}", B=tokens // T,
                            T=T, **SCAN) for T in lengths])
 
 
@@ -225,7 +204,7 @@ SCAN_COLUMNS = ["label", "impl", "fwd_ms", "fwd_gbs", "fwd_x_rowo", "fb_ms", "fb
 def conv_shapes(quick: bool) -> list[dict]:
     lengths = (2048,) if quick else (1024, 4096, 16384)
     tokens = 4096 if quick else TOKENS
-    return _filtered([dict(label=f"{tokens // T}x{T}x{CONV['C']} w{CONV['W']}", B=tokens // T,
+    return common.filtered([dict(label=f"{tokens // T}x{T}x{CONV['C']} w{CONV['W']}", B=tokens // T,
                            T=T, **CONV) for T in lengths])
 
 
@@ -321,7 +300,7 @@ def tune_blocks(op: str = "selective_scan", B: int = 8, T: int = 4096, candidate
         try:
             t = common.time_jax(fb, *args, dy)
         except Exception as e:  # noqa: BLE001 - a tile that does not compile is skipped
-            print(f"{blocks}: {_short(e)}", flush=True)
+            print(f"{blocks}: {common.short_error(e)}", flush=True)
             continue
         results.append((t * 1e3, blocks))
         print(f"{blocks}: {t * 1e3:.3f} ms", flush=True)

@@ -184,7 +184,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st, nq, nk):
 
 def _forward(q, k, v, seg, st):
     B, T, H, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
+    S = k.shape[1]
     G = st.groups
     bq, bk = st.fwd.block_q, st.fwd.block_k
     nq, nk = T // bq, S // bk

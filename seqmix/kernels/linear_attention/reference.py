@@ -11,7 +11,6 @@ implementations return ``(o [B, T, Hv, V] in q's dtype, final_state float32)`` w
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
