@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from seqmix import kernels as K
-from seqmix.testing import random_cotangent, relative_error
+from seqmix.testing import relative_error, vjp_pairs
 
 _ONLY = flags.DEFINE_list("only", [], "Ops to check (default: all).")
 
@@ -37,25 +37,11 @@ def _record(op, impl, case, **vals):
 def _compare(op, impl, case, fn, ref, args, argnums):
     """fn/ref map args -> output pytree; compares outputs and VJPs for one cotangent."""
     try:
-        def closed(f):
-            def g(*diff):
-                full = list(args)
-                for i, a in zip(argnums, diff):
-                    full[i] = a
-                return f(*full)
-            return g
-
-        diff = [args[i] for i in argnums]
-        out, vjp = jax.vjp(jax.jit(closed(fn)), *diff)
-        out_ref, vjp_ref = jax.vjp(jax.jit(closed(ref)), *diff)
-        # one random cotangent, given to each function in its own output dtypes
-        ct_ref = random_cotangent(out_ref, jax.random.key(1))
-        ct = jax.tree.map(lambda c, o: c.astype(o.dtype), ct_ref, out)
-        errs = {f"out{i}": relative_error(a, b)
-                for i, (a, b) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(out_ref)))}
-        g, g_ref = vjp(ct), vjp_ref(ct_ref)
-        errs.update({f"d{i}": relative_error(a, b) for i, a, b in zip(argnums, g, g_ref)})
-        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((out, g)))
+        outs, grads = vjp_pairs(jax.jit(fn), jax.jit(ref), args, argnums=argnums, seed=0)
+        errs = {f"out{i}": relative_error(a, b) for i, (a, b) in enumerate(outs)}
+        errs.update({f"d{i}": relative_error(a, b) for i, (a, b) in zip(argnums, grads)})
+        finite = all(bool(jnp.all(jnp.isfinite(x)))
+                     for x in jax.tree.leaves([p[0] for p in outs + grads]))
         _record(op, impl, case, max_err=max(errs.values()), finite=finite, **errs)
     except Exception as e:  # noqa: BLE001 - one failure must not stop the check
         _record(op, impl, case, error=f"{type(e).__name__}: {e}"[:400],

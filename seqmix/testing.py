@@ -59,22 +59,11 @@ def random_cotangent(tree, key):
     return treedef.unflatten(out)
 
 
-def check_against(
-    fn: Callable,
-    ref: Callable,
-    args: Sequence,
-    *,
-    argnums: Sequence[int],
-    tol: float,
-    grad_tol: float | None = None,
-    seed: int = 0,
-    names: Sequence[str] | None = None,
-) -> None:
-    """Compares ``fn(*args)`` with ``ref(*args)`` and their VJPs for a random cotangent.
-
-    Outputs may be any pytree; ``argnums`` are the differentiated positions.
-    """
-    grad_tol = tol if grad_tol is None else grad_tol
+def vjp_pairs(fn: Callable, ref: Callable, args: Sequence, *, argnums: Sequence[int],
+              seed: int = 0):
+    """``fn`` and ``ref`` evaluated on ``args`` and pulled back through one random cotangent
+    (drawn in ref's output dtypes and cast to fn's): returns ``(outputs, grads)``, each a list
+    of ``(value, reference_value)`` pairs, the grads in ``argnums`` order."""
     argnums = tuple(argnums)
 
     def closed(f):
@@ -89,13 +78,32 @@ def check_against(
     out, vjp = jax.vjp(closed(fn), *diff)
     out_ref, vjp_ref = jax.vjp(closed(ref), *diff)
     flat, flat_ref = jax.tree.leaves(out), jax.tree.leaves(out_ref)
-    assert len(flat) == len(flat_ref)
-    for i, (a, b) in enumerate(zip(flat, flat_ref)):
+    assert len(flat) == len(flat_ref), "fn and ref return different structures"
+    ct_ref = random_cotangent(out_ref, jax.random.key(seed + 1))
+    ct = jax.tree.map(lambda c, o: None if c is None else c.astype(o.dtype), ct_ref, out)
+    return list(zip(flat, flat_ref)), list(zip(vjp(ct), vjp_ref(ct_ref)))
+
+
+def check_against(
+    fn: Callable,
+    ref: Callable,
+    args: Sequence,
+    *,
+    argnums: Sequence[int],
+    tol: float,
+    grad_tol: float | None = None,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Asserts that ``fn(*args)`` matches ``ref(*args)``, and their VJPs for a random
+    cotangent, within ``tol`` (``grad_tol`` for gradients). Outputs may be any pytree;
+    ``argnums`` are the differentiated positions."""
+    grad_tol = tol if grad_tol is None else grad_tol
+    outs, grads = vjp_pairs(fn, ref, args, argnums=argnums, seed=seed)
+    for i, (a, b) in enumerate(outs):
         assert_close(a, b, tol, f"output {i} (seed {seed})")
-    ct = random_cotangent(out_ref, jax.random.key(seed + 1))
-    grads, grads_ref = vjp(ct), vjp_ref(ct)
     names = names or [f"arg {i}" for i in argnums]
-    for name, a, b in zip(names, grads, grads_ref):
+    for name, (a, b) in zip(names, grads):
         assert_close(a, b, grad_tol, f"d{name} (seed {seed})")
 
 
