@@ -97,62 +97,53 @@ def linear(B, T, H, D, decay, ceilings, backward, with_xla):
     return run
 
 
-def window(ceilings):
+def _attention_rows(label, s, impls):
+    """fwd and fwd+bwd rows of ``impls`` (name -> f(q, k, v, *, causal, window)) at shape s."""
     import jax
 
     from experiments.bench import attention as A
     from experiments.bench import common
 
+    q, k, v, do = A._attention_inputs(s)  # noqa: SLF001
+    flops = 4.0 * s["B"] * s["H"] * s["D"] * A.visible_pairs(s["T"], s["T"], s["causal"],
+                                                             s["window"])
+    for impl, f0 in impls.items():
+        f = lambda q, k, v, f0=f0: f0(q, k, v, causal=s["causal"], window=s["window"])
+        fwd = jax.jit(f)
+        fb = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
+        row = {"op": "attention", "impl": impl, "label": label}
+        try:
+            t = common.time_jax(fwd, q, k, v)
+            row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12)
+            t = common.time_jax(fb, q, k, v, do)
+            row.update(fb_ms=t * 1e3, fb_tflops=3.5 * flops / t / 1e12)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        yield row
+
+
+def window(ceilings):
+    """A 1k window against full causal attention at T = 32k (target: >= 5x faster)."""
+    from experiments.bench import attention as A
+
     def run():
+        impls = {name: A._seqmix(name) for name in ("pallas_triton", "cudnn")}  # noqa: SLF001
         for label, win in (("full causal", None), ("window 1024", 1024)):
             s = dict(D=128, T=32768, B=1, H=16, Hkv=16, causal=True, window=win)
-            q, k, v, do = A._attention_inputs(s)  # noqa: SLF001
-            flops = 4.0 * 16 * 128 * A.visible_pairs(32768, 32768, True, win)
-            for impl in ("pallas_triton", "cudnn"):
-                f = lambda q, k, v, impl=impl, win=win: A._seqmix(impl)(  # noqa: SLF001
-                    q, k, v, causal=True, window=win)
-                fwd = jax.jit(f)
-                fb = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
-                row = {"op": "attention", "impl": impl, "label": f"d128 1x32768 {label}"}
-                try:
-                    t = common.time_jax(fwd, q, k, v)
-                    row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12)
-                    t = common.time_jax(fb, q, k, v, do)
-                    row.update(fb_ms=t * 1e3, fb_tflops=3.5 * flops / t / 1e12)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                yield row
+            yield from _attention_rows(f"d128 1x32768 {label}", s, impls)
     return run
 
 
 def attention_d64(ceilings):
-    import jax
-
     from experiments.bench import attention as A
-    from experiments.bench import common
 
     def run():
+        impls = {"pallas_triton": A._seqmix("pallas_triton"),  # noqa: SLF001
+                 "cudnn": A._seqmix("cudnn"),  # noqa: SLF001
+                 "jax_mha": A._jax_mha(True), "jax_mha_bwd64": A._jax_mha(False)}  # noqa: SLF001
         for causal in (True, False):
             s = dict(D=64, T=16384, B=2, H=16, Hkv=16, causal=causal, window=None)
-            q, k, v, do = A._attention_inputs(s)  # noqa: SLF001
-            flops = 4.0 * 2 * 16 * 64 * A.visible_pairs(16384, 16384, causal, None)
-            for impl, f0 in (("pallas_triton", A._seqmix("pallas_triton")),  # noqa: SLF001
-                             ("cudnn", A._seqmix("cudnn")),  # noqa: SLF001
-                             ("jax_mha", A._jax_mha(True)),  # noqa: SLF001
-                             ("jax_mha_bwd64", A._jax_mha(False))):  # noqa: SLF001
-                f = lambda q, k, v, f0=f0: f0(q, k, v, causal=causal, window=None)
-                fwd = jax.jit(f)
-                fb = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
-                row = {"op": "attention", "impl": impl,
-                       "label": f"d64 2x16384x16{' causal' if causal else ''}"}
-                try:
-                    t = common.time_jax(fwd, q, k, v)
-                    row.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12)
-                    t = common.time_jax(fb, q, k, v, do)
-                    row.update(fb_ms=t * 1e3, fb_tflops=3.5 * flops / t / 1e12)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                yield row
+            yield from _attention_rows(f"d64 2x16384x16{' causal' if causal else ''}", s, impls)
     return run
 
 
