@@ -35,7 +35,8 @@ ATTENTION = Op(
         "cudnn": "seqmix.kernels.attention.cudnn:attention",
     },
     # GPU: cuDNN where it serves the arguments (bf16/fp16, no softcap, segments, lse or
-    # two-sided windows), then seqmix's Triton kernel; both measured in BENCHMARKS.md.
+    # two-sided windows), then seqmix's Triton kernel: the order measured in BENCHMARKS.md.
+    # TPU: xla until the Pallas TPU kernels have been compiled and timed on a TPU.
     auto={"cpu": ("xla",), "gpu": ("cudnn", "pallas_triton", "xla"), "tpu": ("xla",)},
 )
 
