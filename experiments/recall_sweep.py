@@ -70,7 +70,6 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed) -> lis
     state_size = int(sum(x.size for x in jax.tree.leaves(cache)
                          if jnp.issubdtype(x.dtype, jnp.floating)) // len(cfg.model.layers))
     n_params = models.param_count(model)
-    del model
 
     def evaluate(state, rngs):
         sums = None

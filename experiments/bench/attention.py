@@ -277,7 +277,7 @@ def run_decode(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
             print({key: row.get(key) for key in DECODE_COLUMNS}, flush=True)
             rows.append(row)
             del out
-        del k, v
+        k = v = None  # free the caches before the next shape allocates
     return rows, DECODE_COLUMNS
 
 

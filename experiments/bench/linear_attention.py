@@ -14,8 +14,11 @@ flash-linear-attention's backward refuses to run on Hopper with Triton 3.6: its 
 the error it raises.
 
 Tuning: ``SEQMIX_BENCH_LA_CONFIGS='[{"split_scores": false}, {"block_v": 128}]'`` (JSON list
-of ``seqmix.kernels.linear_attention.triton.TUNING`` overrides) adds one pallas_triton row
-per entry, called directly with that ``config``.
+of ``seqmix.kernels.linear_attention.triton.TUNING`` overrides; per-kernel dicts such as
+``num_warps`` merge key by key; a ``chunk_size`` entry is passed as the chunk size) adds one
+pallas_triton row per entry, called directly with that ``config``. Unset, ``DEFAULT_CONFIGS``
+are timed (the opt-in variants not yet measured on the device); ``'[]'`` times none. Every
+pallas_triton row records its relative error against flash-linear-attention's output.
 
 Rows ("series" = "scaling"): B * T = 65536 tokens at T = 4k ... 64k, H = 16, D = 128, scalar
 decay, forward: time per token should be flat; a log-log plot of time against T is written
@@ -42,6 +45,17 @@ QUICK_SHAPES = [(2, 4096, 16, 128)]
 SCALING_T = [4096, 8192, 16384, 32768, 65536]
 QUICK_SCALING_T = [4096, 16384]
 SCALING_TOKENS = 65536
+# Opt-in variants timed beside the default until the device has measured them (triton.py's
+# docstring gives the predictions): the two-level state pass alone; with FLA's output tiling
+# (one value block of 128, 8 warps, score matmuls in one bf16 part); with the fused forward
+# (no chunk states in HBM). Their backward differs from the default only by the two-level
+# passes (and the tiling in the second row).
+DEFAULT_CONFIGS = [
+    {"state_segments": "auto"},
+    {"state_segments": "auto", "block_v": 128, "split_scores": False,
+     "num_warps": {"output": 8, "dv": 8, "dqk": 8}},
+    {"state_segments": "auto", "fused_forward": True},
+]
 FLA_OPS = {"scalar": ("fla.ops.simple_gla", "chunk_simple_gla"),
            "channel": ("fla.ops.gla", "chunk_gla")}
 
@@ -71,14 +85,23 @@ def _bytes(B, T, H, D, decay):
 
 
 def _configs() -> list[dict]:
-    return json.loads(os.environ.get("SEQMIX_BENCH_LA_CONFIGS", "[]"))
+    env = os.environ.get("SEQMIX_BENCH_LA_CONFIGS")
+    return DEFAULT_CONFIGS if env is None else json.loads(env)
+
+
+def _split_chunk(config: dict) -> tuple[int, dict]:
+    """(chunk size, TUNING overrides) of one bench config entry."""
+    config = dict(config)
+    return config.pop("chunk_size", 64), config
 
 
 def _seqmix_fns(impl, config=None):
     def fwd(q, k, v, g):
         if config is not None:  # the kernel itself, with tuning overrides
+            chunk, tuning = _split_chunk(config)
             return la_triton.linear_attention(q, k, v, g, scale=q.shape[-1] ** -0.5,
-                                              initial_state=None, runs=None, config=config)[0]
+                                              initial_state=None, runs=None, chunk_size=chunk,
+                                              config=tuning)[0]
         return linear_attention(q, k, v, g, implementation=impl)
 
     def fwd_bwd(q, k, v, g, do):
@@ -151,10 +174,17 @@ def _measure_shape(series, B, T, H, D, decay, ceilings, *, backward=True, with_x
         row = _row(series, decay, name, B, T, H, D)
         try:
             if impl != "xla":
-                plan = la_triton.make_plan(q, v, g, None, None, scale=1.0, chunk_size=64,
-                                           config=config)
+                chunk, tuning = _split_chunk(config or {})
+                plan = la_triton.make_plan(q, v, g, None, None, scale=1.0, chunk_size=chunk,
+                                           config=tuning)
                 row["blocks"] = (f"{plan.block_k}x{plan.block_v} state "
                                  f"{plan.state_block_k}x{plan.state_block_v}")
+                if plan.segments > 1:
+                    row["blocks"] += f" seg {plan.segments}x{plan.segment_chunks}"
+                if chunk != 64:
+                    row["blocks"] += f" chunk {chunk}"
+                if plan.fused:
+                    row["blocks"] += " fused"
             fwd, fwd_bwd = _seqmix_fns(impl, config)
             outs[impl] = fwd(q, k, v, g)
             _fill_speed(row, common.time_jax(fwd, q, k, v, g) * 1e3, nbytes, ceilings, tokens)
@@ -181,8 +211,9 @@ def _measure_shape(series, B, T, H, D, decay, ceilings, *, backward=True, with_x
     for row, key in zip(rows, keys):
         if key in outs and "xla" in outs:
             row["rel_err_xla"] = common.rel_err(outs[key], outs["xla"])
-    if "pallas_triton" in outs and "fla" in outs:
-        rows[0]["rel_err_fla"] = common.rel_err(outs["pallas_triton"], outs["fla"])
+    for row, key in zip(rows, keys):
+        if key not in ("xla", "fla") and key in outs and "fla" in outs:
+            row["rel_err_fla"] = common.rel_err(outs[key], outs["fla"])
     xla_bwd = next((r.get("fwdbwd_ms") for r in rows if r["impl"] == "seqmix_xla"), None)
     for row in rows:
         if xla_bwd and row.get("fwdbwd_ms"):
@@ -198,14 +229,16 @@ def run(op: str, quick: bool = False, ceilings: dict | None = None):
     rows = []
     for B, T, H, D in QUICK_SHAPES if quick else SHAPES:
         for decay in ("scalar", "channel"):
-            rows += _measure_shape("shapes", B, T, H, D, decay, ceilings)
-            print(common.markdown_table(rows[-3:], COLUMNS), flush=True)
+            shape_rows = _measure_shape("shapes", B, T, H, D, decay, ceilings)
+            rows += shape_rows
+            print(common.markdown_table(shape_rows, COLUMNS), flush=True)
     scaling = []
     for T in QUICK_SCALING_T if quick else SCALING_T:
         B = SCALING_TOKENS // T
-        scaling += _measure_shape("scaling", B, T, 16, 128, "scalar", ceilings, backward=False,
-                                  with_xla=False)
-        print(common.markdown_table(scaling[-2:], COLUMNS), flush=True)
+        shape_rows = _measure_shape("scaling", B, T, 16, 128, "scalar", ceilings,
+                                    backward=False, with_xla=False)
+        scaling += shape_rows
+        print(common.markdown_table(shape_rows, COLUMNS), flush=True)
     rows += scaling
     for d in filter(None, [common.RESULTS_DIR, os.environ.get("OUT")]):
         try:

@@ -7,6 +7,8 @@ d initial_state) on fresh random inputs; float32 under 1e-5, bf16/fp16 under 5e-
 documented exception: STRONG_DECAY_DG_TOL).
 """
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -74,8 +76,15 @@ STRONG_DECAY_DG_TOL = 2e-4
 
 def _check(B, T, Hqk, Hv, K, V, decay, chunk, dtype, options):
     seed = testing.fresh_seed()
+    options = dict(options)
     normalize = options.get("normalize", False)
+    tuning = options.pop("tuning", {})
     q, k, v, g, s0, seg = _inputs(seed, B, T, Hqk, Hv, K, V, decay, dtype, **options)
+    with mock.patch.dict(triton_module.TUNING, tuning):  # the public api reads TUNING
+        _compare(seed, q, k, v, g, s0, seg, normalize, chunk, dtype, options)
+
+
+def _compare(seed, q, k, v, g, s0, seg, normalize, chunk, dtype, options):
 
     def run(impl):
         def fn(q, k, v, g, s0):
@@ -101,6 +110,76 @@ def _check(B, T, Hqk, Hv, K, V, decay, chunk, dtype, options):
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_naive(name):
     _check(*CASES[name])
+
+
+# Opt-in TUNING variants through the public api (TUNING patched for the call):
+# "state_segments" (two-level state passes: P segments of the chunks walked in parallel,
+# combined, and completed in the per-chunk kernels) and "fused_forward" (no stored states in
+# the forward). Weak decays (down to -0.05 per token) so that states cross every segment
+# boundary; lengths that leave the last segment (and chunk) short.
+TUNED_CASES = {
+    # 7 chunks of 16 in segments of 3, 3, 1; groups, initial state
+    "scalar-groups-T100-P3": (1, 100, 1, 2, 16, 16, "scalar", 16, jnp.float32,
+                              dict(decay_range=(-0.05, 0.0), tuning={"state_segments": 3})),
+    # per channel, runs (state resets) and K, V of several blocks (state blocks of 32)
+    "channel-runs-blocks-T77-P4": (1, 77, 1, 1, 48, 40, "channel", 16, jnp.float32,
+                                   dict(decay_range=(-0.05, 0.0), segments=True,
+                                        tuning={"state_segments": 4, "state_block": 32})),
+    # "auto" with a tiny grid: P = min(ceil(64 / 4 programs), 5 chunks) = 5
+    "none-normalize-auto-T70": (2, 70, 2, 2, 16, 16, "none", 16, jnp.float32,
+                                dict(normalize=True,
+                                     tuning={"state_segments": "auto", "segment_programs": 64,
+                                             "min_segment_chunks": 1})),
+    "scalar-bf16-strong-decay-runs-T65-P2": (1, 65, 1, 2, 32, 32, "scalar", 16, jnp.bfloat16,
+                                             dict(decay_range=(-20.0, 0.0), segments=True,
+                                                  tuning={"state_segments": 2})),
+    # fused forward in one pass; groups, initial state
+    "fused-scalar-groups-T100": (1, 100, 1, 2, 32, 32, "scalar", 16, jnp.float32,
+                                 dict(decay_range=(-0.05, 0.0), tuning={"fused_forward": True})),
+    # fused forward after a store-free two-level state pass; per channel, runs, two key blocks
+    "fused-channel-runs-blocks-T77-P2": (1, 77, 1, 1, 32, 16, "channel", 16, jnp.float32,
+                                         dict(decay_range=(-0.05, 0.0), segments=True,
+                                              tuning={"fused_forward": True, "block_k": 16,
+                                                      "state_segments": 2})),
+}
+
+
+@pytest.mark.parametrize("name", list(TUNED_CASES))
+def test_tuned_variant_matches_naive(name):
+    B, T, Hqk, Hv, K, V, decay, chunk, dtype, options = TUNED_CASES[name]
+    tuning = options["tuning"]
+    x = jnp.zeros((B, T, Hqk, K), dtype)
+    g = {"none": None, "scalar": jnp.zeros((B, T, Hv)), "channel": jnp.zeros((B, T, Hv, K))}
+    plan = triton_module.make_plan(x, jnp.zeros((B, T, Hv, V), dtype), g[decay], None, None,
+                                   scale=1.0, chunk_size=chunk, config=tuning)
+    # the variant asked for is the one under test
+    assert (plan.segments > 1) == bool(tuning.get("state_segments")), plan
+    assert plan.fused == tuning.get("fused_forward", False), plan
+    _check(*TUNED_CASES[name])
+
+
+@pytest.mark.parametrize("B,T,want", [(8, 4096, 1), (2, 16384, 5), (1, 65536, 9)])
+def test_two_level_auto_segments_at_benchmark_shapes(B, T, want):
+    """"auto" keeps one pass where the grid is full and splits where it is not (H = 16,
+    D = 128: 4 state blocks of 64x64 per head)."""
+    x = jax.ShapeDtypeStruct((B, T, 16, 128), jnp.bfloat16)
+    plan = triton_module.make_plan(x, x, jax.ShapeDtypeStruct((B, T, 16), jnp.float32), None,
+                                   None, scale=1.0, chunk_size=64,
+                                   config={"state_segments": "auto"})
+    assert plan.segments == want
+    assert (plan.segments - 1) * plan.segment_chunks < plan.chunks
+    assert plan.segments * plan.segment_chunks >= plan.chunks
+    if want > 1:
+        assert (plan.state_block_k, plan.state_block_v) == (64, 64)
+    default = triton_module.make_plan(x, x, None, None, None, scale=1.0, chunk_size=64)
+    assert default.segments == 1
+
+
+def test_state_segments_must_be_valid():
+    x = jnp.zeros((1, 64, 1, 16))
+    with pytest.raises(ValueError, match="state_segments"):
+        triton_module.make_plan(x, x, None, None, None, scale=1.0, chunk_size=16,
+                                config={"state_segments": "many"})
 
 
 @pytest.mark.parametrize("decay", ["scalar", "channel"])
@@ -188,6 +267,52 @@ def test_lowers_for_gpu(decay, D, segments):
     for kernel in ("chunk_states", "chunk_output", "chunk_state_grads", "chunk_dv",
                    "chunk_dqk"):
         assert f"linear_attention_{kernel}" in text
+
+
+@pytest.mark.parametrize("B,T,decay,segments,fused", [(1, 65536, "scalar", False, False),
+                                                       (1, 65536, "scalar", False, True),
+                                                       (1, 8192, "channel", True, False)])
+def test_two_level_lowers_for_gpu(B, T, decay, segments, fused):
+    """Forward and backward with ``state_segments="auto"`` (and the fused forward) at
+    [B, T, 16, 128] bf16 lower to Triton for an H200 (P = 9 segments at T = 65536)."""
+    H, D = 16, 128
+    x = jnp.zeros((B, T, H, D), jnp.bfloat16)
+    g = jnp.zeros((B, T, H)) if decay == "scalar" else jnp.zeros((B, T, H, D))
+    s0 = jnp.zeros((B, H, D, D))
+    runs = jnp.zeros((B, T), jnp.int32) if segments else None
+    config = {"state_segments": "auto", "fused_forward": fused}
+    plan = triton_module.make_plan(x, x, g, s0, runs, scale=1.0, chunk_size=64, config=config)
+    assert plan.segments > 1
+
+    def fwd_bwd(q, k, v, g, s0):
+        def f(q, k, v, g, s0):
+            return triton_module.linear_attention(q, k, v, g, scale=D**-0.5, initial_state=s0,
+                                                  runs=runs, config=config)
+        out, vjp = jax.vjp(f, q, k, v, g, s0)
+        return out, vjp(out)
+
+    with interpret(False):
+        text = testing.lower_for(fwd_bwd, x, x, x, g, s0, platform="cuda")
+    forward = "fused_forward" if fused else "chunk_output"
+    for kernel in ("chunk_states", "combine_segments", forward, "chunk_state_grads",
+                   "chunk_dv", "chunk_dqk"):
+        assert f"linear_attention_{kernel}" in text
+
+
+def test_fused_forward_lowers_for_gpu():
+    """The fused forward without segments at [8, 4096, 16, 128] bf16 (one pass, 256
+    programs), with runs and an initial state."""
+    B, T, H, D = 8, 4096, 16, 128
+    x = jnp.zeros((B, T, H, D), jnp.bfloat16)
+    runs = jnp.zeros((B, T), jnp.int32)
+    with interpret(False):
+        text = testing.lower_for(
+            lambda q, k, v, g, s0: triton_module.linear_attention(
+                q, k, v, g, scale=D**-0.5, initial_state=s0, runs=runs,
+                config={"fused_forward": True}),
+            x, x, x, jnp.zeros((B, T, H)), jnp.zeros((B, H, D, D)), platform="cuda")
+    assert "linear_attention_fused_forward" in text
+    assert "linear_attention_chunk_output" not in text
 
 
 def test_step_lowers_for_gpu():

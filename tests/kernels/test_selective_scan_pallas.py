@@ -1,6 +1,8 @@
 """selective_scan: the Pallas Triton and TPU kernels (interpret mode) against the naive oracle,
 outputs, final states and every gradient; and lowering for an H200 and a TPU."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -72,13 +74,47 @@ def test_matches_oracle(impl, case):
     _check(impl, args, use=use, softplus=softplus, tol=testing.tolerance(dtype), seed=seed)
 
 
-def test_triton_time_segments_tiles_and_channel_blocks():
+# The opt-in one-channel-per-lane kernels (triton_lanes.py) at interpret-mode sizes: 8
+# channels per program, chunks of 2 backward tiles of 2 steps.
+LANES = scan_triton.Blocks(algorithm="lanes", block_d=8, chunk=4, bwd_tile=2, num_warps=1,
+                           bwd_num_warps=1, segments=1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_lanes_matches_oracle(case):
+    Bsz, T, Dm, N, G, squeeze, dtype, use, softplus, strong = CASES[case]
+    seed = testing.fresh_seed()
+    args = _inputs(seed, Bsz, T, Dm, N, G, dtype, squeeze=squeeze, strong_decay=strong)
+    _check("pallas_triton", args, use=use, softplus=softplus, tol=testing.tolerance(dtype),
+           seed=seed, blocks=LANES)
+
+
+@pytest.mark.parametrize("algorithm", ["blocked", "lanes"])
+def test_triton_time_segments_tiles_and_channel_blocks(algorithm):
     """3 time segments (chained start states and end adjoints), chunks of 2 backward tiles,
     2 channel blocks per group, T padded to the segments."""
     seed = testing.fresh_seed()
     args = _inputs(seed, 1, 13, 32, 2, 2, jnp.float32)
-    _check("pallas_triton", args, use=ALL, softplus=True, tol=1e-5, seed=seed,
-           blocks=scan_triton.Blocks(block_d=8, chunk=4, bwd_tile=2, segments=3))
+    blocks = scan_triton.Blocks(block_d=8, chunk=4, bwd_tile=2, segments=3)
+    if algorithm == "lanes":
+        blocks = dataclasses.replace(LANES, segments=3)
+    _check("pallas_triton", args, use=ALL, softplus=True, tol=1e-5, seed=seed, blocks=blocks)
+
+
+@pytest.mark.parametrize("algorithm", ["blocked", "lanes"])
+def test_triton_whole_padding_segment(algorithm):
+    """T = 8 in 3 segments of 4 steps: the last segment is all padding and must not decay
+    the final state (T is a multiple of the segment length there)."""
+    seed = testing.fresh_seed()
+    args = _inputs(seed, 1, 8, 16, 2, 1, jnp.float32)
+    blocks = dataclasses.replace(LANES, algorithm=algorithm, segments=3)
+    kw = dict(delta_bias=args[7], delta_softplus=True, initial_state=args[8])
+    with interpret():
+        y, h = scan_triton.selective_scan(*args[:7], blocks=blocks, **kw)
+    y_ref, h_ref = selective_scan(*args[:7], return_final_state=True, implementation="naive",
+                                  **kw)
+    testing.assert_close(y, y_ref, 1e-5, f"y (seed {seed})")
+    testing.assert_close(h, h_ref, 1e-5, f"final state (seed {seed})")
 
 
 def test_tpu_several_slabs_per_group():
@@ -89,14 +125,20 @@ def test_tpu_several_slabs_per_group():
            blocks=scan_tpu.Blocks(chunk=4, max_rows=8))
 
 
-def test_no_nan_long_strong_decay_float32():
+@pytest.mark.parametrize("algorithm", ["blocked", "lanes"])
+def test_no_nan_long_strong_decay_float32(algorithm):
     """dt * A down to about -60 per step over 300 steps: finite and equal to the oracle."""
     seed = testing.fresh_seed()
     args = _inputs(seed, 1, 300, 8, 2, 1, jnp.float32, strong_decay=True)
     with interpret():
-        y, h = selective_scan(*args[:7], delta_bias=args[7], delta_softplus=True,
-                              initial_state=args[8], return_final_state=True,
-                              implementation="pallas_triton")
+        if algorithm == "lanes":
+            y, h = scan_triton.selective_scan(*args[:7], delta_bias=args[7],
+                                              delta_softplus=True, initial_state=args[8],
+                                              blocks=LANES)
+        else:
+            y, h = selective_scan(*args[:7], delta_bias=args[7], delta_softplus=True,
+                                  initial_state=args[8], return_final_state=True,
+                                  implementation="pallas_triton")
     y_ref, h_ref = selective_scan(*args[:7], delta_bias=args[7], delta_softplus=True,
                                   initial_state=args[8], return_final_state=True,
                                   implementation="naive")
@@ -129,3 +171,26 @@ def test_lowers_forward_and_backward(implementation):
     expected = 4 if platform == "cuda" else 2
     assert text.count(marker) >= expected, f"expected {expected} kernels, found " \
         f"{text.count(marker)}"
+
+
+def test_triton_lanes_lowers_forward_and_backward():
+    """The opt-in lanes kernels (``LANES_BLOCKS``) at [2, 2048, 1536, 16] bf16 with every
+    optional argument lower for an H200: local + main forward, adjoint + main backward (2
+    programs x 48 channel blocks -> 4 time segments). Nothing runs."""
+    Bsz, T, Dm, N = 2, 2048, 1536, 16
+    bf, f32 = jnp.bfloat16, jnp.float32
+    sd = jax.ShapeDtypeStruct
+    args = [sd((Bsz, T, Dm), bf), sd((Bsz, T, Dm), bf), sd((Dm, N), f32),
+            sd((Bsz, T, 1, N), bf), sd((Bsz, T, 1, N), bf), sd((Dm,), f32),
+            sd((Bsz, T, Dm), bf), sd((Dm,), f32), sd((Bsz, Dm, N), f32)]
+
+    def loss(u, delta, A, B, C, D, z, bias, h0):
+        y, h = scan_triton.selective_scan(u, delta, A, B, C, D, z, delta_bias=bias,
+                                          delta_softplus=True, initial_state=h0,
+                                          blocks=scan_triton.LANES_BLOCKS)
+        return jnp.sum(y.astype(f32)) + jnp.sum(h)
+
+    text = testing.lower_for(jax.grad(loss, argnums=tuple(range(9))), *args, platform="cuda")
+    for name in ("local", "fwd", "adjoint", "bwd"):
+        assert f"selective_scan_lanes_{name}" in text, f"kernel selective_scan_lanes_{name} " \
+            "missing from the lowered module"

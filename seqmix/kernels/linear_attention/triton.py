@@ -9,6 +9,10 @@ for the argument conventions) in the three stages of the chunked form:
   3.   ``triton_output.chunk_output``: every chunk's output in parallel (state term plus
        the causal intra-chunk attention with decay ``exp(b_t - b_s)``).
 
+Opt-in (``TUNING`` keys, off by default until timed): ``state_segments`` (two-level state
+passes, below) and ``fused_forward`` (``triton_fused``: stages 1-3 in one kernel, no chunk
+states in HBM).
+
 The backward (``jax.custom_vjp``) recomputes the chunk states, runs the reverse pass over
 chunks for the state gradients (``triton_state.chunk_state_grads``) and then the per-chunk
 gradient kernels (``triton_grad.chunk_dv`` and ``chunk_dqk``: dq, dk and the log-decay
@@ -16,6 +20,72 @@ gradient); d initial_state is the reverse pass's last state gradient.
 
 q/k heads are never repeated: a v head ``h`` reads q/k head ``h // (Hv // Hqk)`` through the
 block index maps; dq and dk are computed per v head and summed over each group.
+
+Two-level state passes (opt-in: ``config={"state_segments": "auto"}`` or an int ``P``)
+-------------------------------------------------------------------------------------
+The state pass is one dependent chain of ``n = T / C`` steps per (batch, v head, state
+block); at small batch there are too few chains to fill the GPU (``B = 1, H = 16``: 64
+chains of 64x64 blocks, 256 after halving to 32x32, against 132 SMs that each keep ~4
+resident) and each is ``n`` steps long. The two-level pass splits the chunks into ``P``
+segments of ``segment_chunks``:
+
+  1. every (segment, batch, head, state block) walks its chunks from a zero state, storing
+     the LOCAL state entering each chunk, the factor ``f_c`` (product of the chunk decays
+     from the segment start, ``[K]`` per channel; 0 once the run changes: segment resets
+     stay exact), its local end state and its total decay ``a_p``;
+  2. ``combine_segments``: ``entering_{p+1} = a_p * entering_p + end_p`` (``P`` steps,
+     float32), whose last value is the final state;
+  3. the output kernel completes each state tile in registers, ``S_c = local_c + f_c *
+     entering_p``, so no pass rewrites the stored states. The backward does the same in
+     reverse for ``dS`` (factor: decays from the chunk's end to the segment's end) and
+     ``chunk_dv`` / ``chunk_dqk`` complete both ``S_c`` and ``dS_{c+1}``.
+
+"auto" keeps one pass while the single-level grid already has ``min_state_programs`` (2 per
+SM) programs, else takes ``P = ceil(segment_programs / programs)`` (4 per SM), at least
+``min_segment_chunks`` chunks per segment, and never halves the 64x64 state blocks.
+
+Expected effect (H200: 132 SMs, copy ceiling 4.27 TB/s; bf16, H = 16, D = 128, C = 64; to
+be checked against BENCHMARKS.md). Per token and head the engine moves ~2.5 KB through HBM:
+the state pass reads k, v (512 B) and writes the bf16 states (32 KB per chunk = 512 B);
+the output kernel reads q, k, v (768 B) and the states (512 B) and writes o (256 B). That is
+9.6 ns per token (all 16 heads) at the copy ceiling; FLA's ``chunk_simple_gla`` also stores
+its chunk states (the same traffic if they are bf16) and runs at 12.6 ns (76%), seqmix at
+14.5 ns at [8, 4096] (66%).
+  * [8, 4096]: 512 chains of 64 steps already, "auto" keeps P = 1: same time (0.476 ms).
+  * [2, 16384]: P = 5 (640 chains of <= 52 chunks, from 512 chains of 256 with 32x32
+    blocks); [1, 65536]: P = 9 (576 chains of <= 114 chunks, from 256 chains of 1024).
+    At ~1 us per dependent step (what 1024 steps in ~1.1 ms at [1, 65536] imply) the chain
+    is ~0.12 ms at 64k, below the state pass's own bandwidth floor (1 KB per token-head:
+    0.25 ms), so the pass becomes bandwidth bound and time per token should fall back to the
+    [8, 4096] figure plus the combine (P dependent steps, ~10-20 us) and the reads of the
+    segment states (P * 32 KB per head in bf16; every chunk of a segment reads the same
+    tiles, so they come from L2): predicted forward ~0.50 ms at [2, 16384] (from 0.764;
+    FLA 0.460) and ~0.95-1.0 ms at [1, 65536] (from 1.80; FLA 1.19), i.e. 14.5 -> ~15 ns
+    per token, flat within 15%; forward+backward at [2, 16384] ~1.9-2.0 ms (from 2.64).
+    If instead the time does not move, the state pass was not the bottleneck at small batch
+    (look at the output kernel's time with a profiler before tuning further).
+  * At [8, 4096] the remaining 1.15x to FLA is in the output kernel: with ``block_v`` 64
+    it computes q k^T twice per chunk and every score matmul twice (``split_scores``):
+    3.1 M MACs per chunk and head against FLA's 2.1 M (q k^T once, one bf16 score matmul).
+    ``{"block_v": 128, "split_scores": False, "num_warps": {"output": 8, "dv": 8,
+    "dqk": 8}}`` matches FLA's tiling and precision (scores rounded to bf16, ~8 bits);
+    predicted 0.40 +- 0.03 ms at [8, 4096] if the output kernel is compute/latency bound,
+    no change if it is bandwidth bound. bf16 state storage is already on: float32 states
+    would add 1 KB per token-head (+40% traffic); ``chunk_size`` 128 halves the state
+    traffic (-20% bytes) for 1.4x the intra-chunk MACs (to be measured, not a TUNING key).
+  * The stored states are 1 KB of the 2.5 KB per token-head: ``{"fused_forward": True}``
+    (``triton_fused``) keeps them in registers, so the forward moves 1 KB (one pass) or
+    1.5 KB (two-level: the store-free state pass reads k, v again): 3.8 ns per token at the
+    copy ceiling at [8, 4096], 5.7 ns at [1, 65536]. Its chain carries the four matmuls of a
+    chunk (2.1 M MACs per 64x128x64 step and value block): 256 programs of 64 steps at
+    [8, 4096], 288 of <= 114 at [1, 65536] (P = 9). At ~1.5-3 us per step, predicted
+    forward 0.15-0.25 ms at [8, 4096] and 0.35-0.5 ms at [1, 65536] (from 0.476 / 1.80;
+    FLA 0.414 / 1.19); if the step is slower than ~6 us (register spills: 8 warps hold the
+    [128, 64] float32 state, the [64, 64] scores and the output tile) it loses to the stored
+    path at [8, 4096]. Scalar and no decay are its target; per channel it works but keeps
+    the [K, 128] state of that decay's ``block_v`` in registers. The backward is unchanged.
+    (FLA has the same idea as ``fla.ops.common.fused_chunk``; its default is the stored
+    form.)
 """
 
 from __future__ import annotations
@@ -26,7 +96,12 @@ import jax
 import jax.numpy as jnp
 
 from seqmix.kernels import dispatch
-from seqmix.kernels.linear_attention import triton_grad, triton_output, triton_state
+from seqmix.kernels.linear_attention import (
+    triton_fused,
+    triton_grad,
+    triton_output,
+    triton_state,
+)
 from seqmix.kernels.linear_attention.triton_common import Plan
 
 # Tuning table (H200 defaults; the lead's benchmark sweeps them). ``config=`` overrides any
@@ -52,8 +127,19 @@ TUNING = {
     # makes every matmul exact at a large speed cost (a debugging aid).
     "mma": None,
     "state_mma": None,
-    "num_warps": {"state": 4, "dstate": 4, "output": 4, "dv": 4, "dqk": 4},
-    "num_stages": {"state": 3, "dstate": 3, "output": 2, "dv": 2, "dqk": 2},
+    "num_warps": {"state": 4, "dstate": 4, "output": 4, "dv": 4, "dqk": 4, "fused": 8},
+    "num_stages": {"state": 3, "dstate": 3, "output": 2, "dv": 2, "dqk": 2, "fused": 2},
+    # Two-level state passes (see the module docstring): None = one sequential pass over
+    # all chunks (default until timed on the H200); an int P = P segments; "auto" = P from
+    # the grid: P = ceil(segment_programs / programs) when fewer than min_state_programs
+    # programs would run, with at least min_segment_chunks chunks per segment.
+    "state_segments": None,
+    "segment_programs": 528,  # four per SM of an H200
+    "min_segment_chunks": 8,
+    # Forward with the state pass and the output in one kernel (``triton_fused``): no chunk
+    # states in HBM; with state_segments, a state pass without stores runs first. Off until
+    # timed on the H200 (the module docstring gives the expected effect).
+    "fused_forward": False,
 }
 
 # Per decay kind, entries that replace TUNING's. Per-channel decays spend most of their time
@@ -82,7 +168,10 @@ def make_plan(q, v, g, initial_state, runs, *, scale, chunk_size, config=None) -
     B, T, Hqk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     decay = "none" if g is None else ("scalar" if g.ndim == 3 else "channel")
-    cfg = {**TUNING, **TUNING_BY_DECAY.get(decay, {}), **(config or {})}
+    cfg = dict(TUNING)
+    for layer in (TUNING_BY_DECAY.get(decay, {}), config or {}):
+        for key, value in layer.items():  # per-kernel dicts merge key by key
+            cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) else value
     dtype = jnp.dtype(q.dtype).name
     if dtype not in _MMA:
         raise NotImplementedError(
@@ -103,7 +192,11 @@ def make_plan(q, v, g, initial_state, runs, *, scale, chunk_size, config=None) -
 
     bk, bv = block(cfg["block_k"], K), block(cfg["block_v"], V)
     sbk, sbv = block(cfg["state_block"], K), block(cfg["state_block"], V)
-    while (B * Hv * -(-K // sbk) * -(-V // sbv) < cfg["min_state_programs"]
+    chunks = _round_up(T, C) // C
+    segments = _segment_count(cfg, B * Hv * -(-K // sbk) * -(-V // sbv), chunks)
+    segment_chunks = -(-chunks // segments)
+    segments = -(-chunks // segment_chunks)  # no empty segment
+    while (segments == 1 and B * Hv * -(-K // sbk) * -(-V // sbv) < cfg["min_state_programs"]
            and max(sbk, sbv) > 32):
         if sbv >= sbk:
             sbv //= 2
@@ -122,7 +215,25 @@ def make_plan(q, v, g, initial_state, runs, *, scale, chunk_size, config=None) -
         warps=tuple(sorted(cfg["num_warps"].items())),
         stages=tuple(sorted(cfg["num_stages"].items())),
         interpret=dispatch.interpret_mode(),
+        segments=segments, segment_chunks=segment_chunks,
+        fused=bool(cfg["fused_forward"]),
     )
+
+
+def _segment_count(cfg: dict, programs: int, chunks: int) -> int:
+    """Segments of the two-level state pass (1: one sequential pass); see ``TUNING``."""
+    want = cfg["state_segments"]
+    if want is None or want is False:
+        return 1
+    if want == "auto":
+        if programs >= cfg["min_state_programs"]:
+            return 1
+        wanted = -(-cfg["segment_programs"] // programs)
+        return max(1, min(wanted, chunks // max(1, cfg["min_segment_chunks"])))
+    if isinstance(want, int) and not isinstance(want, bool) and want >= 1:
+        return min(want, chunks)
+    raise ValueError(f'config["state_segments"] must be None, a positive int or "auto", '
+                     f"got {want!r}")
 
 
 def _pad(x, sizes, value=0):
@@ -168,8 +279,14 @@ def linear_attention(q, k, v, g, *, scale, initial_state, runs, chunk_size=64, c
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked(plan: Plan, q, k, v, g, initial_state, runs):
-    states, final = triton_state.chunk_states(plan, k, v, g, runs, initial_state)
-    return triton_output.chunk_output(plan, q, k, v, g, runs, states), final
+    if plan.fused and plan.segmented:
+        _, final, segments = triton_state.chunk_states(plan, k, v, g, runs, initial_state,
+                                                       store_states=False)
+        return triton_fused.fused_output(plan, q, k, v, g, runs, segments[0])[0], final
+    if plan.fused:
+        return triton_fused.fused_output(plan, q, k, v, g, runs, initial_state)
+    states, final, segments = triton_state.chunk_states(plan, k, v, g, runs, initial_state)
+    return triton_output.chunk_output(plan, q, k, v, g, runs, states, segments), final
 
 
 def _chunked_fwd(plan, q, k, v, g, initial_state, runs):
@@ -180,13 +297,15 @@ def _chunked_bwd(plan, residuals, cotangents):
     q, k, v, g, initial_state, runs = residuals
     do, dfinal = cotangents
     do = do.astype(q.dtype)
-    states, _ = triton_state.chunk_states(plan, k, v, g, runs, initial_state)
-    dstates, dinit = triton_state.chunk_state_grads(plan, q, do, g, runs,
-                                                    dfinal.astype(jnp.float32))
-    dv = triton_grad.chunk_dv(plan, q, k, g, runs, do, dstates)
+    states, _, segments = triton_state.chunk_states(plan, k, v, g, runs, initial_state)
+    dstates, dinit, dsegments = triton_state.chunk_state_grads(
+        plan, q, do, g, runs, dfinal.astype(jnp.float32),
+        decays=None if segments is None else segments[2])
+    dv = triton_grad.chunk_dv(plan, q, k, g, runs, do, dstates, dsegments)
     G = plan.groups
     grad_dtype = q.dtype if G == 1 else jnp.float32
-    dq, dk, dg = triton_grad.chunk_dqk(plan, q, k, v, g, runs, do, states, dstates, grad_dtype)
+    dq, dk, dg = triton_grad.chunk_dqk(plan, q, k, v, g, runs, do, states, dstates, grad_dtype,
+                                       segments, dsegments)
     if G > 1:
         B, T, _, K = q.shape
         dq = dq.reshape(B, T, plan.qk_heads, G, K).sum(3).astype(q.dtype)

@@ -6,6 +6,14 @@ chunk the log decays become ``b``, the inclusive cumulative sum of ``g`` over th
 (float32, non-increasing), and every factor is ``exp`` of a difference ``b_t - b_s`` with
 ``t >= s`` (so ``<= 0``), masked BEFORE the exponential where ``t < s``.
 
+With the two-level state pass (``Plan.segments > 1``) the stored chunk states are LOCAL:
+``S_c = local_c + f_c * seg_p`` where ``p`` is the segment holding chunk ``c``, ``seg_p`` the
+true state entering that segment (stored like the chunk states) and ``f_c`` the decay from the segment start to
+chunk ``c`` (0-d, or ``[K]`` per channel; 0 across a run change). The per-chunk kernels
+complete the state in registers (``completed``) instead of a pass over the stored states;
+the state gradients are completed the same way (``seg_p`` the gradient of the state leaving
+the segment, ``f_c`` the decay from the end of chunk ``c`` to the segment end).
+
 Per-channel decays (GLA) split a chunk into sub-chunks of ``L`` tokens. A query sub-chunk
 ``i`` and an earlier key sub-chunk ``j`` meet through ``r_j``, the last token of ``j``:
 ``exp(b_t - b_s) = exp(b_t - b_{r_j}) * exp(b_{r_j} - b_s)`` with both factors ``<= 1``, so
@@ -58,6 +66,11 @@ class Plan:
     warps: tuple  # (("state", n), ("output", n), ...) as a hashable mapping
     stages: tuple
     interpret: bool
+    # Two-level state pass: the chunks split into ``segments`` runs of ``segment_chunks``
+    # (the last one shorter) walked in parallel; 1 = one sequential pass (the default).
+    segments: int = 1
+    segment_chunks: int = 0  # chunks per segment (== chunks when segments == 1)
+    fused: bool = False  # forward without stored chunk states (``triton_fused``)
 
     @property
     def groups(self) -> int:
@@ -70,6 +83,10 @@ class Plan:
     @property
     def subs(self) -> int:
         return self.chunk // self.sub_chunk
+
+    @property
+    def segmented(self) -> bool:
+        return self.segments > 1
 
     def compiler_params(self, kernel: str):
         return plgpu.CompilerParams(num_warps=dict(self.warps)[kernel],
@@ -121,6 +138,22 @@ def last(b: Array) -> Array:
 def reverse_cumsum(x: Array) -> Array:
     """``y_u = sum_{t >= u} x_t`` along axis 0 (Triton has no reverse scan)."""
     return jnp.sum(x, axis=0, keepdims=True) - jnp.cumsum(x, axis=0) + x
+
+
+def completed(local: Array, seg: Array, factor) -> Array:
+    """``local + factor * seg`` in float32: a chunk's true state (or state gradient) from the
+    two-level pass; ``factor`` is 0-d or ``[rows, 1]`` (per channel)."""
+    return local.astype(jnp.float32) + factor * seg
+
+
+def chunk_factor(plan: Plan, f_ref, rows=None):
+    """The two-level pass's factor of this program's chunk (grid axis 1): 0-d for scalar or
+    no decay (``f_ref`` holds the whole row ``[n]``), ``[rows, 1]`` per channel (``f_ref``
+    holds the chunk's ``[K-block]``)."""
+    if plan.decay == "channel":
+        f = f_ref[...] if rows is None else f_ref[rows]
+        return f[:, None]
+    return f_ref[pl.program_id(1)]
 
 
 def causal(n: int) -> Array:
@@ -187,14 +220,14 @@ def scalar_decay(g_ref, rows) -> Array:
     return jnp.cumsum(g_ref[rows].astype(jnp.float32), axis=0)
 
 
-def channel_decay(plan: Plan, g_ref, cols):
+def channel_decay(plan: Plan, g_ref, cols, offset=0):
     """Per sub-chunk ``b_i [L, BK]`` (cumsum over the whole chunk) and ``e_i [BK]``, the
     value of ``b`` at the last token of sub-chunk ``i`` (``e_{-1}`` is the chunk's last)."""
     L = plan.sub_chunk
     bs, ends = [], []
     off = None
     for i in range(plan.subs):
-        gi = g_ref[pl.ds(i * L, L), cols].astype(jnp.float32)
+        gi = g_ref[pl.ds(offset + i * L, L), cols].astype(jnp.float32)
         bi = jnp.cumsum(gi, axis=0)
         if off is not None:
             bi = off[None, :] + bi
@@ -213,8 +246,9 @@ def channel_diag(qi: Array, ki: Array, bi: Array, mask: Array) -> Array:
                    axis=2)
 
 
-def attention_blocks(plan: Plan, q_ref, k_ref, g_ref, runs, *, per_block=None):
-    """The intra-chunk score blocks of the chunk in ``q_ref``/``k_ref`` (``[C, K]``) ``A[(i, j)] [L, L]`` for ``j <= i``, summed over the key
+def attention_blocks(plan: Plan, q_ref, k_ref, g_ref, runs, *, per_block=None, offset=0):
+    """The intra-chunk score blocks ``A[(i, j)] [L, L]`` (``j <= i``) of the chunk at rows
+    ``offset ... offset + C`` of ``q_ref``/``k_ref`` (and ``g_ref``), summed over the key
     dimension in blocks of ``block_k``, with decay and masks applied (``scale`` not).
 
     ``A[(i, j)][t, s] = sum_c q_t[c] k_s[c] exp(b_t[c] - b_s[c])`` for allowed pairs, else 0.
@@ -226,15 +260,15 @@ def attention_blocks(plan: Plan, q_ref, k_ref, g_ref, runs, *, per_block=None):
     """
     L, n, BK = plan.sub_chunk, plan.subs, plan.block_k
     A = {(i, j): jnp.zeros((L, L), jnp.float32) for i in range(n) for j in range(i + 1)}
-    b = scalar_decay(g_ref, pl.ds(0, plan.chunk)) if plan.decay == "scalar" else None
+    b = scalar_decay(g_ref, pl.ds(offset, plan.chunk)) if plan.decay == "scalar" else None
     masks = {(i, j): intra_mask(plan, runs, i, j) for (i, j) in A}
     for kb in range(plan.key_dim // BK):
         cols = pl.ds(kb * BK, BK)
-        qt = [q_ref[pl.ds(i * L, L), cols] for i in range(n)]
-        kt = [k_ref[pl.ds(i * L, L), cols] for i in range(n)]
+        qt = [q_ref[pl.ds(offset + i * L, L), cols] for i in range(n)]
+        kt = [k_ref[pl.ds(offset + i * L, L), cols] for i in range(n)]
         bt = ends = None
         if plan.decay == "channel":
-            bt, ends = channel_decay(plan, g_ref, cols)
+            bt, ends = channel_decay(plan, g_ref, cols, offset)
             for (i, j) in A:
                 if i == j:
                     A[(i, i)] += channel_diag(qt[i], kt[i], bt[i], masks[(i, i)])
@@ -312,3 +346,20 @@ class ChunkSpecs:
         (bk, kx), (bv, vx), p = self._k(), self._v(), self.plan
         return pl.BlockSpec((None, None, None, bk, bv),
                             lambda x, c, bh: p.heads(bh)[:2] + (c, kx(x), vx(x)))
+
+    def segment_state(self):
+        """Per-segment states ``[B, Hv, P, K, V]`` (two-level pass): the block of the segment
+        holding chunk c."""
+        (bk, kx), (bv, vx), p = self._k(), self._v(), self.plan
+        return pl.BlockSpec((None, None, None, bk, bv),
+                            lambda x, c, bh: p.heads(bh)[:2] + (c // p.segment_chunks, kx(x),
+                                                                 vx(x)))
+
+    def factor(self):
+        """Per-chunk factors of the two-level pass: ``[B, Hv, n]`` (the whole row, read at
+        the chunk) or per channel ``[B, Hv, n, K]`` (the chunk's key block)."""
+        (bk, kx), p = self._k(), self.plan
+        if p.decay == "channel":
+            return pl.BlockSpec((None, None, None, bk),
+                                lambda x, c, bh: p.heads(bh)[:2] + (c, kx(x)))
+        return pl.BlockSpec((None, None, p.chunks), lambda x, c, bh: p.heads(bh)[:2] + (0,))

@@ -14,6 +14,9 @@ plus at the chunk's last token ``[run_last = run_prev] exp(b_last) rowsum(S_c * 
 + sum_s k_s dk^state_s`` (the dependence of ``S_{c+1}`` on ``b_last``), and ``dg_u =
 sum_{t >= u} d b_t`` within the chunk. Scalar decays sum the channels.
 
+With the two-level state pass the stored ``S_c`` and ``dS_{c+1}`` are local to their segment
+and are completed tile by tile in registers (``triton_common.completed``).
+
 ``chunk_dv`` runs over (value block, chunk, batch * v head), ``chunk_dqk`` over (key block,
 chunk, batch * v head); dq and dk come per v head and are summed over groups by the caller.
 """
@@ -37,7 +40,9 @@ def _dv_kernel(*refs, plan: Plan):
     q_ref, k_ref = next(it), next(it)
     g_ref = next(it) if plan.decay != "none" else None
     r_ref = next(it) if plan.has_runs else None
-    do_ref, ds_ref, dv_ref = next(it), next(it), next(it)
+    do_ref, ds_ref = next(it), next(it)
+    dseg_ref, df_ref = (next(it), next(it)) if plan.segmented else (None, None)
+    dv_ref = next(it)
     L, n, BK = plan.sub_chunk, plan.subs, plan.block_k
     BV = dv_ref.shape[-1]
     start = pl.multiple_of(pl.program_id(1) * plan.chunk, plan.chunk)
@@ -47,6 +52,9 @@ def _dv_kernel(*refs, plan: Plan):
     def state_term(kb, qt, kt, bt, ends):
         del qt
         dS = ds_ref[pl.ds(kb * BK, BK), :]
+        if dseg_ref is not None:
+            dS = tc.completed(dS, dseg_ref[pl.ds(kb * BK, BK), :],
+                              tc.chunk_factor(plan, df_ref, pl.ds(kb * BK, BK)))
         for j in range(n):
             kw = kt[j] if bt is None else kt[j].astype(f32) * jnp.exp(ends[-1][None, :] - bt[j])
             acc[j] = acc[j] + tc.dot(kw, dS, plan.state_mma)
@@ -71,6 +79,8 @@ def _dqk_kernel(*refs, plan: Plan):
     g_ref = next(it) if plan.decay != "none" else None
     r_ref = next(it) if plan.has_runs else None
     do_ref, s_ref, ds_ref = next(it), next(it), next(it)
+    if plan.segmented:
+        seg_ref, f_ref, dseg_ref, df_ref = next(it), next(it), next(it), next(it)
     dq_ref, dk_ref = next(it), next(it)
     dg_ref = next(it) if plan.decay != "none" else None
     L, n, BV = plan.sub_chunk, plan.subs, plan.block_v
@@ -85,12 +95,17 @@ def _dqk_kernel(*refs, plan: Plan):
     dq_state = [jnp.zeros((L, BK), f32) for _ in range(n)]
     dk_state = [jnp.zeros((L, BK), f32) for _ in range(n)]
     s_ds = jnp.zeros((BK,), f32)
+    if plan.segmented:
+        f, df = tc.chunk_factor(plan, f_ref), tc.chunk_factor(plan, df_ref)
     for vb in range(plan.value_dim // BV):
         cols = pl.ds(vb * BV, BV)
         do_t = [do_ref[r, cols] for r in rows]
         v_t = [v_ref[r, cols] for r in rows]
         S = s_ref[:, cols]
         dS = ds_ref[:, cols]
+        if plan.segmented:
+            S = tc.completed(S, seg_ref[:, cols], f)
+            dS = tc.completed(dS, dseg_ref[:, cols], df)
         for (i, j) in pairs:
             dA[(i, j)] += tc.dot(do_t[i], v_t[j], plan.mma, trans_b=True)
         for i in range(n):
@@ -176,8 +191,9 @@ def _dqk_kernel(*refs, plan: Plan):
         suffix = suffix + jnp.sum(db[i], axis=0)
 
 
-def chunk_dv(plan: Plan, q, k, g, runs, do, dstates):
-    """``dv [B, T, Hv, V]`` in v's dtype (``do``'s dtype)."""
+def chunk_dv(plan: Plan, q, k, g, runs, do, dstates, dsegments=None):
+    """``dv [B, T, Hv, V]`` in v's dtype (``do``'s dtype); ``dsegments = (leaving, factors)``
+    of the two-level pass when ``plan.segmented``."""
     B, T, Hv, V = plan.batch, plan.time, plan.v_heads, plan.value_dim
     BV = plan.block_v
     sp = tc.ChunkSpecs(plan, "v", BV)
@@ -190,6 +206,9 @@ def chunk_dv(plan: Plan, q, k, g, runs, do, dstates):
         args.append(runs)
     specs += [sp.v(), sp.state()]
     args += [do, dstates]
+    if plan.segmented:
+        specs += [sp.segment_state(), sp.factor()]
+        args += list(dsegments)
     return pl.pallas_call(
         functools.partial(_dv_kernel, plan=plan),
         grid=(V // BV, plan.chunks, B * Hv),
@@ -202,10 +221,12 @@ def chunk_dv(plan: Plan, q, k, g, runs, do, dstates):
     )(*args)
 
 
-def chunk_dqk(plan: Plan, q, k, v, g, runs, do, states, dstates, grad_dtype):
+def chunk_dqk(plan: Plan, q, k, v, g, runs, do, states, dstates, grad_dtype, segments=None,
+              dsegments=None):
     """``(dq, dk)`` per v head ``[B, T, Hv, K]`` in ``grad_dtype`` and the log-decay
     gradient: per channel ``[B, T, Hv, K]``, or for scalar decay ``[nK, B, T, Hv]``
-    partial sums over key blocks (None without decay); float32."""
+    partial sums over key blocks (None without decay); float32. ``segments`` /
+    ``dsegments``: the two-level pass's completions of ``states`` / ``dstates``."""
     B, T, Hv, K = plan.batch, plan.time, plan.v_heads, plan.key_dim
     BK = plan.block_k
     nk = K // BK
@@ -219,6 +240,9 @@ def chunk_dqk(plan: Plan, q, k, v, g, runs, do, states, dstates, grad_dtype):
         args.append(runs)
     specs += [sp.v(), sp.state(), sp.state()]
     args += [do, states, dstates]
+    if plan.segmented:
+        specs += [sp.segment_state(), sp.factor()] * 2
+        args += [*segments[:2], *dsegments]
     out_specs = [sp.q_grad(), sp.q_grad()]
     out_shape = [jax.ShapeDtypeStruct((B, T, Hv, K), grad_dtype)] * 2
     if g is not None and g.ndim == 4:

@@ -28,6 +28,13 @@ chains them (through the same decays) into every segment's end adjoint. dA, dD a
 d delta_bias accumulate per program (summed in XLA); dB and dC are per-channel-block
 partial sums ``[B, n_blocks, T, N]`` that XLA adds over each group's blocks: deterministic,
 no atomics.
+
+Speed (H200, [8, 4096, 1536, 16] bf16): 4.75 ms forward, 14.9 ms forward+backward, ~50x
+and ~80x the time to read the inputs and write the outputs once. The kernels are
+latency-bound: each step's loads wait behind the previous step's store and the step's
+dependent chain (~2k clocks a step, 4096 steps). ``Blocks(algorithm="lanes")``
+(``LANES_BLOCKS``, in ``triton_lanes.py``) is the opt-in rework, with the roofline of both:
+predicted ~0.35 ms forward and ~1.9 ms forward+backward; the default stays until measured.
 """
 
 from __future__ import annotations
@@ -52,7 +59,10 @@ class Blocks:
     """Tile sizes. ``block_d`` (a power of 2) is shrunk to divide the channels per group;
     ``bwd_tile`` must divide ``chunk``; ``segments`` (None: the fewest, at least 4 chunks
     long, that give ``min_programs`` programs) splits time; T is padded to a multiple of
-    ``chunk * segments``."""
+    ``chunk * segments``. ``algorithm``: "blocked" (these kernels, the state
+    ``[block_d, N]`` spread over the warps) or "lanes" (``triton_lanes``: the state
+    ``[N, block_d]`` with one channel per lane, meant for ``block_d = 32 x num_warps``;
+    use ``LANES_BLOCKS``)."""
 
     block_d: int = 32
     chunk: int = 16
@@ -62,16 +72,25 @@ class Blocks:
     num_stages: int = 1
     segments: int | None = None
     min_programs: int = 264  # two per SM of an H100 / H200
+    algorithm: str = "blocked"
 
 
 GPU_BLOCKS = Blocks()
 # Interpret mode compiles the unrolled body on the CPU: short chunks keep tests fast.
 INTERPRET_BLOCKS = Blocks(block_d=8, chunk=2, bwd_tile=1, segments=1)
+# Opt-in (not yet timed on a GPU): one channel per lane, one warp per program; the
+# roofline in triton_lanes.py predicts ~0.35 ms forward, ~1.9 ms forward+backward at
+# [8, 4096, 1536, 16] against the blocked kernels' measured 4.75 / 14.9 ms. Chunks of 8
+# (checkpoints every 8 steps) keep the backward's held states to 5 x 16 registers a lane.
+LANES_BLOCKS = Blocks(algorithm="lanes", block_d=32, chunk=8, bwd_tile=4, num_warps=1,
+                      bwd_num_warps=1)
+_ALGORITHMS = ("blocked", "lanes")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
     T: int  # true length; steps at or past it are padding
+    padded: bool  # T < the padded length (a partial or whole padding segment)
     seg_len: int  # L: steps per segment (a multiple of chunk)
     softplus: bool
     block_d: int
@@ -144,7 +163,7 @@ class _Block:
         if self.bias is not None:
             x = x + self.bias
         dt = _softplus(x) if self.st.softplus else x
-        if self.st.T % self.st.seg_len:
+        if self.st.padded:
             dt = jnp.where(self.t0 + t < self.st.T, dt, 0.0)
         return x, dt
 
@@ -270,7 +289,7 @@ def _bwd_kernel(*refs, st: _Static, names):
                     dD = dD + dy * u
                 if st.softplus:
                     ddt = ddt * jax.nn.sigmoid(x)
-                if st.T % st.seg_len:
+                if st.padded:
                     ddt = jnp.where(blk.t0 + t < st.T, ddt, 0.0)
                 dbias = dbias + ddt
                 r.du[t] = du.astype(r.du.dtype)
@@ -442,6 +461,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_
     _no_float64(u, delta, A, B, C, D, z, delta_bias, initial_state)
     interpret = interpret_mode()
     blocks = blocks or (INTERPRET_BLOCKS if interpret else GPU_BLOCKS)
+    if blocks.algorithm not in _ALGORITHMS:
+        raise ValueError(f"blocks.algorithm must be one of {_ALGORITHMS}, got "
+                         f"{blocks.algorithm!r}")
     if blocks.chunk % blocks.bwd_tile:
         raise ValueError(f"blocks.bwd_tile ({blocks.bwd_tile}) must divide blocks.chunk "
                          f"({blocks.chunk})")
@@ -453,7 +475,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_
     S = _segments(blocks, Bsz * (Dm // bd), -(-T // blocks.chunk))
     L = -(-T // (blocks.chunk * S)) * blocks.chunk
     Tp = L * S
-    st = _Static(T=T, seg_len=L, softplus=bool(delta_softplus), block_d=bd,
+    st = _Static(T=T, padded=Tp != T, seg_len=L, softplus=bool(delta_softplus), block_d=bd,
                  group_blocks=Dg // bd, chunk=blocks.chunk, bwd_tile=blocks.bwd_tile,
                  num_warps=blocks.num_warps, bwd_num_warps=blocks.bwd_num_warps,
                  num_stages=blocks.num_stages, interpret=interpret)
@@ -467,6 +489,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_
         return x if x is None or Np == N else jnp.pad(
             x, [(0, 0)] * (x.ndim - 1) + [(0, Np - N)])
 
-    y, hT = _scan(st, pad_t(u), pad_t(delta), pad_n(A), pad_n(pad_t(B)), pad_n(pad_t(C)), D,
-                  pad_t(z), delta_bias, pad_n(initial_state))
+    if blocks.algorithm == "lanes":
+        from seqmix.kernels.selective_scan import triton_lanes  # noqa: PLC0415 - imports this
+
+        scan = triton_lanes.scan
+    else:
+        scan = _scan
+    y, hT = scan(st, pad_t(u), pad_t(delta), pad_n(A), pad_n(pad_t(B)), pad_n(pad_t(C)), D,
+                 pad_t(z), delta_bias, pad_n(initial_state))
     return y[:, :T], hT[..., :N]
