@@ -36,10 +36,15 @@ _SETTINGS = flags.DEFINE_list("settings", None, "seq_len:pairs items (default: a
 _LRS = flags.DEFINE_list("lrs", None, "Learning rates (default: configs/recall.LRS).")
 _OUT = flags.DEFINE_string("out_dir", None, "Results folder (default benchmarks/results).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of models and data.")
+_DEADLINE = flags.DEFINE_float("deadline_s", None, "Runs still training this many seconds after "
+                               "the start stop at their next evaluation (marked 'cut').")
 
 
-def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed) -> list[dict]:
-    """Trains one grid point at every learning rate; returns one row per rate."""
+def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
+            deadline=None) -> list[dict]:
+    """Trains one grid point at every learning rate; returns one row per rate. Past
+    ``deadline`` (a ``time.time()`` value) a run stops at its next evaluation and its row says
+    ``cut``; rates not started by then are left out."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -80,13 +85,15 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed) -> lis
 
     rows = []
     for lr in lrs:
+        if deadline is not None and time.time() > deadline and rows:
+            break
         t0 = time.time()
         params, rngs, other = loop._init_state(cfg.model, seed, None)  # noqa: SLF001
         opt_state = tx.init(params)
         opt_state = (opt_state[0], opt_state[1]._replace(
             hyperparams={"step_size": jnp.asarray(lr, jnp.float32)}))
         state = loop.TrainState(params, opt_state, other)
-        acc, done = 0.0, steps
+        acc, done, cut = 0.0, steps, False
         for step in range(1, steps + 1):
             state, metrics = train_step(state, rngs, task.train_batch(step), step)
             if step % 250 == 0 or step == steps:
@@ -97,14 +104,18 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed) -> lis
                 done = step
                 if acc >= 0.99:
                     break
+                if deadline is not None and time.time() > deadline and step < steps:
+                    cut = True
+                    break
         rows.append(dict(mixer=mixer, d_model=d_model, seq_len=seq_len, num_kv_pairs=pairs,
-                         lr=lr, accuracy=acc, steps=done, seconds=time.time() - t0,
+                         lr=lr, accuracy=acc, steps=done, cut=cut, seconds=time.time() - t0,
                          state_size=state_size, params=n_params))
     return rows
 
 
-def _init_worker():
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.12")
+def _init_worker(workers: int):
+    # each process preallocates its share of the device memory, not the launcher's 0.9
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(0.12, 0.85 / workers):.3f}"
 
 
 def plot(best: list[dict], path_prefix: str) -> None:
@@ -150,47 +161,10 @@ def plot(best: list[dict], path_prefix: str) -> None:
     plt.close(fig)
 
 
-def main(argv):
-    del argv
-    from configs import recall  # noqa: PLC0415
+def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
+    """recall.json (every run, the best rate per point, the jobs not run) and the plots."""
     from experiments.bench import common  # noqa: PLC0415
 
-    mixers = _MIXERS.value or list(recall.MIXERS)
-    d_models = [int(d) for d in (_DMODELS.value or recall.D_MODELS)]
-    settings = ([tuple(int(x) for x in s.split(":")) for s in _SETTINGS.value]
-                if _SETTINGS.value else list(recall.SETTINGS))
-    lrs = [float(x) for x in (_LRS.value or recall.LRS)]
-    jobs = [(m, d, T, n) for (T, n) in settings for d in d_models for m in mixers]
-    jobs.sort(key=lambda j: -j[1] * j[2])  # longest first
-    start = time.time()
-    rows, skipped = [], []
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(_WORKERS.value, mp_context=ctx,
-                                initializer=_init_worker) as pool:
-        pending = {}
-        queue = list(jobs)
-        while queue or pending:
-            while queue and len(pending) < _WORKERS.value:
-                if time.time() - start > _BUDGET.value:
-                    skipped.extend(queue)
-                    queue = []
-                    break
-                job = queue.pop(0)
-                pending[pool.submit(run_job, *job, lrs, _STEPS.value, _BATCH.value,
-                                    _SEED.value)] = job
-            if not pending:
-                break
-            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            for fut in done:
-                job = pending.pop(fut)
-                try:
-                    for r in fut.result():
-                        rows.append(r)
-                        print(json.dumps(r), flush=True)
-                except Exception as e:  # noqa: BLE001 - one failing job must not stop the sweep
-                    rows.append(dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), job),
-                                     error=f"{type(e).__name__}: {str(e)[:300]}"))
-                    print(json.dumps(rows[-1]), flush=True)
     best = {}
     for r in rows:
         if "error" in r:
@@ -207,8 +181,55 @@ def main(argv):
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "recall.json"), "w") as f:
             json.dump(payload, f, indent=1, default=float)
-        if best_rows:
+        if plots and best_rows:
             plot(best_rows, os.path.join(d, "recall"))
+    return best_rows
+
+
+def main(argv):
+    del argv
+    from configs import recall  # noqa: PLC0415
+    from experiments.bench import common  # noqa: PLC0415
+
+    mixers = _MIXERS.value or list(recall.MIXERS)
+    d_models = [int(d) for d in (_DMODELS.value or recall.D_MODELS)]
+    settings = ([tuple(int(x) for x in s.split(":")) for s in _SETTINGS.value]
+                if _SETTINGS.value else list(recall.SETTINGS))
+    lrs = [float(x) for x in (_LRS.value or recall.LRS)]
+    jobs = [(m, d, T, n) for (T, n) in settings for d in d_models for m in mixers]
+    jobs.sort(key=lambda j: -j[1] * j[2])  # longest first
+    start = time.time()
+    deadline = None if _DEADLINE.value is None else start + _DEADLINE.value
+    rows, skipped = [], []
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(_WORKERS.value, mp_context=ctx,
+                                initializer=_init_worker, initargs=(_WORKERS.value,)) as pool:
+        pending = {}
+        queue = list(jobs)
+        while queue or pending:
+            while queue and len(pending) < _WORKERS.value:
+                if time.time() - start > _BUDGET.value:
+                    skipped.extend(queue)
+                    queue = []
+                    break
+                job = queue.pop(0)
+                pending[pool.submit(run_job, *job, lrs, _STEPS.value, _BATCH.value,
+                                    _SEED.value, deadline)] = job
+            if not pending:
+                break
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                job = pending.pop(fut)
+                try:
+                    for r in fut.result():
+                        rows.append(r)
+                        print(json.dumps(r), flush=True)
+                except Exception as e:  # noqa: BLE001 - one failing job must not stop the sweep
+                    rows.append(dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), job),
+                                     error=f"{type(e).__name__}: {str(e)[:300]}"))
+                    print(json.dumps(rows[-1]), flush=True)
+                _write(rows, skipped + queue, lrs, start, plots=False)  # survives a time limit
+    best_rows = _write(rows, skipped, lrs, start)
     print(f"{len(rows)} runs in {time.time() - start:.0f}s, {len(skipped)} jobs skipped")
     print(common.markdown_table(best_rows, ["seq_len", "num_kv_pairs", "mixer", "d_model", "lr",
                                             "accuracy", "steps", "state_size", "seconds"]))

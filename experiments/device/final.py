@@ -1,6 +1,6 @@
 """The kernel targets of issues 5-7 in one short device call, most important first.
 
-    python -m experiments.device.final [--deadline_s=500]
+    python -m experiments.device.final [--deadline_s=500] [--sections=targets|variants]
 
 Reuses the benchmark modules' measuring functions on the issues' target shapes only (the
 full sweeps of bench_kernels do not fit the session's device time), writes every row to
@@ -17,6 +17,10 @@ import traceback
 from absl import app, flags
 
 _DEADLINE = flags.DEFINE_float("deadline_s", 500.0, "Stop starting sections after this.")
+_SECTIONS = flags.DEFINE_string("sections", "targets",
+                                "'targets' (the issues' shapes) or 'variants' (the opt-in "
+                                "kernel variants beside the defaults, and the shapes run 3 "
+                                "skipped).")
 
 ROWS: list[dict] = []
 START = time.time()
@@ -48,16 +52,23 @@ def _section(name, fn):
     _save()
 
 
-def scan(B, T, ceilings):
+def scan(B, T, ceilings, *, with_xla=True, variants=False):
+    """xla (the reference of the error columns when timed) and pallas_triton; with
+    ``variants`` also the other tile choices and the opt-in lanes kernels of the bench."""
     from experiments.bench import selective_scan as S
 
     def run():
         s = dict(label=f"{B}x{T}x1536x16", B=B, T=T, **S.SCAN)
         args, dy = S.scan_inputs(B, T, s["Dm"], s["N"])
+        impls = {"xla": S._scan_fn("xla")} if with_xla else {}  # noqa: SLF001
+        impls["pallas_triton"] = S._scan_fn("pallas_triton")  # noqa: SLF001
+        if variants:
+            impls.update({k: S._scan_fn("pallas_triton", b)  # noqa: SLF001
+                          for k, b in S.scan_variants(T).items() if "lanes" in k})
         ref = None
-        for name in ("xla", "pallas_triton"):
+        for name, f in impls.items():
             row = {"op": "selective_scan", "impl": name, **s}
-            fwd, fb = S._fwd_and_fb(S._scan_fn(name))  # noqa: SLF001
+            fwd, fb = S._fwd_and_fb(f)  # noqa: SLF001
             out, got = S._measure(row, fwd, fb, args, dy, ceilings["copy_tbps"])  # noqa: SLF001
             if ref is None:
                 ref = (out, got, row)
@@ -147,13 +158,7 @@ def attention_d64(ceilings):
     return run
 
 
-def main(argv):
-    del argv
-    from experiments.bench import common
-
-    ceilings = {"bf16_matmul_tflops": common.matmul_ceiling(), "copy_tbps": common.copy_ceiling()}
-    ROWS.append({"section": "ceilings", **ceilings, **common.environment()})
-    print(ceilings, flush=True)
+def targets(ceilings):
     _section("scan 8x4096", scan(8, 4096, ceilings))
     _section("conv", conv(ceilings))
     _section("linear 8x4096 scalar", linear(8, 4096, 16, 128, "scalar", ceilings, True, True))
@@ -164,8 +169,32 @@ def main(argv):
     _section("linear 8x4096x64 scalar", linear(8, 4096, 16, 64, "scalar", ceilings, False, False))
     _section("scan 2x16384", scan(2, 16384, ceilings))
     _section("attention d64", attention_d64(ceilings))
+
+
+def variants(ceilings):
+    """Session 2: the opt-in variants (linear attention's two-level state pass, tiling and
+    fused forward: experiments/bench/linear_attention.DEFAULT_CONFIGS, timed beside the
+    default and flash-linear-attention; the scan's lanes kernels) and what run 3 skipped."""
+    _section("linear 8x4096 scalar", linear(8, 4096, 16, 128, "scalar", ceilings, True, False))
+    _section("linear 2x16384 scalar", linear(2, 16384, 16, 128, "scalar", ceilings, True, False))
+    _section("linear 1x65536 scalar", linear(1, 65536, 16, 128, "scalar", ceilings, False, False))
+    _section("scan 8x4096", scan(8, 4096, ceilings, with_xla=False, variants=True))
+    _section("scan 2x16384", scan(2, 16384, ceilings, variants=True))
+    _section("attention d64", attention_d64(ceilings))
+    _section("linear 8x4096x64 scalar", linear(8, 4096, 16, 64, "scalar", ceilings, False, False))
+    _section("linear 8x4096 channel", linear(8, 4096, 16, 128, "channel", ceilings, True, False))
+
+
+def main(argv):
+    del argv
+    from experiments.bench import common
+
+    ceilings = {"bf16_matmul_tflops": common.matmul_ceiling(), "copy_tbps": common.copy_ceiling()}
+    ROWS.append({"section": "ceilings", **ceilings, **common.environment()})
+    print(ceilings, flush=True)
+    {"targets": targets, "variants": variants}[_SECTIONS.value](ceilings)
     print(f"total {time.time() - START:.0f}s")
-    keys = ["section", "impl", "label", "fwd_ms", "fwdbwd_ms", "fb_ms", "fwd_tflops",
+    keys = ["section", "impl", "label", "blocks", "fwd_ms", "fwdbwd_ms", "fb_ms", "fwd_tflops",
             "fb_tflops", "fwd_x_rowo", "fb_x_rowo", "fb_vs_xla", "copy_frac", "ns_per_token",
             "fwdbwd_speedup_vs_xla", "rel_err_xla", "rel_err_fla", "err_y", "err_grad", "error"]
     print(common.markdown_table([r for r in ROWS if r.get("section") != "ceilings"], keys))
