@@ -17,7 +17,7 @@ Tuning: ``SEQMIX_BENCH_LA_CONFIGS='[{"split_scores": false}, {"block_v": 128}]'`
 of ``seqmix.kernels.linear_attention.triton.TUNING`` overrides; per-kernel dicts such as
 ``num_warps`` merge key by key; a ``chunk_size`` entry is passed as the chunk size) adds one
 pallas_triton row per entry, called directly with that ``config``. Unset, ``DEFAULT_CONFIGS``
-are timed (the opt-in variants not yet measured on the device); ``'[]'`` times none. Every
+are timed (the single-pass state, FLA's tiling, the fused forward); ``'[]'`` times none. Every
 pallas_triton row records its relative error against flash-linear-attention's output.
 
 Rows ("series" = "scaling"): B * T = 65536 tokens at T = 4k ... 64k, H = 16, D = 128, scalar
@@ -45,16 +45,14 @@ QUICK_SHAPES = [(2, 4096, 16, 128)]
 SCALING_T = [4096, 8192, 16384, 32768, 65536]
 QUICK_SCALING_T = [4096, 16384]
 SCALING_TOKENS = 65536
-# Opt-in variants timed beside the default until the device has measured them (triton.py's
-# docstring gives the predictions): the two-level state pass alone; with FLA's output tiling
-# (one value block of 128, 8 warps, score matmuls in one bf16 part); with the fused forward
-# (no chunk states in HBM). Their backward differs from the default only by the two-level
-# passes (and the tiling in the second row).
+# Variants timed beside the default (measured on the H200 on 2026-11-28, BENCHMARKS.md): the
+# single-level state pass (the default before that run); FLA's output tiling (one value
+# block of 128, 8 warps, score matmuls in one bf16 part); the fused forward (no chunk states
+# in HBM). The default is the two-level state pass ("auto").
 DEFAULT_CONFIGS = [
-    {"state_segments": "auto"},
-    {"state_segments": "auto", "block_v": 128, "split_scores": False,
-     "num_warps": {"output": 8, "dv": 8, "dqk": 8}},
-    {"state_segments": "auto", "fused_forward": True},
+    {"state_segments": None},
+    {"block_v": 128, "split_scores": False, "num_warps": {"output": 8, "dv": 8, "dqk": 8}},
+    {"fused_forward": True},
 ]
 FLA_OPS = {"scalar": ("fla.ops.simple_gla", "chunk_simple_gla"),
            "channel": ("fla.ops.gla", "chunk_gla")}

@@ -8,7 +8,7 @@
 T = 1k..16k (the headline shapes are [8, 4096, 1536, 16] and [2, 16384, 1536, 16]); bf16 u,
 delta, z, B, C (one group), float32 A, D, delta_bias; delta_softplus, D and z given. At
 T = 4k and 16k, ``pallas_triton[...]`` rows time other tile and time-segment choices and
-the opt-in one-channel-per-lane kernels (``[lanes ...]``, see ``scan_variants``).
+the blocked kernels (``[blocked ...]``, the default before 2026-11-28; see ``scan_variants``).
 ``causal_conv1d``: ``[B, T, 3072]`` width 4, bf16, bias and SiLU, ``B * T = 32k``,
 T = 1k, 4k, 16k (two other tile choices at 4k). No peer: the mamba_ssm and causal_conv1d
 CUDA packages have no wheels on the device.
@@ -153,37 +153,35 @@ def _scan_fn(impl: str, blocks=None):
 
 
 def scan_variants(T: int) -> dict:
-    """Other tile choices of the Triton kernels, timed at T = 4k and 16k (at 16k, B = 2: the
-    default splits time into 4 segments; also 1 and 8). ``lanes`` rows: the opt-in
-    one-channel-per-lane kernels (``triton_lanes.py``; its docstring predicts ~0.35 ms
-    forward and ~1.9 ms forward+backward at 8x4096): the preset, chunks of 16, 2 time
-    segments (more warps per SM), 16 channels a warp (N split over 2 lanes, twice the
-    programs), 64 channels over 2 warps."""
+    """Other tile choices of the Triton kernels, timed at T = 4k and 16k (at 16k, B = 2).
+    The default is the one-channel-per-lane preset (``LANES_BLOCKS``, ``triton_lanes.py``);
+    ``[lanes ...]`` rows vary it (chunks of 16, 2 or 8 time segments, 16 channels a warp,
+    64 channels over 2 warps), the others time the "blocked" kernels (the default before the
+    H200 run of 2026-11-28) and their tile choices."""
     import dataclasses  # noqa: PLC0415
 
-    from seqmix.kernels.selective_scan.triton import LANES_BLOCKS, Blocks  # noqa: PLC0415
+    from seqmix.kernels.selective_scan.triton import BLOCKED_BLOCKS, LANES_BLOCKS, Blocks  # noqa: PLC0415
 
     lanes = functools.partial(dataclasses.replace, LANES_BLOCKS)
     if T >= 16384:
-        variants = {"pallas_triton[lanes]": LANES_BLOCKS,
-                    "pallas_triton[lanes seg8]": lanes(segments=8)}
+        variants = {"pallas_triton[lanes seg8]": lanes(segments=8)}
     else:
-        variants = {"pallas_triton[lanes]": LANES_BLOCKS,
-                    "pallas_triton[lanes c16]": lanes(chunk=16),
+        variants = {"pallas_triton[lanes c16]": lanes(chunk=16),
                     "pallas_triton[lanes seg2]": lanes(segments=2),
                     "pallas_triton[lanes d16]": lanes(block_d=16),
                     "pallas_triton[lanes d64 w2]": lanes(block_d=64, num_warps=2,
                                                          bwd_num_warps=2, segments=1)}
+    variants["pallas_triton[blocked]"] = BLOCKED_BLOCKS
     variants.update({
-        "pallas_triton[d16]": Blocks(block_d=16),
-        "pallas_triton[d64 w8]": Blocks(block_d=64, num_warps=8, bwd_num_warps=8),
-        "pallas_triton[d16 w1 t4]": Blocks(block_d=16, num_warps=1, bwd_num_warps=1,
+        "pallas_triton[blocked d16]": Blocks(block_d=16),
+        "pallas_triton[blocked d64 w8]": Blocks(block_d=64, num_warps=8, bwd_num_warps=8),
+        "pallas_triton[blocked d16 w1 t4]": Blocks(block_d=16, num_warps=1, bwd_num_warps=1,
                                            bwd_tile=4),
-        "pallas_triton[c32]": Blocks(chunk=32),
+        "pallas_triton[blocked c32]": Blocks(chunk=32),
     })
     if T >= 16384:
-        variants["pallas_triton[seg1]"] = Blocks(segments=1)
-        variants["pallas_triton[seg8]"] = Blocks(segments=8)
+        variants["pallas_triton[blocked seg1]"] = Blocks(segments=1)
+        variants["pallas_triton[blocked seg8]"] = Blocks(segments=8)
     return variants
 
 

@@ -64,7 +64,8 @@ def scan(B, T, ceilings, *, with_xla=True, variants=False):
         impls["pallas_triton"] = S._scan_fn("pallas_triton")  # noqa: SLF001
         if variants:
             impls.update({k: S._scan_fn("pallas_triton", b)  # noqa: SLF001
-                          for k, b in S.scan_variants(T).items() if "lanes" in k})
+                          for k, b in S.scan_variants(T).items()
+                          if "lanes" in k or k.endswith("[blocked]")})
         ref = None
         for name, f in impls.items():
             row = {"op": "selective_scan", "impl": name, **s}

@@ -112,7 +112,7 @@ def test_matches_naive(name):
     _check(*CASES[name])
 
 
-# Opt-in TUNING variants through the public api (TUNING patched for the call):
+# TUNING variants through the public api (TUNING patched for the call):
 # "state_segments" (two-level state passes: P segments of the chunks walked in parallel,
 # combined, and completed in the per-chunk kernels) and "fused_forward" (no stored states in
 # the forward). Weak decays (down to -0.05 per token) so that states cross every segment
@@ -153,7 +153,7 @@ def test_tuned_variant_matches_naive(name):
     plan = triton_module.make_plan(x, jnp.zeros((B, T, Hv, V), dtype), g[decay], None, None,
                                    scale=1.0, chunk_size=chunk, config=tuning)
     # the variant asked for is the one under test
-    assert (plan.segments > 1) == bool(tuning.get("state_segments")), plan
+    assert (plan.segments > 1) == bool(tuning.get("state_segments")), plan  # (auto: 1 here)
     assert plan.fused == tuning.get("fused_forward", False), plan
     _check(*TUNED_CASES[name])
 
@@ -171,8 +171,12 @@ def test_two_level_auto_segments_at_benchmark_shapes(B, T, want):
     assert plan.segments * plan.segment_chunks >= plan.chunks
     if want > 1:
         assert (plan.state_block_k, plan.state_block_v) == (64, 64)
-    default = triton_module.make_plan(x, x, None, None, None, scale=1.0, chunk_size=64)
-    assert default.segments == 1
+    g = jax.ShapeDtypeStruct((B, T, 16), jnp.float32)
+    default = triton_module.make_plan(x, x, g, None, None, scale=1.0, chunk_size=64)
+    assert default.segments == want  # "auto" is the default
+    single = triton_module.make_plan(x, x, g, None, None, scale=1.0, chunk_size=64,
+                                     config={"state_segments": None})
+    assert single.segments == 1
 
 
 def test_state_segments_must_be_valid():

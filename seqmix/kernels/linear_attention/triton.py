@@ -9,9 +9,10 @@ for the argument conventions) in the three stages of the chunked form:
   3.   ``triton_output.chunk_output``: every chunk's output in parallel (state term plus
        the causal intra-chunk attention with decay ``exp(b_t - b_s)``).
 
-Opt-in (``TUNING`` keys, off by default until timed): ``state_segments`` (two-level state
-passes, below) and ``fused_forward`` (``triton_fused``: stages 1-3 in one kernel, no chunk
-states in HBM).
+``TUNING["state_segments"] = "auto"`` (the default since the H200 run of 2026-11-28)
+splits the state pass in two levels where the grid is small (below); ``fused_forward``
+(``triton_fused``: stages 1-3 in one kernel, no chunk states in HBM) stays opt-in: it was
+measured slower.
 
 The backward (``jax.custom_vjp``) recomputes the chunk states, runs the reverse pass over
 chunks for the state gradients (``triton_state.chunk_state_grads``) and then the per-chunk
@@ -21,8 +22,8 @@ gradient); d initial_state is the reverse pass's last state gradient.
 q/k heads are never repeated: a v head ``h`` reads q/k head ``h // (Hv // Hqk)`` through the
 block index maps; dq and dk are computed per v head and summed over each group.
 
-Two-level state passes (opt-in: ``config={"state_segments": "auto"}`` or an int ``P``)
--------------------------------------------------------------------------------------
+Two-level state passes (``state_segments``: "auto", the default; an int ``P``; None = one pass)
+-----------------------------------------------------------------------------------------------
 The state pass is one dependent chain of ``n = T / C`` steps per (batch, v head, state
 block); at small batch there are too few chains to fill the GPU (``B = 1, H = 16``: 64
 chains of 64x64 blocks, 256 after halving to 32x32, against 132 SMs that each keep ~4
@@ -44,7 +45,16 @@ segments of ``segment_chunks``:
 SM) programs, else takes ``P = ceil(segment_programs / programs)`` (4 per SM), at least
 ``min_segment_chunks`` chunks per segment, and never halves the 64x64 state blocks.
 
-Expected effect (H200: 132 SMs, copy ceiling 4.27 TB/s; bf16, H = 16, D = 128, C = 64; to
+Measured on the H200 (2026-11-28, forward, bf16, H = 16, D = 128, scalar decay; the same
+run timed flash-linear-attention's ``chunk_simple_gla``): [8, 4096] 0.479 ms (single pass
+0.478, FLA 0.470); [2, 16384] 0.624 ms (single pass 0.763, FLA 0.503); [1, 65536] 1.297 ms
+(single pass 1.795, FLA 1.459). Forward+backward [2, 16384] 2.26 ms (single pass 2.66). The
+FLA tiling row (``block_v`` 128, one bf16 score matmul, 8 warps) was slower (0.632 ms at
+[8, 4096]) and the fused forward too (0.637 / 0.908 / 1.985 ms): both stay opt-in. The
+predictions below were written before that run and missed: the remaining gap is not the
+state pass's chain length alone.
+
+Expected effect, written before the run (H200: 132 SMs, copy ceiling 4.27 TB/s; bf16, H = 16, D = 128, C = 64; to
 be checked against BENCHMARKS.md). Per token and head the engine moves ~2.5 KB through HBM:
 the state pass reads k, v (512 B) and writes the bf16 states (32 KB per chunk = 512 B);
 the output kernel reads q, k, v (768 B) and the states (512 B) and writes o (256 B). That is
@@ -130,15 +140,16 @@ TUNING = {
     "num_warps": {"state": 4, "dstate": 4, "output": 4, "dv": 4, "dqk": 4, "fused": 8},
     "num_stages": {"state": 3, "dstate": 3, "output": 2, "dv": 2, "dqk": 2, "fused": 2},
     # Two-level state passes (see the module docstring): None = one sequential pass over
-    # all chunks (default until timed on the H200); an int P = P segments; "auto" = P from
-    # the grid: P = ceil(segment_programs / programs) when fewer than min_state_programs
-    # programs would run, with at least min_segment_chunks chunks per segment.
-    "state_segments": None,
+    # all chunks; an int P = P segments; "auto" (measured faster on the H200 at 16k and 64k,
+    # equal at 4k) = P from the grid: P = ceil(segment_programs / programs) when fewer than
+    # min_state_programs programs would run, with at least min_segment_chunks chunks per
+    # segment.
+    "state_segments": "auto",
     "segment_programs": 528,  # four per SM of an H200
     "min_segment_chunks": 8,
     # Forward with the state pass and the output in one kernel (``triton_fused``): no chunk
-    # states in HBM; with state_segments, a state pass without stores runs first. Off until
-    # timed on the H200 (the module docstring gives the expected effect).
+    # states in HBM; with state_segments, a state pass without stores runs first. Off: slower
+    # than the stored form on the H200 at every measured shape (module docstring).
     "fused_forward": False,
 }
 

@@ -29,12 +29,14 @@ d delta_bias accumulate per program (summed in XLA); dB and dC are per-channel-b
 partial sums ``[B, n_blocks, T, N]`` that XLA adds over each group's blocks: deterministic,
 no atomics.
 
-Speed (H200, [8, 4096, 1536, 16] bf16): 4.75 ms forward, 14.9 ms forward+backward, ~50x
-and ~80x the time to read the inputs and write the outputs once. The kernels are
-latency-bound: each step's loads wait behind the previous step's store and the step's
-dependent chain (~2k clocks a step, 4096 steps). ``Blocks(algorithm="lanes")``
-(``LANES_BLOCKS``, in ``triton_lanes.py``) is the opt-in rework, with the roofline of both:
-predicted ~0.35 ms forward and ~1.9 ms forward+backward; the default stays until measured.
+Speed (H200, [8, 4096, 1536, 16] bf16): these "blocked" kernels take 4.76 ms forward and
+14.9 ms forward+backward, ~50x and ~80x the time to read the inputs and write the outputs
+once: latency-bound, each step's loads wait behind the previous step's store and the
+step's dependent chain (~2k clocks a step, 4096 steps). ``Blocks(algorithm="lanes")``
+(``LANES_BLOCKS``, in ``triton_lanes.py``, with the roofline of both) is the GPU default
+since it was measured faster in the same run: 2.98 ms forward, 11.6 ms forward+backward
+(predicted ~0.35 / ~1.9 ms; chunks of 16 gave 1.56 ms forward but 17.1 ms
+forward+backward). Both are far from the issue's targets (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -75,15 +77,18 @@ class Blocks:
     algorithm: str = "blocked"
 
 
-GPU_BLOCKS = Blocks()
-# Interpret mode compiles the unrolled body on the CPU: short chunks keep tests fast.
-INTERPRET_BLOCKS = Blocks(block_d=8, chunk=2, bwd_tile=1, segments=1)
-# Opt-in (not yet timed on a GPU): one channel per lane, one warp per program; the
-# roofline in triton_lanes.py predicts ~0.35 ms forward, ~1.9 ms forward+backward at
-# [8, 4096, 1536, 16] against the blocked kernels' measured 4.75 / 14.9 ms. Chunks of 8
-# (checkpoints every 8 steps) keep the backward's held states to 5 x 16 registers a lane.
+# The GPU default since the H200 run of 2026-11-28: one channel per lane, one warp per
+# program; 2.98 ms forward, 11.6 ms forward+backward at [8, 4096, 1536, 16] against the
+# blocked kernels' 4.76 / 14.9 ms in the same run (the roofline in triton_lanes.py had
+# predicted ~0.35 / ~1.9 ms: still latency-bound). Chunks of 8 (checkpoints every 8 steps)
+# keep the backward's held states to 5 x 16 registers a lane.
 LANES_BLOCKS = Blocks(algorithm="lanes", block_d=32, chunk=8, bwd_tile=4, num_warps=1,
                       bwd_num_warps=1)
+BLOCKED_BLOCKS = Blocks()
+GPU_BLOCKS = LANES_BLOCKS
+# Interpret mode compiles the unrolled body on the CPU: short chunks keep tests fast (the
+# lanes kernels have tests of their own with their blocks given).
+INTERPRET_BLOCKS = Blocks(block_d=8, chunk=2, bwd_tile=1, segments=1)
 _ALGORITHMS = ("blocked", "lanes")
 
 
@@ -352,14 +357,14 @@ class _Call:
         return {n: (next(it) if s is not None else None) for n, s, _ in outs}
 
 
-def _chain(A, dtsum, local, first, reverse):
+def _chain(decay, local, first, reverse):
     """Chains per-segment results through the segment decays ``exp(A sum dt)``.
 
     Forward: ``start[0] = first``, ``start[s] = decay[s-1] start[s-1] + local[s-1]``.
     Reverse: ``end[S-1] = first``, ``end[s-1] = decay[s] end[s] + local[s]``.
-    Returns the ``[B, S, Dm, N]`` starts (ends).
+    ``decay`` and ``local`` are ``[B, S, ...]`` in the state layout of the kernels
+    (``[Dm, N]`` here, ``[N, Dm]`` in ``triton_lanes``); returns the starts (ends).
     """
-    decay = jnp.exp(dtsum[..., None] * A.astype(jnp.float32))  # [B, S, Dm, N]
     xs = (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(local, 1, 0))
 
     def step(carry, x):
@@ -368,6 +373,11 @@ def _chain(A, dtsum, local, first, reverse):
 
     _, out = lax.scan(step, first, xs, reverse=reverse)
     return jnp.moveaxis(out, 0, 1)
+
+
+def _segment_decay(A, dtsum):
+    """``exp(A sum dt)`` per segment, ``[B, S, Dm, N]``."""
+    return jnp.exp(dtsum[..., None] * A.astype(jnp.float32))
 
 
 def _forward(st: _Static, u, delta, A, B, C, D, z, bias, h0, save: bool):
@@ -383,7 +393,7 @@ def _forward(st: _Static, u, delta, A, B, C, D, z, bias, h0, save: bool):
                     ("dtsum", call.shape("seg_vec"), "seg_vec")], st.num_warps)
         dtsum = loc["dtsum"]
         first = jnp.zeros((Bsz, Dm, N), jnp.float32) if h0 is None else h0
-        h_in = _chain(A, dtsum, loc["h_out"], first, reverse=False)
+        h_in = _chain(_segment_decay(A, dtsum), loc["h_out"], first, reverse=False)
     ins = common + [("C", C, "grp"), ("D", D, "vec"), ("z", z, "seq"), ("bias", bias, "vec"),
                     ("h_in", h_in, "seg_state")]
     outs = [("y", call.shape("seq", u.dtype), "seq"),
@@ -405,7 +415,7 @@ def _backward(st: _Static, res, dy, dhT):
         g_loc = call(_adjoint_kernel, "selective_scan_adjoint", ins,
                      [("g_loc", call.shape("seg_state"), "seg_state")],
                      st.bwd_num_warps)["g_loc"]
-        g_end = _chain(A, dtsum, g_loc, dhT, reverse=True)
+        g_end = _chain(_segment_decay(A, dtsum), g_loc, dhT, reverse=True)
     ins = [("u", u, "seq"), ("delta", delta, "seq"), ("A", A, "mat"), ("B", B, "grp"),
            ("C", C, "grp"), ("D", D, "vec"), ("z", z, "seq"), ("bias", bias, "vec"),
            ("ckpt", ckpt, "ckpt"), ("dy", dy, "seq"), ("g_end", g_end, "seg_state")]

@@ -1,8 +1,9 @@
 """Mamba-1's selective scan as Pallas Triton kernels with one channel per lane, forward and
-backward: the opt-in ``triton.Blocks(algorithm="lanes")`` (preset ``triton.LANES_BLOCKS``).
+backward: ``triton.Blocks(algorithm="lanes")`` (preset ``triton.LANES_BLOCKS``, the GPU default
+since the H200 run of 2026-11-28).
 
 Same op as ``triton.py`` (formula there). One program per (batch row, ``block_d`` channels,
-time segment), as the default "blocked" kernels, but the state is held transposed,
+time segment), as the "blocked" kernels, but the state is held transposed,
 ``h [N, block_d]``, with ``block_d = 32 x num_warps``: Triton's default layout then gives
 each lane one channel and all N of its states, so ``C_t . h_t`` (and the backward's
 ``q . B``, ``q a h . A``) are sums inside a thread, and every ``[block_d]`` row (u, delta, z,
@@ -29,6 +30,13 @@ per-step sums over the program's channels (across lanes), written as per-program
 rows that XLA adds; dA, dD, d delta_bias are per program, summed in XLA. Time segments
 (few programs) work as in the blocked kernels: a local pass, an XLA chain, the main pass;
 the backward's end adjoints the same way.
+
+Measured (H200, 2026-11-28, [8, 4096, 1536, 16]): 2.98 ms forward and 11.6 ms
+forward+backward (blocked: 4.76 / 14.9 ms in the same run); chunks of 16: 1.56 ms forward,
+17.1 ms forward+backward. The roofline below, written before that run, predicted 0.33-0.45 ms
+and 1.5-3 ms: the kernels are still ~8x off it, so the per-step latency and not the SFU or
+issue rate is the limit; the next step is a chunked two-level scan (parallel prefix inside
+a chunk) rather than more unrolling.
 
 Roofline at [B, T, Dm, N] = [8, 4096, 1536, 16], bf16, softplus, D and z (the issue's shape;
 H200: 132 SMs x 4 sub-partitions at ~1.98 GHz; the SFU does 16 exp2 / SM / clock, so one
@@ -316,21 +324,9 @@ def _bwd_kernel(*refs, st, names):
         r.dbias[...] = dbias
 
 
-def _chain(AT, dtsum, local, first, reverse):
-    """Per-segment results chained through ``exp(A sum dt)`` (states ``[B, S, N, Dm]``).
-
-    Forward: ``start[0] = first``, ``start[s] = decay[s-1] start[s-1] + local[s-1]``.
-    Reverse: ``end[S-1] = first``, ``end[s-1] = decay[s] end[s] + local[s]``.
-    """
-    decay = jnp.exp(dtsum[:, :, None, :] * AT.astype(jnp.float32))
-    xs = (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(local, 1, 0))
-
-    def step(carry, x):
-        d, loc = x
-        return d * carry + loc, carry
-
-    _, out = lax.scan(step, first, xs, reverse=reverse)
-    return jnp.moveaxis(out, 0, 1)
+def _segment_decay(AT, dtsum):
+    """``exp(A sum dt)`` per segment in the transposed layout, ``[B, S, N, Dm]``."""
+    return jnp.exp(dtsum[:, :, None, :] * AT.astype(jnp.float32))
 
 
 def _forward(st, u, delta, AT, B, C, D, z, bias, h0t, save: bool):
@@ -347,7 +343,7 @@ def _forward(st, u, delta, AT, B, C, D, z, bias, h0t, save: bool):
                     ("dtsum", call.shape("seg_vec"), "seg_vec")], st.num_warps)
         dtsum = loc["dtsum"]
         first = jnp.zeros((Bsz, N, Dm), jnp.float32) if h0t is None else h0t
-        h_in = _chain(AT, dtsum, loc["h_out"], first, reverse=False)
+        h_in = blocked._chain(_segment_decay(AT, dtsum), loc["h_out"], first, reverse=False)
     ins = common + [("C", C, "grp"), ("D", D, "vec"), ("z", z, "seq"), ("bias", bias, "vec"),
                     ("h_in", h_in, "seg_state")]
     outs = [("y", call.shape("seq", u.dtype), "seq"),
@@ -368,7 +364,7 @@ def _backward(st, u, delta, AT, B, C, D, z, bias, h0t, ckpt, dtsum, dy, dhTt):
         g_loc = call(_adjoint_kernel, "selective_scan_lanes_adjoint", ins,
                      [("g_loc", call.shape("seg_state"), "seg_state")],
                      st.bwd_num_warps)["g_loc"]
-        g_end = _chain(AT, dtsum, g_loc, dhTt, reverse=True)
+        g_end = blocked._chain(_segment_decay(AT, dtsum), g_loc, dhTt, reverse=True)
     ins = [("u", u, "seq"), ("delta", delta, "seq"), ("A", AT, "mat"), ("B", B, "grp"),
            ("C", C, "grp"), ("D", D, "vec"), ("z", z, "seq"), ("bias", bias, "vec"),
            ("ckpt", ckpt, "ckpt"), ("dy", dy, "seq"), ("g_end", g_end, "seg_state")]
