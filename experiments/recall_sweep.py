@@ -43,6 +43,9 @@ _SETTINGS = flags.DEFINE_list("settings", None, "seq_len:pairs items (default: a
 _LRS = flags.DEFINE_list("lrs", None, "Learning rates (default: configs/recall.LRS).")
 _OUT = flags.DEFINE_string("out_dir", None, "Results folder (default benchmarks/results).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of models and data.")
+_RESUME = flags.DEFINE_string("resume", None, "A recall.json of an earlier call: its finished "
+                              "runs are kept and their jobs not run again (the grid can span "
+                              "several device calls).")
 _DEADLINE = flags.DEFINE_float("deadline_s", None, "Runs still training this many seconds after "
                                "the start stop at their next evaluation (marked 'cut').")
 
@@ -194,6 +197,20 @@ def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
     return best_rows
 
 
+def resume(path: str, jobs: list[tuple], lrs: list[float]) -> tuple[list[dict], list[tuple]]:
+    """The finished runs of an earlier recall.json (no error, not cut by a deadline) and the
+    jobs of ``jobs`` that still lack a finished run at some rate of ``lrs``."""
+    with open(path) as f:
+        earlier = json.load(f)["runs"]
+    kept = [r for r in earlier if "error" not in r and not r.get("cut")]
+    done = {(r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"]) for r in kept}
+    left = [j for j in jobs if any((*j, lr) not in done for lr in lrs)]
+    rerun = set(left)  # a job runs again at every rate: drop its earlier rows
+    kept = [r for r in kept
+            if (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"]) not in rerun]
+    return kept, left
+
+
 def main(argv):
     del argv
     from configs import recall  # noqa: PLC0415
@@ -206,9 +223,12 @@ def main(argv):
     lrs = [float(x) for x in (_LRS.value or recall.LRS)]
     jobs = [(m, d, T, n) for (T, n) in settings for d in d_models for m in mixers]
     jobs.sort(key=lambda j: -j[1] * j[2])  # longest first
+    rows, skipped = [], []
+    if _RESUME.value and os.path.exists(_RESUME.value):
+        rows, jobs = resume(_RESUME.value, jobs, lrs)
+        print(f"resumed {len(rows)} runs from {_RESUME.value}; {len(jobs)} jobs left", flush=True)
     start = time.time()
     deadline = None if _DEADLINE.value is None else start + _DEADLINE.value
-    rows, skipped = [], []
     if _POOL.value == "threads":
         executor = cf.ThreadPoolExecutor(_WORKERS.value)
     else:
