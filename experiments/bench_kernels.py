@@ -1,7 +1,7 @@
 """Times every implementation of one op side by side, with the ceilings of the same run.
 
     python -m experiments.bench_kernels --op=attention   # or linear_attention, selective_scan,
-                                                         # causal_conv1d, decode_attention
+        # causal_conv1d, decode_attention, linear_attention_step, causal_conv1d_step
 Writes JSON to benchmarks/results/ (and $OUT), prints a markdown table last.
 """
 
@@ -19,6 +19,8 @@ OPS = {
     "linear_attention": "experiments.bench.linear_attention",
     "selective_scan": "experiments.bench.selective_scan",
     "causal_conv1d": "experiments.bench.selective_scan",
+    "linear_attention_step": "experiments.bench.steps",
+    "causal_conv1d_step": "experiments.bench.steps",
 }
 
 _OP = flags.DEFINE_enum("op", "attention", list(OPS), "Which op to benchmark.")
