@@ -185,17 +185,13 @@ def scan_variants(T: int) -> dict:
     return variants
 
 
-def run_scan(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
+def _run_shapes(shapes, inputs, impls_for, columns, copy):
+    """Times ``impls_for(shape)`` (name -> f) at every shape; errors against ``xla``."""
     rows = []
-    copy = ceilings.get("copy_tbps")
-    for s in scan_shapes(quick):
-        args, dy = scan_inputs(s["B"], s["T"], s["Dm"], s["N"])
-        impls = {"xla": _scan_fn("xla"), "pallas_triton": _scan_fn("pallas_triton")}
-        if not quick and s["T"] in (4096, 16384):
-            impls.update({k: _scan_fn("pallas_triton", b)
-                          for k, b in scan_variants(s["T"]).items()})
+    for s in shapes:
+        args, dy = inputs(s)
         ref = None
-        for name, f in impls.items():
+        for name, f in impls_for(s).items():
             row = {"impl": name, **s}
             fwd, fb = _fwd_and_fb(f)
             out, got = _measure(row, fwd, fb, args, dy, copy)
@@ -203,10 +199,23 @@ def run_scan(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
                 ref = (out, got, row)
             elif ref is not None:
                 _compare(row, out, got, *ref)
-            print({k: row.get(k) for k in SCAN_COLUMNS}, flush=True)
+            print({k: row.get(k) for k in columns}, flush=True)
             rows.append(row)
             del out, got
         del ref, args, dy
+    return rows
+
+
+def run_scan(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
+    def impls_for(s):
+        impls = {"xla": _scan_fn("xla"), "pallas_triton": _scan_fn("pallas_triton")}
+        if not quick and s["T"] in (4096, 16384):
+            impls.update({k: _scan_fn("pallas_triton", b)
+                          for k, b in scan_variants(s["T"]).items()})
+        return impls
+
+    rows = _run_shapes(scan_shapes(quick), lambda s: scan_inputs(s["B"], s["T"], s["Dm"], s["N"]),
+                       impls_for, SCAN_COLUMNS, ceilings.get("copy_tbps"))
     _plots(rows, "selective_scan", f"bf16, Dm={SCAN['Dm']}, N={SCAN['N']}, {TOKENS} tokens")
     return rows, SCAN_COLUMNS
 
@@ -256,32 +265,19 @@ def conv_variants():
 
 
 def run_conv(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
-    rows = []
-    copy = ceilings.get("copy_tbps")
-    for s in conv_shapes(quick):
-        args, dy = conv_inputs(s["B"], s["T"], s["C"], s["W"])
+    def impls_for(s):
         impls = {"xla": _conv_fn("xla"), "pallas_triton": _conv_fn("pallas_triton")}
         if not quick and s["T"] == 4096:
             impls.update({k: _conv_fn("pallas_triton", b) for k, b in conv_variants().items()})
-        ref = None
-        for name, f in impls.items():
-            row = {"impl": name, **s}
-            fwd, fb = _fwd_and_fb(f)
-            out, got = _measure(row, fwd, fb, args, dy, copy)
-            if name == "xla":
-                ref = (out, got, row)
-            elif ref is not None:
-                _compare(row, out, got, *ref)
-            print({k: row.get(k) for k in CONV_COLUMNS}, flush=True)
-            rows.append(row)
-            del out, got
-        del ref, args, dy
+        return impls
+
+    rows = _run_shapes(conv_shapes(quick), lambda s: conv_inputs(s["B"], s["T"], s["C"], s["W"]),
+                       impls_for, CONV_COLUMNS, ceilings.get("copy_tbps"))
     _plots(rows, "causal_conv1d", f"bf16, C={CONV['C']}, width {CONV['W']}, {TOKENS} tokens")
     return rows, CONV_COLUMNS
 
 
-CONV_COLUMNS = ["label", "impl", "fwd_ms", "fwd_gbs", "fwd_x_rowo", "fb_ms", "fb_gbs",
-                "fb_x_rowo", "fb_vs_xla", "mem_mb", "err_y", "err_grad", "error"]
+CONV_COLUMNS = SCAN_COLUMNS
 
 
 # --- more tile choices (not part of bench_kernels) -----------------------------------------
