@@ -57,9 +57,9 @@ DEFAULT_CONFIGS = [
 FLA_OPS = {"scalar": ("fla.ops.simple_gla", "chunk_simple_gla"),
            "channel": ("fla.ops.gla", "chunk_gla")}
 
-COLUMNS = ["series", "decay", "impl", "blocks", "B", "T", "H", "D", "fwd_ms", "fwdbwd_ms", "fwd_TBps",
-           "copy_frac", "Mtok_per_s", "ns_per_token", "fwdbwd_speedup_vs_xla", "rel_err_xla",
-           "rel_err_fla", "error"]
+COLUMNS = ["series", "decay", "impl", "blocks", "B", "T", "H", "D", "fwd_ms", "fwdbwd_ms",
+           "fwd_TBps", "copy_frac", "Mtok_per_s", "ns_per_token", "fwd_mem_mb",
+           "fwdbwd_speedup_vs_xla", "rel_err_xla", "rel_err_fla", "error"]
 
 
 def _error(e: BaseException) -> str:
@@ -146,6 +146,20 @@ def _fla(decay, q, k, v, g, do):
     return forward, forward_backward, np.asarray(out.float().cpu().numpy())
 
 
+def _torch_peak_mb(fn) -> float | None:
+    """Peak PyTorch allocation of one ``fn()`` (its inputs included), MB."""
+    try:
+        import torch  # noqa: PLC0415
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    except Exception:  # noqa: BLE001 - memory is optional
+        return None
+
+
 def _row(series, decay, impl, B, T, H, D):
     return {"series": series, "decay": decay, "impl": impl, "B": B, "T": T, "H": H, "D": D}
 
@@ -186,6 +200,8 @@ def _measure_shape(series, B, T, H, D, decay, ceilings, *, backward=True, with_x
             fwd, fwd_bwd = _seqmix_fns(impl, config)
             outs[impl] = fwd(q, k, v, g)
             _fill_speed(row, common.time_jax(fwd, q, k, v, g) * 1e3, nbytes, ceilings, tokens)
+            mem = common.compiled_bytes(fwd, q, k, v, g)
+            row["fwd_mem_mb"] = None if mem is None else mem / 2**20
             if backward:
                 row["fwdbwd_ms"] = common.time_jax(fwd_bwd, q, k, v, g, do) * 1e3
         except Exception as e:  # noqa: BLE001 - one failure must not stop the run
@@ -196,6 +212,7 @@ def _measure_shape(series, B, T, H, D, decay, ceilings, *, backward=True, with_x
     try:
         forward, forward_backward, outs["fla"] = _fla(decay, q, k, v, g, do)
         _fill_speed(fla_row, common.time_torch(forward) * 1e3, nbytes, ceilings, tokens)
+        fla_row["fwd_mem_mb"] = _torch_peak_mb(forward)
         if backward:
             try:
                 fla_row["fwdbwd_ms"] = common.time_torch(forward_backward) * 1e3
