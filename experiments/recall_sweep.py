@@ -7,8 +7,9 @@ halves of the vocabulary, power-law query gaps, accuracy at the answer positions
 reduced training budget so that the grid fits one device session: ``steps`` updates of
 ``batch_size`` fresh sequences (1500 x 128 = 192k sequences against Zoology's 64 epochs of
 100k, about 33x fewer), each run stopping early once its evaluation accuracy reaches 0.99.
-For each (mixer, d_model, setting) one compiled step serves every learning rate of the
-sweep: the rate lives in the optimizer state (``optax.inject_hyperparams``), not in the code.
+For each (mixer, d_model, setting) one compiled step trains every learning rate of the sweep
+at once: the rate lives in the optimizer state (``optax.inject_hyperparams``), and the step
+is vmapped over a leading rate axis of the whole training state (same data for every rate).
 
 Jobs run in ``--workers`` threads of one process (``--pool=threads``, the default): they
 share one device allocator and one stream, so small models overlap their Python dispatch
@@ -52,9 +53,10 @@ _DEADLINE = flags.DEFINE_float("deadline_s", None, "Runs still training this man
 
 def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
             deadline=None) -> list[dict]:
-    """Trains one grid point at every learning rate; returns one row per rate. Past
-    ``deadline`` (a ``time.time()`` value) a run stops at its next evaluation and its row says
-    ``cut``; rates not started by then are left out."""
+    """Trains one grid point at every learning rate at once (one vmapped step); returns one
+    row per rate, each finished at its first evaluation with accuracy >= 0.99, a non-finite
+    loss, or the last step. Past ``deadline`` (a ``time.time()`` value) the runs stop at their
+    next evaluation and the rows of those still below 0.99 say ``cut``."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -75,9 +77,6 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
     tx = optax.chain(optimizer.make_optimizer(unit, steps),
                      optax.inject_hyperparams(optax.scale)(step_size=1.0))
     schedule = optimizer.learning_rate_schedule(unit, steps)
-    train_step = jax.jit(loop.make_train_step(parts, tx, schedule, "causal_lm", seed),
-                         donate_argnums=0)
-    eval_step = jax.jit(loop.make_eval_step(parts, "causal_lm", seed))
     eval_set = [jax.device_put(b) for b in task.eval_batches()]
 
     model = models.build_model(cfg.model, rngs=nnx.Rngs(0))
@@ -86,39 +85,55 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
                          if jnp.issubdtype(x.dtype, jnp.floating)) // len(cfg.model.layers))
     n_params = models.param_count(model)
 
+    n = len(lrs)
+    # Every learning rate trains at once: the step is vmapped over a leading rate axis of
+    # the state (params, optimizer state with its step size, other), the batch is shared.
+    train_v = jax.jit(jax.vmap(loop.make_train_step(parts, tx, schedule, "causal_lm", seed),
+                               in_axes=(0, None, None, None)), donate_argnums=0)
+    eval_v = jax.jit(jax.vmap(loop.make_eval_step(parts, "causal_lm", seed),
+                              in_axes=(0, None, 0, None)))
+
     def evaluate(state, rngs):
         sums = None
         for b in eval_set:
-            s = eval_step(state.params, rngs, state.other, b)
+            s = eval_v(state.params, rngs, state.other, b)
             sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
-        return losses.finish(jax.device_get(sums))["accuracy"]
+        sums = jax.device_get(sums)
+        return [losses.finish(jax.tree.map(lambda x, i=i: x[i], sums)) for i in range(n)]
 
-    rows = []
-    for lr in lrs:
-        if deadline is not None and time.time() > deadline and rows:
+    t0 = time.time()
+    params, rngs, other = loop._init_state(cfg.model, seed, None)  # noqa: SLF001
+    opt_state = tx.init(params)
+    opt_state = (opt_state[0], opt_state[1]._replace(
+        hyperparams={"step_size": jnp.asarray(1.0, jnp.float32)}))
+    state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)),
+                         loop.TrainState(params, opt_state, other))
+    state = state._replace(opt_state=(state.opt_state[0], state.opt_state[1]._replace(
+        hyperparams={"step_size": jnp.asarray(lrs, jnp.float32)})))
+    result = [None] * n  # (accuracy, eval loss, steps, cut) once a rate is finished
+    for step in range(1, steps + 1):
+        state, metrics = train_v(state, rngs, task.train_batch(step), step)
+        if step % 250 and step != steps:
+            continue
+        losses_now = np.asarray(jax.device_get(metrics["loss"]))
+        evals = evaluate(state, rngs)
+        late = deadline is not None and time.time() > deadline and step < steps
+        for i, ev in enumerate(evals):
+            acc_i, loss_i = float(ev["accuracy"]), float(ev["loss"])
+            if result[i] is not None:
+                continue
+            if not np.isfinite(losses_now[i]):
+                result[i] = (float("nan"), float("nan"), step, False)
+            elif acc_i >= 0.99 or step == steps or late:
+                result[i] = (acc_i, loss_i, step, late and acc_i < 0.99)
+        if all(r is not None for r in result):
             break
-        t0 = time.time()
-        params, rngs, other = loop._init_state(cfg.model, seed, None)  # noqa: SLF001
-        opt_state = tx.init(params)
-        opt_state = (opt_state[0], opt_state[1]._replace(
-            hyperparams={"step_size": jnp.asarray(lr, jnp.float32)}))
-        state = loop.TrainState(params, opt_state, other)
-        acc, done, cut = 0.0, steps, False
-        for step in range(1, steps + 1):
-            state, metrics = train_step(state, rngs, task.train_batch(step), step)
-            if step % 250 == 0 or step == steps:
-                if not bool(np.isfinite(float(metrics["loss"]))):
-                    acc, done = float("nan"), step
-                    break
-                acc = evaluate(state, rngs)
-                done = step
-                if acc >= 0.99:
-                    break
-                if deadline is not None and time.time() > deadline and step < steps:
-                    cut = True
-                    break
+    seconds = time.time() - t0
+    rows = []
+    for lr, (accuracy, eval_loss, done, cut) in zip(lrs, result):
         rows.append(dict(mixer=mixer, d_model=d_model, seq_len=seq_len, num_kv_pairs=pairs,
-                         lr=lr, accuracy=acc, steps=done, cut=cut, seconds=time.time() - t0,
+                         lr=lr, accuracy=accuracy, eval_loss=eval_loss, steps=done, cut=cut,
+                         seconds=seconds,
                          state_size=state_size, params=n_params))
     return rows
 

@@ -49,3 +49,20 @@ def test_decoding_step_lowers_for_gpu():
 
     text = testing.lower_for(step, state, jnp.zeros((2, 1), jnp.int32), cache, platform="cuda")
     assert "__gpu$xla.gpu.triton" in text
+
+
+def test_training_step_vmapped_over_parameters_lowers_for_gpu():
+    """The recall sweep trains several learning rates as one step vmapped over a leading
+    axis of the parameters: the Pallas kernels must batch (pallas_call's batching rule)."""
+    model = _model()
+    graphdef, params = nnx.split(model, nnx.Param)
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x]), params)
+    tokens = jnp.zeros((2, 128), jnp.int32)
+
+    def loss(params, tokens):
+        logits = nnx.merge(graphdef, params)(tokens)
+        return jnp.mean(logits.astype(jnp.float32))
+
+    text = testing.lower_for(jax.vmap(jax.grad(loss), in_axes=(0, None)), stacked, tokens,
+                             platform="cuda")
+    assert text.count("__gpu$xla.gpu.triton") >= 4
