@@ -41,6 +41,8 @@ _COMPILE_BUDGET = flags.DEFINE_float("compile_budget_s", 300.0,
                                      "With compile_workers: stop compiling after this.")
 _COMPILE_ONLY = flags.DEFINE_string("compile_only", None, "Internal: 'i/n' shard to compile.")
 _OUT = flags.DEFINE_string("out_dir", None, "Results folder (default benchmarks/results).")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "The bf16 matmul ceiling for MFU (default: "
+                           "measured in this run; give it for toy runs on a CPU).")
 
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "seqmix_jax_cache")
 
@@ -49,7 +51,8 @@ def model_for(mixer: str, T: int):
     """The ~125M model config of ``mixer`` (12 x 768, SwiGLU MLPs, tied 32k vocabulary)."""
     from seqmix.models import model_config  # noqa: PLC0415
 
-    layers = ("MMMA" * _LAYERS.value)[:_LAYERS.value] if mixer == "hybrid" else [mixer] * _LAYERS.value
+    n = _LAYERS.value
+    layers = ("MMMA" * n)[:n] if mixer == "hybrid" else [mixer] * n
     heads = max(1, _D_MODEL.value // 64)  # head dim 64
     return model_config(
         kind="causal_lm", vocab_size=_VOCAB.value, d_model=_D_MODEL.value, layers=layers,
@@ -196,7 +199,7 @@ def main(argv):
         _parallel_compile(_WORKERS.value)
         print(f"parallel compile: {time.time() - t0:.0f}s", flush=True)
     _setup_cache()
-    peak = common.matmul_ceiling()
+    peak = _PEAK.value or common.matmul_ceiling()
     print(f"bf16 matmul ceiling {peak:.0f} TFLOP/s", flush=True)
     rows = []
     for mixer in _MIXERS.value:
@@ -204,13 +207,12 @@ def main(argv):
             if _WORKERS.value > 0 and not os.path.exists(_marker(mixer, T)):
                 row = {"mixer": mixer, "T": T,
                        "error": f"not compiled within --compile_budget_s={_COMPILE_BUDGET.value}"}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                continue
-            try:
-                row = time_one(mixer, T, peak)
-            except Exception as e:  # noqa: BLE001 - one config failing must not stop the run
-                row = {"mixer": mixer, "T": T, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            else:
+                try:
+                    row = time_one(mixer, T, peak)
+                except Exception as e:  # noqa: BLE001 - one config failing must not stop the run
+                    row = {"mixer": mixer, "T": T,
+                           "error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(json.dumps(row, default=float), flush=True)
             rows.append(row)
             # after every row: a run cut by its time limit keeps what it measured
