@@ -145,6 +145,7 @@ def _init_worker(workers: int):
 
 
 def plot(best: list[dict], path_prefix: str) -> None:
+    """Accuracy against d_model and against the recurrent state size, a panel per setting."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -152,39 +153,26 @@ def plot(best: list[dict], path_prefix: str) -> None:
 
     settings = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in best})
     mixers = sorted({r["mixer"] for r in best})
-    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), squeeze=False)
-    for ax, (T, n) in zip(axes[0], settings):
-        for m in mixers:
-            pts = sorted((r["d_model"], r["accuracy"]) for r in best
-                         if r["mixer"] == m and (r["seq_len"], r["num_kv_pairs"]) == (T, n))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"T={T}, {n} pairs")
-        ax.set_xlabel("d_model")
-    axes[0][0].set_ylabel("MQAR accuracy")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path_prefix + "_vs_dmodel.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), squeeze=False)
-    for ax, (T, n) in zip(axes[0], settings):
-        for m in mixers:
-            pts = sorted((r["state_size"], r["accuracy"]) for r in best
-                         if r["mixer"] == m and (r["seq_len"], r["num_kv_pairs"]) == (T, n))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=m)
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"T={T}, {n} pairs")
-        ax.set_xlabel("state size per layer (floats)")
-    axes[0][0].set_ylabel("MQAR accuracy")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path_prefix + "_vs_state.png", dpi=110)
-    plt.close(fig)
+    for key, xlabel, scale, suffix in (("d_model", "d_model", dict(base=2), "_vs_dmodel.png"),
+                                       ("state_size", "state size per layer (floats)", {},
+                                        "_vs_state.png")):
+        fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4),
+                                 squeeze=False)
+        for ax, (T, n) in zip(axes[0], settings):
+            for m in mixers:
+                pts = sorted((r[key], r["accuracy"]) for r in best
+                             if r["mixer"] == m and (r["seq_len"], r["num_kv_pairs"]) == (T, n))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m)
+            ax.set_xscale("log", **scale)
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"T={T}, {n} pairs")
+            ax.set_xlabel(xlabel)
+        axes[0][0].set_ylabel("MQAR accuracy")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path_prefix + suffix, dpi=110)
+        plt.close(fig)
 
 
 def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:

@@ -51,3 +51,13 @@ def test_vmapped_rates_match_separate_runs():
     assert abs(pair[1]["eval_loss"] - alone[0]["eval_loss"]) < 1e-4 * alone[0]["eval_loss"]
     # and the other rate trained a different model
     assert abs(pair[0]["eval_loss"] - pair[1]["eval_loss"]) > 1e-3
+
+
+def test_plots_accuracy_against_width_and_state(tmp_path):
+    best = [dict(mixer=m, d_model=d, seq_len=T, num_kv_pairs=n, accuracy=0.5,
+                 state_size=d * 100) for m in ("attention", "gla") for d in (64, 128)
+            for T, n in ((64, 4), (128, 8))]
+    recall_sweep.plot(best, str(tmp_path / "recall"))
+    for suffix in ("_vs_dmodel.png", "_vs_state.png"):
+        png = (tmp_path / f"recall{suffix}").read_bytes()
+        assert png[:4] == b"\x89PNG" and len(png) > 5000
