@@ -185,9 +185,10 @@ def scan_variants(T: int) -> dict:
     return variants
 
 
-def _run_shapes(shapes, inputs, impls_for, columns, copy):
-    """Times ``impls_for(shape)`` (name -> f) at every shape; errors against ``xla``."""
-    rows = []
+def iter_shapes(shapes, inputs, impls_for, columns, copy):
+    """Times ``impls_for(shape)`` (name -> f) at every shape, yielding each row as it is
+    measured; output and gradient errors against the first implementation (``xla`` when
+    timed)."""
     for s in shapes:
         args, dy = inputs(s)
         ref = None
@@ -195,15 +196,14 @@ def _run_shapes(shapes, inputs, impls_for, columns, copy):
             row = {"impl": name, **s}
             fwd, fb = _fwd_and_fb(f)
             out, got = _measure(row, fwd, fb, args, dy, copy)
-            if name == "xla":
+            if ref is None:
                 ref = (out, got, row)
-            elif ref is not None:
+            else:
                 _compare(row, out, got, *ref)
             print({k: row.get(k) for k in columns}, flush=True)
-            rows.append(row)
+            yield row
             del out, got
         del ref, args, dy
-    return rows
 
 
 def run_scan(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
@@ -214,8 +214,9 @@ def run_scan(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
                           for k, b in scan_variants(s["T"]).items()})
         return impls
 
-    rows = _run_shapes(scan_shapes(quick), lambda s: scan_inputs(s["B"], s["T"], s["Dm"], s["N"]),
-                       impls_for, SCAN_COLUMNS, ceilings.get("copy_tbps"))
+    rows = list(iter_shapes(scan_shapes(quick),
+                            lambda s: scan_inputs(s["B"], s["T"], s["Dm"], s["N"]),
+                            impls_for, SCAN_COLUMNS, ceilings.get("copy_tbps")))
     _plots(rows, "selective_scan", f"bf16, Dm={SCAN['Dm']}, N={SCAN['N']}, {TOKENS} tokens")
     return rows, SCAN_COLUMNS
 
@@ -271,8 +272,9 @@ def run_conv(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
             impls.update({k: _conv_fn("pallas_triton", b) for k, b in conv_variants().items()})
         return impls
 
-    rows = _run_shapes(conv_shapes(quick), lambda s: conv_inputs(s["B"], s["T"], s["C"], s["W"]),
-                       impls_for, CONV_COLUMNS, ceilings.get("copy_tbps"))
+    rows = list(iter_shapes(conv_shapes(quick),
+                            lambda s: conv_inputs(s["B"], s["T"], s["C"], s["W"]),
+                            impls_for, CONV_COLUMNS, ceilings.get("copy_tbps")))
     _plots(rows, "causal_conv1d", f"bf16, C={CONV['C']}, width {CONV['W']}, {TOKENS} tokens")
     return rows, CONV_COLUMNS
 

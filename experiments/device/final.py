@@ -54,48 +54,32 @@ def _section(name, fn):
 
 def scan(B, T, ceilings, *, with_xla=True, variants=False):
     """xla (the reference of the error columns when timed) and pallas_triton; with
-    ``variants`` also the other tile choices and the opt-in lanes kernels of the bench."""
+    ``variants`` also the lanes variants and the blocked kernels of the bench."""
     from experiments.bench import selective_scan as S
 
-    def run():
-        s = dict(label=f"{B}x{T}x1536x16", B=B, T=T, **S.SCAN)
-        args, dy = S.scan_inputs(B, T, s["Dm"], s["N"])
+    def impls_for(s):
         impls = {"xla": S._scan_fn("xla")} if with_xla else {}  # noqa: SLF001
         impls["pallas_triton"] = S._scan_fn("pallas_triton")  # noqa: SLF001
         if variants:
             impls.update({k: S._scan_fn("pallas_triton", b)  # noqa: SLF001
                           for k, b in S.scan_variants(T).items()
                           if "lanes" in k or k.endswith("[blocked]")})
-        ref = None
-        for name, f in impls.items():
-            row = {"op": "selective_scan", "impl": name, **s}
-            fwd, fb = S._fwd_and_fb(f)  # noqa: SLF001
-            out, got = S._measure(row, fwd, fb, args, dy, ceilings["copy_tbps"])  # noqa: SLF001
-            if ref is None:
-                ref = (out, got, row)
-            else:
-                S._compare(row, out, got, *ref)  # noqa: SLF001
-            yield row
-    return run
+        return impls
+
+    shape = dict(label=f"{B}x{T}x1536x16", B=B, T=T, **S.SCAN)
+    return lambda: (dict(row, op="selective_scan") for row in S.iter_shapes(
+        [shape], lambda s: S.scan_inputs(B, T, s["Dm"], s["N"]), impls_for, S.SCAN_COLUMNS,
+        ceilings["copy_tbps"]))
 
 
 def conv(ceilings):
     from experiments.bench import selective_scan as S
 
-    def run():
-        s = dict(label="8x4096x3072 w4", B=8, T=4096, **S.CONV)
-        args, dy = S.conv_inputs(8, 4096, s["C"], s["W"])
-        ref = None
-        for name in ("xla", "pallas_triton"):
-            row = {"op": "causal_conv1d", "impl": name, **s}
-            fwd, fb = S._fwd_and_fb(S._conv_fn(name))  # noqa: SLF001
-            out, got = S._measure(row, fwd, fb, args, dy, ceilings["copy_tbps"])  # noqa: SLF001
-            if ref is None:
-                ref = (out, got, row)
-            else:
-                S._compare(row, out, got, *ref)  # noqa: SLF001
-            yield row
-    return run
+    shape = dict(label="8x4096x3072 w4", B=8, T=4096, **S.CONV)
+    return lambda: (dict(row, op="causal_conv1d") for row in S.iter_shapes(
+        [shape], lambda s: S.conv_inputs(8, 4096, s["C"], s["W"]),
+        lambda s: {"xla": S._conv_fn("xla"), "pallas_triton": S._conv_fn("pallas_triton")},  # noqa: SLF001
+        S.CONV_COLUMNS, ceilings["copy_tbps"]))
 
 
 def linear(B, T, H, D, decay, ceilings, backward, with_xla):

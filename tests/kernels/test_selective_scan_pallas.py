@@ -74,8 +74,9 @@ def test_matches_oracle(impl, case):
     _check(impl, args, use=use, softplus=softplus, tol=testing.tolerance(dtype), seed=seed)
 
 
-# The opt-in one-channel-per-lane kernels (triton_lanes.py) at interpret-mode sizes: 8
-# channels per program, chunks of 2 backward tiles of 2 steps.
+# The one-channel-per-lane kernels (triton_lanes.py, the GPU default; interpret mode runs the
+# blocked ones unless told) at interpret-mode sizes: 8 channels per program, chunks of 2
+# backward tiles of 2 steps.
 LANES = scan_triton.Blocks(algorithm="lanes", block_d=8, chunk=4, bwd_tile=2, num_warps=1,
                            bwd_num_warps=1, segments=1)
 
@@ -146,18 +147,20 @@ def test_no_nan_long_strong_decay_float32(algorithm):
     testing.assert_close(h, h_ref, 1e-5, "final state")
 
 
+_BF, _F32, _SD = jnp.bfloat16, jnp.float32, jax.ShapeDtypeStruct
+# [2, 2048, 1536, 16]: u, delta, A, B, C, D, z, delta_bias, initial_state
+_LOWERING_ARGS = [_SD((2, 2048, 1536), _BF), _SD((2, 2048, 1536), _BF), _SD((1536, 16), _F32),
+                  _SD((2, 2048, 1, 16), _BF), _SD((2, 2048, 1, 16), _BF), _SD((1536,), _F32),
+                  _SD((2, 2048, 1536), _BF), _SD((1536,), _F32), _SD((2, 1536, 16), _F32)]
+
+
 @pytest.mark.parametrize("implementation", IMPLS)
 def test_lowers_forward_and_backward(implementation):
     """[2, 2048, 1536, 16] bf16 with every optional argument, through the public op: the
     Triton kernels (time segments included) lower for an H200 and the Mosaic kernels for a
     TPU (nothing runs)."""
     platform = "cuda" if implementation == "pallas_triton" else "tpu"
-    Bsz, T, Dm, N = 2, 2048, 1536, 16
-    bf, f32 = jnp.bfloat16, jnp.float32
-    sd = jax.ShapeDtypeStruct
-    args = [sd((Bsz, T, Dm), bf), sd((Bsz, T, Dm), bf), sd((Dm, N), f32),
-            sd((Bsz, T, 1, N), bf), sd((Bsz, T, 1, N), bf), sd((Dm,), f32),
-            sd((Bsz, T, Dm), bf), sd((Dm,), f32), sd((Bsz, Dm, N), f32)]
+    f32 = jnp.float32
 
     def loss(u, delta, A, B, C, D, z, bias, h0):
         y, h = selective_scan(u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True,
@@ -165,7 +168,8 @@ def test_lowers_forward_and_backward(implementation):
                               implementation=implementation)
         return jnp.sum(y.astype(f32)) + jnp.sum(h)
 
-    text = testing.lower_for(jax.grad(loss, argnums=tuple(range(9))), *args, platform=platform)
+    text = testing.lower_for(jax.grad(loss, argnums=tuple(range(9))), *_LOWERING_ARGS,
+                             platform=platform)
     marker = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
     # Triton: local + main forward, adjoint + main backward (4 segments); TPU: fwd + bwd.
     expected = 4 if platform == "cuda" else 2
@@ -173,24 +177,24 @@ def test_lowers_forward_and_backward(implementation):
         f"{text.count(marker)}"
 
 
-def test_triton_lanes_lowers_forward_and_backward():
-    """The opt-in lanes kernels (``LANES_BLOCKS``) at [2, 2048, 1536, 16] bf16 with every
-    optional argument lower for an H200: local + main forward, adjoint + main backward (2
-    programs x 48 channel blocks -> 4 time segments). Nothing runs."""
-    Bsz, T, Dm, N = 2, 2048, 1536, 16
-    bf, f32 = jnp.bfloat16, jnp.float32
-    sd = jax.ShapeDtypeStruct
-    args = [sd((Bsz, T, Dm), bf), sd((Bsz, T, Dm), bf), sd((Dm, N), f32),
-            sd((Bsz, T, 1, N), bf), sd((Bsz, T, 1, N), bf), sd((Dm,), f32),
-            sd((Bsz, T, Dm), bf), sd((Dm,), f32), sd((Bsz, Dm, N), f32)]
+@pytest.mark.parametrize("blocks,prefix", [
+    (scan_triton.LANES_BLOCKS, "selective_scan_lanes_"),  # the GPU default
+    (scan_triton.BLOCKED_BLOCKS, "selective_scan_"),
+])
+def test_triton_algorithms_lower_forward_and_backward(blocks, prefix):
+    """Both Triton algorithms at [2, 2048, 1536, 16] bf16 with every optional argument lower
+    for an H200: local + main forward, adjoint + main backward (time segments). Nothing
+    runs."""
+    f32 = jnp.float32
 
     def loss(u, delta, A, B, C, D, z, bias, h0):
         y, h = scan_triton.selective_scan(u, delta, A, B, C, D, z, delta_bias=bias,
-                                          delta_softplus=True, initial_state=h0,
-                                          blocks=scan_triton.LANES_BLOCKS)
+                                          delta_softplus=True, initial_state=h0, blocks=blocks)
         return jnp.sum(y.astype(f32)) + jnp.sum(h)
 
-    text = testing.lower_for(jax.grad(loss, argnums=tuple(range(9))), *args, platform="cuda")
+    text = testing.lower_for(jax.grad(loss, argnums=tuple(range(9))), *_LOWERING_ARGS,
+                             platform="cuda")
     for name in ("local", "fwd", "adjoint", "bwd"):
-        assert f"selective_scan_lanes_{name}" in text, f"kernel selective_scan_lanes_{name} " \
-            "missing from the lowered module"
+        assert f"{prefix}{name}" in text, f"kernel {prefix}{name} missing from the module"
+    # the blocked kernels' names are not substrings of the lanes ones, and vice versa
+    assert ("selective_scan_lanes_" in text) == (blocks is scan_triton.LANES_BLOCKS)
