@@ -28,6 +28,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
+import threading
 import time
 
 from absl import app, flags
@@ -51,12 +52,17 @@ _DEADLINE = flags.DEFINE_float("deadline_s", None, "Runs still training this man
                                "the start stop at their next evaluation (marked 'cut').")
 
 
+# Set on SIGINT (the stage's time limit): running jobs evaluate at once and return, cut.
+_STOP = threading.Event()
+
+
 def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
             deadline=None) -> list[dict]:
     """Trains one grid point at every learning rate at once (one vmapped step); returns one
     row per rate, each finished at its first evaluation with accuracy >= 0.99, a non-finite
-    loss, or the last step. Past ``deadline`` (a ``time.time()`` value) the runs stop at their
-    next evaluation and the rows of those still below 0.99 say ``cut``."""
+    loss, or the last step. Past ``deadline`` (a ``time.time()`` value) the runs evaluate
+    within 50 steps and stop, and the rows of those still below 0.99 say ``cut``; after an
+    interrupt (``_STOP``, threads only) they evaluate at once and stop the same way."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -113,11 +119,12 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
     result = [None] * n  # (accuracy, eval loss, steps, cut) once a rate is finished
     for step in range(1, steps + 1):
         state, metrics = train_v(state, rngs, task.train_batch(step), step)
-        if step % 250 and step != steps:
+        late = step < steps and (_STOP.is_set() or (
+            deadline is not None and time.time() > deadline and step % 50 == 0))
+        if step % 250 and step != steps and not late:
             continue
         losses_now = np.asarray(jax.device_get(metrics["loss"]))
         evals = evaluate(state, rngs)
-        late = deadline is not None and time.time() > deadline and step < steps
         for i, ev in enumerate(evals):
             acc_i, loss_i = float(ev["accuracy"]), float(ev["loss"])
             if result[i] is not None:
@@ -252,7 +259,14 @@ def main(argv):
                                     _SEED.value, deadline)] = job
             if not pending:
                 break
-            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            try:
+                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            except KeyboardInterrupt:  # the time limit: keep what the running jobs reached
+                print("interrupted: running jobs stop at their next step", flush=True)
+                _STOP.set()
+                skipped.extend(queue)
+                queue = []
+                continue
             for fut in done:
                 job = pending.pop(fut)
                 try:

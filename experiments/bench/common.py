@@ -182,6 +182,7 @@ def attempt(row: dict, key: str, fn):
 
 
 def filtered(shapes: list[dict]) -> list[dict]:
-    """The shapes whose label contains ``$SEQMIX_BENCH_FILTER`` (all when unset)."""
-    needle = os.environ.get("SEQMIX_BENCH_FILTER")
-    return [s for s in shapes if not needle or needle in s["label"]]
+    """The shapes whose label contains ``$SEQMIX_BENCH_FILTER`` (all when unset), or any of
+    its ``|``-separated parts (``d64|/4``)."""
+    needles = [n for n in os.environ.get("SEQMIX_BENCH_FILTER", "").split("|") if n]
+    return [s for s in shapes if not needles or any(n in s["label"] for n in needles)]

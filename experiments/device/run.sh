@@ -19,8 +19,10 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,nohe
 for stage in "$@"; do
   limit=600; case $stage in *@*) limit=${stage##*@}; stage=${stage%@*} ;; esac
   name=${stage%%:*}; arg=${stage#*:}; [ "$arg" = "$stage" ] && arg=""
-  T="timeout -s INT $limit"
-  log="$OUT/${name}_${arg//,/-}.log"
+  # INT first (scripts write what they have), KILL 45 s later if that did not end it
+  T="timeout -k 45 -s INT $limit"
+  tag=${arg//[^A-Za-z0-9_.=-]/_}
+  log="$OUT/${name}_${tag:0:60}.log"
   echo "=== $stage" | tee -a "$OUT/summary.txt"
   start=$(date +%s)
   case $name in

@@ -209,3 +209,15 @@ def test_bytes_split_is_deterministic_and_disjoint(byte_dir):
 def test_unknown_task_names_the_key():
     with pytest.raises(ValueError, match="data.task"):
         data.make_task(_config("nope"))
+
+
+@pytest.mark.parametrize("n,low,high", [(3, 1, 200), (6, 4, 10)])  # rejection; permutation
+def test_mqar_distinct_tokens_are_uniform(n, low, high):
+    rng = np.random.default_rng(0)
+    rows = mqar._distinct(rng, 4000, n, low, high)  # noqa: SLF001
+    assert rows.shape == (4000, n) and rows.min() >= low and rows.max() < high
+    assert all(len(set(r)) == n for r in rows)
+    # every token equally likely in every column (uniform over ordered distinct tuples)
+    counts = np.stack([np.bincount(rows[:, j] - low, minlength=high - low) for j in range(n)])
+    expected = 4000 / (high - low)
+    assert np.abs(counts - expected).max() < 6 * np.sqrt(expected)

@@ -1,6 +1,10 @@
 """The recall sweep's bookkeeping: resuming across device calls and the per-run deadline."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 from experiments import recall_sweep
@@ -34,7 +38,7 @@ def test_run_job_stops_at_the_deadline_and_says_so():
     # the deadline had passed: both rates (trained together) stop at the first evaluation
     assert [r["lr"] for r in rows] == [1e-3, 3e-3]
     for r in rows:
-        assert r["cut"] and r["steps"] == 250
+        assert r["cut"] and r["steps"] == 50
         assert 0.0 <= r["accuracy"] <= 1.0 and r["state_size"] > 0
 
 
@@ -61,3 +65,20 @@ def test_plots_accuracy_against_width_and_state(tmp_path):
     for suffix in ("_vs_dmodel.png", "_vs_state.png"):
         png = (tmp_path / f"recall{suffix}").read_bytes()
         assert png[:4] == b"\x89PNG" and len(png) > 5000
+
+
+def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
+    # The device stage's time limit sends SIGINT: the running job must stop within a step,
+    # be written as cut, and the process exit (a hung sweep lost a whole device call).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.recall_sweep", "--mixers=attention",
+         "--d_models=64", "--settings=64:4", "--lrs=1e-3", "--steps=1000000",
+         "--batch_size=4", f"--out_dir={tmp_path}", "--workers=1"],
+        env=dict(os.environ, OUT=""), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    time.sleep(20)  # compiling or training
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    runs = json.loads((tmp_path / "recall.json").read_text())["runs"]
+    assert len(runs) == 1 and runs[0]["cut"] and runs[0]["steps"] < 1000000, runs
