@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 
 from absl import app, flags
+
+from experiments.bench import precompile
 
 _MIXERS = flags.DEFINE_list("mixers", ["attention", "mamba2", "gla", "based", "hybrid"],
                             "Mixers to time ('hybrid' = MMMA, 3 mamba2 : 1 attention).")
@@ -44,7 +43,6 @@ _OUT = flags.DEFINE_string("out_dir", None, "Results folder (default benchmarks/
 _PEAK = flags.DEFINE_float("peak_tflops", None, "The bf16 matmul ceiling for MFU (default: "
                            "measured in this run; give it for toy runs on a CPU).")
 
-CACHE_DIR = os.path.join(tempfile.gettempdir(), "seqmix_jax_cache")
 
 
 def model_for(mixer: str, T: int):
@@ -64,14 +62,6 @@ def model_for(mixer: str, T: int):
             "mamba2": {"headdim": 64, "d_state": 128, "expand": 2},
         },
     )
-
-
-def _setup_cache():
-    import jax  # noqa: PLC0415
-
-    jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def build_step(mixer: str, T: int):
@@ -101,11 +91,10 @@ def build_step(mixer: str, T: int):
     return compiled, (parts, tx, cfg, B), n_params
 
 
-def _compile_shard(shard: str):
-    _setup_cache()
-    i, n = (int(x) for x in shard.split("/"))
+def _compile_shard(spec: str):
+    precompile.setup_cache()
     jobs = [(m, int(t)) for m in _MIXERS.value for t in _LENGTHS.value]
-    for m, t in jobs[i::n]:
+    for m, t in precompile.shard(jobs, spec):
         t0 = time.time()
         try:
             build_step(m, t)
@@ -116,29 +105,20 @@ def _compile_shard(shard: str):
 
 
 def _marker(mixer: str, T: int) -> str:
-    return os.path.join(CACHE_DIR, f"compiled_{mixer}_{T}_{_LAYERS.value}x{_D_MODEL.value}")
+    return os.path.join(precompile.CACHE_DIR,
+                        f"compiled_{mixer}_{T}_{_LAYERS.value}x{_D_MODEL.value}")
 
 
-def _parallel_compile(n: int) -> None:
+def _parallel_compile(n: int) -> float:
     for m in _MIXERS.value:
         for t in _LENGTHS.value:
             if os.path.exists(_marker(m, int(t))):
                 os.remove(_marker(m, int(t)))
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.bench_model",
-                               f"--compile_only={i}/{n}", f"--mixers={','.join(_MIXERS.value)}",
-                               f"--lengths={','.join(_LENGTHS.value)}",
-                               f"--tokens={_TOKENS.value}", f"--layers={_LAYERS.value}",
-                               f"--d_model={_D_MODEL.value}", f"--vocab={_VOCAB.value}"],
-                              env=env) for i in range(n)]
-    deadline = time.time() + _COMPILE_BUDGET.value
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    return precompile.run_workers(
+        "experiments.bench_model",
+        [f"--mixers={','.join(_MIXERS.value)}", f"--lengths={','.join(_LENGTHS.value)}",
+         f"--tokens={_TOKENS.value}", f"--layers={_LAYERS.value}",
+         f"--d_model={_D_MODEL.value}", f"--vocab={_VOCAB.value}"], n, _COMPILE_BUDGET.value)
 
 
 def time_one(mixer: str, T: int, peak_tflops: float) -> dict:
@@ -195,10 +175,8 @@ def main(argv):
     from experiments.bench import common  # noqa: PLC0415
 
     if _WORKERS.value > 0:
-        t0 = time.time()
-        _parallel_compile(_WORKERS.value)
-        print(f"parallel compile: {time.time() - t0:.0f}s", flush=True)
-    _setup_cache()
+        print(f"parallel compile: {_parallel_compile(_WORKERS.value):.0f}s", flush=True)
+    precompile.setup_cache()
     peak = _PEAK.value or common.matmul_ceiling()
     print(f"bf16 matmul ceiling {peak:.0f} TFLOP/s", flush=True)
     rows = []

@@ -11,31 +11,40 @@ For each (mixer, d_model, setting) one compiled step trains every learning rate 
 at once: the rate lives in the optimizer state (``optax.inject_hyperparams``), and the step
 is vmapped over a leading rate axis of the whole training state (same data for every rate).
 
-Jobs run in ``--workers`` threads of one process (``--pool=threads``, the default): they
-share one device allocator and one stream, so small models overlap their Python dispatch
-and compilation without the GPU time-slicing between processes. (The first H200 run,
-2026-11-28, used 10 processes: each step took ~0.3 s instead of milliseconds and the
-per-process memory shares ran out; ``--pool=processes`` keeps that mode, each process with
-``0.85 / workers`` of the memory and no preallocation.) Jobs are scheduled longest first and
-none starts after ``budget_s``. Writes ``recall.json`` (every run,
-the best rate per point, and the recurrent state size of each model: the floats of its
-decoding cache at the sequence length) and two plots to ``--out_dir`` and ``$OUT``.
+Jobs run in ``--workers`` threads of one process: they share one device allocator and one
+stream, so small models overlap their Python dispatch without the GPU time-slicing between
+processes (the first H200 run, 2026-11-28, used 10 processes: each step took ~0.3 s and the
+per-process memory shares ran out). Compilation is the other cost: two programs per job,
+tens of seconds each on the GPU, one at a time in one process; ``--compile_workers=N``
+first compiles every job in N processes into the persistent cache (``experiments/bench/
+precompile.py``, at most ``--compile_budget_s``), so that the training threads start from
+cache hits. Parameters are initialised on the host and copied over. Jobs are scheduled
+longest first and none starts after ``budget_s``; each evaluation prints a progress line.
+Writes ``recall.json`` (every run, the best rate per point, the recurrent state size of
+each model: the floats of its decoding cache at the sequence length; rows of jobs still
+training, as ``cut``, every 30 s) and two plots to ``--out_dir`` and ``$OUT``. On SIGINT the
+running jobs evaluate and stop; those that do not within 30 s (still compiling) are left
+behind with their last evaluation.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import multiprocessing
 import os
 import threading
 import time
 
 from absl import app, flags
 
-_WORKERS = flags.DEFINE_integer("workers", 4, "Concurrent jobs sharing the device.")
-_POOL = flags.DEFINE_enum("pool", "threads", ["threads", "processes"],
-                          "Jobs in threads of this process or in worker processes.")
+from experiments.bench import precompile
+
+_WORKERS = flags.DEFINE_integer("workers", 4, "Concurrent jobs (threads) sharing the device.")
+_COMPILE_WORKERS = flags.DEFINE_integer("compile_workers", 0, "Processes that compile every "
+                                        "job into the persistent cache first (0: none).")
+_COMPILE_BUDGET = flags.DEFINE_float("compile_budget_s", 240.0,
+                                     "The parallel compile stops after this many seconds.")
+_COMPILE_ONLY = flags.DEFINE_string("compile_only", None, "Internal: 'i/n' shard to compile.")
 _STEPS = flags.DEFINE_integer("steps", 1500, "Training steps per run (upper bound).")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Sequences per step.")
 _BUDGET = flags.DEFINE_float("budget_s", 480.0, "No job starts after this many seconds.")
@@ -54,24 +63,23 @@ _DEADLINE = flags.DEFINE_float("deadline_s", None, "Runs still training this man
 
 # Set on SIGINT (the stage's time limit): running jobs evaluate at once and return, cut.
 _STOP = threading.Event()
+# job -> rows of its latest evaluation (cut), written with the results while it trains
+_PROGRESS: dict[tuple, list[dict]] = {}
+_EVAL_EVERY = 250
 
 
-def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
-            deadline=None) -> list[dict]:
-    """Trains one grid point at every learning rate at once (one vmapped step); returns one
-    row per rate, each finished at its first evaluation with accuracy >= 0.99, a non-finite
-    loss, or the last step. Past ``deadline`` (a ``time.time()`` value) the runs evaluate
-    within 50 steps and stop, and the rows of those still below 0.99 say ``cut``; after an
-    interrupt (``_STOP``, threads only) they evaluate at once and stop the same way."""
+def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed):
+    """The programs and data of one grid point: a dict with ``task``, the jitted vmapped
+    ``train``/``eval`` steps, ``init`` (the concrete stacked state, built on the host CPU and
+    copied over), ``abstract`` (the arguments' shapes, for compiling ahead) and the sizes."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
     import optax  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
     from configs import recall  # noqa: PLC0415
     from seqmix import data, models  # noqa: PLC0415
-    from seqmix.train import loop, losses, optimizer  # noqa: PLC0415
+    from seqmix.train import loop, optimizer  # noqa: PLC0415
 
     cfg = recall.get_config(f"mixer={mixer},d_model={d_model},seq_len={seq_len},"
                             f"num_kv_pairs={pairs},steps={steps},batch_size={batch_size}")
@@ -83,48 +91,105 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
     tx = optax.chain(optimizer.make_optimizer(unit, steps),
                      optax.inject_hyperparams(optax.scale)(step_size=1.0))
     schedule = optimizer.learning_rate_schedule(unit, steps)
-    eval_set = [jax.device_put(b) for b in task.eval_batches()]
-
-    model = models.build_model(cfg.model, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: models.build_model(cfg.model, rngs=nnx.Rngs(0)))
     cache = jax.eval_shape(lambda: model.init_cache(1, seq_len))
     state_size = int(sum(x.size for x in jax.tree.leaves(cache)
                          if jnp.issubdtype(x.dtype, jnp.floating)) // len(cfg.model.layers))
-    n_params = models.param_count(model)
-
+    n_params = int(sum(x.size for x in jax.tree.leaves(parts.params)))
     n = len(lrs)
+
+    def init():
+        """``(state, rngs)``: one training state per rate, stacked on a leading axis."""
+        params, rngs, other = loop._init_state(cfg.model, seed, None)  # noqa: SLF001
+        opt_state = tx.init(params)
+        opt_state = (opt_state[0], opt_state[1]._replace(
+            hyperparams={"step_size": jnp.asarray(1.0, jnp.float32)}))
+        state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)),
+                             loop.TrainState(params, opt_state, other))
+        state = state._replace(opt_state=(state.opt_state[0], state.opt_state[1]._replace(
+            hyperparams={"step_size": jnp.asarray(lrs, jnp.float32)})))
+        return state, rngs
+
+    def host_init():
+        # on the host: a jitted initialiser can take minutes to compile on the GPU
+        with jax.default_device(jax.devices("cpu")[0]):
+            made = init()
+        return jax.device_put(made, jax.devices()[0])
+
     # Every learning rate trains at once: the step is vmapped over a leading rate axis of
     # the state (params, optimizer state with its step size, other), the batch is shared.
-    train_v = jax.jit(jax.vmap(loop.make_train_step(parts, tx, schedule, "causal_lm", seed),
-                               in_axes=(0, None, None, None)), donate_argnums=0)
-    eval_v = jax.jit(jax.vmap(loop.make_eval_step(parts, "causal_lm", seed),
-                              in_axes=(0, None, 0, None)))
+    train = jax.jit(jax.vmap(loop.make_train_step(parts, tx, schedule, "causal_lm", seed),
+                             in_axes=(0, None, None, None)), donate_argnums=0)
+    evaluate = jax.jit(jax.vmap(loop.make_eval_step(parts, "causal_lm", seed),
+                                in_axes=(0, None, 0, None)))
+    spec = lambda b: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
+    state, rngs = jax.eval_shape(init)
+    abstract = dict(train=(state, rngs, spec(task.train_batch(0)),
+                           jax.ShapeDtypeStruct((), jnp.int32)),
+                    eval=(state.params, rngs, state.other, spec(task.eval_batches()[0])))
+    return dict(task=task, train=train, eval=evaluate, init=host_init, abstract=abstract,
+                state_size=state_size, n_params=n_params)
 
-    def evaluate(state, rngs):
+
+def compile_job(b: dict) -> tuple:
+    """The compiled ``(train, eval)`` steps of a ``_build``, always lowered from the abstract
+    arguments: the parallel compile workers and the training thread lower the same module,
+    so the thread's compile is a persistent-cache hit (concrete, committed arrays would add
+    sharding annotations and miss)."""
+    return (b["train"].lower(*b["abstract"]["train"]).compile(),
+            b["eval"].lower(*b["abstract"]["eval"]).compile())
+
+
+def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
+            deadline=None) -> list[dict]:
+    """Trains one grid point at every learning rate at once (one vmapped step); returns one
+    row per rate, each finished at its first evaluation with accuracy >= 0.99, a non-finite
+    loss, or the last step. Past ``deadline`` (a ``time.time()`` value) the runs evaluate
+    within 50 steps and stop, and the rows of those still below 0.99 say ``cut``; after an
+    interrupt (``_STOP``, threads only) they evaluate at once and stop the same way. Each
+    evaluation prints a progress line and leaves the rows so far in ``_PROGRESS``."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from seqmix.train import losses  # noqa: PLC0415
+
+    job = (mixer, d_model, seq_len, pairs)
+    t0 = time.time()
+    b = _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed)
+    task, n = b["task"], len(lrs)
+    train, evaluate_step = compile_job(b)
+    eval_set = [jax.device_put(x) for x in task.eval_batches()]
+    state, rngs = b["init"]()
+
+    def evaluate(state):
         sums = None
-        for b in eval_set:
-            s = eval_v(state.params, rngs, state.other, b)
+        for e in eval_set:
+            s = evaluate_step(state.params, rngs, state.other, e)
             sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
         sums = jax.device_get(sums)
         return [losses.finish(jax.tree.map(lambda x, i=i: x[i], sums)) for i in range(n)]
 
-    t0 = time.time()
-    params, rngs, other = loop._init_state(cfg.model, seed, None)  # noqa: SLF001
-    opt_state = tx.init(params)
-    opt_state = (opt_state[0], opt_state[1]._replace(
-        hyperparams={"step_size": jnp.asarray(1.0, jnp.float32)}))
-    state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)),
-                         loop.TrainState(params, opt_state, other))
-    state = state._replace(opt_state=(state.opt_state[0], state.opt_state[1]._replace(
-        hyperparams={"step_size": jnp.asarray(lrs, jnp.float32)})))
+    def rows_of(result, seconds):
+        return [dict(mixer=mixer, d_model=d_model, seq_len=seq_len, num_kv_pairs=pairs, lr=lr,
+                     accuracy=acc, eval_loss=loss, steps=done, cut=cut, seconds=seconds,
+                     state_size=b["state_size"], params=b["n_params"])
+                for lr, (acc, loss, done, cut) in zip(lrs, result)]
+
     result = [None] * n  # (accuracy, eval loss, steps, cut) once a rate is finished
     for step in range(1, steps + 1):
-        state, metrics = train_v(state, rngs, task.train_batch(step), step)
+        batch = {k: jnp.asarray(v) for k, v in task.train_batch(step).items()}
+        state, metrics = train(state, rngs, batch, jnp.asarray(step, jnp.int32))
+        if step == 1:
+            jax.block_until_ready(metrics)
+            print(f"{job} first step (build, init, compile) after {time.time() - t0:.1f}s",
+                  flush=True)
         late = step < steps and (_STOP.is_set() or (
             deadline is not None and time.time() > deadline and step % 50 == 0))
-        if step % 250 and step != steps and not late:
+        if step % _EVAL_EVERY and step != steps and not late:
             continue
         losses_now = np.asarray(jax.device_get(metrics["loss"]))
-        evals = evaluate(state, rngs)
+        evals = evaluate(state)
         for i, ev in enumerate(evals):
             acc_i, loss_i = float(ev["accuracy"]), float(ev["loss"])
             if result[i] is not None:
@@ -133,22 +198,25 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
                 result[i] = (float("nan"), float("nan"), step, False)
             elif acc_i >= 0.99 or step == steps or late:
                 result[i] = (acc_i, loss_i, step, late and acc_i < 0.99)
+        print(f"{job} step {step} accuracy {[round(float(e['accuracy']), 3) for e in evals]} "
+              f"after {time.time() - t0:.0f}s", flush=True)
+        _PROGRESS[job] = rows_of([r or (float(e["accuracy"]), float(e["loss"]), step, True)
+                                  for r, e in zip(result, evals)], time.time() - t0)
         if all(r is not None for r in result):
             break
-    seconds = time.time() - t0
-    rows = []
-    for lr, (accuracy, eval_loss, done, cut) in zip(lrs, result):
-        rows.append(dict(mixer=mixer, d_model=d_model, seq_len=seq_len, num_kv_pairs=pairs,
-                         lr=lr, accuracy=accuracy, eval_loss=eval_loss, steps=done, cut=cut,
-                         seconds=seconds,
-                         state_size=state_size, params=n_params))
-    return rows
+    _PROGRESS.pop(job, None)
+    return rows_of(result, time.time() - t0)
 
 
-def _init_worker(workers: int):
-    # each process grows its own pool up to its share, leaving the rest to the driver
-    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.85 / workers:.3f}"
+def _compile_shard(spec: str, jobs: list[tuple], lrs: list[float]) -> None:
+    precompile.setup_cache()
+    for job in precompile.shard(jobs, spec):
+        t0 = time.time()
+        try:
+            compile_job(_build(*job, lrs, _STEPS.value, _BATCH.value, _SEED.value))
+            print(f"compiled {job} in {time.time() - t0:.0f}s", flush=True)
+        except Exception as e:  # noqa: BLE001 - the driver compiles it again and reports
+            print(f"compile {job} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
 def plot(best: list[dict], path_prefix: str) -> None:
@@ -236,52 +304,70 @@ def main(argv):
     rows, skipped = [], []
     if _RESUME.value and os.path.exists(_RESUME.value):
         rows, jobs = resume(_RESUME.value, jobs, lrs)
-        print(f"resumed {len(rows)} runs from {_RESUME.value}; {len(jobs)} jobs left", flush=True)
+        if not _COMPILE_ONLY.value:
+            print(f"resumed {len(rows)} runs from {_RESUME.value}; {len(jobs)} jobs left", flush=True)
+    if _COMPILE_ONLY.value:
+        _compile_shard(_COMPILE_ONLY.value, jobs, lrs)
+        return
     start = time.time()
     deadline = None if _DEADLINE.value is None else start + _DEADLINE.value
-    if _POOL.value == "threads":
-        executor = cf.ThreadPoolExecutor(_WORKERS.value)
-    else:
-        executor = cf.ProcessPoolExecutor(_WORKERS.value,
-                                          mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=_init_worker, initargs=(_WORKERS.value,))
-    with executor as pool:
-        pending = {}
-        queue = list(jobs)
-        while queue or pending:
-            while queue and len(pending) < _WORKERS.value:
-                if time.time() - start > _BUDGET.value:
-                    skipped.extend(queue)
-                    queue = []
-                    break
-                job = queue.pop(0)
-                pending[pool.submit(run_job, *job, lrs, _STEPS.value, _BATCH.value,
-                                    _SEED.value, deadline)] = job
-            if not pending:
-                break
-            try:
-                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            except KeyboardInterrupt:  # the time limit: keep what the running jobs reached
-                print("interrupted: running jobs stop at their next step", flush=True)
-                _STOP.set()
+    if _COMPILE_WORKERS.value > 0 and jobs:
+        seconds = precompile.run_workers("experiments.recall_sweep", [
+            f"--mixers={','.join(mixers)}", f"--d_models={','.join(map(str, d_models))}",
+            f"--settings={','.join(f'{T}:{n}' for T, n in settings)}",
+            f"--lrs={','.join(map(str, lrs))}", f"--steps={_STEPS.value}",
+            f"--batch_size={_BATCH.value}", f"--seed={_SEED.value}",
+            *([f"--resume={_RESUME.value}"] if _RESUME.value else [])],
+            _COMPILE_WORKERS.value, _COMPILE_BUDGET.value)
+        print(f"parallel compile: {seconds:.0f}s", flush=True)
+    precompile.setup_cache()
+    in_progress = lambda: [r for job_rows in list(_PROGRESS.values()) for r in job_rows]
+    pool = cf.ThreadPoolExecutor(_WORKERS.value)
+    pending, queue, interrupted = {}, list(jobs), None
+    while queue or pending:
+        while queue and len(pending) < _WORKERS.value:
+            if time.time() - start > _BUDGET.value:
                 skipped.extend(queue)
                 queue = []
-                continue
-            for fut in done:
-                job = pending.pop(fut)
-                try:
-                    for r in fut.result():
-                        rows.append(r)
-                        print(json.dumps(r), flush=True)
-                except Exception as e:  # noqa: BLE001 - one failing job must not stop the sweep
-                    rows.append(dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), job),
-                                     error=f"{type(e).__name__}: {str(e)[:300]}"))
-                    print(json.dumps(rows[-1]), flush=True)
-                _write(rows, skipped + queue, lrs, start, plots=False)  # survives a time limit
+                break
+            job = queue.pop(0)
+            pending[pool.submit(run_job, *job, lrs, _STEPS.value, _BATCH.value,
+                                _SEED.value, deadline)] = job
+        if not pending:
+            break
+        try:
+            done, _ = cf.wait(pending, timeout=30, return_when=cf.FIRST_COMPLETED)
+        except KeyboardInterrupt:  # the time limit: keep what the running jobs reached
+            print("interrupted: running jobs stop at their next step", flush=True)
+            _STOP.set()
+            skipped.extend(queue)
+            queue, interrupted = [], time.time()
+            continue
+        for fut in done:
+            job = pending.pop(fut)
+            try:
+                for r in fut.result():
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+            except Exception as e:  # noqa: BLE001 - one failing job must not stop the sweep
+                rows.append(dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), job),
+                                 error=f"{type(e).__name__}: {str(e)[:300]}"))
+                print(json.dumps(rows[-1]), flush=True)
+        # every 30 s and after every job: what a time limit or a kill would otherwise lose
+        _write(rows + in_progress(), skipped + queue, lrs, start, plots=False)
+        if interrupted is not None and time.time() - interrupted > 30:
+            print(f"{len(pending)} jobs did not stop within 30 s (compiling?): left behind",
+                  flush=True)
+            break
+    rows += in_progress()  # jobs left behind, as cut at their last evaluation
     best_rows = _write(rows, skipped, lrs, start)
     print(f"{len(rows)} runs in {time.time() - start:.0f}s, {len(skipped)} jobs skipped")
     print(common.markdown_table(best_rows, ["seq_len", "num_kv_pairs", "mixer", "d_model", "lr",
-                                            "accuracy", "steps", "state_size", "seconds"]))
+                                            "accuracy", "steps", "state_size", "seconds"]),
+          flush=True)
+    if pending:  # threads that are still compiling cannot be stopped: do not wait for them
+        os._exit(0)
+    pool.shutdown()
 
 
 if __name__ == "__main__":

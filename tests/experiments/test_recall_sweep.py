@@ -82,3 +82,29 @@ def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
     assert proc.returncode == 0, out[-2000:]
     runs = json.loads((tmp_path / "recall.json").read_text())["runs"]
     assert len(runs) == 1 and runs[0]["cut"] and runs[0]["steps"] < 1000000, runs
+
+
+def test_compile_workers_fill_the_cache_that_the_jobs_hit(tmp_path):
+    # A compile worker (--compile_only) writes both programs of a job into the persistent
+    # cache; a later process building the same job compiles nothing (two cache hits).
+    env = dict(os.environ, TMPDIR=str(tmp_path), OUT="")
+    flags = ["--mixers=gla", "--d_models=64", "--settings=64:4", "--lrs=1e-3,3e-3",
+             "--steps=100", "--batch_size=4"]
+    subprocess.run([sys.executable, "-m", "experiments.recall_sweep", "--compile_only=0/1",
+                    *flags], env=env, check=True, capture_output=True, timeout=300)
+    assert any(p.name.startswith("jit_train_step") for p in (tmp_path / "seqmix_jax_cache").iterdir())
+    check = (
+        "import sys, jax\n"
+        "from absl import flags\n"
+        "from experiments import recall_sweep as rs\n"
+        "from experiments.bench import precompile\n"
+        "flags.FLAGS(sys.argv[:1])\n"
+        "hits = []\n"
+        "jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e)"
+        " if e == '/jax/compilation_cache/cache_hits' else None)\n"
+        "precompile.setup_cache()\n"
+        "rs.compile_job(rs._build('gla', 64, 64, 4, [1e-3, 3e-3], 100, 4, 0))\n"
+        "print('HITS', len(hits))\n")
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert "HITS 2" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]
