@@ -136,7 +136,7 @@ def _attention_inputs(s: dict):
 
 
 def run_attention(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
-    rows = []
+    rows = common.new_rows()
     peak = ceilings.get("bf16_matmul_tflops")
     for s in attention_shapes(quick):
         q, k, v, do = _attention_inputs(s)
@@ -249,7 +249,7 @@ DECODE_IMPLS = {
 
 
 def run_decode(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
-    rows = []
+    rows = common.new_rows()
     copy = ceilings.get("copy_tbps")
     for s in decode_shapes(quick):
         B, S, H, Hkv, D = s["B"], s["S"], s["H"], s["Hkv"], s["D"]

@@ -111,6 +111,22 @@ def environment() -> dict[str, Any]:
     return env
 
 
+_LIVE: list[list[dict]] = []
+
+
+def new_rows() -> list[dict]:
+    """An empty list for a benchmark's result rows, registered so that ``live_rows`` can
+    recover them when a time limit interrupts the run before it returns them."""
+    rows: list[dict] = []
+    _LIVE.append(rows)
+    return rows
+
+
+def live_rows() -> list[dict]:
+    """Every row appended so far to the lists of ``new_rows``, in order of creation."""
+    return [r for rows in _LIVE for r in rows]
+
+
 def write_results(op: str, rows: list[dict], ceilings: dict, out_dir: str | None = None) -> str:
     """Writes ``{env, ceilings, rows}`` as JSON (benchmarks/results and $OUT when set)."""
     payload = {"op": op, "env": environment(), "ceilings": ceilings, "rows": rows}

@@ -174,7 +174,7 @@ def _fill_speed(row, ms, nbytes, ceilings, tokens):
 
 
 def _measure_shape(series, B, T, H, D, decay, ceilings, *, backward=True, with_xla=True):
-    rows = []
+    rows = common.new_rows()
     q, k, v, g, do = _inputs(B, T, H, D, decay)
     nbytes, tokens = _bytes(B, T, H, D, decay), B * T
     outs = {}
@@ -241,7 +241,7 @@ def run(op: str, quick: bool = False, ceilings: dict | None = None):
     """Benchmark rows and the table's columns (see the module docstring)."""
     del op
     ceilings = ceilings or {}
-    rows = []
+    rows = []  # the per-shape lists are the registered ones (common.new_rows)
     for B, T, H, D in QUICK_SHAPES if quick else SHAPES:
         for decay in ("scalar", "channel"):
             shape_rows = _measure_shape("shapes", B, T, H, D, decay, ceilings)

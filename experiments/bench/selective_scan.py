@@ -214,7 +214,8 @@ def run_scan(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
                           for k, b in scan_variants(s["T"]).items()})
         return impls
 
-    rows = list(iter_shapes(scan_shapes(quick),
+    rows = common.new_rows()
+    rows.extend(iter_shapes(scan_shapes(quick),  # row by row: a time limit keeps them
                             lambda s: scan_inputs(s["B"], s["T"], s["Dm"], s["N"]),
                             impls_for, SCAN_COLUMNS, ceilings.get("copy_tbps")))
     _plots(rows, "selective_scan", f"bf16, Dm={SCAN['Dm']}, N={SCAN['N']}, {TOKENS} tokens")
@@ -272,7 +273,8 @@ def run_conv(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
             impls.update({k: _conv_fn("pallas_triton", b) for k, b in conv_variants().items()})
         return impls
 
-    rows = list(iter_shapes(conv_shapes(quick),
+    rows = common.new_rows()
+    rows.extend(iter_shapes(conv_shapes(quick),  # row by row: a time limit keeps them
                             lambda s: conv_inputs(s["B"], s["T"], s["C"], s["W"]),
                             impls_for, CONV_COLUMNS, ceilings.get("copy_tbps")))
     _plots(rows, "causal_conv1d", f"bf16, C={CONV['C']}, width {CONV['W']}, {TOKENS} tokens")

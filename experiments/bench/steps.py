@@ -68,7 +68,7 @@ CASES = {"linear_attention_step": _la_case, "causal_conv1d_step": _conv_case}
 
 def run(op: str, quick: bool = False, ceilings: dict | None = None):
     copy = (ceilings or {}).get("copy_tbps")
-    rows = []
+    rows = common.new_rows()
     for B in QUICK_BATCHES if quick else BATCHES:
         label, make, args, nbytes = CASES[op](B)
         ref = None
