@@ -49,9 +49,14 @@ B = Blocks
 _HOPPER = {
     "fwd": {16: B(128, 64, 4, 3), 32: B(128, 64, 4, 3), 64: B(128, 128, 4, 3),
             128: B(128, 128, 8, 3), 256: B(64, 64, 8, 2)},
-    "bwd": {16: B(64, 128, 4, 3), 32: B(64, 128, 4, 3), 64: B(64, 128, 4, 3),
+    # D = 64 backward: 4 warps (session 1's guess) ran at 97-138 TFLOP/s, 0.52-0.65x of jax
+    # mha with 64x64 tiles (H200, session 3), the backward ~9x its forward: per thread they
+    # hold twice the logits and dP tiles of D = 128's 8-warp rows (measured at 261-397), a
+    # likely register spill. Since then D = 64 takes D = 128's rows (fewer registers per
+    # thread than those); UNMEASURED until `tune:64` runs (benchmarks/NOTES.md).
+    "bwd": {16: B(64, 128, 4, 3), 32: B(64, 128, 4, 3), 64: B(64, 128, 8, 2),
             128: B(64, 128, 8, 2), 256: B(32, 64, 8, 2)},
-    "bwd_dq": {16: B(128, 64, 4, 3), 32: B(128, 64, 4, 3), 64: B(128, 64, 4, 3),
+    "bwd_dq": {16: B(128, 64, 4, 3), 32: B(128, 64, 4, 3), 64: B(128, 32, 8, 3),
                128: B(128, 32, 8, 3), 256: B(64, 32, 8, 2)},
     "decode": {16: B(16, 128, 4, 3), 32: B(16, 128, 4, 3), 64: B(16, 128, 4, 3),
                128: B(16, 128, 4, 3), 256: B(16, 64, 4, 2)},
