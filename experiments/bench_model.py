@@ -8,7 +8,9 @@ seqmix trainer (bf16 compute, float32 parameters, the kernels auto dispatch pick
 as ``experiments/bench/common.time_jax`` does. Reports tokens/s, model FLOP utilisation
 (6 N FLOPs per token plus the causal attention term 6 L d T, against the bf16 matmul ceiling
 measured in the same run) and memory (XLA's account of the compiled step, and the
-allocator's running peak). Writes JSON and a plot of time per token against T.
+allocator's peak so far in this process, ``process_peak_gb``: it only grows from row to
+row, so only the first row's is that configuration's own). Writes JSON and a plot of time
+per token against T.
 
 Compilation dominates a sweep of 12-layer models: ``--compile_workers=N`` first compiles
 every configuration in N processes into a persistent compilation cache (for at most
@@ -162,7 +164,7 @@ def time_one(mixer: str, T: int, peak_tflops: float) -> dict:
         "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12),
         "compiled_gb": (ma.argument_size_in_bytes + ma.output_size_in_bytes
                         + ma.temp_size_in_bytes - ma.alias_size_in_bytes) / 2**30,
-        "allocator_peak_gb": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "process_peak_gb": stats.get("peak_bytes_in_use", 0) / 2**30,
         "compile_s": compile_s, "loss": float(step(0)),
     }
 
@@ -202,7 +204,7 @@ def main(argv):
     print(f"wrote {path}")
     print(common.markdown_table(rows, ["mixer", "T", "batch", "params_m", "step_ms",
                                        "tokens_per_s", "mfu", "compiled_gb",
-                                       "allocator_peak_gb", "error"]))
+                                       "process_peak_gb", "error"]))
 
 
 if __name__ == "__main__":
