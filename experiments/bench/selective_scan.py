@@ -155,7 +155,7 @@ def _scan_fn(impl: str, blocks=None):
 def scan_variants(T: int) -> dict:
     """Other tile choices of the Triton kernels, timed at T = 4k and 16k (at 16k, B = 2).
     The default is the one-channel-per-lane preset (``LANES_BLOCKS``, ``triton_lanes.py``);
-    ``[lanes ...]`` rows vary it (chunks of 16, 2 or 8 time segments, 16 channels a warp,
+    ``[lanes ...]`` rows vary it (8 or 2 time segments, chunks of 16, 16 channels a warp,
     64 channels over 2 warps), the others time the "blocked" kernels (the default before the
     H200 run of 2026-11-28) and their tile choices."""
     import dataclasses  # noqa: PLC0415
@@ -166,7 +166,10 @@ def scan_variants(T: int) -> dict:
     if T >= 16384:
         variants = {"pallas_triton[lanes seg8]": lanes(segments=8)}
     else:
-        variants = {"pallas_triton[lanes c16]": lanes(chunk=16),
+        # seg8 first: at [8, 4096] the default runs 384 one-warp programs (~3 warps an
+        # SM, latency-bound); 8 time segments give 3072 for ~2x the forward's work
+        variants = {"pallas_triton[lanes seg8]": lanes(segments=8),
+                    "pallas_triton[lanes c16]": lanes(chunk=16),
                     "pallas_triton[lanes seg2]": lanes(segments=2),
                     "pallas_triton[lanes d16]": lanes(block_d=16),
                     "pallas_triton[lanes d64 w2]": lanes(block_d=64, num_warps=2,
