@@ -28,6 +28,17 @@ from orbax.checkpoint import checkpoint_managers as ocm
 ITEMS = ("params", "train")
 
 
+class _NoMetricsNote(logging.Filter):
+    """Drops orbax's warning for a save without metrics: steps without an evaluation are
+    saved that way on purpose (they rank last for the best-checkpoint policy)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMetricsNote())
+
+
 def _key_name(key) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
@@ -69,14 +80,20 @@ class Checkpoints:
         self.directory = os.path.abspath(directory)
         self.metric = metric
         policies = [ocm.LatestN(n=keep)]
+        best_fn = None
         if metric is not None:
-            # A checkpoint saved without evaluation (metrics {} on disk) ranks last.
+            # A checkpoint saved without evaluation (no metrics) ranks last.
             worst = float("inf") if metric_mode == "min" else float("-inf")
-            policies.append(ocm.BestN(
-                get_metric_fn=lambda m: float((m or {}).get(metric, worst)),
-                reverse=metric_mode == "min", n=1, keep_checkpoints_without_metrics=False))
+            best_fn = lambda m: float((m or {}).get(metric, worst))  # noqa: E731
+            policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=metric_mode == "min", n=1,
+                                      keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
+            # best_fn also makes orbax write each step's metrics to disk (<step>/metrics):
+            # without it BestN ranks by metrics held in memory only, and a resumed run
+            # deletes the best checkpoint of the runs before it.
+            best_fn=best_fn,
+            best_mode=metric_mode,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,
             read_only=read_only,

@@ -146,3 +146,23 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert steps == [4]
     arrays = checkpoint_arrays(workdir, 4)
     assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")
+
+
+def test_the_best_checkpoint_survives_a_resume(tmp_path):
+    # The ranking metrics must be on disk: a new manager (a resumed run) that knew them only
+    # from memory would rank the old steps as metric-less and delete the best one.
+    import jax.numpy as jnp
+
+    from seqmix.train.checkpoint import Checkpoints
+
+    items = {"params": {"w": jnp.ones(3)}, "train": {"step": jnp.zeros(())}}
+    first = Checkpoints(str(tmp_path), keep=1, metric="accuracy", async_save=False)
+    first.save(1, items, {"accuracy": 0.9})
+    first.save(2, items, {"accuracy": 0.1})
+    first.save(3, items)  # no evaluation at this step
+    assert first.all_steps() == [1, 3]
+    first.manager.close()
+    resumed = Checkpoints(str(tmp_path), keep=1, metric="accuracy", async_save=False)
+    resumed.save(4, items, {"accuracy": 0.2})
+    assert resumed.all_steps() == [1, 4]
+    resumed.manager.close()
