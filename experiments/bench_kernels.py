@@ -33,15 +33,7 @@ def main(argv):
     module = importlib.import_module(OPS[_OP.value])
     ceilings = {"bf16_matmul_tflops": common.matmul_ceiling(), "copy_tbps": common.copy_ceiling()}
     print("ceilings:", ceilings, flush=True)
-    try:
-        rows, columns = module.run(_OP.value, quick=_QUICK.value, ceilings=ceilings)
-    except KeyboardInterrupt:  # the stage's time limit: keep the rows measured so far
-        rows, columns = common.live_rows(), ["label", "impl", "error"]
-        for r in rows:
-            columns += [k for k in r if k not in columns and k != "error_full"]
-        print(f"interrupted after {len(rows)} rows", flush=True)
-        ceilings = dict(ceilings, interrupted=True)
-    path = common.write_results(_OP.value, rows, ceilings, _OUT.value)
+    rows, columns, path = common.run_op(module, _OP.value, _QUICK.value, ceilings, _OUT.value)
     print(f"wrote {path}")
     print(common.markdown_table(rows, columns))
 

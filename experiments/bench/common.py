@@ -127,6 +127,21 @@ def live_rows() -> list[dict]:
     return [r for rows in _LIVE for r in rows]
 
 
+def run_op(module, op: str, quick: bool, ceilings: dict, out_dir: str | None):
+    """``(rows, columns, json path)`` of ``module.run(op, ...)``, written as JSON. When a time
+    limit interrupts it (SIGINT), the rows measured so far (``live_rows``) are written,
+    with ``interrupted`` among the ceilings."""
+    try:
+        rows, columns = module.run(op, quick=quick, ceilings=ceilings)
+    except KeyboardInterrupt:
+        rows, columns = live_rows(), ["label", "impl", "error"]
+        for r in rows:
+            columns += [k for k in r if k not in columns and k != "error_full"]
+        print(f"interrupted after {len(rows)} rows", flush=True)
+        ceilings = dict(ceilings, interrupted=True)
+    return rows, columns, write_results(op, rows, ceilings, out_dir)
+
+
 def write_results(op: str, rows: list[dict], ceilings: dict, out_dir: str | None = None) -> str:
     """Writes ``{env, ceilings, rows}`` as JSON (benchmarks/results and $OUT when set)."""
     payload = {"op": op, "env": environment(), "ceilings": ceilings, "rows": rows}
