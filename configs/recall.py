@@ -6,21 +6,22 @@ Two layers of one mixer (each followed by a SwiGLU MLP), vocabulary 8192, keys a
 from the two halves of it, queries at power-law gaps; accuracy at the answer positions.
 Arguments: ``mixer`` (attention, based, mamba2, gla, linear_attention or any registered
 name), ``d_model`` (64, 128, 256), ``seq_len``/``num_kv_pairs`` ((64, 4), (128, 8),
-(256, 16), (512, 64)), ``lr``, ``steps``, ``batch_size``. The whole grid runs in one GPU
-session through ``python -m experiments.recall_sweep`` (see there for how far the training
-budget is reduced against Zoology's).
+(256, 16), (512, 64)), ``lr``, ``steps``, ``batch_size``. The grid runs on a GPU through
+``python -m experiments.recall_sweep`` (see there for how far the training budget is
+reduced against Zoology's, and benchmarks/NOTES.md for how many device calls it has taken).
 """
 
 from seqmix.models import model_config
 from seqmix.train.config import base_config, parse_variant
 
 DEFAULTS = dict(mixer="based", d_model=128, seq_len=256, num_kv_pairs=16, vocab_size=8192,
-                lr=1e-3, steps=1500, batch_size=128, layers=2)
+                lr=3e-3, steps=4000, batch_size=256, layers=2)
 
 MIXERS = ("attention", "based", "mamba2", "gla", "linear_attention")
 SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
 D_MODELS = (64, 128, 256)
-LRS = (1e-3, 3e-3)
+# A CPU pilot (benchmarks/NOTES.md, session 2) learned faster at 1e-2 than at 3e-3.
+LRS = (3e-3, 1e-2)
 
 
 def model_for(mixer: str, d_model: int, vocab_size: int, layers: int = 2):

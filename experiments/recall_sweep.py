@@ -1,12 +1,12 @@
 """The associative-recall study: every (mixer, d_model, setting) of configs/recall.py.
 
-    python -m experiments.recall_sweep [--workers=4] [--steps=1500] [--budget_s=480]
+    python -m experiments.recall_sweep [--compile_workers=8] [--workers=4] [--steps=4000]
 
 Follows Zoology's MQAR protocol (vocabulary 8192, two layers, keys and values from the two
 halves of the vocabulary, power-law query gaps, accuracy at the answer positions) with a
 reduced training budget so that the grid fits one device session: ``steps`` updates of
-``batch_size`` fresh sequences (1500 x 128 = 192k sequences against Zoology's 64 epochs of
-100k, about 33x fewer), each run stopping early once its evaluation accuracy reaches 0.99.
+``batch_size`` fresh sequences (4000 x 256 = 1.02M sequences against Zoology's 64 epochs of
+100k, about 6x fewer), each run stopping early once its evaluation accuracy reaches 0.99.
 For each (mixer, d_model, setting) one compiled step trains every learning rate of the sweep
 at once: the rate lives in the optimizer state (``optax.inject_hyperparams``), and the step
 is vmapped over a leading rate axis of the whole training state (same data for every rate).
@@ -45,8 +45,8 @@ _COMPILE_WORKERS = flags.DEFINE_integer("compile_workers", 0, "Processes that co
 _COMPILE_BUDGET = flags.DEFINE_float("compile_budget_s", 240.0,
                                      "The parallel compile stops after this many seconds.")
 _COMPILE_ONLY = flags.DEFINE_string("compile_only", None, "Internal: 'i/n' shard to compile.")
-_STEPS = flags.DEFINE_integer("steps", 1500, "Training steps per run (upper bound).")
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Sequences per step.")
+_STEPS = flags.DEFINE_integer("steps", 4000, "Training steps per run (upper bound).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Sequences per step.")
 _BUDGET = flags.DEFINE_float("budget_s", 480.0, "No job starts after this many seconds.")
 _MIXERS = flags.DEFINE_list("mixers", None, "Mixers (default: configs/recall.MIXERS).")
 _DMODELS = flags.DEFINE_list("d_models", None, "Widths (default: configs/recall.D_MODELS).")
