@@ -21,7 +21,7 @@ for stage in "$@"; do
   name=${stage%%:*}; arg=${stage#*:}; [ "$arg" = "$stage" ] && arg=""
   # INT first (scripts write what they have), KILL 45 s later if that did not end it
   T="timeout -k 45 -s INT $limit"
-  tag=${arg//[^A-Za-z0-9_.=-]/_}
+  tag=${arg//[^A-Za-z0-9_.]/_}
   log="$OUT/${name}_${tag:0:60}.log"
   echo "=== $stage" | tee -a "$OUT/summary.txt"
   start=$(date +%s)
