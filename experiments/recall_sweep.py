@@ -4,8 +4,8 @@
 
 Follows Zoology's MQAR protocol (vocabulary 8192, two layers, keys and values from the two
 halves of the vocabulary, power-law query gaps, accuracy at the answer positions) with a
-reduced training budget so that the grid fits one device session: ``steps`` updates of
-``batch_size`` fresh sequences (4000 x 256 = 1.02M sequences against Zoology's 64 epochs of
+reduced training budget (the grid spans device calls through ``--resume``): ``steps``
+updates of ``batch_size`` fresh sequences (4000 x 256 = 1.02M sequences against Zoology's 64 epochs of
 100k, about 6x fewer), each run stopping early once its evaluation accuracy reaches 0.99.
 For each (mixer, d_model, setting) one compiled step trains every learning rate of the sweep
 at once: the rate lives in the optimizer state (``optax.inject_hyperparams``), and the step
@@ -58,7 +58,7 @@ _RESUME = flags.DEFINE_string("resume", None, "A recall.json of an earlier call:
                               "runs are kept and their jobs not run again (the grid can span "
                               "several device calls).")
 _DEADLINE = flags.DEFINE_float("deadline_s", None, "Runs still training this many seconds after "
-                               "the start stop at their next evaluation (marked 'cut').")
+                               "the start evaluate within 50 steps and stop (marked 'cut').")
 
 
 # Set on SIGINT (the stage's time limit): running jobs evaluate at once and return, cut.
