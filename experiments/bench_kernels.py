@@ -8,6 +8,7 @@ Writes JSON to benchmarks/results/ (and $OUT), prints a markdown table last.
 from __future__ import annotations
 
 import importlib
+import signal
 
 from absl import app, flags
 
@@ -30,6 +31,9 @@ _OUT = flags.DEFINE_string("out_dir", None, "Results folder (default benchmarks/
 
 def main(argv):
     del argv
+    # SIGINT (the device stage's time limit) must raise KeyboardInterrupt even when this
+    # process started with it ignored (children of pytest-xdist workers, background jobs)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     module = importlib.import_module(OPS[_OP.value])
     ceilings = {"bf16_matmul_tflops": common.matmul_ceiling(), "copy_tbps": common.copy_ceiling()}
     print("ceilings:", ceilings, flush=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import signal
 import threading
 import time
 
@@ -291,6 +292,9 @@ def resume(path: str, jobs: list[tuple], lrs: list[float]) -> tuple[list[dict], 
 
 def main(argv):
     del argv
+    # SIGINT (the device stage's time limit) must raise KeyboardInterrupt even when this
+    # process started with it ignored (children of pytest-xdist workers, background jobs)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from configs import recall  # noqa: PLC0415
     from experiments.bench import common  # noqa: PLC0415
 

@@ -75,7 +75,9 @@ def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
          "--d_models=64", "--settings=64:4", "--lrs=1e-3", "--steps=1000000",
          "--batch_size=4", f"--out_dir={tmp_path}", "--workers=1"],
         env=dict(os.environ, OUT=""), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+        text=True,
+        # started with SIGINT ignored, as under a pytest-xdist worker or in a background job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     time.sleep(20)  # compiling or training
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
