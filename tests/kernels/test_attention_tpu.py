@@ -36,6 +36,13 @@ CASES = {
 }
 
 
+# T = 1: p = 1, so dq and dk are dlse * k * scale (resp. q) plus do.v - do.o, which cancels to
+# float32 roundoff of |do| |v| (~1e-5 of it). When the random dlse is small the relative
+# error grows as 1 / |dlse|: 1.1e-4 for seed 1528244447 (|dlse| = 0.04, a CI run), 1e-5 to
+# 1.5e-5 for 2 of 29 other seeds. 5e-4 fails only for |dlse| < ~0.01 (p ~ 5e-5).
+GRAD_TOL = {"T1": 5e-4}
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_pallas_tpu_matches_naive(name, capsys):
     B, T, S, H, Hkv, D, causal, window, segments, softcap, dtype = CASES[name]
@@ -47,8 +54,8 @@ def test_pallas_tpu_matches_naive(name, capsys):
         testing.check_against(
             jax.jit(lambda q, k, v: attention(q, k, v, implementation="pallas_tpu", **kw)),
             jax.jit(lambda q, k, v: attention(q, k, v, implementation="naive", **kw)),
-            (q, k, v), argnums=(0, 1, 2), tol=testing.tolerance(dtype), seed=seed,
-            names="qkv",
+            (q, k, v), argnums=(0, 1, 2), tol=testing.tolerance(dtype),
+            grad_tol=GRAD_TOL.get(name), seed=seed, names="qkv",
         )
     assert "RACE DETECTED" not in capsys.readouterr().out
 

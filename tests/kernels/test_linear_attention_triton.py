@@ -70,8 +70,10 @@ CASES = {
 
 # With log decays uniform in [-20, 0] the log-decay gradient is a sum of large terms that
 # nearly cancel: in float32 even the xla chunked form lands 1e-5 to 4e-5 from the float32
-# oracle there, so that one gradient gets this tolerance in those cases.
-STRONG_DECAY_DG_TOL = 2e-4
+# oracle there, so that one gradient gets this tolerance in those cases. In bf16 the same
+# cancellation gave 7e-5 to 2.5e-3 over 24 seeds, and 8.4e-3 for seed 784040256 (a CI run,
+# 2026-11-28): 4x bf16's tolerance.
+STRONG_DECAY_DG_TOL = {"float32": 2e-4, "bfloat16": 2e-2}
 
 
 def _check(B, T, Hqk, Hv, K, V, decay, chunk, dtype, options):
@@ -100,10 +102,12 @@ def _compare(seed, q, k, v, g, s0, seg, normalize, chunk, dtype, options):
     for name, a, b in zip(("o", "final_state"), out, ref):
         testing.assert_close(a, b, tol, f"{name} (seed {seed})")
     ct = testing.random_cotangent(ref, jax.random.key(seed + 1))
-    strong = options.get("decay_range", (0, 0))[0] <= -20 and dtype == jnp.float32
+    strong = (options.get("decay_range", (0, 0))[0] <= -20
+              and jnp.dtype(dtype).name in STRONG_DECAY_DG_TOL)
     for name, a, b in zip(("q", "k", "v", "log_decay", "initial_state"), vjp(ct), vjp_ref(ct)):
         if b is not None:
-            dg_tol = STRONG_DECAY_DG_TOL if strong and name == "log_decay" else tol
+            dg_tol = (STRONG_DECAY_DG_TOL[jnp.dtype(dtype).name]
+                      if strong and name == "log_decay" else tol)
             testing.assert_close(a, b, dg_tol, f"d{name} (seed {seed})")
 
 
