@@ -70,14 +70,14 @@ def test_plots_accuracy_against_width_and_state(tmp_path):
 def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
     # The device stage's time limit sends SIGINT: the running job must stop within a step,
     # be written as cut, and the process exit (a hung sweep lost a whole device call).
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.recall_sweep", "--mixers=attention",
-         "--d_models=64", "--settings=64:4", "--lrs=1e-3", "--steps=1000000",
-         "--batch_size=4", f"--out_dir={tmp_path}", "--workers=1"],
-        env=dict(os.environ, OUT=""), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-        # started with SIGINT ignored, as under a pytest-xdist worker or in a background job
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    # started with SIGINT ignored, as under a pytest-xdist worker or in a background job
+    # (by the shell: a preexec_fn would run Python in a forked child of this JAX process)
+    cmd = [sys.executable, "-m", "experiments.recall_sweep", "--mixers=attention",
+           "--d_models=64", "--settings=64:4", "--lrs=1e-3", "--steps=1000000",
+           "--batch_size=4", f"--out_dir={tmp_path}", "--workers=1"]
+    proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd],
+                            env=dict(os.environ, OUT=""), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     time.sleep(20)  # compiling or training
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
