@@ -5,8 +5,9 @@
 Follows Zoology's MQAR protocol (vocabulary 8192, two layers, keys and values from the two
 halves of the vocabulary, power-law query gaps, accuracy at the answer positions) with a
 reduced training budget (the grid spans device calls through ``--resume``): ``steps``
-updates of ``batch_size`` fresh sequences (4000 x 256 = 1.02M sequences against Zoology's 64 epochs of
-100k, about 6x fewer), each run stopping early once its evaluation accuracy reaches 0.99.
+updates of ``batch_size`` fresh sequences (4000 x 256 = 1.02M sequences against Zoology's
+64 epochs of 100k, about 6x fewer), each run stopping early once its evaluation accuracy
+reaches 0.99.
 For each (mixer, d_model, setting) one compiled step trains every learning rate of the sweep
 at once: the rate lives in the optimizer state (``optax.inject_hyperparams``), and the step
 is vmapped over a leading rate axis of the whole training state (same data for every rate).
@@ -290,6 +291,16 @@ def resume(path: str, jobs: list[tuple], lrs: list[float]) -> tuple[list[dict], 
     return kept, left
 
 
+def _setting(item: str) -> tuple[int, int]:
+    """``"seq_len:pairs"`` of ``--settings`` as two ints."""
+    try:
+        T, n = (int(x) for x in item.split(":"))
+    except ValueError:
+        raise ValueError(f"--settings items are seq_len:pairs (e.g. 256:16), got {item!r}"
+                         ) from None
+    return T, n
+
+
 def main(argv):
     del argv
     # SIGINT (the device stage's time limit) must raise KeyboardInterrupt even when this
@@ -300,16 +311,21 @@ def main(argv):
 
     mixers = _MIXERS.value or list(recall.MIXERS)
     d_models = [int(d) for d in (_DMODELS.value or recall.D_MODELS)]
-    settings = ([tuple(int(x) for x in s.split(":")) for s in _SETTINGS.value]
-                if _SETTINGS.value else list(recall.SETTINGS))
+    settings = [_setting(s) for s in _SETTINGS.value] if _SETTINGS.value else list(recall.SETTINGS)
     lrs = [float(x) for x in (_LRS.value or recall.LRS)]
+    if _WORKERS.value < 1:
+        raise ValueError(f"--workers must be >= 1, got {_WORKERS.value}")
+    if _RESUME.value and not os.path.exists(_RESUME.value):
+        raise ValueError(f"--resume={_RESUME.value}: no such file (a recall.json of an earlier "
+                         "call)")
     jobs = [(m, d, T, n) for (T, n) in settings for d in d_models for m in mixers]
     jobs.sort(key=lambda j: -j[1] * j[2])  # longest first
     rows, skipped = [], []
-    if _RESUME.value and os.path.exists(_RESUME.value):
+    if _RESUME.value:
         rows, jobs = resume(_RESUME.value, jobs, lrs)
         if not _COMPILE_ONLY.value:
-            print(f"resumed {len(rows)} runs from {_RESUME.value}; {len(jobs)} jobs left", flush=True)
+            print(f"resumed {len(rows)} runs from {_RESUME.value}; {len(jobs)} jobs left",
+                  flush=True)
     if _COMPILE_ONLY.value:
         _compile_shard(_COMPILE_ONLY.value, jobs, lrs)
         return

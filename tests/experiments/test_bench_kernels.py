@@ -18,5 +18,6 @@ def test_an_interrupted_run_writes_the_rows_measured_so_far(tmp_path, monkeypatc
     rows, columns, path = common.run_op(types.SimpleNamespace(run=run), "causal_conv1d_step",
                                         False, {"copy_tbps": 1.0}, str(tmp_path))
     payload = json.loads(open(path).read())
-    assert [r["label"] for r in payload["rows"]] == ["first", "second"] == [r["label"] for r in rows]
+    labels = [r["label"] for r in payload["rows"]]
+    assert labels == ["first", "second"] == [r["label"] for r in rows]
     assert payload["ceilings"]["interrupted"] is True and "us" in columns

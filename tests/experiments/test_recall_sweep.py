@@ -94,7 +94,8 @@ def test_compile_workers_fill_the_cache_that_the_jobs_hit(tmp_path):
              "--steps=100", "--batch_size=4"]
     subprocess.run([sys.executable, "-m", "experiments.recall_sweep", "--compile_only=0/1",
                     *flags], env=env, check=True, capture_output=True, timeout=300)
-    assert any(p.name.startswith("jit_train_step") for p in (tmp_path / "seqmix_jax_cache").iterdir())
+    cached = (tmp_path / "seqmix_jax_cache").iterdir()
+    assert any(p.name.startswith("jit_train_step") for p in cached)
     check = (
         "import sys, jax\n"
         "from absl import flags\n"
@@ -110,3 +111,12 @@ def test_compile_workers_fill_the_cache_that_the_jobs_hit(tmp_path):
     out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
                          text=True, timeout=300)
     assert "HITS 2" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]
+
+
+def test_bad_flags_name_the_flag(tmp_path):
+    for flag, needle in (("--settings=256x16", "--settings"), ("--workers=0", "--workers"),
+                         (f"--resume={tmp_path}/none.json", "--resume")):
+        out = subprocess.run([sys.executable, "-m", "experiments.recall_sweep", flag,
+                              f"--out_dir={tmp_path}"], capture_output=True, text=True,
+                             timeout=120, env=dict(os.environ, OUT=""))
+        assert out.returncode != 0 and needle in out.stderr, (flag, out.stderr[-500:])
