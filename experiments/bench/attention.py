@@ -27,6 +27,8 @@ run into the device's per-command limit, e.g. ``d64`` or ``d128``).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import jax
@@ -294,11 +296,14 @@ DQ_CANDIDATES = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 
                  (128, 128, 8, 2), (64, 32, 4, 4), (128, 32, 8, 3)]
 
 
-def tune_blocks(D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | None = None) -> dict:
+def tune_blocks(D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | None = None,
+                out: str | None = None) -> dict:
     """Times seqmix's Triton kernels over candidate tiles at one bf16 shape ``[32k/T, T, 16,
     D]`` and prints the best ``tuning.Blocks`` per kind (forward alone; then dK/dV and dQ
-    inside forward+backward with the other tiles at their table values). Copy the winners
-    into ``seqmix/kernels/attention/tuning.py``.
+    inside forward+backward with the other backward tile at its best so far). Copy the
+    winners into ``seqmix/kernels/attention/tuning.py``; with ``out`` they are also written
+    (merged into the file if it exists) as a tuning JSON that ``SEQMIX_ATTENTION_TUNING``
+    applies without editing the table.
 
         python -c "from experiments.bench.attention import tune_blocks; tune_blocks(128)"
     """
@@ -312,7 +317,7 @@ def tune_blocks(D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | Non
                         ("bwd_dq", DQ_CANDIDATES)):
         results = []
         for c in cands:
-            blocks = {kind: tuning.Blocks(*c)}
+            blocks = {**best, kind: tuning.Blocks(*c)}
             f = lambda q, k, v, blocks=blocks: triton.flash_attention(
                 q, k, v, window=window, blocks=blocks)[0]
             fn = jax.jit(f) if kind == "fwd" else jax.jit(
@@ -328,4 +333,15 @@ def tune_blocks(D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | Non
         if results:
             best[kind] = tuning.Blocks(*min(results)[1])
             print(f"best {kind} for D={D}, T={T}, causal={causal}: {best[kind]}", flush=True)
+    if out:
+        table = {}
+        if os.path.exists(out):
+            with open(out) as f:
+                table = json.load(f)
+        bucket = str(tuning.head_dim_bucket(D))
+        for kind, b in best.items():
+            table.setdefault(kind, {})[bucket] = list(dataclasses.astuple(b))
+        with open(out, "w") as f:
+            json.dump(table, f, indent=1)
+        print(f"wrote {out}", flush=True)
     return best

@@ -33,7 +33,11 @@ for stage in "$@"; do
     recall) $T python3 -m experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
     final) $T python3 -m experiments.device.final --sections="${arg:-targets}" \
              --deadline_s=$((limit - 100)) > "$log" 2>&1 ;;
-    tune) $T python3 -c "from experiments.bench.attention import tune_blocks; tune_blocks($arg)" > "$log" 2>&1 ;;
+    # tune:<args of tune_blocks>: the winners go to $OUT/tuning.json, which every later stage
+    # of this call applies through SEQMIX_ATTENTION_TUNING (the table itself is unchanged)
+    tune) $T python3 -c "from experiments.bench.attention import tune_blocks
+tune_blocks($arg, out='$OUT/tuning.json')" > "$log" 2>&1
+          [ -f "$OUT/tuning.json" ] && export SEQMIX_ATTENTION_TUNING=$OUT/tuning.json ;;
     *) echo "unknown stage $stage"; continue ;;
   esac
   rc=$?

@@ -170,6 +170,27 @@ def test_block_table():
         tuning.attention_blocks(128, kind="sideways")
 
 
+def test_tuning_file_overrides_the_table(tmp_path, monkeypatch):
+    path = tmp_path / "tuning.json"
+    path.write_text('{"bwd": {"64": [32, 64, 4, 3]}}')
+    before = tuning.attention_blocks(64, jnp.bfloat16, "NVIDIA H200", "bwd")
+    monkeypatch.setenv(tuning.OVERRIDE_ENV, str(path))
+    assert tuning.attention_blocks(64, jnp.bfloat16, "NVIDIA H200", "bwd") == tuning.Blocks(
+        32, 64, 4, 3) != before
+    assert tuning.attention_blocks(60, jnp.bfloat16, "NVIDIA L4", "bwd").block_q == 32
+    # other kinds and head dims keep the table's rows
+    assert tuning.attention_blocks(128, jnp.bfloat16, "NVIDIA H200", "bwd") == (
+        tuning._TABLE["hopper"]["bwd"][128])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"sideways": {"64": [32, 64, 4, 3]}}')
+    monkeypatch.setenv(tuning.OVERRIDE_ENV, str(bad))
+    with pytest.raises(ValueError, match="SEQMIX_ATTENTION_TUNING.*sideways"):
+        tuning.attention_blocks(64, kind="bwd", device_kind="NVIDIA H200")
+    monkeypatch.setenv(tuning.OVERRIDE_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="SEQMIX_ATTENTION_TUNING"):
+        tuning.attention_blocks(64, kind="bwd", device_kind="NVIDIA H200")
+
+
 # --- lowering for the H200 (nothing runs) ----------------------------------------------------
 
 

@@ -18,12 +18,19 @@ entry per head dim. Rows read as ``Blocks(block_q, block_k, num_warps, num_stage
 
 float32 inputs take half the ``block_k`` (twice the bytes per element); interpret mode
 (CPU tests) takes 16 x 16 tiles so that the interpreter stays fast.
+
+To try tiles on a new GPU without editing the table, point ``SEQMIX_ATTENTION_TUNING`` at a
+JSON file ``{"<kind>": {"<head dim bucket>": [block_q, block_k, num_warps, num_stages]}}``
+(``experiments.bench.attention.tune_blocks(..., out=path)`` writes one): its entries replace
+the table's for every generation while the variable is set.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +124,28 @@ def current_device_kind() -> str | None:
     return gpus[0].device_kind if gpus else None
 
 
+OVERRIDE_ENV = "SEQMIX_ATTENTION_TUNING"
+
+
+@functools.cache
+def overrides(path: str) -> dict[str, dict[int, Blocks]]:
+    """The entries of a tuning JSON file (see the module doc); ``""`` gives none."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        table = {kind: {int(d): Blocks(*map(int, b)) for d, b in rows.items()}
+                 for kind, rows in raw.items()}
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{OVERRIDE_ENV}={path!r}: not a readable tuning JSON file ({e})") from e
+    unknown = set(table) - set(KINDS)
+    if unknown:
+        raise ValueError(f"{OVERRIDE_ENV}={path!r}: unknown kinds {sorted(unknown)}; "
+                         f"expected some of {KINDS}")
+    return table
+
+
 def head_dim_bucket(head_dim: int) -> int:
     """The padded head dim a kernel computes with: next power of two, at least 16."""
     if head_dim < 1:
@@ -151,7 +180,9 @@ def attention_blocks(
         raise NotImplementedError(f"no attention tile for head_dim={head_dim} (> 256)")
     if device_kind is None:
         device_kind = current_device_kind()
-    blocks = _TABLE[generation(device_kind)][kind][bucket]
+    blocks = overrides(os.environ.get(OVERRIDE_ENV, "")).get(kind, {}).get(bucket)
+    if blocks is None:
+        blocks = _TABLE[generation(device_kind)][kind][bucket]
     if jnp.dtype(dtype).itemsize >= 4 and kind != "decode":
         blocks = dataclasses.replace(blocks, block_k=max(16, blocks.block_k // 2))
     return blocks
