@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from seqmix.layers import Head
@@ -34,9 +35,17 @@ class CausalLM(nnx.Module):
     def layer_names(self) -> tuple[str, ...]:
         return self.backbone.layer_names
 
-    def __call__(self, tokens: Array, *, segment_ids: Array | None = None, cache=None):
+    def __call__(self, tokens: Array, *, segment_ids: Array | None = None, cache=None,
+                 positions: Array | None = None):
+        """Logits ``[B, T, vocab]``; with ``positions`` (int ``[B, P]``) only those rows'
+        ``[B, P, vocab]`` (a loss on a few positions then skips the others' projection)."""
         out = self.backbone(tokens, segment_ids=segment_ids, cache=cache)
         h, new_cache = (out, None) if cache is None else out
+        if positions is not None:
+            if positions.ndim != 2 or positions.shape[0] != h.shape[0]:
+                raise ValueError(f"positions must be [batch, P] with batch {h.shape[0]}, got "
+                                 f"shape {positions.shape}")
+            h = jnp.take_along_axis(h, positions[..., None].astype(jnp.int32), axis=1)
         logits = self.backbone.embed.attend(h) if self.head is None else self.head(h)
         return logits if cache is None else (logits, new_cache)
 

@@ -125,9 +125,12 @@ def _merge(graphdef, params, rngs, other, streams, seed, step):
 
 
 def _call(model, batch):
+    kw = {}
     if "segment_ids" in batch:
-        return model(batch["inputs"], segment_ids=batch["segment_ids"])
-    return model(batch["inputs"])
+        kw["segment_ids"] = batch["segment_ids"]
+    if "positions" in batch:  # a causal LM's loss positions: logits only there
+        kw["positions"] = batch["positions"]
+    return model(batch["inputs"], **kw)
 
 
 def _all_finite(tree):

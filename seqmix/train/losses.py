@@ -39,7 +39,11 @@ def class_sums(logits, targets) -> dict:
 
 def batch_sums(kind: str, logits, batch) -> dict:
     if kind == "causal_lm":
-        return token_sums(logits, batch["targets"], batch["mask"])
+        targets, mask = batch["targets"], batch["mask"]
+        if "positions" in batch:  # logits [B, P, V] at these positions only
+            targets, mask = (jnp.take_along_axis(x, batch["positions"].astype(jnp.int32), axis=1)
+                             for x in (targets, mask))
+        return token_sums(logits, targets, mask)
     if kind == "classifier":
         return class_sums(logits, batch["targets"])
     raise ValueError(f"unknown task kind {kind!r}")

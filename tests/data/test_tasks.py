@@ -90,6 +90,7 @@ def test_mqar_structure():
         kv = dict(zip(keys[row], values[row]))
         answer = np.flatnonzero(m[row])
         assert len(answer) == n  # each key queried exactly once
+        np.testing.assert_array_equal(b["positions"][row], answer)  # the loss positions
         assert (answer >= 2 * n).all() and ((answer - 2 * n) % 2 == 0).all()
         assert sorted(x[row, answer]) == sorted(keys[row])
         for pos in answer:  # the target at a query is the value of the queried key

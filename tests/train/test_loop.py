@@ -20,7 +20,7 @@ from train_helpers import tiny_config
 
 from seqmix import data as data_lib
 from seqmix.models import MIXERS, build_model, model_config
-from seqmix.train import loop, optimizer, read_metrics, restore_model, train_and_evaluate
+from seqmix.train import losses, loop, optimizer, read_metrics, restore_model, train_and_evaluate
 from seqmix.train import validate as validate_config
 
 REPO = pathlib.Path(__file__).parents[2]
@@ -81,6 +81,30 @@ def test_mqar_variant_for_every_mixer(mixer):
     parts = loop.split_model(config.model, 0)  # abstract build: nothing compiled
     assert jax.tree.leaves(parts.params)
     validate_config(config, task=data_lib.make_task(config), num_devices=1)
+
+
+def test_loss_at_positions_equals_the_masked_full_loss():
+    """MQAR batches carry ``positions``: the step computes logits there only; its sums and
+    gradients must equal the full-sequence masked loss."""
+    _, config = load_config(REPO / "configs" / "mqar.py", "mixer=attention,d_model=32")
+    task = data_lib.make_task(config)
+    batch = {k: jnp.asarray(v) for k, v in task.train_batch(0).items()}
+    assert batch["positions"].shape == (batch["inputs"].shape[0], config.data.num_kv_pairs)
+    model = build_model(config.model, rngs=nnx.Rngs(0))
+    full = {k: v for k, v in batch.items() if k != "positions"}
+
+    def sums(model, b):
+        return losses.batch_sums("causal_lm", loop._call(model, b), b)  # noqa: SLF001
+
+    grad = lambda b: nnx.grad(lambda m: sums(m, b)["loss_sum"])(model)
+    a, f = sums(model, batch), sums(model, full)
+    assert loop._call(model, batch).shape[1] == config.data.num_kv_pairs  # noqa: SLF001
+    for key in ("loss_sum", "correct", "count"):
+        np.testing.assert_allclose(a[key], f[key], rtol=1e-5)
+    assert float(a["count"]) == batch["inputs"].shape[0] * config.data.num_kv_pairs
+    for x, y in zip(jax.tree.leaves(nnx.state(grad(batch))),
+                    jax.tree.leaves(nnx.state(grad(full)))):
+        np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
