@@ -54,16 +54,17 @@ B = Blocks
 # SM) is the measured target; "ampere" (sm80, 164 KB) and "ada" (sm86/89, 100 KB) are safe
 # scalings of it; "blackwell" starts from Hopper's row.
 _HOPPER = {
-    "fwd": {16: B(128, 64, 4, 3), 32: B(128, 64, 4, 3), 64: B(128, 128, 4, 3),
+    # D = 64 rows from `tune_blocks(64)` (H200, 2026-11-28, T = 8192 causal, ms fwd / fwd+bwd):
+    # forward 128x64 8 warps 1.58 (128x128 4 warps, the old row, was not a candidate; 128x64
+    # 4 warps 1.65); dK/dV 32x128 4 warps 3 stages 6.09 (the old row 64x128 4 warps 2
+    # stages: 16.8, its spill made the backward 9x the forward; 64x128 8 warps 6.64); dQ
+    # 128x64 4 warps 5.87 (7 candidates within 8%). With them the benchmark's D = 64
+    # fwd+bwd went from 97-138 to 240-362 TFLOP/s (BENCHMARKS.md).
+    "fwd": {16: B(128, 64, 4, 3), 32: B(128, 64, 4, 3), 64: B(128, 64, 8, 3),
             128: B(128, 128, 8, 3), 256: B(64, 64, 8, 2)},
-    # D = 64 backward: 4 warps (session 1's guess) ran at 97-138 TFLOP/s, 0.52-0.65x of jax
-    # mha with 64x64 tiles (H200, session 3), the backward ~9x its forward: per thread they
-    # hold twice the logits and dP tiles of D = 128's 8-warp rows (measured at 261-397), a
-    # likely register spill. Since then D = 64 takes D = 128's rows (fewer registers per
-    # thread than those); UNMEASURED until `tune:64` runs (benchmarks/NOTES.md).
-    "bwd": {16: B(64, 128, 4, 3), 32: B(64, 128, 4, 3), 64: B(64, 128, 8, 2),
+    "bwd": {16: B(64, 128, 4, 3), 32: B(64, 128, 4, 3), 64: B(32, 128, 4, 3),
             128: B(64, 128, 8, 2), 256: B(32, 64, 8, 2)},
-    "bwd_dq": {16: B(128, 64, 4, 3), 32: B(128, 64, 4, 3), 64: B(128, 32, 8, 3),
+    "bwd_dq": {16: B(128, 64, 4, 3), 32: B(128, 64, 4, 3), 64: B(128, 64, 4, 3),
                128: B(128, 32, 8, 3), 256: B(64, 32, 8, 2)},
     "decode": {16: B(16, 128, 4, 3), 32: B(16, 128, 4, 3), 64: B(16, 128, 4, 3),
                128: B(16, 128, 4, 3), 256: B(16, 64, 4, 2)},
