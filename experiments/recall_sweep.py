@@ -130,7 +130,7 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed):
                            jax.ShapeDtypeStruct((), jnp.int32)),
                     eval=(state.params, rngs, state.other, spec(task.eval_batches()[0])))
     return dict(task=task, train=train, eval=evaluate, init=host_init, abstract=abstract,
-                state_size=state_size, n_params=n_params)
+                state_size=state_size, n_params=n_params, cfg=cfg, tx=tx, schedule=schedule)
 
 
 def compile_job(b: dict) -> tuple:

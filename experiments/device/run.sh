@@ -2,7 +2,7 @@
 # One device session: install the carried wheels, then run the named stages in order,
 # each stage's log under $OUT. Usage: experiments/device/run.sh check bench:attention ...
 # Stages: check[:op,op] | bench:<op> | bench_quick:<op> | tune:<D> | final[:sections]
-#         | model[:flags] | recall[:flags] (flags separated by spaces, the stage quoted)
+#         | model[:flags] | recall[:flags] | recall_probe[:flags] (flags separated by spaces, the stage quoted)
 # A stage may be given a time limit in seconds after '@': bench:attention@240.
 set -u
 export PYTHONUNBUFFERED=1
@@ -30,6 +30,7 @@ for stage in "$@"; do
     bench) $T python3 -m experiments.bench_kernels --op="$arg" --out_dir="$OUT" > "$log" 2>&1 ;;
     bench_quick) $T python3 -m experiments.bench_kernels --op="$arg" --quick --out_dir="$OUT" > "$log" 2>&1 ;;
     model) $T python3 -m experiments.bench_model ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    recall_probe) $T python3 -m experiments.device.recall_probe ${arg:+$arg} > "$log" 2>&1 ;;
     recall) $T python3 -m experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
     final) $T python3 -m experiments.device.final --sections="${arg:-targets}" \
              --deadline_s=$((limit - 100)) > "$log" 2>&1 ;;

@@ -120,3 +120,15 @@ def test_bad_flags_name_the_flag(tmp_path):
                               f"--out_dir={tmp_path}"], capture_output=True, text=True,
                              timeout=120, env=dict(os.environ, OUT=""))
         assert out.returncode != 0 and needle in out.stderr, (flag, out.stderr[-500:])
+
+
+def test_recall_probe_times_every_variant_and_lists_device_ops(tmp_path):
+    from experiments.device import recall_probe  # noqa: PLC0415
+
+    row = recall_probe.probe("gla", 16, 64, 4, batch_size=4, steps=1, out=str(tmp_path),
+                             trace=True)
+    for key in ("compile_s", "host_ms", "vmapped_ms", "single_ms", "eval_ms"):
+        assert row[key] > 0, key
+    assert row["top_ops"] and all(ms >= 0 and n >= 1 for _, ms, n in row["top_ops"])
+    assert (tmp_path / "hlo_gla_d16_64_4.txt").read_text().startswith("HloModule")
+    assert not (tmp_path / "trace_gla_d16_64_4").exists()  # summarized, then removed

@@ -1,0 +1,166 @@
+"""Where a recall-sweep step spends its time, in one short device call (about 2 minutes).
+
+    python -m experiments.device.recall_probe [--probe_mixers=attention,mamba2]
+
+Session 4's two recall calls (H200, 2026-11-28) trained 2-layer d_model 256 models at
+about one step a second per job with five jobs sharing the GPU (~200 ms of device time a
+step), where the FLOP count (~1.6 TFLOP for both rates) predicts a few ms; logits at the
+answer positions only (16 of 256) did not change it. This probe times, for each mixer at
+one setting, with every call blocked on:
+
+- ``vmapped``: the sweep's step (both learning rates vmapped), as the sweep runs it;
+- ``single``: the same step for one rate, not vmapped;
+- ``eval``: the evaluation step (forward only, vmapped);
+- ``host``: the host's batch (generation and transfer);
+
+then traces three vmapped steps with ``jax.profiler`` and prints the 15 device ops that
+take the most time (summed over the trace), and writes the optimized HLO of the vmapped
+step to ``$OUT``. A table of the timings comes last.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import shutil
+import time
+
+from absl import app, flags
+
+from experiments import recall_sweep  # its flags (one definition per process)
+
+_MIXERS = flags.DEFINE_list("probe_mixers", ["attention", "mamba2"], "Mixers to probe.")
+_D_MODEL = flags.DEFINE_integer("probe_d_model", 256, "Width.")
+_SETTING = flags.DEFINE_string("probe_setting", "256:16", "seq_len:pairs.")
+_BATCH = flags.DEFINE_integer("probe_batch_size", 256, "Sequences per step.")
+_STEPS = flags.DEFINE_integer("probe_steps", 10, "Timed steps per variant.")
+_TRACE = flags.DEFINE_bool("trace", True, "Profile three steps and list the top device ops.")
+
+
+def _timed(fn, n):
+    """Median seconds of ``n`` blocked calls of ``fn`` (after one untimed call)."""
+    import jax  # noqa: PLC0415
+
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def top_ops(trace_dir: str, k: int = 15) -> list[tuple[str, float, int]]:
+    """``(name, total ms, count)`` of the ``k`` longest-running event names of the perfetto
+    trace under ``trace_dir``, from the device's threads (names of host Python frames and
+    threads are left out where the trace marks them)."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    files += glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return []
+    with gzip.open(sorted(files)[-1], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e.get("pid"): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in names.items()
+                   if any(s in str(name).lower() for s in ("gpu", "device", "stream", "/device"))}
+    total, count = collections.defaultdict(float), collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        if device_pids and e.get("pid") not in device_pids:
+            continue
+        total[e["name"]] += e["dur"] / 1e3
+        count[e["name"]] += 1
+    return [(n, total[n], count[n]) for n in sorted(total, key=total.get, reverse=True)[:k]]
+
+
+def probe(mixer: str, d_model: int, seq_len: int, pairs: int, batch_size: int, steps: int,
+          out: str | None, trace: bool) -> dict:
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from seqmix.train import loop  # noqa: PLC0415
+
+    row = dict(mixer=mixer, d_model=d_model, seq_len=seq_len, pairs=pairs, batch=batch_size)
+    lrs = (3e-3, 1e-2)
+    b = recall_sweep._build(mixer, d_model, seq_len, pairs, lrs, 4000, batch_size, 0)  # noqa: SLF001
+    task = b["task"]
+    t = time.perf_counter()
+    train, evaluate = recall_sweep.compile_job(b)
+    row["compile_s"] = time.perf_counter() - t
+    state, rngs = b["init"]()
+    row["state_devices"] = sorted({str(d) for x in jax.tree.leaves(state) for d in x.devices()})
+    host = {k: v for k, v in task.train_batch(1).items()}
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    step = jnp.asarray(1, jnp.int32)
+    row["host_ms"] = 1e3 * _timed(lambda: {k: jnp.asarray(v) for k, v in
+                                           task.train_batch(2).items()}, steps)
+
+    holder = {"state": state}
+
+    def vmapped():
+        holder["state"], m = train(holder["state"], rngs, batch, step)
+        return m
+
+    row["vmapped_ms"] = 1e3 * _timed(vmapped, steps)
+    ev = {k: jnp.asarray(v) for k, v in task.eval_batches()[0].items()}
+    s = holder["state"]
+    row["eval_ms"] = 1e3 * _timed(lambda: evaluate(s.params, rngs, s.other, ev), steps)
+
+    # one rate, no vmap: the same step function, the state's first slice
+    one = jax.tree.map(lambda x: x[0], holder["state"])
+    parts = loop.split_model(b["cfg"].model, 0)
+    single = jax.jit(loop.make_train_step(parts, b["tx"], b["schedule"], "causal_lm", 0),
+                     donate_argnums=0)
+    holder["one"] = one
+
+    def unbatched():
+        holder["one"], m = single(holder["one"], rngs, batch, step)
+        return m
+
+    row["single_ms"] = 1e3 * _timed(unbatched, steps)
+
+    if out:
+        name = f"{mixer}_d{d_model}_{seq_len}_{pairs}"
+        with open(os.path.join(out, f"hlo_{name}.txt"), "w") as f:
+            f.write(train.as_text())
+        if trace:
+            tdir = os.path.join(out, f"trace_{name}")
+            with jax.profiler.trace(tdir, create_perfetto_trace=True):
+                for _ in range(3):
+                    jax.block_until_ready(vmapped())
+            ops = top_ops(tdir)
+            shutil.rmtree(tdir, ignore_errors=True)  # MBs; what came back is the summary
+            row["top_ops"] = ops
+            print(f"top device ops of 3 vmapped steps, {name}:", flush=True)
+            for n, ms, c in ops:
+                print(f"  {ms:9.2f} ms {c:6d}x  {n[:100]}", flush=True)
+    print(json.dumps(row, default=str), flush=True)
+    return row
+
+
+def main(argv):
+    del argv
+    seq_len, pairs = (int(x) for x in _SETTING.value.split(":"))
+    out = os.environ.get("OUT")
+    rows = []
+    for mixer in _MIXERS.value:
+        rows.append(probe(mixer, _D_MODEL.value, seq_len, pairs, _BATCH.value, _STEPS.value,
+                          out, _TRACE.value))
+        if out:
+            with open(os.path.join(out, "recall_probe.json"), "w") as f:
+                json.dump(rows, f, indent=1, default=str)
+    print("| mixer | compile s | host ms | vmapped (2 rates) ms | single rate ms | eval ms |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['mixer']} | {r['compile_s']:.1f} | {r['host_ms']:.2f} | "
+              f"{r['vmapped_ms']:.2f} | {r['single_ms']:.2f} | {r['eval_ms']:.2f} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
