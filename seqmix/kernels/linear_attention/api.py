@@ -43,6 +43,8 @@ LINEAR_ATTENTION_STEP = Op(
         "pallas_triton": "seqmix.kernels.linear_attention.step:linear_attention_step_triton",
         "pallas_tpu": "seqmix.kernels.linear_attention.step_tpu:linear_attention_step_tpu",
     },
+    # XLA on GPU by measurement (H200, 2026-11-28, [B, 16, 128, 128] states): equal at B = 1
+    # (43 us), faster from B = 16 (B = 256: 143 us against the kernel's 282; BENCHMARKS.md)
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 )
 
