@@ -41,7 +41,12 @@ def run_workers(module: str, args: list[str], n: int, budget_s: float) -> float:
     """Runs ``python -m module --compile_only=i/n *args`` for i < n at once and waits at most
     ``budget_s`` seconds (then kills what still runs); returns the seconds taken."""
     os.makedirs(CACHE_DIR, exist_ok=True)
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    # each process gets an equal share of the device memory: with the caller's fraction each
+    # (0.9 under run.sh), 8 processes' autotuning ran the device out of memory (session 4:
+    # hundreds of allocator retries), and XLA may then time fewer candidate kernels
+    share = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")) / max(n, 1)
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               XLA_PYTHON_CLIENT_MEM_FRACTION=f"{share:.3f}")
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, "-m", module, f"--compile_only={i}/{n}", *args],
                               env=env) for i in range(n)]
