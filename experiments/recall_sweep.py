@@ -59,6 +59,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of models and data.")
 _RESUME = flags.DEFINE_string("resume", None, "A recall.json of an earlier call: its finished "
                               "runs are kept and their jobs not run again (the grid can span "
                               "several device calls).")
+_VMAP = flags.DEFINE_bool("vmap_rates", True, "Train every rate of a grid point in one step "
+                          "vmapped over a rate axis; false: one job per rate, each an ordinary "
+                          "step (the same compiled program for every rate).")
 _DEADLINE = flags.DEFINE_float("deadline_s", None, "Runs still training this many seconds after "
                                "the start evaluate within 50 steps and stop (marked 'cut').")
 
@@ -70,10 +73,11 @@ _PROGRESS: dict[tuple, list[dict]] = {}
 _EVAL_EVERY = 250
 
 
-def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed):
+def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap=True):
     """The programs and data of one grid point: a dict with ``task``, the jitted vmapped
     ``train``/``eval`` steps, ``init`` (the concrete stacked state, built on the host CPU and
-    copied over), ``abstract`` (the arguments' shapes, for compiling ahead) and the sizes."""
+    copied over), ``abstract`` (the arguments' shapes, for compiling ahead) and the sizes.
+    With ``vmap=False`` (one rate only) the steps and the state have no rate axis."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import optax  # noqa: PLC0415
@@ -99,6 +103,8 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed):
                          if jnp.issubdtype(x.dtype, jnp.floating)) // len(cfg.model.layers))
     n_params = int(sum(x.size for x in jax.tree.leaves(parts.params)))
     n = len(lrs)
+    if not vmap and n != 1:
+        raise ValueError(f"without the rate vmap a job trains one rate, got lrs={lrs}")
 
     def init():
         """``(state, rngs)``: one training state per rate, stacked on a leading axis."""
@@ -106,10 +112,12 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed):
         opt_state = tx.init(params)
         opt_state = (opt_state[0], opt_state[1]._replace(
             hyperparams={"step_size": jnp.asarray(1.0, jnp.float32)}))
-        state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)),
-                             loop.TrainState(params, opt_state, other))
+        state = loop.TrainState(params, opt_state, other)
+        if vmap:
+            state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), state)
+        rate = jnp.asarray(lrs if vmap else lrs[0], jnp.float32)
         state = state._replace(opt_state=(state.opt_state[0], state.opt_state[1]._replace(
-            hyperparams={"step_size": jnp.asarray(lrs, jnp.float32)})))
+            hyperparams={"step_size": rate})))
         return state, rngs
 
     def host_init():
@@ -120,17 +128,20 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed):
 
     # Every learning rate trains at once: the step is vmapped over a leading rate axis of
     # the state (params, optimizer state with its step size, other), the batch is shared.
-    train = jax.jit(jax.vmap(loop.make_train_step(parts, tx, schedule, "causal_lm", seed),
-                             in_axes=(0, None, None, None)), donate_argnums=0)
-    evaluate = jax.jit(jax.vmap(loop.make_eval_step(parts, "causal_lm", seed),
-                                in_axes=(0, None, 0, None)))
+    train_step = loop.make_train_step(parts, tx, schedule, "causal_lm", seed)
+    eval_step = loop.make_eval_step(parts, "causal_lm", seed)
+    if vmap:
+        train_step = jax.vmap(train_step, in_axes=(0, None, None, None))
+        eval_step = jax.vmap(eval_step, in_axes=(0, None, 0, None))
+    train = jax.jit(train_step, donate_argnums=0)
+    evaluate = jax.jit(eval_step)
     spec = lambda b: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
     state, rngs = jax.eval_shape(init)
     abstract = dict(train=(state, rngs, spec(task.train_batch(0)),
                            jax.ShapeDtypeStruct((), jnp.int32)),
                     eval=(state.params, rngs, state.other, spec(task.eval_batches()[0])))
     return dict(task=task, train=train, eval=evaluate, init=host_init, abstract=abstract,
-                state_size=state_size, n_params=n_params, cfg=cfg, tx=tx, schedule=schedule)
+                state_size=state_size, n_params=n_params)
 
 
 def compile_job(b: dict) -> tuple:
@@ -143,7 +154,7 @@ def compile_job(b: dict) -> tuple:
 
 
 def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
-            deadline=None) -> list[dict]:
+            deadline=None, vmap=True) -> list[dict]:
     """Trains one grid point at every learning rate at once (one vmapped step); returns one
     row per rate, each finished at its first evaluation with accuracy >= 0.99, a non-finite
     loss, or the last step. Past ``deadline`` (a ``time.time()`` value) the runs evaluate
@@ -156,9 +167,9 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
 
     from seqmix.train import losses  # noqa: PLC0415
 
-    job = (mixer, d_model, seq_len, pairs)
+    job = (mixer, d_model, seq_len, pairs) if vmap else (mixer, d_model, seq_len, pairs, lrs[0])
     t0 = time.time()
-    b = _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed)
+    b = _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap)
     task, n = b["task"], len(lrs)
     train, evaluate_step = compile_job(b)
     eval_set = [jax.device_put(x) for x in task.eval_batches()]
@@ -170,6 +181,8 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
             s = evaluate_step(state.params, rngs, state.other, e)
             sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
         sums = jax.device_get(sums)
+        if not vmap:
+            return [losses.finish(sums)]
         return [losses.finish(jax.tree.map(lambda x, i=i: x[i], sums)) for i in range(n)]
 
     def rows_of(result, seconds):
@@ -190,7 +203,7 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
             deadline is not None and time.time() > deadline and step % 50 == 0))
         if step % _EVAL_EVERY and step != steps and not late:
             continue
-        losses_now = np.asarray(jax.device_get(metrics["loss"]))
+        losses_now = np.atleast_1d(np.asarray(jax.device_get(metrics["loss"])))
         evals = evaluate(state)
         for i, ev in enumerate(evals):
             acc_i, loss_i = float(ev["accuracy"]), float(ev["loss"])
@@ -212,10 +225,13 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
 
 def _compile_shard(spec: str, jobs: list[tuple], lrs: list[float]) -> None:
     precompile.setup_cache()
+    # without the rate vmap every rate of a job runs the same program: compile it once
+    lrs = lrs if _VMAP.value else lrs[:1]
     for job in precompile.shard(jobs, spec):
         t0 = time.time()
         try:
-            compile_job(_build(*job, lrs, _STEPS.value, _BATCH.value, _SEED.value))
+            compile_job(_build(*job, lrs, _STEPS.value, _BATCH.value, _SEED.value,
+                               _VMAP.value))
             print(f"compiled {job} in {time.time() - t0:.0f}s", flush=True)
         except Exception as e:  # noqa: BLE001 - the driver compiles it again and reports
             print(f"compile {job} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -267,7 +283,7 @@ def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
     payload = dict(env=common.environment(), steps=_STEPS.value, batch_size=_BATCH.value,
                    lrs=lrs, seconds=time.time() - start, runs=rows, best=best_rows,
                    skipped=[dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), j))
-                            for j in skipped])
+                            for j in dict.fromkeys(skipped)])
     for d in filter(None, [_OUT.value or common.RESULTS_DIR, os.environ.get("OUT")]):
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "recall.json"), "w") as f:
@@ -337,22 +353,26 @@ def main(argv):
             f"--settings={','.join(f'{T}:{n}' for T, n in settings)}",
             f"--lrs={','.join(map(str, lrs))}", f"--steps={_STEPS.value}",
             f"--batch_size={_BATCH.value}", f"--seed={_SEED.value}",
+            f"--vmap_rates={_VMAP.value}",
             *([f"--resume={_RESUME.value}"] if _RESUME.value else [])],
             _COMPILE_WORKERS.value, _COMPILE_BUDGET.value)
         print(f"parallel compile: {seconds:.0f}s", flush=True)
     precompile.setup_cache()
     in_progress = lambda: [r for job_rows in list(_PROGRESS.values()) for r in job_rows]
     pool = cf.ThreadPoolExecutor(_WORKERS.value)
-    pending, queue, interrupted = {}, list(jobs), None
+    # a queue entry: a grid point and the rates it trains (all at once, or one per entry)
+    queue = ([(job, tuple(lrs)) for job in jobs] if _VMAP.value else
+             [(job, (lr,)) for job in jobs for lr in lrs])
+    pending, interrupted = {}, None
     while queue or pending:
         while queue and len(pending) < _WORKERS.value:
             if time.time() - start > _BUDGET.value:
-                skipped.extend(queue)
+                skipped.extend(job for job, _ in queue)
                 queue = []
                 break
-            job = queue.pop(0)
-            pending[pool.submit(run_job, *job, lrs, _STEPS.value, _BATCH.value,
-                                _SEED.value, deadline)] = job
+            job, job_lrs = queue.pop(0)
+            pending[pool.submit(run_job, *job, list(job_lrs), _STEPS.value, _BATCH.value,
+                                _SEED.value, deadline, _VMAP.value)] = job
         if not pending:
             break
         try:
@@ -360,7 +380,7 @@ def main(argv):
         except KeyboardInterrupt:  # the time limit: keep what the running jobs reached
             print("interrupted: running jobs stop at their next step", flush=True)
             _STOP.set()
-            skipped.extend(queue)
+            skipped.extend(job for job, _ in queue)
             queue, interrupted = [], time.time()
             continue
         for fut in done:
@@ -374,7 +394,8 @@ def main(argv):
                                  error=f"{type(e).__name__}: {str(e)[:300]}"))
                 print(json.dumps(rows[-1]), flush=True)
         # every 30 s and after every job: what a time limit or a kill would otherwise lose
-        _write(rows + in_progress(), skipped + queue, lrs, start, plots=False)
+        _write(rows + in_progress(), skipped + [job for job, _ in queue], lrs, start,
+               plots=False)
         if interrupted is not None and time.time() - interrupted > 30:
             print(f"{len(pending)} jobs did not stop within 30 s (compiling?): left behind",
                   flush=True)

@@ -9,7 +9,7 @@ answer positions only (16 of 256) did not change it. This probe times, for each 
 one setting, with every call blocked on:
 
 - ``vmapped``: the sweep's step (both learning rates vmapped), as the sweep runs it;
-- ``single``: the same step for one rate, not vmapped;
+- ``single``: the step of one rate, not vmapped (the sweep's ``--novmap_rates`` job);
 - ``eval``: the evaluation step (forward only, vmapped);
 - ``host``: the host's batch (generation and transfer);
 
@@ -84,8 +84,6 @@ def probe(mixer: str, d_model: int, seq_len: int, pairs: int, batch_size: int, s
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from seqmix.train import loop  # noqa: PLC0415
-
     row = dict(mixer=mixer, d_model=d_model, seq_len=seq_len, pairs=pairs, batch=batch_size)
     lrs = (3e-3, 1e-2)
     b = recall_sweep._build(mixer, d_model, seq_len, pairs, lrs, 4000, batch_size, 0)  # noqa: SLF001
@@ -112,12 +110,11 @@ def probe(mixer: str, d_model: int, seq_len: int, pairs: int, batch_size: int, s
     s = holder["state"]
     row["eval_ms"] = 1e3 * _timed(lambda: evaluate(s.params, rngs, s.other, ev), steps)
 
-    # one rate, no vmap: the same step function, the state's first slice
-    one = jax.tree.map(lambda x: x[0], holder["state"])
-    parts = loop.split_model(b["cfg"].model, 0)
-    single = jax.jit(loop.make_train_step(parts, b["tx"], b["schedule"], "causal_lm", 0),
-                     donate_argnums=0)
-    holder["one"] = one
+    # one rate, no vmap: the sweep's --novmap_rates job
+    b1 = recall_sweep._build(mixer, d_model, seq_len, pairs, lrs[:1], 4000, batch_size, 0,  # noqa: SLF001
+                             vmap=False)
+    single, _ = recall_sweep.compile_job(b1)
+    holder["one"] = b1["init"]()[0]
 
     def unbatched():
         holder["one"], m = single(holder["one"], rngs, batch, step)

@@ -53,6 +53,11 @@ def test_vmapped_rates_match_separate_runs():
     assert pair[1]["lr"] == alone[0]["lr"] == 1e-2
     assert pair[1]["steps"] == alone[0]["steps"] == 100
     assert abs(pair[1]["eval_loss"] - alone[0]["eval_loss"]) < 1e-4 * alone[0]["eval_loss"]
+    # the sweep's --novmap_rates job: the same rate, an ordinary step without the rate axis
+    plain = recall_sweep.run_job("mamba2", 64, 64, 4, [1e-2], steps=100, batch_size=4, seed=0,
+                                 vmap=False)
+    assert plain[0]["lr"] == 1e-2 and plain[0]["steps"] == 100
+    assert abs(plain[0]["eval_loss"] - alone[0]["eval_loss"]) < 1e-4 * alone[0]["eval_loss"]
     # and the other rate trained a different model
     assert abs(pair[0]["eval_loss"] - pair[1]["eval_loss"]) > 1e-3
 
