@@ -1,6 +1,6 @@
 """The kernel targets of issues 5-7 in one short device call, most important first.
 
-    python -m experiments.device.final [--deadline_s=500] [--sections=targets|variants]
+    python -m experiments.device.final [--deadline_s=500] [--sections=targets|variants|missing]
 
 Reuses the benchmark modules' measuring functions on the issues' target shapes only (the
 full sweeps of bench_kernels do not fit the session's device time), writes every row to
@@ -20,7 +20,7 @@ _DEADLINE = flags.DEFINE_float("deadline_s", 500.0, "Stop starting sections afte
 _SECTIONS = flags.DEFINE_string("sections", "targets",
                                 "'targets' (the issues' shapes) or 'variants' (the opt-in "
                                 "kernel variants beside the defaults, and the shapes run 3 "
-                                "skipped).")
+                                "skipped) or 'missing' (what no run has measured yet).")
 
 ROWS: list[dict] = []
 START = time.time()
@@ -170,14 +170,30 @@ def variants(ceilings):
     _section("linear 8x4096 channel", linear(8, 4096, 16, 128, "channel", ceilings, True, False))
 
 
+def missing(ceilings):
+    """Session 4: what no run has measured yet, cheapest to compile first (the scan's lanes
+    variants compile for minutes each and cut two stages, so they come last)."""
+    _section("scan 2x16384", scan(2, 16384, ceilings))
+    _section("linear 8x4096x64 scalar", linear(8, 4096, 16, 64, "scalar", ceilings, True, False))
+    _section("linear 8x4096 channel", linear(8, 4096, 16, 128, "channel", ceilings, True, False))
+    _section("linear 1x65536 scalar", linear(1, 65536, 16, 128, "scalar", ceilings, True, False))
+    _section("scan 8x4096", scan(8, 4096, ceilings, with_xla=False, variants=True))
+
+
+SECTIONS = {"targets": targets, "variants": variants, "missing": missing}
+
+
 def main(argv):
     del argv
+    if _SECTIONS.value not in SECTIONS:
+        raise ValueError(f"--sections must be one of {sorted(SECTIONS)}, got "
+                         f"{_SECTIONS.value!r}")
     from experiments.bench import common
 
     ceilings = {"bf16_matmul_tflops": common.matmul_ceiling(), "copy_tbps": common.copy_ceiling()}
     ROWS.append({"section": "ceilings", **ceilings, **common.environment()})
     print(ceilings, flush=True)
-    {"targets": targets, "variants": variants}[_SECTIONS.value](ceilings)
+    SECTIONS[_SECTIONS.value](ceilings)
     print(f"total {time.time() - START:.0f}s")
     keys = ["section", "impl", "label", "blocks", "fwd_ms", "fwdbwd_ms", "fb_ms", "fwd_tflops",
             "fb_tflops", "fwd_x_rowo", "fb_x_rowo", "fb_vs_xla", "copy_frac", "ns_per_token",
