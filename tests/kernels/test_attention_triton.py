@@ -1,6 +1,8 @@
 """attention(implementation="pallas_triton"): interpret mode against the naive oracle, the
 block table, block sparsity, and lowering for an H200 (forward and backward)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,6 +183,10 @@ def test_tuning_file_overrides_the_table(tmp_path, monkeypatch):
     # other kinds and head dims keep the table's rows
     assert tuning.attention_blocks(128, jnp.bfloat16, "NVIDIA H200", "bwd") == (
         tuning._TABLE["hopper"]["bwd"][128])
+    # a rewritten file is read again
+    path.write_text('{"bwd": {"64": [16, 64, 4, 2]}}')
+    os.utime(path, ns=(1, 10**18))
+    assert tuning.attention_blocks(64, jnp.bfloat16, "NVIDIA H200", "bwd").block_q == 16
     bad = tmp_path / "bad.json"
     bad.write_text('{"sideways": {"64": [32, 64, 4, 3]}}')
     monkeypatch.setenv(tuning.OVERRIDE_ENV, str(bad))

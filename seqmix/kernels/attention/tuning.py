@@ -128,17 +128,27 @@ def current_device_kind() -> str | None:
 OVERRIDE_ENV = "SEQMIX_ATTENTION_TUNING"
 
 
-@functools.cache
 def overrides(path: str) -> dict[str, dict[int, Blocks]]:
-    """The entries of a tuning JSON file (see the module doc); ``""`` gives none."""
+    """The entries of a tuning JSON file (see the module doc); ``""`` gives none. Read again
+    when the file changes (a notebook may retune and rewrite it)."""
     if not path:
         return {}
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError as e:
+        raise ValueError(f"{OVERRIDE_ENV}={path!r}: not a readable tuning JSON file ({e})") from e
+    return _read_overrides(path, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_overrides(path: str, stamp: int) -> dict[str, dict[int, Blocks]]:
+    del stamp  # part of the cache key only
     try:
         with open(path) as f:
             raw = json.load(f)
         table = {kind: {int(d): Blocks(*map(int, b)) for d, b in rows.items()}
                  for kind, rows in raw.items()}
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"{OVERRIDE_ENV}={path!r}: not a readable tuning JSON file ({e})") from e
     unknown = set(table) - set(KINDS)
     if unknown:
