@@ -91,6 +91,24 @@ def test_rectangular_tiles_and_many_blocks():
         )
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_the_h200_tiles_of_the_table(D):
+    """The table's own Hopper tiles (not the interpreter's 16 x 16), causal with GQA and a
+    length that no tile divides: the rows the H200 benchmarks ran must also be exact."""
+    seed = testing.fresh_seed()
+    q, k, v, _ = _inputs(seed, 1, 200, 200, 4, 2, D, jnp.float32)
+    blocks = {kind: tuning.attention_blocks(D, jnp.bfloat16, "NVIDIA H200", kind)
+              for kind in ("fwd", "bwd", "bwd_dq")}
+    testing.check_against(
+        lambda q, k, v: triton.flash_attention(q, k, v, window=(None, 0), blocks=blocks,
+                                               interpret=True),
+        lambda q, k, v: reference.attention_naive(
+            q, k, v, causal=True, window=(None, None), segment_ids=None, softcap=None,
+            scale=D**-0.5),
+        (q, k, v), argnums=(0, 1, 2), tol=1e-5, seed=seed, names="qkv",
+    )
+
+
 def test_unsupported_dtype_raises():
     q = jnp.zeros((1, 4, 2, 16), jnp.float64 if jax.config.jax_enable_x64 else jnp.int8)
     with pytest.raises(NotImplementedError, match="bfloat16"):
