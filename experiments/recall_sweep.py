@@ -10,7 +10,8 @@ updates of ``batch_size`` fresh sequences (4000 x 256 = 1.02M sequences against 
 reaches 0.99.
 For each (mixer, d_model, setting) one compiled step trains every learning rate of the sweep
 at once: the rate lives in the optimizer state (``optax.inject_hyperparams``), and the step
-is vmapped over a leading rate axis of the whole training state (same data for every rate).
+is vmapped over a leading rate axis of the whole training state (same data for every rate);
+``--novmap_rates`` runs one ordinary job per rate instead (the same compiled program).
 
 Jobs run in ``--workers`` threads of one process: they share one device allocator and one
 stream, so small models overlap their Python dispatch without the GPU time-slicing between
@@ -107,7 +108,8 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap=Tr
         raise ValueError(f"without the rate vmap a job trains one rate, got lrs={lrs}")
 
     def init():
-        """``(state, rngs)``: one training state per rate, stacked on a leading axis."""
+        """``(state, rngs)``: one training state per rate, stacked on a leading axis (one
+        unstacked state without the vmap)."""
         params, rngs, other = loop._init_state(cfg.model, seed, None)  # noqa: SLF001
         opt_state = tx.init(params)
         opt_state = (opt_state[0], opt_state[1]._replace(
@@ -126,8 +128,9 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap=Tr
             made = init()
         return jax.device_put(made, jax.devices()[0])
 
-    # Every learning rate trains at once: the step is vmapped over a leading rate axis of
-    # the state (params, optimizer state with its step size, other), the batch is shared.
+    # With the vmap every learning rate trains at once: the step is vmapped over a leading
+    # rate axis of the state (params, optimizer state with its step size, other), the batch
+    # is shared.
     train_step = loop.make_train_step(parts, tx, schedule, "causal_lm", seed)
     eval_step = loop.make_eval_step(parts, "causal_lm", seed)
     if vmap:
@@ -155,7 +158,8 @@ def compile_job(b: dict) -> tuple:
 
 def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
             deadline=None, vmap=True) -> list[dict]:
-    """Trains one grid point at every learning rate at once (one vmapped step); returns one
+    """Trains one grid point at every learning rate at once (one vmapped step; with
+    ``vmap=False`` at its single rate, an ordinary step); returns one
     row per rate, each finished at its first evaluation with accuracy >= 0.99, a non-finite
     loss, or the last step. Past ``deadline`` (a ``time.time()`` value) the runs evaluate
     within 50 steps and stop, and the rows of those still below 0.99 say ``cut``; after an
@@ -372,7 +376,7 @@ def main(argv):
                 break
             job, job_lrs = queue.pop(0)
             pending[pool.submit(run_job, *job, list(job_lrs), _STEPS.value, _BATCH.value,
-                                _SEED.value, deadline, _VMAP.value)] = job
+                                _SEED.value, deadline, _VMAP.value)] = (job, job_lrs)
         if not pending:
             break
         try:
@@ -384,13 +388,14 @@ def main(argv):
             queue, interrupted = [], time.time()
             continue
         for fut in done:
-            job = pending.pop(fut)
+            job, job_lrs = pending.pop(fut)
             try:
                 for r in fut.result():
                     rows.append(r)
                     print(json.dumps(r), flush=True)
             except Exception as e:  # noqa: BLE001 - one failing job must not stop the sweep
                 rows.append(dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), job),
+                                 **({"lr": job_lrs[0]} if len(job_lrs) == 1 else {}),
                                  error=f"{type(e).__name__}: {str(e)[:300]}"))
                 print(json.dumps(rows[-1]), flush=True)
         # every 30 s and after every job: what a time limit or a kill would otherwise lose

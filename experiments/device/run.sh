@@ -2,7 +2,8 @@
 # One device session: install the carried wheels, then run the named stages in order,
 # each stage's log under $OUT. Usage: experiments/device/run.sh check bench:attention ...
 # Stages: check[:op,op] | bench:<op> | bench_quick:<op> | tune:<D> | final[:sections]
-#         | model[:flags] | recall[:flags] | recall_probe[:flags] (flags separated by spaces, the stage quoted)
+#         | model[:flags] | recall[:flags] | recall_probe[:flags]
+#         (flags separated by spaces, the stage quoted)
 # A stage may be given a time limit in seconds after '@': bench:attention@240.
 set -u
 export PYTHONUNBUFFERED=1

@@ -137,3 +137,14 @@ def test_recall_probe_times_every_variant_and_lists_device_ops(tmp_path):
     assert row["top_ops"] and all(ms >= 0 and n >= 1 for _, ms, n in row["top_ops"])
     assert (tmp_path / "hlo_gla_d16_64_4.txt").read_text().startswith("HloModule")
     assert not (tmp_path / "trace_gla_d16_64_4").exists()  # summarized, then removed
+
+
+def test_a_failing_job_is_a_row_naming_its_rate(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.recall_sweep", "--mixers=no_such_mixer",
+           "--d_models=64", "--settings=64:4", "--lrs=1e-3,3e-3", "--novmap_rates",
+           "--steps=2", "--batch_size=2", f"--out_dir={tmp_path}", "--workers=1"]
+    subprocess.run(cmd, env=dict(os.environ, OUT=""), check=True, timeout=300,
+                   capture_output=True)
+    runs = json.loads((tmp_path / "recall.json").read_text())["runs"]
+    assert sorted(r["lr"] for r in runs) == [1e-3, 3e-3]
+    assert all(r["mixer"] == "no_such_mixer" and "no_such_mixer" in r["error"] for r in runs)
