@@ -3,8 +3,8 @@ naive oracle through the public api (Pallas interpret mode on the CPU), and the 
 the kernels for an H200 at realistic shapes.
 
 Every check compares outputs, final states and all gradients (dq, dk, dv, d log_decay,
-d initial_state) on fresh random inputs; float32 under 1e-5, bf16/fp16 under 5e-3 (one
-documented exception: STRONG_DECAY_DG_TOL).
+d initial_state) on fresh random inputs; float32 under 1e-5, bf16/fp16 under 5e-3 (two
+documented exceptions: STRONG_DECAY_DG_TOL and NORMALIZE_BF16_TOL).
 """
 
 from unittest import mock
@@ -75,6 +75,16 @@ CASES = {
 # 2026-11-28): 4x bf16's tolerance.
 STRONG_DECAY_DG_TOL = {"float32": 2e-4, "bfloat16": 2e-2}
 
+# normalize in bf16 with per-channel decay and segments: the gradients that reach q and the
+# initial state through the normaliser column are differences of nearly equal terms (the
+# output is invariant to a common scale of the numerator and the denominator), and the
+# kernel's bf16 matmul operands (the xla form and the oracle keep float32 inside) leave
+# 1e-3 to 2e-3 there, with a tail: over 76 seeds (2026-11-29) dq reached 1.2e-2 (seed
+# 1302740408; 9.7e-3 for seed 730536094 failed a CI run) and d initial_state 1.5e-2, while
+# o, the final state, dk, dv and d log_decay stayed under 3.5e-3. A wrong gradient is off
+# by O(1), so this still tells right from wrong.
+NORMALIZE_BF16_TOL = {"q": 4e-2, "initial_state": 4e-2}
+
 
 def _check(B, T, Hqk, Hv, K, V, decay, chunk, dtype, options):
     seed = testing.fresh_seed()
@@ -108,6 +118,8 @@ def _compare(seed, q, k, v, g, s0, seg, normalize, chunk, dtype, options):
         if b is not None:
             dg_tol = (STRONG_DECAY_DG_TOL[jnp.dtype(dtype).name]
                       if strong and name == "log_decay" else tol)
+            if normalize and jnp.dtype(dtype) == jnp.bfloat16:
+                dg_tol = max(dg_tol, NORMALIZE_BF16_TOL.get(name, dg_tol))
             testing.assert_close(a, b, dg_tol, f"d{name} (seed {seed})")
 
 

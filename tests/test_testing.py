@@ -1,0 +1,37 @@
+"""seqmix.testing: the comparison every kernel test relies on must fail where it should."""
+
+import numpy as np
+import pytest
+
+from seqmix import testing
+
+
+def test_assert_close_passes_within_tolerance():
+    ref = np.linspace(-1.0, 1.0, 64, dtype=np.float32)
+    testing.assert_close(ref * (1 + 1e-6), ref, 1e-5)
+
+
+def test_assert_close_fails_on_error_nan_inf_and_shape():
+    ref = np.linspace(-1.0, 1.0, 64, dtype=np.float32)
+    with pytest.raises(AssertionError, match="relative error"):
+        testing.assert_close(ref * 1.01, ref, 1e-3, "o")
+    with pytest.raises(AssertionError, match="non-finite"):
+        testing.assert_close(np.where(np.arange(64) == 3, np.nan, ref), ref, 1.0)
+    with pytest.raises(AssertionError, match="infinities"):
+        testing.assert_close(ref, np.where(np.arange(64) == 3, np.inf, ref), 1.0)
+    with pytest.raises(AssertionError, match="shape"):
+        testing.assert_close(ref[:-1], ref, 1.0)
+
+
+def test_margins_file_lists_each_check(tmp_path, monkeypatch):
+    path = tmp_path / "margins.txt"
+    monkeypatch.setenv("SEQMIX_TEST_MARGINS", str(path))
+    ref = np.ones(8, np.float32)
+    testing.assert_close(ref * 1.001, ref, 1e-2, "dq (seed 7)")
+    with pytest.raises(AssertionError):
+        testing.assert_close(ref * 1.1, ref, 1e-2, "dk (seed 7)")
+    lines = [line.split("\t") for line in path.read_text().splitlines()]
+    assert [w for _, w, _ in lines] == ["dq (seed 7)", "dk (seed 7)"]
+    assert float(lines[0][0]) == pytest.approx(0.1, rel=1e-2)  # 1e-3 of 1e-2
+    assert float(lines[1][0]) == pytest.approx(10.0, rel=1e-2)
+    assert all(test.startswith("tests/test_testing.py::") for _, _, test in lines)
