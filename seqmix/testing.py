@@ -16,6 +16,18 @@ import numpy as np
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-9, "bfloat16": 5e-3, "float16": 5e-3}
 
+# The one measured exception, for linear attention with ``normalize=True`` in bf16: the
+# output q^T S / q^T z does not change when q is scaled, so dq is the difference of two
+# nearly equal terms (through the numerator and through the normaliser column), and so is
+# the initial state's gradient; the kernels' bf16 operands (the augmented output, dO and
+# the intra-chunk products) leave 0.5-1.5e-2 there against the float32 oracle. Measured
+# 2026-11-29: Triton (per-channel decay, segments) dq 7.4e-3 mean / 8.9e-3 max and
+# d initial_state 5.6e-3 max over 30 seeds; TPU dq up to 1.5e-2 over 26 seeds; every
+# other output and gradient of those cases under 3.5e-3. Keeping the kernels' output in
+# float32 took Triton's dq only from 7.1e-3 to 5.3e-3 (mean of 6 seeds), so it was not done.
+# A wrong gradient is off by O(1); this still tells right from wrong.
+NORMALIZE_BF16_GRAD_TOL = {"q": 4e-2, "initial_state": 4e-2}
+
 
 def tolerance(dtype) -> float:
     return TOLERANCE[jnp.dtype(dtype).name]
@@ -72,28 +84,42 @@ def random_cotangent(tree, key):
     return treedef.unflatten(out)
 
 
+def upcast(tree):
+    """``tree`` with its bf16/fp16 arrays in float32 (the same values). The oracle's side of
+    a comparison runs on these, so that its outputs and gradients are float32 results with
+    no final rounding of their own: a bf16 kernel is then measured against the float32
+    answer (its error is its own rounding), not against a second rounded result (which
+    doubled the rounding noise that the 5e-3 tolerance has to hold)."""
+    def up(x):
+        if hasattr(x, "dtype") and jnp.dtype(x.dtype).name in ("bfloat16", "float16"):
+            return jnp.asarray(x).astype(jnp.float32)
+        return x
+    return jax.tree.map(up, tree)
+
+
 def vjp_pairs(fn: Callable, ref: Callable, args: Sequence, *, argnums: Sequence[int],
               seed: int = 0):
-    """``fn`` and ``ref`` evaluated on ``args`` and pulled back through one random cotangent
-    (drawn in ref's output dtypes and cast to fn's): returns ``(outputs, grads)``, each a list
-    of ``(value, reference_value)`` pairs, the grads in ``argnums`` order."""
+    """``fn`` on ``args`` and ``ref`` on ``upcast(args)``, each pulled back through one
+    random cotangent (drawn in fn's output dtypes, upcast for ref): returns
+    ``(outputs, grads)``, each a list of ``(value, reference_value)`` pairs, the grads in
+    ``argnums`` order."""
     argnums = tuple(argnums)
 
-    def closed(f):
+    def closed(f, base):
         def g(*diff):
-            full = list(args)
+            full = list(base)
             for i, a in zip(argnums, diff):
                 full[i] = a
             return f(*full)
         return g
 
-    diff = [args[i] for i in argnums]
-    out, vjp = jax.vjp(closed(fn), *diff)
-    out_ref, vjp_ref = jax.vjp(closed(ref), *diff)
+    ref_args = upcast(list(args))
+    out, vjp = jax.vjp(closed(fn, args), *[args[i] for i in argnums])
+    out_ref, vjp_ref = jax.vjp(closed(ref, ref_args), *[ref_args[i] for i in argnums])
     flat, flat_ref = jax.tree.leaves(out), jax.tree.leaves(out_ref)
     assert len(flat) == len(flat_ref), "fn and ref return different structures"
-    ct_ref = random_cotangent(out_ref, jax.random.key(seed + 1))
-    ct = jax.tree.map(lambda c, o: None if c is None else c.astype(o.dtype), ct_ref, out)
+    ct = random_cotangent(out, jax.random.key(seed + 1))
+    ct_ref = jax.tree.map(lambda c, o: None if c is None else c.astype(o.dtype), ct, out_ref)
     return list(zip(flat, flat_ref)), list(zip(vjp(ct), vjp_ref(ct_ref)))
 
 
@@ -108,9 +134,9 @@ def check_against(
     seed: int = 0,
     names: Sequence[str] | None = None,
 ) -> None:
-    """Asserts that ``fn(*args)`` matches ``ref(*args)``, and their VJPs for a random
-    cotangent, within ``tol`` (``grad_tol`` for gradients). Outputs may be any pytree;
-    ``argnums`` are the differentiated positions."""
+    """Asserts that ``fn(*args)`` matches ``ref(*upcast(args))`` (the oracle in float32), and
+    their VJPs for one random cotangent, within ``tol`` (``grad_tol`` for gradients).
+    Outputs may be any pytree; ``argnums`` are the differentiated positions."""
     grad_tol = tol if grad_tol is None else grad_tol
     outs, grads = vjp_pairs(fn, ref, args, argnums=argnums, seed=seed)
     for i, (a, b) in enumerate(outs):

@@ -35,3 +35,30 @@ def test_margins_file_lists_each_check(tmp_path, monkeypatch):
     assert float(lines[0][0]) == pytest.approx(0.1, rel=1e-2)  # 1e-3 of 1e-2
     assert float(lines[1][0]) == pytest.approx(10.0, rel=1e-2)
     assert all(test.startswith("tests/test_testing.py::") for _, _, test in lines)
+
+
+def test_oracle_side_runs_in_float32():
+    """check_against's reference sees the same values in float32, and both sides are pulled
+    back through the same cotangent: a bf16 function is measured against the float32 answer,
+    not against a second rounded result."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (64,), jnp.float32).astype(jnp.bfloat16)
+    seen = []
+
+    def ref(x, n):
+        seen.append((x.dtype, n))
+        return x * x
+
+    outs, grads = testing.vjp_pairs(lambda x, n: x * x, ref, (x, 3), argnums=(0,), seed=1)
+    assert seen[0] == (jnp.float32, 3)
+    (o, o_ref), = outs
+    (g, g_ref), = grads
+    assert o.dtype == jnp.bfloat16 and o_ref.dtype == jnp.float32
+    assert g.dtype == jnp.bfloat16 and g_ref.dtype == jnp.float32
+    xf = np.asarray(x, np.float32)
+    np.testing.assert_array_equal(np.asarray(o_ref), xf * xf)  # exact: no rounding to bf16
+    ct = np.asarray(testing.random_cotangent(o, jax.random.key(2)), np.float32)
+    np.testing.assert_allclose(np.asarray(g_ref), 2 * xf * ct, rtol=1e-6)
+    testing.check_against(lambda x: x * x, lambda x: x * x, (x,), argnums=(0,), tol=5e-3)
