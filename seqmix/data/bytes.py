@@ -28,7 +28,7 @@ import tempfile
 
 import numpy as np
 
-from seqmix.data.task import EVAL_STREAM, Batch, Task, check_positive, rng_for
+from seqmix.data.task import EVAL_STREAM, Batch, Task, batches_of, check_positive, rng_for
 
 VOCAB_SIZE = 256
 EXCLUDED_DIRS = ("site-packages", "dist-packages")
@@ -140,7 +140,7 @@ def task(data, *, seed: int, batch_size: int, eval_batch_size: int) -> Task:
         kind="causal_lm",
         vocab_size=VOCAB_SIZE,
         seq_len=seq_len,
-        batch=functools.partial(_batch_of_stream, seed, kwargs),
+        batch=batches_of(batch, seed, **kwargs),
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
         num_eval_batches=check_positive(data.num_eval_batches, "data.num_eval_batches"),
@@ -148,7 +148,3 @@ def task(data, *, seed: int, batch_size: int, eval_batch_size: int) -> Task:
         metric_mode="min",
         bits_per_byte=True,
     )
-
-
-def _batch_of_stream(seed, kwargs, stream, index, batch_size):
-    return batch(seed, stream, index, batch_size, **kwargs)

@@ -14,12 +14,11 @@ with 0 to ``seq_len`` (>= ``max_length - 1``); ``segment_ids`` marks tokens (1) 
 
 from __future__ import annotations
 
-import functools
 import random
 
 import numpy as np
 
-from seqmix.data.task import Batch, Task, check_positive
+from seqmix.data.task import Batch, Task, batches_of, check_positive
 
 PAD = 0
 DIGIT0 = 1
@@ -139,12 +138,8 @@ def task(data, *, seed: int, batch_size: int, eval_batch_size: int) -> Task:
         vocab_size=VOCAB_SIZE,
         seq_len=data.seq_len,
         num_classes=NUM_CLASSES,
-        batch=functools.partial(_batch_of_stream, seed, kwargs),
+        batch=batches_of(batch, seed, **kwargs),
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
         num_eval_batches=check_positive(data.num_eval_batches, "data.num_eval_batches"),
     )
-
-
-def _batch_of_stream(seed, kwargs, stream, index, batch_size):
-    return batch(seed, stream, index, batch_size, **kwargs)

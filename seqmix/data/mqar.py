@@ -12,11 +12,10 @@ likely). At a query position the target is the key's value; only those positions
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 
-from seqmix.data.task import Batch, Task, check_positive, rng_for
+from seqmix.data.task import Batch, Task, batches_of, check_positive, rng_for
 
 
 def check(*, vocab_size: int, seq_len: int, num_kv_pairs: int, power_a: float) -> None:
@@ -123,12 +122,8 @@ def task(data, *, seed: int, batch_size: int, eval_batch_size: int) -> Task:
         kind="causal_lm",
         vocab_size=data.vocab_size,
         seq_len=data.seq_len,
-        batch=functools.partial(_batch_of_stream, seed, kwargs),
+        batch=batches_of(batch, seed, **kwargs),
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
         num_eval_batches=check_positive(data.num_eval_batches, "data.num_eval_batches"),
     )
-
-
-def _batch_of_stream(seed, kwargs, stream, index, batch_size):
-    return batch(seed, stream, index, batch_size, **kwargs)

@@ -16,6 +16,7 @@ Batches are dicts of numpy arrays:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -31,6 +32,18 @@ def rng_for(seed: int, stream: int, index: int) -> np.random.Generator:
     if seed < 0 or index < 0:
         raise ValueError(f"seed and step must be >= 0, got seed={seed}, step={index}")
     return np.random.default_rng([int(seed), int(stream), int(index)])
+
+
+def batches_of(generate: Callable[..., Batch], seed: int, **kwargs) -> Callable[[int, int, int],
+                                                                             Batch]:
+    """A task's ``batch(stream, index, batch_size)`` from a generator
+    ``generate(seed, stream, index, batch_size, **kwargs)`` (picklable: a partial of
+    module-level functions)."""
+    return functools.partial(_call, generate, seed, kwargs)
+
+
+def _call(generate, seed, kwargs, stream, index, batch_size):
+    return generate(seed, stream, index, batch_size, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
