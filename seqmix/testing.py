@@ -16,7 +16,7 @@ import numpy as np
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-9, "bfloat16": 5e-3, "float16": 5e-3}
 
-# The one measured exception, for linear attention with ``normalize=True`` in bf16: the
+# The one measured exception, for linear attention with ``normalize=True`` in bf16 / fp16: the
 # output q^T S / q^T z does not change when q is scaled, so dq is the difference of two
 # nearly equal terms (through the numerator and through the normaliser column), and so is
 # the initial state's gradient; the kernels' bf16 operands (the augmented output, dO and
@@ -25,8 +25,11 @@ TOLERANCE = {"float32": 1e-5, "float64": 1e-9, "bfloat16": 5e-3, "float16": 5e-3
 # d initial_state 5.6e-3 max over 30 seeds; TPU dq up to 1.5e-2 over 26 seeds; every
 # other output and gradient of those cases under 3.5e-3. Keeping the kernels' output in
 # float32 took Triton's dq only from 7.1e-3 to 5.3e-3 (mean of 6 seeds), so it was not done.
+# In fp16 the same cancellation takes the TPU kernel's dq to 1.8e-3 mean / 3.3e-3 max over
+# 66 seeds (within 5e-3 but with a tail), so fp16 gets 1e-2 for those two gradients.
 # A wrong gradient is off by O(1); this still tells right from wrong.
-NORMALIZE_BF16_GRAD_TOL = {"q": 4e-2, "initial_state": 4e-2}
+NORMALIZE_GRAD_TOL = {"bfloat16": {"q": 4e-2, "initial_state": 4e-2},
+                      "float16": {"q": 1e-2, "initial_state": 1e-2}}
 
 
 def tolerance(dtype) -> float:

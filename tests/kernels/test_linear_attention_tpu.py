@@ -94,8 +94,8 @@ def _check_public(seed, *, chunk, segments, normalize, dtype, **shape):
     with interpret():
         _check(run("pallas_tpu"), run("naive"), args, argnums=argnums,
                tol=testing.tolerance(dtype), seed=seed, names=[names[i] for i in argnums],
-               grad_tols=(testing.NORMALIZE_BF16_GRAD_TOL
-                          if normalize and jnp.dtype(dtype) == jnp.bfloat16 else None))
+               grad_tols=(testing.NORMALIZE_GRAD_TOL.get(jnp.dtype(dtype).name)
+                          if normalize else None))
 
 
 CASES = [
