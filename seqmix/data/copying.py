@@ -10,7 +10,6 @@ data positions vary from row to row, so a model must select by content, not by o
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from seqmix.data.task import Batch, Task, batches_of, check_positive, rng_for

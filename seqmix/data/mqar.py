@@ -12,7 +12,6 @@ likely). At a query position the target is the key's value; only those positions
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from seqmix.data.task import Batch, Task, batches_of, check_positive, rng_for
