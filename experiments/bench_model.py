@@ -49,7 +49,7 @@ _PEAK = flags.DEFINE_float("peak_tflops", None, "The bf16 matmul ceiling for MFU
 
 def model_for(mixer: str, T: int):
     """The ~125M model config of ``mixer`` (12 x 768, SwiGLU MLPs, tied 32k vocabulary)."""
-    from seqmix.models import model_config  # noqa: PLC0415
+    from seqmix.models import model_config
 
     n = _LAYERS.value
     layers = ("MMMA" * n)[:n] if mixer == "hybrid" else [mixer] * n
@@ -68,11 +68,11 @@ def model_for(mixer: str, T: int):
 
 def build_step(mixer: str, T: int):
     """(compiled train step, abstract inputs, model config, parameter count)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
 
-    from seqmix.train import loop, optimizer  # noqa: PLC0415
-    from seqmix.train.config import base_config  # noqa: PLC0415
+    from seqmix.train import loop, optimizer
+    from seqmix.train.config import base_config
 
     cfg = base_config(model=model_for(mixer, T))
     cfg.optimizer.warmup_steps = 10
@@ -124,18 +124,18 @@ def _parallel_compile(n: int) -> float:
 
 
 def time_one(mixer: str, T: int, peak_tflops: float) -> dict:
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
+    import jax
+    import numpy as np
 
-    from experiments.bench import common  # noqa: PLC0415
-    from seqmix.models import layer_names  # noqa: PLC0415
-    from seqmix.train import loop  # noqa: PLC0415
+    from experiments.bench import common
+    from seqmix.models import layer_names
+    from seqmix.train import loop
 
     t0 = time.time()
-    compiled, (parts, tx, cfg, B), n_params = build_step(mixer, T)
+    compiled, (_parts, tx, cfg, B), n_params = build_step(mixer, T)
     compile_s = time.time() - t0
     with jax.default_device(jax.devices("cpu")[0]):  # see the module docstring
-        params, rngs, other = loop._init_state(cfg.model, 0, None)  # noqa: SLF001
+        params, rngs, other = loop._init_state(cfg.model, 0, None)
     params, rngs, other = jax.device_put((params, rngs, other), jax.devices()[0])
     state = loop.TrainState(params, tx.init(params), other)
     rng = np.random.default_rng(0)
@@ -174,7 +174,7 @@ def main(argv):
     if _COMPILE_ONLY.value:
         _compile_shard(_COMPILE_ONLY.value)
         return
-    from experiments.bench import common  # noqa: PLC0415
+    from experiments.bench import common
 
     if _WORKERS.value > 0:
         print(f"parallel compile: {_parallel_compile(_WORKERS.value):.0f}s", flush=True)

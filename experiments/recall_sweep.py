@@ -79,14 +79,14 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap=Tr
     ``train``/``eval`` steps, ``init`` (the concrete stacked state, built on the host CPU and
     copied over), ``abstract`` (the arguments' shapes, for compiling ahead) and the sizes.
     With ``vmap=False`` (one rate only) the steps and the state have no rate axis."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    import optax  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
 
-    from configs import recall  # noqa: PLC0415
-    from seqmix import data, models  # noqa: PLC0415
-    from seqmix.train import loop, optimizer  # noqa: PLC0415
+    from configs import recall
+    from seqmix import data, models
+    from seqmix.train import loop, optimizer
 
     cfg = recall.get_config(f"mixer={mixer},d_model={d_model},seq_len={seq_len},"
                             f"num_kv_pairs={pairs},steps={steps},batch_size={batch_size}")
@@ -110,7 +110,7 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap=Tr
     def init():
         """``(state, rngs)``: one training state per rate, stacked on a leading axis (one
         unstacked state without the vmap)."""
-        params, rngs, other = loop._init_state(cfg.model, seed, None)  # noqa: SLF001
+        params, rngs, other = loop._init_state(cfg.model, seed, None)
         opt_state = tx.init(params)
         opt_state = (opt_state[0], opt_state[1]._replace(
             hyperparams={"step_size": jnp.asarray(1.0, jnp.float32)}))
@@ -165,11 +165,11 @@ def run_job(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
     within 50 steps and stop, and the rows of those still below 0.99 say ``cut``; after an
     interrupt (``_STOP``, threads only) they evaluate at once and stop the same way. Each
     evaluation prints a progress line and leaves the rows so far in ``_PROGRESS``."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
 
-    from seqmix.train import losses  # noqa: PLC0415
+    from seqmix.train import losses
 
     job = (mixer, d_model, seq_len, pairs) if vmap else (mixer, d_model, seq_len, pairs, lrs[0])
     t0 = time.time()
@@ -243,10 +243,10 @@ def _compile_shard(spec: str, jobs: list[tuple], lrs: list[float]) -> None:
 
 def plot(best: list[dict], path_prefix: str) -> None:
     """Accuracy against d_model and against the recurrent state size, a panel per setting."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     settings = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in best})
     mixers = sorted({r["mixer"] for r in best})
@@ -274,7 +274,7 @@ def plot(best: list[dict], path_prefix: str) -> None:
 
 def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
     """recall.json (every run, the best rate per point, the jobs not run) and the plots."""
-    from experiments.bench import common  # noqa: PLC0415
+    from experiments.bench import common
 
     best = {}
     for r in rows:
@@ -326,8 +326,8 @@ def main(argv):
     # SIGINT (the device stage's time limit) must raise KeyboardInterrupt even when this
     # process started with it ignored (children of pytest-xdist workers, background jobs)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from configs import recall  # noqa: PLC0415
-    from experiments.bench import common  # noqa: PLC0415
+    from configs import recall
+    from experiments.bench import common
 
     mixers = _MIXERS.value or list(recall.MIXERS)
     d_models = [int(d) for d in (_DMODELS.value or recall.D_MODELS)]

@@ -155,9 +155,9 @@ def abstract_device(platform: str = "cuda", device_kind: str = "NVIDIA H200"):
     inside this context emits the Triton or Mosaic IR that the real device would compile.
     Dispatch targets that platform too (interpret mode off), so the public ops can be
     lowered with ``implementation="pallas_triton"`` or ``"pallas_tpu"``."""
-    from jax._src import mesh as mesh_lib  # noqa: PLC0415 - private, used only for lowering
+    from jax._src import mesh as mesh_lib  # private, used only for lowering
 
-    from seqmix.kernels import dispatch  # noqa: PLC0415
+    from seqmix.kernels import dispatch
 
     if platform == "tpu" and device_kind == "NVIDIA H200":
         device_kind = "TPU v5e"

@@ -88,7 +88,7 @@ def visible_pairs(T: int, S: int, causal: bool, window: int | None) -> float:
 
 
 def _seqmix(impl):
-    from seqmix.kernels import attention  # noqa: PLC0415
+    from seqmix.kernels import attention
 
     def f(q, k, v, *, causal, window):
         return attention(q, k, v, causal=causal, local_window_size=window and (window, 0),
@@ -101,11 +101,11 @@ def _jax_mha(default_blocks: bool):
     it, 32 x 32 backward tiles) or with 64 x 64 backward tiles (faster on the H200)."""
 
     def f(q, k, v, *, causal, window):
-        import warnings  # noqa: PLC0415
+        import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            from jax.experimental.pallas.ops.gpu import attention as jax_attention  # noqa: PLC0415
+            from jax.experimental.pallas.ops.gpu import attention as jax_attention
         if window is not None:
             raise NotImplementedError("jax mha has no local window")
         blocks = (jax_attention.BlockSizes.get_default() if default_blocks else
@@ -228,17 +228,17 @@ def decode_shapes(quick: bool) -> list[dict]:
 
 
 def _seqmix_decode(impl):
-    from seqmix.kernels import decode_attention  # noqa: PLC0415
+    from seqmix.kernels import decode_attention
 
     return lambda q, k, v, lengths: decode_attention(q, k, v, lengths, implementation=impl)
 
 
 def _jax_gqa(q, k, v, lengths):
-    import warnings  # noqa: PLC0415
+    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode  # noqa: PLC0415
+        from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
     return jax_decode.gqa(q, k, v, kv_seq_len=lengths, sm_scale=q.shape[-1] ** -0.5)
 
 
@@ -307,7 +307,7 @@ def tune_blocks(D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | Non
 
         python -c "from experiments.bench.attention import tune_blocks; tune_blocks(128)"
     """
-    from seqmix.kernels.attention import triton, tuning  # noqa: PLC0415
+    from seqmix.kernels.attention import triton, tuning
 
     s = dict(D=D, T=T, B=max(1, TOKENS // T), H=HEADS, Hkv=Hkv or HEADS)
     q, k, v, do = _attention_inputs(s)

@@ -8,6 +8,7 @@ outputs and temporaries), which is exact and needs no allocator reset.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -46,7 +47,7 @@ def time_jax(fn: Callable, *args, reps: int = 5, target_s: float = 0.2, max_n: i
 
 def time_torch(fn: Callable, reps: int = 5) -> float:
     """Median seconds per call of a PyTorch callable, timed with CUDA events (do_bench)."""
-    import triton.testing  # noqa: PLC0415 - only on the GPU machine
+    import triton.testing  # only on the GPU machine
 
     fn()
     ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
@@ -78,7 +79,7 @@ def copy_ceiling(nbytes: int = 1 << 31) -> float:
     f = jax.jit(lambda x: x * 2.0)
     best = 2 * nbytes / time_jax(f, x) / 1e12
     try:
-        import torch  # noqa: PLC0415
+        import torch
 
         if torch.cuda.is_available():
             src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
@@ -91,23 +92,19 @@ def copy_ceiling(nbytes: int = 1 << 31) -> float:
 
 def environment() -> dict[str, Any]:
     env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "python": platform.python_version(),
     }
-    try:
-        import jaxlib  # noqa: PLC0415
+    with contextlib.suppress(ImportError):
+        import jaxlib
 
         env["jaxlib"] = jaxlib.__version__
-    except ImportError:
-        pass
     for mod in ("torch", "triton", "fla"):
-        try:
+        with contextlib.suppress(Exception):  # a broken optional peer only loses its line
             env[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            pass
     return env
 
 
@@ -170,10 +167,10 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def plot_time_vs_length(rows: list[dict], path: str, *, x: str = "T", y: str = "ms",
                         group: str = "impl", title: str = "") -> None:
     """Log-log plot of time against sequence length, one line per implementation."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in sorted({r[group] for r in rows if r.get(y) is not None}):

@@ -112,9 +112,9 @@ def _seqmix_fns(impl, config=None):
 def _fla(decay, q, k, v, g, do):
     """(forward callable, forward+backward callable, output) of flash-linear-attention on
     the same inputs (torch tensors shared through DLPack, layout [B, T, H, D])."""
-    import importlib  # noqa: PLC0415
+    import importlib
 
-    import torch  # noqa: PLC0415
+    import torch
 
     module, name = FLA_OPS[decay]
     fn = getattr(importlib.import_module(module), name)
@@ -149,7 +149,7 @@ def _fla(decay, q, k, v, g, do):
 def _torch_peak_mb(fn) -> float | None:
     """Peak PyTorch allocation of one ``fn()`` (its inputs included), MB."""
     try:
-        import torch  # noqa: PLC0415
+        import torch
 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -21,7 +21,7 @@ CACHE_DIR = os.path.join(tempfile.gettempdir(), "seqmix_jax_cache")
 
 def setup_cache() -> None:
     """Every compile of this process is written to, and looked up in, ``CACHE_DIR``."""
-    import jax  # noqa: PLC0415
+    import jax
 
     os.makedirs(CACHE_DIR, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", CACHE_DIR)

@@ -140,12 +140,12 @@ def scan_inputs(B: int, T: int, Dm: int, N: int, G: int = 1):
 def _scan_fn(impl: str, blocks=None):
     def f(u, delta, A, B, C, D, z, bias):
         if blocks is not None:
-            from seqmix.kernels.selective_scan import triton  # noqa: PLC0415
+            from seqmix.kernels.selective_scan import triton
 
             return triton.selective_scan(u, delta, A, B, C, D, z, delta_bias=bias,
                                          delta_softplus=True, initial_state=None,
                                          blocks=blocks)[0]
-        from seqmix.kernels import selective_scan  # noqa: PLC0415
+        from seqmix.kernels import selective_scan
 
         return selective_scan(u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True,
                               implementation=impl)
@@ -158,9 +158,9 @@ def scan_variants(T: int) -> dict:
     ``[lanes ...]`` rows vary it (8 or 2 time segments, chunks of 16, 16 channels a warp,
     64 channels over 2 warps), the others time the "blocked" kernels (the default before the
     H200 run of 2026-11-28) and their tile choices."""
-    import dataclasses  # noqa: PLC0415
+    import dataclasses
 
-    from seqmix.kernels.selective_scan.triton import BLOCKED_BLOCKS, LANES_BLOCKS, Blocks  # noqa: PLC0415
+    from seqmix.kernels.selective_scan.triton import BLOCKED_BLOCKS, LANES_BLOCKS, Blocks
 
     lanes = functools.partial(dataclasses.replace, LANES_BLOCKS)
     if T >= 16384:
@@ -251,17 +251,17 @@ def conv_inputs(B: int, T: int, C: int, W: int):
 def _conv_fn(impl: str, blocks=None):
     def f(x, w, b):
         if blocks is not None:
-            from seqmix.kernels.conv1d import triton  # noqa: PLC0415
+            from seqmix.kernels.conv1d import triton
 
             return triton.causal_conv1d(x, w, b, activation="silu", blocks=blocks)[0]
-        from seqmix.kernels import causal_conv1d  # noqa: PLC0415
+        from seqmix.kernels import causal_conv1d
 
         return causal_conv1d(x, w, b, activation="silu", implementation=impl)
     return f
 
 
 def conv_variants():
-    from seqmix.kernels.conv1d.triton import Blocks  # noqa: PLC0415
+    from seqmix.kernels.conv1d.triton import Blocks
 
     return {
         "pallas_triton[c128 s128]": Blocks(block_c=128, seg=128, num_warps=2),
@@ -297,7 +297,7 @@ def tune_blocks(op: str = "selective_scan", B: int = 8, T: int = 4096, candidate
         python -c "from experiments.bench.selective_scan import tune_blocks; tune_blocks()"
     """
     if op == "selective_scan":
-        from seqmix.kernels.selective_scan.triton import Blocks  # noqa: PLC0415
+        from seqmix.kernels.selective_scan.triton import Blocks
 
         args, dy = scan_inputs(B, T, SCAN["Dm"], SCAN["N"])
         fn = _scan_fn
@@ -306,7 +306,7 @@ def tune_blocks(op: str = "selective_scan", B: int = 8, T: int = 4096, candidate
             for d, w in ((16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 4), (64, 8))
             for c, t in ((16, 8), (32, 8), (16, 4)) if not (w == 1 and t == 8 and d >= 32)]
     else:
-        from seqmix.kernels.conv1d.triton import Blocks  # noqa: PLC0415
+        from seqmix.kernels.conv1d.triton import Blocks
 
         args, dy = conv_inputs(B, T, CONV["C"], CONV["W"])
         fn = _conv_fn

@@ -58,10 +58,10 @@ def scan(B, T, ceilings, *, with_xla=True, variants=False):
     from experiments.bench import selective_scan as S
 
     def impls_for(s):
-        impls = {"xla": S._scan_fn("xla")} if with_xla else {}  # noqa: SLF001
-        impls["pallas_triton"] = S._scan_fn("pallas_triton")  # noqa: SLF001
+        impls = {"xla": S._scan_fn("xla")} if with_xla else {}
+        impls["pallas_triton"] = S._scan_fn("pallas_triton")
         if variants:
-            impls.update({k: S._scan_fn("pallas_triton", b)  # noqa: SLF001
+            impls.update({k: S._scan_fn("pallas_triton", b)
                           for k, b in S.scan_variants(T).items()
                           if "lanes" in k or k.endswith("[blocked]")})
         return impls
@@ -78,7 +78,7 @@ def conv(ceilings):
     shape = dict(label="8x4096x3072 w4", B=8, T=4096, **S.CONV)
     return lambda: (dict(row, op="causal_conv1d") for row in S.iter_shapes(
         [shape], lambda s: S.conv_inputs(8, 4096, s["C"], s["W"]),
-        lambda s: {"xla": S._conv_fn("xla"), "pallas_triton": S._conv_fn("pallas_triton")},  # noqa: SLF001
+        lambda s: {"xla": S._conv_fn("xla"), "pallas_triton": S._conv_fn("pallas_triton")},
         S.CONV_COLUMNS, ceilings["copy_tbps"]))
 
 
@@ -86,7 +86,7 @@ def linear(B, T, H, D, decay, ceilings, backward, with_xla):
     from experiments.bench import linear_attention as L
 
     def run():
-        for row in L._measure_shape("shapes", B, T, H, D, decay, ceilings,  # noqa: SLF001
+        for row in L._measure_shape("shapes", B, T, H, D, decay, ceilings,
                                     backward=backward, with_xla=with_xla):
             row["op"] = "linear_attention"
             yield row
@@ -100,7 +100,7 @@ def _attention_rows(label, s, impls):
     from experiments.bench import attention as A
     from experiments.bench import common
 
-    q, k, v, do = A._attention_inputs(s)  # noqa: SLF001
+    q, k, v, do = A._attention_inputs(s)
     flops = 4.0 * s["B"] * s["H"] * s["D"] * A.visible_pairs(s["T"], s["T"], s["causal"],
                                                              s["window"])
     for impl, f0 in impls.items():
@@ -123,7 +123,7 @@ def window(ceilings):
     from experiments.bench import attention as A
 
     def run():
-        impls = {name: A._seqmix(name) for name in ("pallas_triton", "cudnn")}  # noqa: SLF001
+        impls = {name: A._seqmix(name) for name in ("pallas_triton", "cudnn")}
         for label, win in (("full causal", None), ("window 1024", 1024)):
             s = dict(D=128, T=32768, B=1, H=16, Hkv=16, causal=True, window=win)
             yield from _attention_rows(f"d128 1x32768 {label}", s, impls)
@@ -134,9 +134,9 @@ def attention_d64(ceilings):
     from experiments.bench import attention as A
 
     def run():
-        impls = {"pallas_triton": A._seqmix("pallas_triton"),  # noqa: SLF001
-                 "cudnn": A._seqmix("cudnn"),  # noqa: SLF001
-                 "jax_mha": A._jax_mha(True), "jax_mha_bwd64": A._jax_mha(False)}  # noqa: SLF001
+        impls = {"pallas_triton": A._seqmix("pallas_triton"),
+                 "cudnn": A._seqmix("cudnn"),
+                 "jax_mha": A._jax_mha(True), "jax_mha_bwd64": A._jax_mha(False)}
         for causal in (True, False):
             s = dict(D=64, T=16384, B=2, H=16, Hkv=16, causal=causal, window=None)
             yield from _attention_rows(f"d64 2x16384x16{' causal' if causal else ''}", s, impls)

@@ -43,7 +43,7 @@ _TRACE = flags.DEFINE_bool("trace", True, "Profile three steps and list the top 
 
 def _timed(fn, n):
     """Median seconds of ``n`` blocked calls of ``fn`` (after one untimed call)."""
-    import jax  # noqa: PLC0415
+    import jax
 
     jax.block_until_ready(fn())
     times = []
@@ -82,12 +82,12 @@ def top_ops(trace_dir: str, k: int = 15) -> list[tuple[str, float, int]]:
 
 def probe(mixer: str, d_model: int, seq_len: int, pairs: int, batch_size: int, steps: int,
           out: str | None, trace: bool) -> dict:
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
 
     row = dict(mixer=mixer, d_model=d_model, seq_len=seq_len, pairs=pairs, batch=batch_size)
     lrs = (3e-3, 1e-2)
-    b = recall_sweep._build(mixer, d_model, seq_len, pairs, lrs, 4000, batch_size, 0)  # noqa: SLF001
+    b = recall_sweep._build(mixer, d_model, seq_len, pairs, lrs, 4000, batch_size, 0)
     task = b["task"]
     t = time.perf_counter()
     train, evaluate = recall_sweep.compile_job(b)
@@ -112,7 +112,7 @@ def probe(mixer: str, d_model: int, seq_len: int, pairs: int, batch_size: int, s
     row["eval_ms"] = 1e3 * _timed(lambda: evaluate(s.params, rngs, s.other, ev), steps)
 
     # one rate, no vmap: the sweep's --novmap_rates job
-    b1 = recall_sweep._build(mixer, d_model, seq_len, pairs, lrs[:1], 4000, batch_size, 0,  # noqa: SLF001
+    b1 = recall_sweep._build(mixer, d_model, seq_len, pairs, lrs[:1], 4000, batch_size, 0,
                              vmap=False)
     single, _ = recall_sweep.compile_job(b1)
     holder["one"] = b1["init"]()[0]
@@ -144,7 +144,7 @@ def probe(mixer: str, d_model: int, seq_len: int, pairs: int, batch_size: int, s
 
 def main(argv):
     del argv
-    from experiments.bench import precompile  # noqa: PLC0415
+    from experiments.bench import precompile
 
     precompile.setup_cache()  # a sweep stage after this one in the call starts from its hits
     seq_len, pairs = (int(x) for x in _SETTING.value.split(":"))

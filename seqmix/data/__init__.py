@@ -29,5 +29,16 @@ def make_task(config) -> Task:
                        eval_batch_size=eval_batch_size)
 
 
-__all__ = ["TASKS", "Task", "Batch", "make_task", "rng_for", "TRAIN_STREAM", "EVAL_STREAM",
-           "mqar", "copying", "listops", "bytes_lm"]
+__all__ = [
+    "EVAL_STREAM",
+    "TASKS",
+    "TRAIN_STREAM",
+    "Batch",
+    "Task",
+    "bytes_lm",
+    "copying",
+    "listops",
+    "make_task",
+    "mqar",
+    "rng_for",
+]

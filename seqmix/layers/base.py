@@ -45,7 +45,7 @@ def compute_dtype(name) -> str:
     return dtype
 
 
-def freeze_implementation(implementation) -> None | str | tuple[tuple[str, str], ...]:
+def freeze_implementation(implementation) -> str | tuple[tuple[str, str], ...] | None:
     """The ``implementation`` key as a hashable value (modules keep only hashable statics)."""
     if implementation is None or isinstance(implementation, str):
         return implementation

@@ -16,7 +16,7 @@ def hidden_size(d_model: int, mlp_type: str, expansion: float, multiple_of: int 
     """Hidden width: ``expansion * d_model``, times 2/3 for SwiGLU (so that SwiGLU and GELU
     have the same parameter count), rounded up to a multiple of ``multiple_of``."""
     width = expansion * d_model * (2.0 / 3.0 if mlp_type == "swiglu" else 1.0)
-    return int(-(-int(round(width)) // multiple_of) * multiple_of)
+    return -(-round(width) // multiple_of) * multiple_of
 
 
 class MLP(nnx.Module):

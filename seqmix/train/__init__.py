@@ -10,4 +10,4 @@ from seqmix.train.config import base_config, validate
 from seqmix.train.loop import restore_model, train_and_evaluate
 from seqmix.train.metrics import read_metrics
 
-__all__ = ["train_and_evaluate", "restore_model", "base_config", "validate", "read_metrics"]
+__all__ = ["base_config", "read_metrics", "restore_model", "train_and_evaluate", "validate"]

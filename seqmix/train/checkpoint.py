@@ -84,7 +84,7 @@ class Checkpoints:
         if metric is not None:
             # A checkpoint saved without evaluation (no metrics) ranks last.
             worst = float("inf") if metric_mode == "min" else float("-inf")
-            best_fn = lambda m: float((m or {}).get(metric, worst))  # noqa: E731
+            best_fn = lambda m: float((m or {}).get(metric, worst))
             policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=metric_mode == "min", n=1,
                                       keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(

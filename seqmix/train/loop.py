@@ -466,4 +466,4 @@ def restore_model(workdir: str, step: int | None = None, *, mesh_config=None):
     return model, config
 
 
-__all__ = ["train_and_evaluate", "restore_model", "TrainState"]
+__all__ = ["TrainState", "restore_model", "train_and_evaluate"]

@@ -30,7 +30,7 @@ class MetricsWriter:
     def __init__(self, workdir: str, *, tensorboard: bool = True):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: a crash loses no line
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed by close(); line-buffered: a crash loses no line)
         self._tb = EventFileWriter(os.path.join(workdir, "tensorboard")) if tensorboard else None
 
     def write(self, step: int, split: str, scalars: dict) -> None:

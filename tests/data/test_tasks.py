@@ -106,9 +106,9 @@ def test_mqar_gaps_follow_a_power_law():
 
 
 def test_mqar_rejects_impossible_sizes():
-    with pytest.raises(ValueError, match="data.num_kv_pairs"):
+    with pytest.raises(ValueError, match=r"data.num_kv_pairs"):
         mqar.batch(0, 0, 0, 2, vocab_size=8, seq_len=64, num_kv_pairs=8)
-    with pytest.raises(ValueError, match="data.seq_len"):
+    with pytest.raises(ValueError, match=r"data.seq_len"):
         mqar.batch(0, 0, 0, 2, vocab_size=64, seq_len=20, num_kv_pairs=8)
 
 
@@ -208,14 +208,14 @@ def test_bytes_split_is_deterministic_and_disjoint(byte_dir):
 
 
 def test_unknown_task_names_the_key():
-    with pytest.raises(ValueError, match="data.task"):
+    with pytest.raises(ValueError, match=r"data.task"):
         data.make_task(_config("nope"))
 
 
 @pytest.mark.parametrize("n,low,high", [(3, 1, 200), (6, 4, 10)])  # rejection; permutation
 def test_mqar_distinct_tokens_are_uniform(n, low, high):
     rng = np.random.default_rng(0)
-    rows = mqar._distinct(rng, 4000, n, low, high)  # noqa: SLF001
+    rows = mqar._distinct(rng, 4000, n, low, high)
     assert rows.shape == (4000, n) and rows.min() >= low and rows.max() < high
     assert all(len(set(r)) == n for r in rows)
     # every token equally likely in every column (uniform over ordered distinct tuples)

@@ -128,7 +128,7 @@ def test_bad_flags_name_the_flag(tmp_path):
 
 
 def test_recall_probe_times_every_variant_and_lists_device_ops(tmp_path):
-    from experiments.device import recall_probe  # noqa: PLC0415
+    from experiments.device import recall_probe
 
     row = recall_probe.probe("gla", 16, 64, 4, batch_size=4, steps=1, out=str(tmp_path),
                              trace=True)

@@ -208,7 +208,7 @@ def test_tuning_file_overrides_the_table(tmp_path, monkeypatch):
     bad = tmp_path / "bad.json"
     bad.write_text('{"sideways": {"64": [32, 64, 4, 3]}}')
     monkeypatch.setenv(tuning.OVERRIDE_ENV, str(bad))
-    with pytest.raises(ValueError, match="SEQMIX_ATTENTION_TUNING.*sideways"):
+    with pytest.raises(ValueError, match=r"SEQMIX_ATTENTION_TUNING.*sideways"):
         tuning.attention_blocks(64, kind="bwd", device_kind="NVIDIA H200")
     monkeypatch.setenv(tuning.OVERRIDE_ENV, str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="SEQMIX_ATTENTION_TUNING"):

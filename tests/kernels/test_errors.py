@@ -3,8 +3,15 @@
 import jax.numpy as jnp
 import pytest
 
-from seqmix.kernels import (attention, causal_conv1d, decode_attention, dispatch,
-                            linear_attention, linear_attention_step, selective_scan)
+from seqmix.kernels import (
+    attention,
+    causal_conv1d,
+    decode_attention,
+    dispatch,
+    linear_attention,
+    linear_attention_step,
+    selective_scan,
+)
 
 q = jnp.zeros((2, 8, 4, 16))
 kv = jnp.zeros((2, 8, 2, 16))

@@ -9,10 +9,8 @@ import pytest
 
 from seqmix import testing
 from seqmix.kernels import interpret
-from seqmix.kernels.linear_attention import linear_attention, linear_attention_step
-from seqmix.kernels.linear_attention import reference, tpu
+from seqmix.kernels.linear_attention import linear_attention, linear_attention_step, reference, tpu
 from seqmix.kernels.linear_attention.api import segment_runs
-
 
 # The interpreted kernels are large programs that run once: compile them without the
 # backend's optimisation passes (about half the test time).
@@ -50,7 +48,7 @@ def _check(fn, ref, args, *, argnums, tol, seed, names, grad_tols=None):
 
 def _assert_no_races():
     """The interpreter's race detector prints and records races of the last kernel run."""
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # noqa: PLC0415
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 
     races = interpret_pallas_call.races
     assert races is not None and not races.races_found, "data race in the TPU kernel"

@@ -92,7 +92,7 @@ def test_unknown_names_list_the_registered_mixers():
     with pytest.raises(ValueError, match="mamba3") as info:
         build_model(tiny(layers=["mamba2", "mamba3"]), rngs=nnx.Rngs(0))
     assert all(name in str(info.value) for name in MIXERS)
-    with pytest.raises(ValueError, match="letter 'X'.*legend"):
+    with pytest.raises(ValueError, match=r"letter 'X'.*legend"):
         build_model(tiny(layers="MX"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="kind"):
         build_model(tiny(kind="seq2seq"), rngs=nnx.Rngs(0))

@@ -20,7 +20,7 @@ from train_helpers import tiny_config
 
 from seqmix import data as data_lib
 from seqmix.models import MIXERS, build_model, model_config
-from seqmix.train import losses, loop, optimizer, read_metrics, restore_model, train_and_evaluate
+from seqmix.train import loop, losses, optimizer, read_metrics, restore_model, train_and_evaluate
 from seqmix.train import validate as validate_config
 
 REPO = pathlib.Path(__file__).parents[2]
@@ -94,11 +94,11 @@ def test_loss_at_positions_equals_the_masked_full_loss():
     full = {k: v for k, v in batch.items() if k != "positions"}
 
     def sums(model, b):
-        return losses.batch_sums("causal_lm", loop._call(model, b), b)  # noqa: SLF001
+        return losses.batch_sums("causal_lm", loop._call(model, b), b)
 
     grad = lambda b: nnx.grad(lambda m: sums(m, b)["loss_sum"])(model)
     a, f = sums(model, batch), sums(model, full)
-    assert loop._call(model, batch).shape[1] == config.data.num_kv_pairs  # noqa: SLF001
+    assert loop._call(model, batch).shape[1] == config.data.num_kv_pairs
     for key in ("loss_sum", "correct", "count"):
         np.testing.assert_allclose(a[key], f[key], rtol=1e-5)
     assert float(a["count"]) == batch["inputs"].shape[0] * config.data.num_kv_pairs

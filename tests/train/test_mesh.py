@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import typing
 
 import jax
 import ml_collections
@@ -69,7 +70,7 @@ def test_spec_for_follows_rules_and_divisibility():
     assert sharding.spec_for(("vocab", "embed"), (16, 8), mesh) == P()  # fsdp of size 1
 
     class FakeMesh:  # only .shape is read
-        shape = {"data": 2, "fsdp": 4}
+        shape: typing.ClassVar[dict] = {"data": 2, "fsdp": 4}
 
     m = FakeMesh()
     assert sharding.spec_for(("vocab", "embed"), (16, 8), m) == P(None, "fsdp")
@@ -79,9 +80,9 @@ def test_spec_for_follows_rules_and_divisibility():
 
 
 def test_mesh_shape_errors_name_the_key():
-    with pytest.raises(ValueError, match="mesh.fsdp"):
+    with pytest.raises(ValueError, match=r"mesh.fsdp"):
         sharding.mesh_shape(ml_collections.ConfigDict({"data": -1, "fsdp": 3}), 8)
-    with pytest.raises(ValueError, match="mesh.data"):
+    with pytest.raises(ValueError, match=r"mesh.data"):
         sharding.mesh_shape(ml_collections.ConfigDict({"data": 0, "fsdp": 1}), 8)
     with pytest.raises(ValueError, match="16 devices"):
         sharding.mesh_shape(ml_collections.ConfigDict({"data": 8, "fsdp": 2}), 8)

@@ -340,8 +340,8 @@ def _decode_tpu(q, k_cache, v_cache, lengths, *, scale, softcap, block_k=None,
     k2, v2 = k_cache.reshape(B, S, Hkv * D), v_cache.reshape(B, S, Hkv * D)  # free views
 
     blk = functools.partial(_tpu_block, block_k=bk, num_splits=n_split, seq_len=S)
-    kv_map = lambda j, b, h, ii, lens: (b, blk(j, b, ii, lens)[0], h)  # noqa: E731
-    part_map = lambda j, b, h, ii, lens: (j, b, h, 0, 0)  # noqa: E731
+    kv_map = lambda j, b, h, ii, lens: (b, blk(j, b, ii, lens)[0], h)
+    part_map = lambda j, b, h, ii, lens: (j, b, h, 0, 0)
     kernel = functools.partial(_tpu_kernel, scale=scale, softcap=softcap, block_k=bk,
                                num_splits=n_split, seq_len=S, n_steps=n_steps,
                                compute_dtype=compute_dtype)
@@ -396,4 +396,4 @@ def decode_attention_tpu(q: Array, k_cache: Array, v_cache: Array, lengths: Arra
     return _decode_tpu_vjp(q, k_cache, v_cache, lengths, scale, softcap)
 
 
-__all__ = ["decode_attention_triton", "decode_attention_tpu", "gpu_num_splits"]
+__all__ = ["decode_attention_tpu", "decode_attention_triton", "gpu_num_splits"]

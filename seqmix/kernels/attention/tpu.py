@@ -447,7 +447,7 @@ def _backward(qk, kk, vk, seg, dok, lse_b, dc, c: _Cfg):
     def kv_map(b, h, i, jj):
         return b, _kv_block(i, jj, c)[0], h // G
 
-    row_map = lambda b, h, i, jj: (b, h, 0, i)  # noqa: E731
+    row_map = lambda b, h, i, jj: (b, h, 0, i)
     in_specs = [pl.BlockSpec((None, c.bq, c.Dp), q_map),
                 pl.BlockSpec((None, c.bk, c.Dp), kv_map),
                 pl.BlockSpec((None, c.bk, c.Dp), kv_map)]

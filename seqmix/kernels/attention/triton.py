@@ -315,7 +315,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq)
 
 
 def _dkdv(q, k, v, do, lse2, delta, seg, st):
-    B, T, H, D = q.shape
+    B, T, _H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = st.groups
     bq, bk = st.bwd.block_q, st.bwd.block_k
@@ -468,7 +468,7 @@ def flash_attention(
     lse [B,T,H] float32)``. ``window = (left, right)`` as in ``api.normalize_window``
     (``(None, 0)`` is causal). ``blocks`` overrides tiles per kind (``"fwd"``, ``"bwd"``,
     ``"bwd_dq"``); ``interpret`` defaults to ``dispatch.interpret_mode()``."""
-    B, T, H, D = q.shape
+    _B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     if H % Hkv or k.shape != v.shape or k.shape[::3] != q.shape[::3]:
         raise ValueError(f"q {q.shape} and k, v {k.shape}, {v.shape}: expected [B, T, H, D] "

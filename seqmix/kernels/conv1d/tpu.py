@@ -276,7 +276,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None,
     if blocks.block_t % HALO or blocks.block_c % LANES:
         raise ValueError(f"blocks.block_t must be a multiple of {HALO} and blocks.block_c of "
                          f"{LANES}, got {blocks}")
-    B, T, C = x.shape
+    _B, T, C = x.shape
     Tc = min(blocks.block_t, -(-T // HALO) * HALO)
     Cp = -(-C // LANES) * LANES
     bc = max(d for d in range(LANES, min(blocks.block_c, Cp) + 1, LANES) if Cp % d == 0)

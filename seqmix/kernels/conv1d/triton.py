@@ -193,7 +193,7 @@ def _params(st):
 
 
 def _forward(st, x, weight, bias, h0):
-    B, T, C = x.shape
+    B, _T, C = x.shape
     args = [x, weight] + [a for a in (bias, h0) if a is not None]
 
     def kernel(*refs):
@@ -273,7 +273,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None,
     W = weight.shape[0]
     _check_width(W)
     blocks = _blocks(blocks)
-    B, T, C = x.shape
+    _B, T, _C = x.shape
     st = _Static(T=T, W=W, silu=activation == "silu", block_c=blocks.block_c,
                  seg=max(min(blocks.seg, pl.next_power_of_2(T)), blocks.unroll),
                  unroll=blocks.unroll, num_warps=blocks.num_warps, interpret=interpret_mode())

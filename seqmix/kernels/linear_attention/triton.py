@@ -270,7 +270,7 @@ def linear_attention(q, k, v, g, *, scale, initial_state, runs, chunk_size=64, c
     None or ``[B, T]`` int32 non-decreasing (the state resets where it changes).
     ``config`` overrides entries of ``TUNING``. Differentiable in q, k, v, g, initial_state.
     """
-    B, T, _, K = q.shape
+    _B, T, _, K = q.shape
     V = v.shape[3]
     plan = make_plan(q, v, g, initial_state, runs, scale=scale, chunk_size=chunk_size,
                      config=config)

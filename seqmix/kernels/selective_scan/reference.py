@@ -45,7 +45,7 @@ def _finish(y, u, D, z, acc):
 def selective_scan_naive(u, delta, A, B, C, D, z, *, delta_bias, delta_softplus, initial_state):
     """The recurrence token by token."""
     acc = accum_dtype(u.dtype)
-    Bsz, T, Dm = u.shape
+    Bsz, _T, Dm = u.shape
     N = A.shape[1]
     dt = discretize(delta, delta_bias, delta_softplus, acc)
     Bc = _per_channel(B.astype(acc), Dm)

@@ -500,7 +500,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_
             x, [(0, 0)] * (x.ndim - 1) + [(0, Np - N)])
 
     if blocks.algorithm == "lanes":
-        from seqmix.kernels.selective_scan import triton_lanes  # noqa: PLC0415 - imports this
+        from seqmix.kernels.selective_scan import triton_lanes
 
         scan = triton_lanes.scan
     else:
