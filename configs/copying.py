@@ -12,8 +12,17 @@ Workdir ./runs/copying. Variants by argument, e.g.
 from seqmix.models import model_config
 from seqmix.train.config import base_config, parse_variant
 
-DEFAULTS = dict(mixer="", layers=2, d_model=64, vocab_size=16, seq_len=128, num_tokens=16,
-                steps=3000, batch_size=64, lr=2e-3)
+DEFAULTS = dict(
+    mixer="",
+    layers=2,
+    d_model=64,
+    vocab_size=16,
+    seq_len=128,
+    num_tokens=16,
+    steps=3000,
+    batch_size=64,
+    lr=2e-3,
+)
 HYBRID = ["mamba2", "attention"]
 
 
@@ -21,7 +30,10 @@ def get_config(arg: str | None = None):
     v = parse_variant(arg, **DEFAULTS)
     layers = [v["mixer"]] * v["layers"] if v["mixer"] else list(HYBRID)
     model = model_config(
-        kind="causal_lm", vocab_size=v["vocab_size"], d_model=v["d_model"], layers=layers,
+        kind="causal_lm",
+        vocab_size=v["vocab_size"],
+        d_model=v["d_model"],
+        layers=layers,
         mlp={"type": "swiglu", "expansion": 2.0},
         mixers={"attention": {"num_heads": 2}, "mamba2": {"headdim": 32, "d_state": 32}},
     )

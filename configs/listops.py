@@ -13,8 +13,18 @@ padding excluded). Workdir ./runs/listops. This is the LRA setting and is long o
 from seqmix.models import model_config
 from seqmix.train.config import base_config, parse_variant
 
-DEFAULTS = dict(mixer="", layers=4, d_model=128, max_length=2000, min_length=500, max_depth=10,
-                max_args=10, steps=5000, batch_size=32, lr=1e-3)
+DEFAULTS = dict(
+    mixer="",
+    layers=4,
+    d_model=128,
+    max_length=2000,
+    min_length=500,
+    max_depth=10,
+    max_args=10,
+    steps=5000,
+    batch_size=32,
+    lr=1e-3,
+)
 HYBRID = ["mamba2", "attention", "mamba2", "attention"]
 
 
@@ -22,8 +32,13 @@ def get_config(arg: str | None = None):
     v = parse_variant(arg, **DEFAULTS)
     layers = [v["mixer"]] * v["layers"] if v["mixer"] else list(HYBRID)
     model = model_config(
-        kind="classifier", vocab_size=16, num_classes=10, pad_id=0, d_model=v["d_model"],
-        layers=layers, mlp={"type": "swiglu", "expansion": 2.0},
+        kind="classifier",
+        vocab_size=16,
+        num_classes=10,
+        pad_id=0,
+        d_model=v["d_model"],
+        layers=layers,
+        mlp={"type": "swiglu", "expansion": 2.0},
         mixers={"attention": {"num_heads": 4}, "mamba2": {"headdim": 32, "d_state": 32}},
     )
     config = base_config(model=model)

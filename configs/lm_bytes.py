@@ -12,8 +12,9 @@ hybrid), ``layers``, ``d_model``, ``seq_len``, ``steps``, ``batch_size``, ``lr``
 from seqmix.models import model_config
 from seqmix.train.config import base_config, parse_variant
 
-DEFAULTS = dict(mixer="", layers=4, d_model=128, seq_len=256, steps=5000, batch_size=32,
-                lr=2e-3, data_dir="")
+DEFAULTS = dict(
+    mixer="", layers=4, d_model=128, seq_len=256, steps=5000, batch_size=32, lr=2e-3, data_dir=""
+)
 HYBRID = ["mamba2", "mamba2", "mamba2", "attention"]
 
 
@@ -21,7 +22,10 @@ def get_config(arg: str | None = None):
     v = parse_variant(arg, **DEFAULTS)
     layers = [v["mixer"]] * v["layers"] if v["mixer"] else list(HYBRID)
     model = model_config(
-        kind="causal_lm", vocab_size=256, d_model=v["d_model"], layers=layers,
+        kind="causal_lm",
+        vocab_size=256,
+        d_model=v["d_model"],
+        layers=layers,
         mlp={"type": "swiglu", "expansion": 4.0},
         mixers={"attention": {"num_heads": 4}, "mamba2": {"headdim": 32, "d_state": 64}},
     )

@@ -18,8 +18,17 @@ of that one mixer; ``layers``, ``d_model``, ``vocab_size``, ``seq_len``, ``num_k
 from seqmix.models import model_config
 from seqmix.train.config import base_config, parse_variant
 
-DEFAULTS = dict(mixer="", layers=2, d_model=64, vocab_size=128, seq_len=64, num_kv_pairs=8,
-                steps=500, batch_size=64, lr=3e-3)
+DEFAULTS = dict(
+    mixer="",
+    layers=2,
+    d_model=64,
+    vocab_size=128,
+    seq_len=64,
+    num_kv_pairs=8,
+    steps=500,
+    batch_size=64,
+    lr=3e-3,
+)
 HYBRID = ["mamba2", "attention"]
 
 
@@ -27,11 +36,16 @@ def get_config(arg: str | None = None):
     v = parse_variant(arg, **DEFAULTS)
     layers = [v["mixer"]] * v["layers"] if v["mixer"] else list(HYBRID)
     model = model_config(
-        kind="causal_lm", vocab_size=v["vocab_size"], d_model=v["d_model"], layers=layers,
+        kind="causal_lm",
+        vocab_size=v["vocab_size"],
+        d_model=v["d_model"],
+        layers=layers,
         mlp={"type": "swiglu", "expansion": 2.0},
-        mixers={"attention": {"num_heads": 2}, "based": {"num_heads": 2, "feature_dim": 16,
-                                                         "window_size": 16},
-                "mamba2": {"headdim": 32, "d_state": 32}},
+        mixers={
+            "attention": {"num_heads": 2},
+            "based": {"num_heads": 2, "feature_dim": 16, "window_size": 16},
+            "mamba2": {"headdim": 32, "d_state": 32},
+        },
     )
     config = base_config(model=model)
     config.data.task = "mqar"

@@ -14,8 +14,17 @@ reduced against Zoology's, and benchmarks/NOTES.md for how many device calls it 
 from seqmix.models import model_config
 from seqmix.train.config import base_config, parse_variant
 
-DEFAULTS = dict(mixer="based", d_model=128, seq_len=256, num_kv_pairs=16, vocab_size=8192,
-                lr=3e-3, steps=4000, batch_size=256, layers=2)
+DEFAULTS = dict(
+    mixer="based",
+    d_model=128,
+    seq_len=256,
+    num_kv_pairs=16,
+    vocab_size=8192,
+    lr=3e-3,
+    steps=4000,
+    batch_size=256,
+    layers=2,
+)
 
 MIXERS = ("attention", "based", "mamba2", "gla", "linear_attention")
 SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
@@ -28,7 +37,10 @@ def model_for(mixer: str, d_model: int, vocab_size: int, layers: int = 2):
     """The study's model: ``layers`` blocks of ``mixer`` + MLP at width ``d_model``."""
     heads = max(1, d_model // 64)
     return model_config(
-        kind="causal_lm", vocab_size=vocab_size, d_model=d_model, layers=[mixer] * layers,
+        kind="causal_lm",
+        vocab_size=vocab_size,
+        d_model=d_model,
+        layers=[mixer] * layers,
         mlp={"type": "swiglu", "expansion": 2.0},
         mixers={
             "attention": {"num_heads": heads},

@@ -30,21 +30,28 @@ from absl import app, flags
 
 from experiments.bench import precompile
 
-_MIXERS = flags.DEFINE_list("mixers", ["attention", "mamba2", "gla", "based", "hybrid"],
-                            "Mixers to time ('hybrid' = MMMA, 3 mamba2 : 1 attention).")
+_MIXERS = flags.DEFINE_list(
+    "mixers",
+    ["attention", "mamba2", "gla", "based", "hybrid"],
+    "Mixers to time ('hybrid' = MMMA, 3 mamba2 : 1 attention).",
+)
 _LENGTHS = flags.DEFINE_list("lengths", ["2048", "4096", "8192", "16384"], "Sequence lengths.")
 _TOKENS = flags.DEFINE_integer("tokens", 32768, "Tokens per batch (batch = tokens // T).")
 _LAYERS = flags.DEFINE_integer("layers", 12, "Layers.")
 _D_MODEL = flags.DEFINE_integer("d_model", 768, "Model width.")
 _VOCAB = flags.DEFINE_integer("vocab", 32768, "Vocabulary size.")
 _WORKERS = flags.DEFINE_integer("compile_workers", 0, "Parallel compile processes (0: none).")
-_COMPILE_BUDGET = flags.DEFINE_float("compile_budget_s", 300.0,
-                                     "With compile_workers: stop compiling after this.")
+_COMPILE_BUDGET = flags.DEFINE_float(
+    "compile_budget_s", 300.0, "With compile_workers: stop compiling after this."
+)
 _COMPILE_ONLY = flags.DEFINE_string("compile_only", None, "Internal: 'i/n' shard to compile.")
 _OUT = flags.DEFINE_string("out_dir", None, "Results folder (default benchmarks/results).")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "The bf16 matmul ceiling for MFU (default: "
-                           "measured in this run; give it for toy runs on a CPU).")
-
+_PEAK = flags.DEFINE_float(
+    "peak_tflops",
+    None,
+    "The bf16 matmul ceiling for MFU (default: "
+    "measured in this run; give it for toy runs on a CPU).",
+)
 
 
 def model_for(mixer: str, T: int):
@@ -55,8 +62,13 @@ def model_for(mixer: str, T: int):
     layers = ("MMMA" * n)[:n] if mixer == "hybrid" else [mixer] * n
     heads = max(1, _D_MODEL.value // 64)  # head dim 64
     return model_config(
-        kind="causal_lm", vocab_size=_VOCAB.value, d_model=_D_MODEL.value, layers=layers,
-        mlp={"type": "swiglu", "expansion": 4.0}, dtype="bfloat16", max_length=T,
+        kind="causal_lm",
+        vocab_size=_VOCAB.value,
+        d_model=_D_MODEL.value,
+        layers=layers,
+        mlp={"type": "swiglu", "expansion": 4.0},
+        dtype="bfloat16",
+        max_length=T,
         mixers={
             "attention": {"num_heads": heads},
             "gla": {"num_heads": heads},
@@ -82,9 +94,11 @@ def build_step(mixer: str, T: int):
     opt_state = jax.eval_shape(tx.init, parts.params)
     step_fn = loop.make_train_step(parts, tx, schedule, "causal_lm", seed=0)
     B = max(1, _TOKENS.value // T)
-    batch = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32),
-             "targets": jax.ShapeDtypeStruct((B, T), jnp.int32),
-             "mask": jax.ShapeDtypeStruct((B, T), jnp.float32)}
+    batch = {
+        "inputs": jax.ShapeDtypeStruct((B, T), jnp.int32),
+        "targets": jax.ShapeDtypeStruct((B, T), jnp.int32),
+        "mask": jax.ShapeDtypeStruct((B, T), jnp.float32),
+    }
     state = loop.TrainState(parts.params, opt_state, parts.other)
     step = jax.ShapeDtypeStruct((), jnp.int32)
     jitted = jax.jit(step_fn, donate_argnums=0)
@@ -107,8 +121,9 @@ def _compile_shard(spec: str):
 
 
 def _marker(mixer: str, T: int) -> str:
-    return os.path.join(precompile.CACHE_DIR,
-                        f"compiled_{mixer}_{T}_{_LAYERS.value}x{_D_MODEL.value}")
+    return os.path.join(
+        precompile.CACHE_DIR, f"compiled_{mixer}_{T}_{_LAYERS.value}x{_D_MODEL.value}"
+    )
 
 
 def _parallel_compile(n: int) -> float:
@@ -118,9 +133,17 @@ def _parallel_compile(n: int) -> float:
                 os.remove(_marker(m, int(t)))
     return precompile.run_workers(
         "experiments.bench_model",
-        [f"--mixers={','.join(_MIXERS.value)}", f"--lengths={','.join(_LENGTHS.value)}",
-         f"--tokens={_TOKENS.value}", f"--layers={_LAYERS.value}",
-         f"--d_model={_D_MODEL.value}", f"--vocab={_VOCAB.value}"], n, _COMPILE_BUDGET.value)
+        [
+            f"--mixers={','.join(_MIXERS.value)}",
+            f"--lengths={','.join(_LENGTHS.value)}",
+            f"--tokens={_TOKENS.value}",
+            f"--layers={_LAYERS.value}",
+            f"--d_model={_D_MODEL.value}",
+            f"--vocab={_VOCAB.value}",
+        ],
+        n,
+        _COMPILE_BUDGET.value,
+    )
 
 
 def time_one(mixer: str, T: int, peak_tflops: float) -> dict:
@@ -140,14 +163,17 @@ def time_one(mixer: str, T: int, peak_tflops: float) -> dict:
     state = loop.TrainState(params, tx.init(params), other)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, _VOCAB.value, (B, T + 1))
-    batch = {"inputs": jax.numpy.asarray(tokens[:, :-1], "int32"),
-             "targets": jax.numpy.asarray(tokens[:, 1:], "int32"),
-             "mask": jax.numpy.ones((B, T), "float32")}
+    batch = {
+        "inputs": jax.numpy.asarray(tokens[:, :-1], "int32"),
+        "targets": jax.numpy.asarray(tokens[:, 1:], "int32"),
+        "mask": jax.numpy.ones((B, T), "float32"),
+    }
     holder = {"state": state}
 
     def step(i):
-        holder["state"], metrics = compiled(holder["state"], rngs, batch,
-                                            jax.numpy.asarray(i, "int32"))
+        holder["state"], metrics = compiled(
+            holder["state"], rngs, batch, jax.numpy.asarray(i, "int32")
+        )
         return metrics["loss"]
 
     counter = iter(range(1, 10**9))
@@ -158,14 +184,24 @@ def time_one(mixer: str, T: int, peak_tflops: float) -> dict:
     ma = compiled.memory_analysis()
     stats = jax.devices()[0].memory_stats() or {}
     return {
-        "mixer": mixer, "T": T, "batch": B, "params_m": n_params / 1e6,
-        "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s,
+        "mixer": mixer,
+        "T": T,
+        "batch": B,
+        "params_m": n_params / 1e6,
+        "step_ms": seconds * 1e3,
+        "tokens_per_s": tokens_per_s,
         "us_per_token": 1e6 / tokens_per_s,
         "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12),
-        "compiled_gb": (ma.argument_size_in_bytes + ma.output_size_in_bytes
-                        + ma.temp_size_in_bytes - ma.alias_size_in_bytes) / 2**30,
+        "compiled_gb": (
+            ma.argument_size_in_bytes
+            + ma.output_size_in_bytes
+            + ma.temp_size_in_bytes
+            - ma.alias_size_in_bytes
+        )
+        / 2**30,
         "process_peak_gb": stats.get("peak_bytes_in_use", 0) / 2**30,
-        "compile_s": compile_s, "loss": float(step(0)),
+        "compile_s": compile_s,
+        "loss": float(step(0)),
     }
 
 
@@ -185,26 +221,46 @@ def main(argv):
     for mixer in _MIXERS.value:
         for T in (int(t) for t in _LENGTHS.value):
             if _WORKERS.value > 0 and not os.path.exists(_marker(mixer, T)):
-                row = {"mixer": mixer, "T": T,
-                       "error": f"not compiled within --compile_budget_s={_COMPILE_BUDGET.value}"}
+                row = {
+                    "mixer": mixer,
+                    "T": T,
+                    "error": f"not compiled within --compile_budget_s={_COMPILE_BUDGET.value}",
+                }
             else:
                 try:
                     row = time_one(mixer, T, peak)
                 except Exception as e:  # noqa: BLE001 - one config failing must not stop the run
-                    row = {"mixer": mixer, "T": T,
-                           "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    row = {"mixer": mixer, "T": T, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(json.dumps(row, default=float), flush=True)
             rows.append(row)
             # after every row: a run cut by its time limit keeps what it measured
             path = common.write_results("model", rows, {"bf16_matmul_tflops": peak}, _OUT.value)
     ok = [dict(r, impl=r["mixer"]) for r in rows if "error" not in r]
     for d in filter(None, [_OUT.value or common.RESULTS_DIR, os.environ.get("OUT")]):
-        common.plot_time_vs_length(ok, os.path.join(d, "model_us_per_token.png"),
-                                   y="us_per_token", title="125M LM train step, us per token")
+        common.plot_time_vs_length(
+            ok,
+            os.path.join(d, "model_us_per_token.png"),
+            y="us_per_token",
+            title="125M LM train step, us per token",
+        )
     print(f"wrote {path}")
-    print(common.markdown_table(rows, ["mixer", "T", "batch", "params_m", "step_ms",
-                                       "tokens_per_s", "mfu", "compiled_gb",
-                                       "process_peak_gb", "error"]))
+    print(
+        common.markdown_table(
+            rows,
+            [
+                "mixer",
+                "T",
+                "batch",
+                "params_m",
+                "step_ms",
+                "tokens_per_s",
+                "mfu",
+                "compiled_gb",
+                "process_peak_gb",
+                "error",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

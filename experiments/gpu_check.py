@@ -40,12 +40,18 @@ def _compare(op, impl, case, fn, ref, args, argnums):
         outs, grads = vjp_pairs(jax.jit(fn), jax.jit(ref), args, argnums=argnums, seed=0)
         errs = {f"out{i}": relative_error(a, b) for i, (a, b) in enumerate(outs)}
         errs.update({f"d{i}": relative_error(a, b) for i, (a, b) in zip(argnums, grads)})
-        finite = all(bool(jnp.all(jnp.isfinite(x)))
-                     for x in jax.tree.leaves([p[0] for p in outs + grads]))
+        finite = all(
+            bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves([p[0] for p in outs + grads])
+        )
         _record(op, impl, case, max_err=max(errs.values()), finite=finite, **errs)
     except Exception as e:  # noqa: BLE001 - one failure must not stop the check
-        _record(op, impl, case, error=f"{type(e).__name__}: {e}"[:400],
-                trace=traceback.format_exc()[-800:])
+        _record(
+            op,
+            impl,
+            case,
+            error=f"{type(e).__name__}: {e}"[:400],
+            trace=traceback.format_exc()[-800:],
+        )
 
 
 def _normal(key, shape, dtype):
@@ -67,18 +73,35 @@ def check_attention():
             q = _normal(ks[0], (c["B"], c["T"], c["H"], c["D"]), dtype)
             k = _normal(ks[1], (c["B"], c["T"], c["Hkv"], c["D"]), dtype)
             v = _normal(ks[2], (c["B"], c["T"], c["Hkv"], c["D"]), dtype)
-            seg = (jnp.sort(jax.random.randint(ks[3], (c["B"], c["T"]), 0, 4), axis=1)
-                   if c["seg"] else None)
-            kw = dict(causal=c["causal"], local_window_size=c["window"], segment_ids=seg,
-                      softcap=c["softcap"])
+            seg = (
+                jnp.sort(jax.random.randint(ks[3], (c["B"], c["T"]), 0, 4), axis=1)
+                if c["seg"]
+                else None
+            )
+            kw = dict(
+                causal=c["causal"],
+                local_window_size=c["window"],
+                segment_ids=seg,
+                softcap=c["softcap"],
+            )
             name = f"{dtype.__name__} " + " ".join(f"{k}={v}" for k, v in c.items())
-            ref = lambda q, k, v: K.attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                              v.astype(jnp.float32), implementation="xla", **kw)
+            ref = lambda q, k, v: K.attention(
+                q.astype(jnp.float32),
+                k.astype(jnp.float32),
+                v.astype(jnp.float32),
+                implementation="xla",
+                **kw,
+            )
             for impl in impls:
-                _compare("attention", impl, name,
-                         lambda q, k, v, impl=impl: K.attention(q, k, v, implementation=impl,
-                                                                **kw),
-                         ref, (q, k, v), (0, 1, 2))
+                _compare(
+                    "attention",
+                    impl,
+                    name,
+                    lambda q, k, v, impl=impl: K.attention(q, k, v, implementation=impl, **kw),
+                    ref,
+                    (q, k, v),
+                    (0, 1, 2),
+                )
         if i < 2:  # PyTorch's SDPA on the same bf16 inputs (no GQA/window in this call)
             _torch_sdpa_check(c, i)
 
@@ -93,12 +116,20 @@ def _torch_sdpa_check(c, i):
         k = _normal(ks[1], (c["B"], c["T"], c["H"], c["D"]), jnp.bfloat16)
         v = _normal(ks[2], (c["B"], c["T"], c["H"], c["D"]), jnp.bfloat16)
         o = K.attention(q, k, v, causal=c["causal"], implementation="pallas_triton")
-        tt = lambda x: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(
-            torch.bfloat16).transpose(1, 2)
+        tt = lambda x: (
+            torch.from_numpy(np.asarray(x.astype(jnp.float32)))
+            .cuda()
+            .to(torch.bfloat16)
+            .transpose(1, 2)
+        )
         ot = F.scaled_dot_product_attention(tt(q), tt(k), tt(v), is_causal=c["causal"])
         ot = ot.transpose(1, 2).float().cpu().numpy()
-        _record("attention", "pallas_triton vs torch sdpa", f"bf16 B={c['B']} T={c['T']} "
-                f"H={c['H']} D={c['D']} causal={c['causal']}", max_err=relative_error(o, ot))
+        _record(
+            "attention",
+            "pallas_triton vs torch sdpa",
+            f"bf16 B={c['B']} T={c['T']} H={c['H']} D={c['D']} causal={c['causal']}",
+            max_err=relative_error(o, ot),
+        )
     except Exception as e:  # noqa: BLE001
         _record("attention", "pallas_triton vs torch sdpa", "", error=str(e)[:300])
 
@@ -110,14 +141,25 @@ def check_decode():
         kc = _normal(ks[1], (4, S, 8, 128), jnp.bfloat16)
         vc = _normal(ks[2], (4, S, 8, 128), jnp.bfloat16)
         ln = jnp.array(lengths, jnp.int32)
-        ref = K.decode_attention(q.astype(jnp.float32), kc.astype(jnp.float32),
-                                 vc.astype(jnp.float32), ln, implementation="xla")
+        ref = K.decode_attention(
+            q.astype(jnp.float32),
+            kc.astype(jnp.float32),
+            vc.astype(jnp.float32),
+            ln,
+            implementation="xla",
+        )
         for impl in ("pallas_triton", "cudnn", "xla"):
             try:
-                o = jax.jit(lambda q, k, v, impl=impl: K.decode_attention(
-                    q, k, v, ln, implementation=impl))(q, kc, vc)
-                _record("decode_attention", impl, f"S={S} lengths={lengths}",
-                        max_err=relative_error(o, ref), finite=bool(jnp.all(jnp.isfinite(o))))
+                o = jax.jit(
+                    lambda q, k, v, impl=impl: K.decode_attention(q, k, v, ln, implementation=impl)
+                )(q, kc, vc)
+                _record(
+                    "decode_attention",
+                    impl,
+                    f"S={S} lengths={lengths}",
+                    max_err=relative_error(o, ref),
+                    finite=bool(jnp.all(jnp.isfinite(o))),
+                )
             except Exception as e:  # noqa: BLE001
                 _record("decode_attention", impl, f"S={S}", error=str(e)[:400])
 
@@ -138,13 +180,21 @@ def check_linear_attention():
             v = _normal(ks[2], (c["B"], c["T"], c["Hv"], c["V"]), dtype)
             if c["norm"]:
                 q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
-            g_shape = {"scalar": (c["B"], c["T"], c["Hv"]),
-                       "channel": (c["B"], c["T"], c["Hv"], c["K"])}.get(c["decay"])
-            g = None if g_shape is None else jax.nn.log_sigmoid(
-                jax.random.normal(ks[3], g_shape) + 3.0)
+            g_shape = {
+                "scalar": (c["B"], c["T"], c["Hv"]),
+                "channel": (c["B"], c["T"], c["Hv"], c["K"]),
+            }.get(c["decay"])
+            g = (
+                None
+                if g_shape is None
+                else jax.nn.log_sigmoid(jax.random.normal(ks[3], g_shape) + 3.0)
+            )
             s0 = jax.random.normal(ks[4], (c["B"], c["Hv"], c["K"], c["V"] + c["norm"])) * 0.1
-            seg = (jnp.sort(jax.random.randint(ks[5], (c["B"], c["T"]), 0, 3), axis=1)
-                   if c["seg"] else None)
+            seg = (
+                jnp.sort(jax.random.randint(ks[5], (c["B"], c["T"]), 0, 3), axis=1)
+                if c["seg"]
+                else None
+            )
             kw = dict(segment_ids=seg, normalize=c["norm"], return_final_state=True)
             name = f"{dtype.__name__} " + " ".join(f"{k}={v}" for k, v in c.items())
             args = (q, k, v, s0) + (() if g is None else (g,))
@@ -153,13 +203,22 @@ def check_linear_attention():
                 def f(q, k, v, s0, g=None):
                     if up:
                         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-                    return K.linear_attention(q, k, v, g, initial_state=s0, implementation=impl,
-                                              **kw)
+                    return K.linear_attention(
+                        q, k, v, g, initial_state=s0, implementation=impl, **kw
+                    )
+
                 return f
 
             for impl in ("pallas_triton", "xla"):
-                _compare("linear_attention", impl, name, make(impl), make("xla", up=True), args,
-                         tuple(range(len(args))))
+                _compare(
+                    "linear_attention",
+                    impl,
+                    name,
+                    make(impl),
+                    make("xla", up=True),
+                    args,
+                    tuple(range(len(args))),
+                )
     _fla_check()
 
 
@@ -181,10 +240,13 @@ def _fla_check():
             g = jax.nn.log_sigmoid(jax.random.normal(ks[3], shape) + 3.0)
             o = K.linear_attention(q, k, v, g, implementation="pallas_triton")
             fn = chunk_simple_gla if decay == "scalar" else chunk_gla
-            ot, _ = fn(tt(q).bfloat16(), tt(k).bfloat16(), tt(v).bfloat16(), tt(g),
-                       scale=D ** -0.5)
-            _record("linear_attention", "pallas_triton vs fla", f"bf16 {B}x{T}x{H}x{D} {decay}",
-                    max_err=relative_error(o, ot.float().cpu().numpy()))
+            ot, _ = fn(tt(q).bfloat16(), tt(k).bfloat16(), tt(v).bfloat16(), tt(g), scale=D**-0.5)
+            _record(
+                "linear_attention",
+                "pallas_triton vs fla",
+                f"bf16 {B}x{T}x{H}x{D} {decay}",
+                max_err=relative_error(o, ot.float().cpu().numpy()),
+            )
     except Exception as e:  # noqa: BLE001
         _record("linear_attention", "pallas_triton vs fla", "", error=str(e)[:400])
 
@@ -208,14 +270,33 @@ def check_selective_scan():
                 def f(u, delta, A, Bm, C, D, z, bias, h0):
                     if up:
                         u, delta, Bm, C, z = (x.astype(jnp.float32) for x in (u, delta, Bm, C, z))
-                    return K.selective_scan(u, delta, A, Bm, C, D, z, delta_bias=bias,
-                                            delta_softplus=True, initial_state=h0,
-                                            return_final_state=True, implementation=impl)
+                    return K.selective_scan(
+                        u,
+                        delta,
+                        A,
+                        Bm,
+                        C,
+                        D,
+                        z,
+                        delta_bias=bias,
+                        delta_softplus=True,
+                        initial_state=h0,
+                        return_final_state=True,
+                        implementation=impl,
+                    )
+
                 return f
 
             for impl in ("pallas_triton", "xla"):
-                _compare("selective_scan", impl, f"{dtype.__name__} B={B} T={T} Dm={Dm} G={G}",
-                         make(impl), make("xla", up=True), args, tuple(range(9)))
+                _compare(
+                    "selective_scan",
+                    impl,
+                    f"{dtype.__name__} B={B} T={T} Dm={Dm} G={G}",
+                    make(impl),
+                    make("xla", up=True),
+                    args,
+                    tuple(range(9)),
+                )
 
 
 def check_conv1d():
@@ -231,13 +312,28 @@ def check_conv1d():
                 def f(x, w, b, s0):
                     if up:
                         x, w, b, s0 = (a.astype(jnp.float32) for a in (x, w, b, s0))
-                    return K.causal_conv1d(x, w, b, activation="silu", initial_state=s0,
-                                           return_final_state=True, implementation=impl)
+                    return K.causal_conv1d(
+                        x,
+                        w,
+                        b,
+                        activation="silu",
+                        initial_state=s0,
+                        return_final_state=True,
+                        implementation=impl,
+                    )
+
                 return f
 
             for impl in ("pallas_triton", "xla"):
-                _compare("causal_conv1d", impl, f"{dtype.__name__} W={W}", make(impl),
-                         make("xla", up=True), (x, w, b, s0), (0, 1, 2, 3))
+                _compare(
+                    "causal_conv1d",
+                    impl,
+                    f"{dtype.__name__} W={W}",
+                    make(impl),
+                    make("xla", up=True),
+                    (x, w, b, s0),
+                    (0, 1, 2, 3),
+                )
 
 
 CHECKS = {
@@ -264,8 +360,10 @@ def main(argv):
     for r in ROWS:
         err = r.get("max_err")
         note = r.get("error", "") or ("" if r.get("finite", True) else "NON-FINITE")
-        print(f"| {r['op']} | {r['impl']} | {r['case'][:60]} | "
-              f"{'' if err is None else f'{err:.2e}'} | {note[:120]} |")
+        print(
+            f"| {r['op']} | {r['impl']} | {r['case'][:60]} | "
+            f"{'' if err is None else f'{err:.2e}'} | {note[:120]} |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file "
-                                          "(configs/<name>.py[:variant]).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/<name>.py[:variant]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default ./runs/<config name>).")
 flags.mark_flags_as_required(["config"])
 
@@ -50,8 +51,9 @@ def main(argv):
     from seqmix import train  # after flag parsing: keeps --help fast
 
     config = _CONFIG.value
-    workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(
-        flags.FLAGS["config"]))
+    workdir = _WORKDIR.value or default_workdir(
+        config_flags.get_config_filename(flags.FLAGS["config"])
+    )
     logging.info("config:\n%s", config)
     try:
         result = train.train_and_evaluate(config, workdir)
@@ -61,13 +63,19 @@ def main(argv):
         sys.exit(1)
     print(f"workdir: {result['workdir']} (metrics.jsonl, tensorboard/, checkpoints/)", flush=True)
     if result["stopped_by"]:
-        print(f"stopped by {result['stopped_by']} at step {result['step']} (checkpoint saved); "
-              "run the same command to resume", flush=True)
+        print(
+            f"stopped by {result['stopped_by']} at step {result['step']} (checkpoint saved); "
+            "run the same command to resume",
+            flush=True,
+        )
         sys.exit(143)
     metrics = result["eval"]
     summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-    print(f"FINAL eval at step {result['step']}: {result['metric']} = "
-          f"{metrics[result['metric']]:.4f} ({summary})", flush=True)
+    print(
+        f"FINAL eval at step {result['step']}: {result['metric']} = "
+        f"{metrics[result['metric']]:.4f} ({summary})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

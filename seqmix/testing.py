@@ -28,8 +28,10 @@ TOLERANCE = {"float32": 1e-5, "float64": 1e-9, "bfloat16": 5e-3, "float16": 5e-3
 # In fp16 the same cancellation takes the TPU kernel's dq to 1.8e-3 mean / 3.3e-3 max over
 # 66 seeds (within 5e-3 but with a tail), so fp16 gets 1e-2 for those two gradients.
 # A wrong gradient is off by O(1); this still tells right from wrong.
-NORMALIZE_GRAD_TOL = {"bfloat16": {"q": 4e-2, "initial_state": 4e-2},
-                      "float16": {"q": 1e-2, "initial_state": 1e-2}}
+NORMALIZE_GRAD_TOL = {
+    "bfloat16": {"q": 4e-2, "initial_state": 4e-2},
+    "float16": {"q": 1e-2, "initial_state": 1e-2},
+}
 
 
 def tolerance(dtype) -> float:
@@ -57,9 +59,11 @@ def assert_close(x, ref, tol: float, what: str = "output") -> None:
     assert x.shape == ref.shape, f"{what}: shape {x.shape} != reference {ref.shape}"
     finite = np.isfinite(ref)
     assert np.all(np.isfinite(x[finite])), (
-        f"{what}: non-finite values where the reference is finite")
+        f"{what}: non-finite values where the reference is finite"
+    )
     assert np.array_equal(np.isposinf(x), np.isposinf(ref)) and np.array_equal(
-        np.isneginf(x), np.isneginf(ref)), f"{what}: infinities differ from the reference"
+        np.isneginf(x), np.isneginf(ref)
+    ), f"{what}: infinities differ from the reference"
     err = relative_error(np.where(finite, x, 0), np.where(finite, ref, 0))
     _record_margin(err, tol, what)
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
@@ -81,7 +85,8 @@ def random_cotangent(tree, key):
     keys = jax.random.split(key, len(leaves))
     out = [
         jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
-        if jnp.issubdtype(x.dtype, jnp.floating) else None
+        if jnp.issubdtype(x.dtype, jnp.floating)
+        else None
         for k, x in zip(keys, leaves)
     ]
     return treedef.unflatten(out)
@@ -93,15 +98,18 @@ def upcast(tree):
     no final rounding of their own: a bf16 kernel is then measured against the float32
     answer (its error is its own rounding), not against a second rounded result (which
     doubled the rounding noise that the 5e-3 tolerance has to hold)."""
+
     def up(x):
         if hasattr(x, "dtype") and jnp.dtype(x.dtype).name in ("bfloat16", "float16"):
             return jnp.asarray(x).astype(jnp.float32)
         return x
+
     return jax.tree.map(up, tree)
 
 
-def vjp_pairs(fn: Callable, ref: Callable, args: Sequence, *, argnums: Sequence[int],
-              seed: int = 0):
+def vjp_pairs(
+    fn: Callable, ref: Callable, args: Sequence, *, argnums: Sequence[int], seed: int = 0
+):
     """``fn`` on ``args`` and ``ref`` on ``upcast(args)``, each pulled back through one
     random cotangent (drawn in fn's output dtypes, upcast for ref): returns
     ``(outputs, grads)``, each a list of ``(value, reference_value)`` pairs, the grads in
@@ -114,6 +122,7 @@ def vjp_pairs(fn: Callable, ref: Callable, args: Sequence, *, argnums: Sequence[
             for i, a in zip(argnums, diff):
                 full[i] = a
             return f(*full)
+
         return g
 
     ref_args = upcast(list(args))
@@ -164,15 +173,17 @@ def abstract_device(platform: str = "cuda", device_kind: str = "NVIDIA H200"):
     dev = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=132, platform=platform)
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
     target = "gpu" if platform in ("cuda", "rocm", "gpu") else platform
-    with jax.sharding.use_abstract_mesh(mesh), dispatch.target_platform(target), \
-            dispatch.interpret(False):
+    with (
+        jax.sharding.use_abstract_mesh(mesh),
+        dispatch.target_platform(target),
+        dispatch.interpret(False),
+    ):
         yield
 
 
 def lower_for(fn: Callable, *args, platform: str = "cuda") -> str:
     """Lowers ``jax.jit(fn)(*args)`` for ``platform`` ("cuda" or "tpu") on this machine and
     returns the StableHLO text; raises where a kernel cannot be lowered there."""
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "shape") else a
-              for a in args]
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "shape") else a for a in args]
     with abstract_device(platform):
         return jax.jit(fn).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()

@@ -53,8 +53,8 @@ def test_oracle_side_runs_in_float32():
 
     outs, grads = testing.vjp_pairs(lambda x, n: x * x, ref, (x, 3), argnums=(0,), seed=1)
     assert seen[0] == (jnp.float32, 3)
-    (o, o_ref), = outs
-    (g, g_ref), = grads
+    ((o, o_ref),) = outs
+    ((g, g_ref),) = grads
     assert o.dtype == jnp.bfloat16 and o_ref.dtype == jnp.float32
     assert g.dtype == jnp.bfloat16 and g_ref.dtype == jnp.float32
     xf = np.asarray(x, np.float32)

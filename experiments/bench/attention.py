@@ -60,8 +60,9 @@ def attention_shapes(quick: bool) -> list[dict]:
         B = max(1, TOKENS // T)
         label = f"d{D} {B}x{T}x{HEADS}" + (f"/{Hkv}" if Hkv != HEADS else "")
         label += (" causal" if causal else "") + (f" w{window}" if window else "")
-        shapes.append(dict(label=label, D=D, T=T, B=B, H=HEADS, Hkv=Hkv, causal=causal,
-                           window=window))
+        shapes.append(
+            dict(label=label, D=D, T=T, B=B, H=HEADS, Hkv=Hkv, causal=causal, window=window)
+        )
 
     if quick:
         add(128, 4096, True)
@@ -91,8 +92,10 @@ def _seqmix(impl):
     from seqmix.kernels import attention
 
     def f(q, k, v, *, causal, window):
-        return attention(q, k, v, causal=causal, local_window_size=window and (window, 0),
-                         implementation=impl)
+        return attention(
+            q, k, v, causal=causal, local_window_size=window and (window, 0), implementation=impl
+        )
+
     return f
 
 
@@ -108,11 +111,22 @@ def _jax_mha(default_blocks: bool):
             from jax.experimental.pallas.ops.gpu import attention as jax_attention
         if window is not None:
             raise NotImplementedError("jax mha has no local window")
-        blocks = (jax_attention.BlockSizes.get_default() if default_blocks else
-                  jax_attention.BlockSizes(block_q=128, block_k=128, block_q_dkv=64,
-                                           block_kv_dkv=64, block_q_dq=64, block_kv_dq=64))
-        return jax_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal,
-                                 block_sizes=blocks)
+        blocks = (
+            jax_attention.BlockSizes.get_default()
+            if default_blocks
+            else jax_attention.BlockSizes(
+                block_q=128,
+                block_k=128,
+                block_q_dkv=64,
+                block_kv_dkv=64,
+                block_q_dq=64,
+                block_kv_dq=64,
+            )
+        )
+        return jax_attention.mha(
+            q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal, block_sizes=blocks
+        )
+
     return f
 
 
@@ -142,12 +156,15 @@ def run_attention(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
     peak = ceilings.get("bf16_matmul_tflops")
     for s in attention_shapes(quick):
         q, k, v, do = _attention_inputs(s)
-        flops = 4.0 * s["B"] * s["H"] * s["D"] * visible_pairs(s["T"], s["T"], s["causal"],
-                                                               s["window"])
+        flops = (
+            4.0 * s["B"] * s["H"] * s["D"] * visible_pairs(s["T"], s["T"], s["causal"], s["window"])
+        )
         ref = None
         for name, impl in ATTENTION_IMPLS.items():
-            row = {"impl": name, **{key: s[key] for key in ("label", "D", "T", "B", "H", "Hkv",
-                                                             "causal", "window")}}
+            row = {
+                "impl": name,
+                **{key: s[key] for key in ("label", "D", "T", "B", "H", "Hkv", "causal", "window")},
+            }
             if name == "xla" and s["T"] > XLA_MAX_T:
                 row["error"] = f"not timed above T={XLA_MAX_T} (device-time budget)"
                 rows.append(row)
@@ -181,7 +198,9 @@ def run_attention(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
                 if out is not None and ref[0] is not None:
                     row["err_o"] = common.rel_err(out, ref[0])
                 if grads is not None and ref[1] is not None:
-                    if name.startswith("jax_mha") and s["Hkv"] != s["H"]:  # fold repeated heads back
+                    if (
+                        name.startswith("jax_mha") and s["Hkv"] != s["H"]
+                    ):  # fold repeated heads back
                         G = s["H"] // s["Hkv"]
                         fold = lambda g: g.reshape(*g.shape[:2], s["Hkv"], G, -1).sum(3)
                         grads = (grads[0], fold(grads[1]), fold(grads[2]))
@@ -193,25 +212,47 @@ def run_attention(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
     return rows, ATTENTION_COLUMNS
 
 
-ATTENTION_COLUMNS = ["label", "impl", "fwd_ms", "fwd_tflops", "fb_ms", "fb_tflops", "mem_mb",
-                     "err_o", "err_grad", "error"]
+ATTENTION_COLUMNS = [
+    "label",
+    "impl",
+    "fwd_ms",
+    "fwd_tflops",
+    "fb_ms",
+    "fb_tflops",
+    "mem_mb",
+    "err_o",
+    "err_grad",
+    "error",
+]
 
 
 def _plots(rows: list[dict]) -> None:
     """fwd time vs T per implementation (D = 128, H = 16 heads of K/V, no window)."""
     dirs = [d for d in (os.environ.get("OUT"), common.RESULTS_DIR) if d and os.path.isdir(d)]
     for causal in (True, False):
-        sel = [r for r in rows if r["D"] == 128 and r["Hkv"] == r["H"]
-               and r["window"] is None and r["causal"] == causal and r.get("fwd_ms")]
+        sel = [
+            r
+            for r in rows
+            if r["D"] == 128
+            and r["Hkv"] == r["H"]
+            and r["window"] is None
+            and r["causal"] == causal
+            and r.get("fwd_ms")
+        ]
         if len({r["T"] for r in sel}) < 2:
             continue
         name = f"attention_fwd_d128_{'causal' if causal else 'full'}.png"
         for d in dirs:
             try:
                 common.plot_time_vs_length(
-                    sel, os.path.join(d, name), x="T", y="fwd_ms", group="impl",
+                    sel,
+                    os.path.join(d, name),
+                    x="T",
+                    y="fwd_ms",
+                    group="impl",
                     title=f"attention forward, bf16, D=128, {TOKENS} tokens, "
-                          f"{'causal' if causal else 'full'}")
+                    f"{'causal' if causal else 'full'}",
+                )
             except Exception as e:  # noqa: BLE001 - a plot must not lose the results
                 print(f"plot {name} failed: {common.short_error(e)}")
 
@@ -223,8 +264,16 @@ DECODE = dict(B=4, H=32, Hkv=8, D=128)
 
 def decode_shapes(quick: bool) -> list[dict]:
     lengths = (131072,) if quick else (8192, 131072, 1048576)
-    return common.filtered([dict(label=f"{DECODE['B']}x{S} h{DECODE['H']}/{DECODE['Hkv']} "
-                                 f"d{DECODE['D']}", S=S, **DECODE) for S in lengths])
+    return common.filtered(
+        [
+            dict(
+                label=f"{DECODE['B']}x{S} h{DECODE['H']}/{DECODE['Hkv']} d{DECODE['D']}",
+                S=S,
+                **DECODE,
+            )
+            for S in lengths
+        ]
+    )
 
 
 def _seqmix_decode(impl):
@@ -288,16 +337,40 @@ DECODE_COLUMNS = ["label", "impl", "ms", "kv_tbps", "of_copy", "err_o", "error"]
 
 # --- retuning the tile table (not part of bench_kernels) ------------------------------------
 
-FWD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                  (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 2)]
-BWD_CANDIDATES = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3),
-                  (32, 64, 4, 4), (128, 128, 8, 1), (64, 64, 8, 2), (16, 128, 4, 4)]
-DQ_CANDIDATES = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3),
-                 (128, 128, 8, 2), (64, 32, 4, 4), (128, 32, 8, 3)]
+FWD_CANDIDATES = [
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (128, 128, 8, 3),
+    (128, 32, 4, 4),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (128, 64, 8, 2),
+]
+BWD_CANDIDATES = [
+    (64, 128, 8, 2),
+    (32, 128, 4, 3),
+    (64, 128, 4, 2),
+    (64, 64, 4, 3),
+    (32, 64, 4, 4),
+    (128, 128, 8, 1),
+    (64, 64, 8, 2),
+    (16, 128, 4, 4),
+]
+DQ_CANDIDATES = [
+    (128, 64, 8, 2),
+    (128, 32, 4, 3),
+    (64, 64, 4, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (64, 32, 4, 4),
+    (128, 32, 8, 3),
+]
 
 
-def tune_blocks(D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | None = None,
-                out: str | None = None) -> dict:
+def tune_blocks(
+    D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | None = None, out: str | None = None
+) -> dict:
     """Times seqmix's Triton kernels over candidate tiles at one bf16 shape ``[32k/T, T, 16,
     D]`` and prints the best ``tuning.Blocks`` per kind (forward alone; then dK/dV and dQ
     inside forward+backward with the other backward tile at its best so far). Copy the
@@ -313,15 +386,22 @@ def tune_blocks(D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | Non
     q, k, v, do = _attention_inputs(s)
     window = (None, 0) if causal else (None, None)
     best = {}
-    for kind, cands in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES),
-                        ("bwd_dq", DQ_CANDIDATES)):
+    for kind, cands in (
+        ("fwd", FWD_CANDIDATES),
+        ("bwd", BWD_CANDIDATES),
+        ("bwd_dq", DQ_CANDIDATES),
+    ):
         results = []
         for c in cands:
             blocks = {**best, kind: tuning.Blocks(*c)}
             f = lambda q, k, v, blocks=blocks: triton.flash_attention(
-                q, k, v, window=window, blocks=blocks)[0]
-            fn = jax.jit(f) if kind == "fwd" else jax.jit(
-                lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
+                q, k, v, window=window, blocks=blocks
+            )[0]
+            fn = (
+                jax.jit(f)
+                if kind == "fwd"
+                else jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
+            )
             args = (q, k, v) if kind == "fwd" else (q, k, v, do)
             try:
                 t = common.time_jax(fn, *args)

@@ -58,8 +58,12 @@ def compiled_bytes(fn: Callable, *args) -> int | None:
     """Device memory of one call as XLA accounts it: arguments + outputs + temporaries."""
     try:
         ma = jax.jit(fn).lower(*args).compile().memory_analysis()
-        return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-                   - ma.alias_size_in_bytes)
+        return int(
+            ma.argument_size_in_bytes
+            + ma.output_size_in_bytes
+            + ma.temp_size_in_bytes
+            - ma.alias_size_in_bytes
+        )
     except Exception:  # noqa: BLE001 - memory analysis is optional per backend
         return None
 
@@ -164,8 +168,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_time_vs_length(rows: list[dict], path: str, *, x: str = "T", y: str = "ms",
-                        group: str = "impl", title: str = "") -> None:
+def plot_time_vs_length(
+    rows: list[dict],
+    path: str,
+    *,
+    x: str = "T",
+    y: str = "ms",
+    group: str = "impl",
+    title: str = "",
+) -> None:
     """Log-log plot of time against sequence length, one line per implementation."""
     import matplotlib
 

@@ -54,12 +54,32 @@ DEFAULT_CONFIGS = [
     {"block_v": 128, "split_scores": False, "num_warps": {"output": 8, "dv": 8, "dqk": 8}},
     {"fused_forward": True},
 ]
-FLA_OPS = {"scalar": ("fla.ops.simple_gla", "chunk_simple_gla"),
-           "channel": ("fla.ops.gla", "chunk_gla")}
+FLA_OPS = {
+    "scalar": ("fla.ops.simple_gla", "chunk_simple_gla"),
+    "channel": ("fla.ops.gla", "chunk_gla"),
+}
 
-COLUMNS = ["series", "decay", "impl", "blocks", "B", "T", "H", "D", "fwd_ms", "fwdbwd_ms",
-           "fwd_TBps", "copy_frac", "Mtok_per_s", "ns_per_token", "fwd_mem_mb",
-           "fwdbwd_speedup_vs_xla", "rel_err_xla", "rel_err_fla", "error"]
+COLUMNS = [
+    "series",
+    "decay",
+    "impl",
+    "blocks",
+    "B",
+    "T",
+    "H",
+    "D",
+    "fwd_ms",
+    "fwdbwd_ms",
+    "fwd_TBps",
+    "copy_frac",
+    "Mtok_per_s",
+    "ns_per_token",
+    "fwd_mem_mb",
+    "fwdbwd_speedup_vs_xla",
+    "rel_err_xla",
+    "rel_err_fla",
+    "error",
+]
 
 
 def _error(e: BaseException) -> str:
@@ -97,9 +117,17 @@ def _seqmix_fns(impl, config=None):
     def fwd(q, k, v, g):
         if config is not None:  # the kernel itself, with tuning overrides
             chunk, tuning = _split_chunk(config)
-            return la_triton.linear_attention(q, k, v, g, scale=q.shape[-1] ** -0.5,
-                                              initial_state=None, runs=None, chunk_size=chunk,
-                                              config=tuning)[0]
+            return la_triton.linear_attention(
+                q,
+                k,
+                v,
+                g,
+                scale=q.shape[-1] ** -0.5,
+                initial_state=None,
+                runs=None,
+                chunk_size=chunk,
+                config=tuning,
+            )[0]
         return linear_attention(q, k, v, g, implementation=impl)
 
     def fwd_bwd(q, k, v, g, do):
@@ -124,8 +152,11 @@ def _fla(decay, q, k, v, g, do):
         try:
             return torch.from_dlpack(x)
         except Exception:  # noqa: BLE001 - fall back to a host copy
-            return torch.tensor(np.asarray(x.astype(jnp.float32))).cuda().to(
-                torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32)
+            return (
+                torch.tensor(np.asarray(x.astype(jnp.float32)))
+                .cuda()
+                .to(torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32)
+            )
 
     jax.block_until_ready((q, k, v, g, do))
     tq, tk, tv, tg, tdo = (to_torch(x) for x in (q, k, v, g, do))
@@ -137,8 +168,15 @@ def _fla(decay, q, k, v, g, do):
     leaves = [t.detach().clone().requires_grad_(True) for t in (tq, tk, tv, tg)]
 
     def forward_backward():
-        o = fn(q=leaves[0], k=leaves[1], v=leaves[2], g=leaves[3], scale=scale,
-               output_final_state=False, **kw)[0]
+        o = fn(
+            q=leaves[0],
+            k=leaves[1],
+            v=leaves[2],
+            g=leaves[3],
+            scale=scale,
+            output_final_state=False,
+            **kw,
+        )[0]
         return torch.autograd.grad(o, leaves, tdo)
 
     with torch.no_grad():
@@ -187,10 +225,12 @@ def _measure_shape(series, B, T, H, D, decay, ceilings, *, backward=True, with_x
         try:
             if impl != "xla":
                 chunk, tuning = _split_chunk(config or {})
-                plan = la_triton.make_plan(q, v, g, None, None, scale=1.0, chunk_size=chunk,
-                                           config=tuning)
-                row["blocks"] = (f"{plan.block_k}x{plan.block_v} state "
-                                 f"{plan.state_block_k}x{plan.state_block_v}")
+                plan = la_triton.make_plan(
+                    q, v, g, None, None, scale=1.0, chunk_size=chunk, config=tuning
+                )
+                row["blocks"] = (
+                    f"{plan.block_k}x{plan.block_v} state {plan.state_block_k}x{plan.state_block_v}"
+                )
                 if plan.segments > 1:
                     row["blocks"] += f" seg {plan.segments}x{plan.segment_chunks}"
                 if chunk != 64:
@@ -250,8 +290,9 @@ def run(op: str, quick: bool = False, ceilings: dict | None = None):
     scaling = []
     for T in QUICK_SCALING_T if quick else SCALING_T:
         B = SCALING_TOKENS // T
-        shape_rows = _measure_shape("scaling", B, T, 16, 128, "scalar", ceilings,
-                                    backward=False, with_xla=False)
+        shape_rows = _measure_shape(
+            "scaling", B, T, 16, 128, "scalar", ceilings, backward=False, with_xla=False
+        )
         scaling += shape_rows
         print(common.markdown_table(shape_rows, COLUMNS), flush=True)
     rows += scaling
@@ -260,8 +301,11 @@ def run(op: str, quick: bool = False, ceilings: dict | None = None):
             os.makedirs(d, exist_ok=True)
             common.plot_time_vs_length(
                 [dict(r, ms=r.get("fwd_ms")) for r in scaling],
-                os.path.join(d, "linear_attention_scaling.png"), x="T", y="ms",
-                title=f"linear attention forward, B*T = {SCALING_TOKENS}, H=16, D=128, bf16")
+                os.path.join(d, "linear_attention_scaling.png"),
+                x="T",
+                y="ms",
+                title=f"linear attention forward, B*T = {SCALING_TOKENS}, H=16, D=128, bf16",
+            )
         except Exception:  # noqa: BLE001 - the plot is optional
             traceback.print_exc()
     return rows, COLUMNS

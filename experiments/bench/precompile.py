@@ -45,11 +45,16 @@ def run_workers(module: str, args: list[str], n: int, budget_s: float) -> float:
     # (0.9 under run.sh), 8 processes' autotuning ran the device out of memory (session 4:
     # hundreds of allocator retries), and XLA may then time fewer candidate kernels
     share = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")) / max(n, 1)
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               XLA_PYTHON_CLIENT_MEM_FRACTION=f"{share:.3f}")
+    env = dict(
+        os.environ,
+        XLA_PYTHON_CLIENT_PREALLOCATE="false",
+        XLA_PYTHON_CLIENT_MEM_FRACTION=f"{share:.3f}",
+    )
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, "-m", module, f"--compile_only={i}/{n}", *args],
-                              env=env) for i in range(n)]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", module, f"--compile_only={i}/{n}", *args], env=env)
+        for i in range(n)
+    ]
     deadline = t0 + budget_s
     for p in procs:
         try:

@@ -81,8 +81,10 @@ def _compare(row: dict, out, got, ref_out, ref_got, ref_row: dict | None):
     if out is not None and ref_out is not None:
         row["err_y"] = common.rel_err(out, ref_out)
     if got is not None and ref_got is not None:
-        row["err_grad"] = max(common.rel_err(a, b) for a, b in zip(
-            jax.tree.leaves(got[1]), jax.tree.leaves(ref_got[1])))
+        row["err_grad"] = max(
+            common.rel_err(a, b)
+            for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref_got[1]))
+        )
     if ref_row is not None and row.get("fb_ms") and ref_row.get("fb_ms"):
         row["fb_vs_xla"] = ref_row["fb_ms"] / row["fb_ms"]
 
@@ -107,8 +109,14 @@ def _plots(rows: list[dict], op: str, title: str) -> None:
         name = f"{op}_{key[:-3]}.png"
         for d in dirs:
             try:
-                common.plot_time_vs_length(sel, os.path.join(d, name), x="T", y=key,
-                                           group="impl", title=f"{op} {what}, {title}")
+                common.plot_time_vs_length(
+                    sel,
+                    os.path.join(d, name),
+                    x="T",
+                    y=key,
+                    group="impl",
+                    title=f"{op} {what}, {title}",
+                )
             except Exception as e:  # noqa: BLE001 - a plot must not lose the results
                 print(f"plot {name} failed: {common.short_error(e)}")
 
@@ -119,8 +127,12 @@ def _plots(rows: list[dict], op: str, title: str) -> None:
 def scan_shapes(quick: bool) -> list[dict]:
     lengths = (2048,) if quick else (1024, 2048, 4096, 8192, 16384)
     tokens = 4096 if quick else TOKENS
-    return common.filtered([dict(label=f"{tokens // T}x{T}x{SCAN['Dm']}x{SCAN['N']}", B=tokens // T,
-                           T=T, **SCAN) for T in lengths])
+    return common.filtered(
+        [
+            dict(label=f"{tokens // T}x{T}x{SCAN['Dm']}x{SCAN['N']}", B=tokens // T, T=T, **SCAN)
+            for T in lengths
+        ]
+    )
 
 
 def scan_inputs(B: int, T: int, Dm: int, N: int, G: int = 1):
@@ -142,13 +154,25 @@ def _scan_fn(impl: str, blocks=None):
         if blocks is not None:
             from seqmix.kernels.selective_scan import triton
 
-            return triton.selective_scan(u, delta, A, B, C, D, z, delta_bias=bias,
-                                         delta_softplus=True, initial_state=None,
-                                         blocks=blocks)[0]
+            return triton.selective_scan(
+                u,
+                delta,
+                A,
+                B,
+                C,
+                D,
+                z,
+                delta_bias=bias,
+                delta_softplus=True,
+                initial_state=None,
+                blocks=blocks,
+            )[0]
         from seqmix.kernels import selective_scan
 
-        return selective_scan(u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True,
-                              implementation=impl)
+        return selective_scan(
+            u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True, implementation=impl
+        )
+
     return f
 
 
@@ -168,20 +192,26 @@ def scan_variants(T: int) -> dict:
     else:
         # seg8 first: at [8, 4096] the default runs 384 one-warp programs (~3 warps an
         # SM, latency-bound); 8 time segments give 3072 for ~2x the forward's work
-        variants = {"pallas_triton[lanes seg8]": lanes(segments=8),
-                    "pallas_triton[lanes c16]": lanes(chunk=16),
-                    "pallas_triton[lanes seg2]": lanes(segments=2),
-                    "pallas_triton[lanes d16]": lanes(block_d=16),
-                    "pallas_triton[lanes d64 w2]": lanes(block_d=64, num_warps=2,
-                                                         bwd_num_warps=2, segments=1)}
+        variants = {
+            "pallas_triton[lanes seg8]": lanes(segments=8),
+            "pallas_triton[lanes c16]": lanes(chunk=16),
+            "pallas_triton[lanes seg2]": lanes(segments=2),
+            "pallas_triton[lanes d16]": lanes(block_d=16),
+            "pallas_triton[lanes d64 w2]": lanes(
+                block_d=64, num_warps=2, bwd_num_warps=2, segments=1
+            ),
+        }
     variants["pallas_triton[blocked]"] = BLOCKED_BLOCKS
-    variants.update({
-        "pallas_triton[blocked d16]": Blocks(block_d=16),
-        "pallas_triton[blocked d64 w8]": Blocks(block_d=64, num_warps=8, bwd_num_warps=8),
-        "pallas_triton[blocked d16 w1 t4]": Blocks(block_d=16, num_warps=1, bwd_num_warps=1,
-                                           bwd_tile=4),
-        "pallas_triton[blocked c32]": Blocks(chunk=32),
-    })
+    variants.update(
+        {
+            "pallas_triton[blocked d16]": Blocks(block_d=16),
+            "pallas_triton[blocked d64 w8]": Blocks(block_d=64, num_warps=8, bwd_num_warps=8),
+            "pallas_triton[blocked d16 w1 t4]": Blocks(
+                block_d=16, num_warps=1, bwd_num_warps=1, bwd_tile=4
+            ),
+            "pallas_triton[blocked c32]": Blocks(chunk=32),
+        }
+    )
     if T >= 16384:
         variants["pallas_triton[blocked seg1]"] = Blocks(segments=1)
         variants["pallas_triton[blocked seg8]"] = Blocks(segments=8)
@@ -213,20 +243,40 @@ def run_scan(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
     def impls_for(s):
         impls = {"xla": _scan_fn("xla"), "pallas_triton": _scan_fn("pallas_triton")}
         if not quick and s["T"] in (4096, 16384):
-            impls.update({k: _scan_fn("pallas_triton", b)
-                          for k, b in scan_variants(s["T"]).items()})
+            impls.update(
+                {k: _scan_fn("pallas_triton", b) for k, b in scan_variants(s["T"]).items()}
+            )
         return impls
 
     rows = common.new_rows()
-    rows.extend(iter_shapes(scan_shapes(quick),  # row by row: a time limit keeps them
-                            lambda s: scan_inputs(s["B"], s["T"], s["Dm"], s["N"]),
-                            impls_for, SCAN_COLUMNS, ceilings.get("copy_tbps")))
+    rows.extend(
+        iter_shapes(
+            scan_shapes(quick),  # row by row: a time limit keeps them
+            lambda s: scan_inputs(s["B"], s["T"], s["Dm"], s["N"]),
+            impls_for,
+            SCAN_COLUMNS,
+            ceilings.get("copy_tbps"),
+        )
+    )
     _plots(rows, "selective_scan", f"bf16, Dm={SCAN['Dm']}, N={SCAN['N']}, {TOKENS} tokens")
     return rows, SCAN_COLUMNS
 
 
-SCAN_COLUMNS = ["label", "impl", "fwd_ms", "fwd_gbs", "fwd_x_rowo", "fb_ms", "fb_gbs",
-                "fb_x_rowo", "fb_vs_xla", "mem_mb", "err_y", "err_grad", "error"]
+SCAN_COLUMNS = [
+    "label",
+    "impl",
+    "fwd_ms",
+    "fwd_gbs",
+    "fwd_x_rowo",
+    "fb_ms",
+    "fb_gbs",
+    "fb_x_rowo",
+    "fb_vs_xla",
+    "mem_mb",
+    "err_y",
+    "err_grad",
+    "error",
+]
 
 
 # --- causal conv1d -------------------------------------------------------------------------
@@ -235,8 +285,12 @@ SCAN_COLUMNS = ["label", "impl", "fwd_ms", "fwd_gbs", "fwd_x_rowo", "fb_ms", "fb
 def conv_shapes(quick: bool) -> list[dict]:
     lengths = (2048,) if quick else (1024, 4096, 16384)
     tokens = 4096 if quick else TOKENS
-    return common.filtered([dict(label=f"{tokens // T}x{T}x{CONV['C']} w{CONV['W']}", B=tokens // T,
-                           T=T, **CONV) for T in lengths])
+    return common.filtered(
+        [
+            dict(label=f"{tokens // T}x{T}x{CONV['C']} w{CONV['W']}", B=tokens // T, T=T, **CONV)
+            for T in lengths
+        ]
+    )
 
 
 def conv_inputs(B: int, T: int, C: int, W: int):
@@ -257,6 +311,7 @@ def _conv_fn(impl: str, blocks=None):
         from seqmix.kernels import causal_conv1d
 
         return causal_conv1d(x, w, b, activation="silu", implementation=impl)
+
     return f
 
 
@@ -277,9 +332,15 @@ def run_conv(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
         return impls
 
     rows = common.new_rows()
-    rows.extend(iter_shapes(conv_shapes(quick),  # row by row: a time limit keeps them
-                            lambda s: conv_inputs(s["B"], s["T"], s["C"], s["W"]),
-                            impls_for, CONV_COLUMNS, ceilings.get("copy_tbps")))
+    rows.extend(
+        iter_shapes(
+            conv_shapes(quick),  # row by row: a time limit keeps them
+            lambda s: conv_inputs(s["B"], s["T"], s["C"], s["W"]),
+            impls_for,
+            CONV_COLUMNS,
+            ceilings.get("copy_tbps"),
+        )
+    )
     _plots(rows, "causal_conv1d", f"bf16, C={CONV['C']}, width {CONV['W']}, {TOKENS} tokens")
     return rows, CONV_COLUMNS
 
@@ -304,7 +365,9 @@ def tune_blocks(op: str = "selective_scan", B: int = 8, T: int = 4096, candidate
         candidates = candidates or [
             Blocks(block_d=d, chunk=c, bwd_tile=t, num_warps=w, bwd_num_warps=w)
             for d, w in ((16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 4), (64, 8))
-            for c, t in ((16, 8), (32, 8), (16, 4)) if not (w == 1 and t == 8 and d >= 32)]
+            for c, t in ((16, 8), (32, 8), (16, 4))
+            if not (w == 1 and t == 8 and d >= 32)
+        ]
     else:
         from seqmix.kernels.conv1d.triton import Blocks
 
@@ -313,7 +376,8 @@ def tune_blocks(op: str = "selective_scan", B: int = 8, T: int = 4096, candidate
         candidates = candidates or [
             Blocks(block_c=c, seg=sg, unroll=u, num_warps=w)
             for c, w in ((128, 1), (128, 2), (256, 2), (256, 4), (512, 4), (512, 8))
-            for sg, u in ((128, 8), (256, 8), (512, 16))]
+            for sg, u in ((128, 8), (256, 8), (512, 16))
+        ]
     results = []
     for blocks in candidates:
         _, fb = _fwd_and_fb(fn("pallas_triton", blocks))

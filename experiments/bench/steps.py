@@ -36,15 +36,17 @@ def _la_case(B: int):
     ks = jax.random.split(jax.random.key(0), 5)
     H, K, V = LA["H"], LA["K"], LA["V"]
     q = jax.random.normal(ks[0], (B, H, K), DTYPE)
-    k = jax.random.normal(ks[1], (B, H, K), DTYPE) * K ** -0.5
+    k = jax.random.normal(ks[1], (B, H, K), DTYPE) * K**-0.5
     v = jax.random.normal(ks[2], (B, H, V), DTYPE)
     state = jax.random.normal(ks[3], (B, H, K, V), jnp.float32)
     g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, H), jnp.float32)) / 16
     nbytes = 2 * state.size * 4 + (q.size + k.size + 2 * v.size) * 2 + g.size * 4
 
     def make(impl):
-        return jax.jit(lambda q, k, v, s, g: linear_attention_step(q, k, v, s, g,
-                                                                   implementation=impl))
+        return jax.jit(
+            lambda q, k, v, s, g: linear_attention_step(q, k, v, s, g, implementation=impl)
+        )
+
     return f"{B}x{H}x{K}x{V}", make, (q, k, v, state, g), nbytes
 
 
@@ -58,8 +60,12 @@ def _conv_case(B: int):
     nbytes = (2 * x.size + 2 * state.size) * 2 + (w.size + b.size) * 4
 
     def make(impl):
-        return jax.jit(lambda x, s, w, b: causal_conv1d_step(x, s, w, b, activation="silu",
-                                                             implementation=impl))
+        return jax.jit(
+            lambda x, s, w, b: causal_conv1d_step(
+                x, s, w, b, activation="silu", implementation=impl
+            )
+        )
+
     return f"{B}x{C} w{W}", make, (x, state, w, b), nbytes
 
 

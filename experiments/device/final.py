@@ -17,10 +17,13 @@ import traceback
 from absl import app, flags
 
 _DEADLINE = flags.DEFINE_float("deadline_s", 500.0, "Stop starting sections after this.")
-_SECTIONS = flags.DEFINE_string("sections", "targets",
-                                "'targets' (the issues' shapes) or 'variants' (the opt-in "
-                                "kernel variants beside the defaults, and the shapes run 3 "
-                                "skipped) or 'missing' (what no run has measured yet).")
+_SECTIONS = flags.DEFINE_string(
+    "sections",
+    "targets",
+    "'targets' (the issues' shapes) or 'variants' (the opt-in "
+    "kernel variants beside the defaults, and the shapes run 3 "
+    "skipped) or 'missing' (what no run has measured yet).",
+)
 
 ROWS: list[dict] = []
 START = time.time()
@@ -61,35 +64,54 @@ def scan(B, T, ceilings, *, with_xla=True, variants=False):
         impls = {"xla": S._scan_fn("xla")} if with_xla else {}
         impls["pallas_triton"] = S._scan_fn("pallas_triton")
         if variants:
-            impls.update({k: S._scan_fn("pallas_triton", b)
-                          for k, b in S.scan_variants(T).items()
-                          if "lanes" in k or k.endswith("[blocked]")})
+            impls.update(
+                {
+                    k: S._scan_fn("pallas_triton", b)
+                    for k, b in S.scan_variants(T).items()
+                    if "lanes" in k or k.endswith("[blocked]")
+                }
+            )
         return impls
 
     shape = dict(label=f"{B}x{T}x1536x16", B=B, T=T, **S.SCAN)
-    return lambda: (dict(row, op="selective_scan") for row in S.iter_shapes(
-        [shape], lambda s: S.scan_inputs(B, T, s["Dm"], s["N"]), impls_for, S.SCAN_COLUMNS,
-        ceilings["copy_tbps"]))
+    return lambda: (
+        dict(row, op="selective_scan")
+        for row in S.iter_shapes(
+            [shape],
+            lambda s: S.scan_inputs(B, T, s["Dm"], s["N"]),
+            impls_for,
+            S.SCAN_COLUMNS,
+            ceilings["copy_tbps"],
+        )
+    )
 
 
 def conv(ceilings):
     from experiments.bench import selective_scan as S
 
     shape = dict(label="8x4096x3072 w4", B=8, T=4096, **S.CONV)
-    return lambda: (dict(row, op="causal_conv1d") for row in S.iter_shapes(
-        [shape], lambda s: S.conv_inputs(8, 4096, s["C"], s["W"]),
-        lambda s: {"xla": S._conv_fn("xla"), "pallas_triton": S._conv_fn("pallas_triton")},
-        S.CONV_COLUMNS, ceilings["copy_tbps"]))
+    return lambda: (
+        dict(row, op="causal_conv1d")
+        for row in S.iter_shapes(
+            [shape],
+            lambda s: S.conv_inputs(8, 4096, s["C"], s["W"]),
+            lambda s: {"xla": S._conv_fn("xla"), "pallas_triton": S._conv_fn("pallas_triton")},
+            S.CONV_COLUMNS,
+            ceilings["copy_tbps"],
+        )
+    )
 
 
 def linear(B, T, H, D, decay, ceilings, backward, with_xla):
     from experiments.bench import linear_attention as L
 
     def run():
-        for row in L._measure_shape("shapes", B, T, H, D, decay, ceilings,
-                                    backward=backward, with_xla=with_xla):
+        for row in L._measure_shape(
+            "shapes", B, T, H, D, decay, ceilings, backward=backward, with_xla=with_xla
+        ):
             row["op"] = "linear_attention"
             yield row
+
     return run
 
 
@@ -101,8 +123,9 @@ def _attention_rows(label, s, impls):
     from experiments.bench import common
 
     q, k, v, do = A._attention_inputs(s)
-    flops = 4.0 * s["B"] * s["H"] * s["D"] * A.visible_pairs(s["T"], s["T"], s["causal"],
-                                                             s["window"])
+    flops = (
+        4.0 * s["B"] * s["H"] * s["D"] * A.visible_pairs(s["T"], s["T"], s["causal"], s["window"])
+    )
     for impl, f0 in impls.items():
         f = lambda q, k, v, f0=f0: f0(q, k, v, causal=s["causal"], window=s["window"])
         fwd = jax.jit(f)
@@ -127,6 +150,7 @@ def window(ceilings):
         for label, win in (("full causal", None), ("window 1024", 1024)):
             s = dict(D=128, T=32768, B=1, H=16, Hkv=16, causal=True, window=win)
             yield from _attention_rows(f"d128 1x32768 {label}", s, impls)
+
     return run
 
 
@@ -134,12 +158,16 @@ def attention_d64(ceilings):
     from experiments.bench import attention as A
 
     def run():
-        impls = {"pallas_triton": A._seqmix("pallas_triton"),
-                 "cudnn": A._seqmix("cudnn"),
-                 "jax_mha": A._jax_mha(True), "jax_mha_bwd64": A._jax_mha(False)}
+        impls = {
+            "pallas_triton": A._seqmix("pallas_triton"),
+            "cudnn": A._seqmix("cudnn"),
+            "jax_mha": A._jax_mha(True),
+            "jax_mha_bwd64": A._jax_mha(False),
+        }
         for causal in (True, False):
             s = dict(D=64, T=16384, B=2, H=16, Hkv=16, causal=causal, window=None)
             yield from _attention_rows(f"d64 2x16384x16{' causal' if causal else ''}", s, impls)
+
     return run
 
 
@@ -186,8 +214,7 @@ SECTIONS = {"targets": targets, "variants": variants, "missing": missing}
 def main(argv):
     del argv
     if _SECTIONS.value not in SECTIONS:
-        raise ValueError(f"--sections must be one of {sorted(SECTIONS)}, got "
-                         f"{_SECTIONS.value!r}")
+        raise ValueError(f"--sections must be one of {sorted(SECTIONS)}, got {_SECTIONS.value!r}")
     from experiments.bench import common
 
     ceilings = {"bf16_matmul_tflops": common.matmul_ceiling(), "copy_tbps": common.copy_ceiling()}
@@ -195,9 +222,28 @@ def main(argv):
     print(ceilings, flush=True)
     SECTIONS[_SECTIONS.value](ceilings)
     print(f"total {time.time() - START:.0f}s")
-    keys = ["section", "impl", "label", "blocks", "fwd_ms", "fwdbwd_ms", "fb_ms", "fwd_tflops",
-            "fb_tflops", "fwd_x_rowo", "fb_x_rowo", "fb_vs_xla", "copy_frac", "ns_per_token",
-            "fwdbwd_speedup_vs_xla", "rel_err_xla", "rel_err_fla", "err_y", "err_grad", "error"]
+    keys = [
+        "section",
+        "impl",
+        "label",
+        "blocks",
+        "fwd_ms",
+        "fwdbwd_ms",
+        "fb_ms",
+        "fwd_tflops",
+        "fb_tflops",
+        "fwd_x_rowo",
+        "fb_x_rowo",
+        "fb_vs_xla",
+        "copy_frac",
+        "ns_per_token",
+        "fwdbwd_speedup_vs_xla",
+        "rel_err_xla",
+        "rel_err_fla",
+        "err_y",
+        "err_grad",
+        "error",
+    ]
     print(common.markdown_table([r for r in ROWS if r.get("section") != "ceilings"], keys))
 
 

@@ -32,8 +32,11 @@ from absl import app, flags
 
 from experiments import recall_sweep  # its flags (one definition per process)
 
-_MIXERS = flags.DEFINE_list("probe_mixers", ["attention"], "Mixers to probe (each compiles "
-                            "four programs: ~1-2 minutes on the H200).")
+_MIXERS = flags.DEFINE_list(
+    "probe_mixers",
+    ["attention"],
+    "Mixers to probe (each compiles four programs: ~1-2 minutes on the H200).",
+)
 _D_MODEL = flags.DEFINE_integer("probe_d_model", 256, "Width.")
 _SETTING = flags.DEFINE_string("probe_setting", "256:16", "seq_len:pairs.")
 _BATCH = flags.DEFINE_integer("probe_batch_size", 256, "Sequences per step.")
@@ -65,10 +68,16 @@ def top_ops(trace_dir: str, k: int = 15) -> list[tuple[str, float, int]]:
     with gzip.open(sorted(files)[-1], "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    names = {e.get("pid"): e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device_pids = {pid for pid, name in names.items()
-                   if any(s in str(name).lower() for s in ("gpu", "device", "stream", "/device"))}
+    names = {
+        e.get("pid"): e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    device_pids = {
+        pid
+        for pid, name in names.items()
+        if any(s in str(name).lower() for s in ("gpu", "device", "stream", "/device"))
+    }
     total, count = collections.defaultdict(float), collections.Counter()
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
@@ -80,8 +89,16 @@ def top_ops(trace_dir: str, k: int = 15) -> list[tuple[str, float, int]]:
     return [(n, total[n], count[n]) for n in sorted(total, key=total.get, reverse=True)[:k]]
 
 
-def probe(mixer: str, d_model: int, seq_len: int, pairs: int, batch_size: int, steps: int,
-          out: str | None, trace: bool) -> dict:
+def probe(
+    mixer: str,
+    d_model: int,
+    seq_len: int,
+    pairs: int,
+    batch_size: int,
+    steps: int,
+    out: str | None,
+    trace: bool,
+) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -97,8 +114,9 @@ def probe(mixer: str, d_model: int, seq_len: int, pairs: int, batch_size: int, s
     host = {k: v for k, v in task.train_batch(1).items()}
     batch = {k: jnp.asarray(v) for k, v in host.items()}
     step = jnp.asarray(1, jnp.int32)
-    row["host_ms"] = 1e3 * _timed(lambda: {k: jnp.asarray(v) for k, v in
-                                           task.train_batch(2).items()}, steps)
+    row["host_ms"] = 1e3 * _timed(
+        lambda: {k: jnp.asarray(v) for k, v in task.train_batch(2).items()}, steps
+    )
 
     holder = {"state": state}
 
@@ -112,8 +130,9 @@ def probe(mixer: str, d_model: int, seq_len: int, pairs: int, batch_size: int, s
     row["eval_ms"] = 1e3 * _timed(lambda: evaluate(s.params, rngs, s.other, ev), steps)
 
     # one rate, no vmap: the sweep's --novmap_rates job
-    b1 = recall_sweep._build(mixer, d_model, seq_len, pairs, lrs[:1], 4000, batch_size, 0,
-                             vmap=False)
+    b1 = recall_sweep._build(
+        mixer, d_model, seq_len, pairs, lrs[:1], 4000, batch_size, 0, vmap=False
+    )
     single, _ = recall_sweep.compile_job(b1)
     holder["one"] = b1["init"]()[0]
 
@@ -151,16 +170,21 @@ def main(argv):
     out = os.environ.get("OUT")
     rows = []
     for mixer in _MIXERS.value:
-        rows.append(probe(mixer, _D_MODEL.value, seq_len, pairs, _BATCH.value, _STEPS.value,
-                          out, _TRACE.value))
+        rows.append(
+            probe(
+                mixer, _D_MODEL.value, seq_len, pairs, _BATCH.value, _STEPS.value, out, _TRACE.value
+            )
+        )
         if out:
             with open(os.path.join(out, "recall_probe.json"), "w") as f:
                 json.dump(rows, f, indent=1, default=str)
     print("| mixer | compile s | host ms | vmapped (2 rates) ms | single rate ms | eval ms |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['mixer']} | {r['compile_s']:.1f} | {r['host_ms']:.2f} | "
-              f"{r['vmapped_ms']:.2f} | {r['single_ms']:.2f} | {r['eval_ms']:.2f} |")
+        print(
+            f"| {r['mixer']} | {r['compile_s']:.1f} | {r['host_ms']:.2f} | "
+            f"{r['vmapped_ms']:.2f} | {r['single_ms']:.2f} | {r['eval_ms']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ def make_task(config) -> Task:
         raise ValueError(f"data.task must be one of {sorted(TASKS)}, got {name!r}")
     batch_size = config.train.batch_size
     eval_batch_size = config.train.get("eval_batch_size", None) or batch_size
-    return TASKS[name](config.data, seed=config.seed, batch_size=batch_size,
-                       eval_batch_size=eval_batch_size)
+    return TASKS[name](
+        config.data, seed=config.seed, batch_size=batch_size, eval_batch_size=eval_batch_size
+    )
 
 
 __all__ = [

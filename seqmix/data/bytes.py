@@ -113,12 +113,23 @@ def windows(data: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len
         raise ValueError(f"data.seq_len={seq_len} is longer than the corpus ({len(data)} bytes)")
     starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
     rows = np.stack([np.asarray(data[s : s + seq_len + 1]) for s in starts]).astype(np.int32)
-    return {"inputs": rows[:, :-1], "targets": rows[:, 1:],
-            "mask": np.ones((batch_size, seq_len), np.float32)}
+    return {
+        "inputs": rows[:, :-1],
+        "targets": rows[:, 1:],
+        "mask": np.ones((batch_size, seq_len), np.float32),
+    }
 
 
-def batch(seed: int, stream: int, index: int, batch_size: int, *, seq_len: int,
-          data_dir: str, val_fraction: float = 0.05) -> Batch:
+def batch(
+    seed: int,
+    stream: int,
+    index: int,
+    batch_size: int,
+    *,
+    seq_len: int,
+    data_dir: str,
+    val_fraction: float = 0.05,
+) -> Batch:
     """The batch of ``(seed, stream, index)``: training windows for the train stream,
     validation windows for the evaluation stream."""
     split = "val" if stream == EVAL_STREAM else "train"

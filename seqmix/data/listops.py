@@ -53,14 +53,16 @@ def _tree(rng: random.Random, depth: int, max_depth: int, max_args: int, out: li
         return value
     op = rng.randrange(len(OPERATORS))
     out.append(OP0 + op)
-    args = [_tree(rng, depth + 1, max_depth, max_args, out) for _ in
-            range(rng.randint(2, max_args))]
+    args = [
+        _tree(rng, depth + 1, max_depth, max_args, out) for _ in range(rng.randint(2, max_args))
+    ]
     out.append(CLOSE)
     return apply(OPERATORS[op], args)
 
 
-def sample(rng: random.Random, *, max_depth: int, max_args: int, min_length: int,
-           max_length: int) -> tuple[list[int], int]:
+def sample(
+    rng: random.Random, *, max_depth: int, max_args: int, min_length: int, max_length: int
+) -> tuple[list[int], int]:
     """One expression with ``min_length < len < max_length``: (tokens, value)."""
     while True:
         tokens: list[int] = []
@@ -101,21 +103,38 @@ def check(*, seq_len, max_depth, max_args, min_length, max_length) -> None:
         )
 
 
-def make_batch(rng: random.Random, batch_size: int, *, seq_len: int, max_depth: int = 10,
-               max_args: int = 10, min_length: int = 500, max_length: int = 2000) -> Batch:
+def make_batch(
+    rng: random.Random,
+    batch_size: int,
+    *,
+    seq_len: int,
+    max_depth: int = 10,
+    max_args: int = 10,
+    min_length: int = 500,
+    max_length: int = 2000,
+) -> Batch:
     """``inputs``/``segment_ids`` int32 ``[batch_size, seq_len]``, ``targets`` int32
     ``[batch_size]``."""
-    check(seq_len=seq_len, max_depth=max_depth, max_args=max_args, min_length=min_length,
-          max_length=max_length)
+    check(
+        seq_len=seq_len,
+        max_depth=max_depth,
+        max_args=max_args,
+        min_length=min_length,
+        max_length=max_length,
+    )
     inputs = np.zeros((batch_size, seq_len), np.int32)
     targets = np.zeros((batch_size,), np.int32)
     for i in range(batch_size):
-        tokens, value = sample(rng, max_depth=max_depth, max_args=max_args,
-                               min_length=min_length, max_length=max_length)
+        tokens, value = sample(
+            rng,
+            max_depth=max_depth,
+            max_args=max_args,
+            min_length=min_length,
+            max_length=max_length,
+        )
         inputs[i, : len(tokens)] = tokens
         targets[i] = value
-    return {"inputs": inputs, "segment_ids": (inputs != PAD).astype(np.int32),
-            "targets": targets}
+    return {"inputs": inputs, "segment_ids": (inputs != PAD).astype(np.int32), "targets": targets}
 
 
 def batch(seed: int, stream: int, index: int, batch_size: int, **kwargs) -> Batch:
@@ -129,8 +148,13 @@ def batch(seed: int, stream: int, index: int, batch_size: int, **kwargs) -> Batc
 def task(data, *, seed: int, batch_size: int, eval_batch_size: int) -> Task:
     """The ListOps task of a ``config.data`` (keys seq_len, max_depth, max_args, min_length,
     max_length, num_eval_batches)."""
-    kwargs = dict(seq_len=data.seq_len, max_depth=data.max_depth, max_args=data.max_args,
-                  min_length=data.min_length, max_length=data.max_length)
+    kwargs = dict(
+        seq_len=data.seq_len,
+        max_depth=data.max_depth,
+        max_args=data.max_args,
+        min_length=data.min_length,
+        max_length=data.max_length,
+    )
     check(**kwargs)
     return Task(
         name="listops",

@@ -96,8 +96,12 @@ def make_batch(
     if random_non_queries:
         noise = rng.integers(0, vocab_size, size=(b, t))
         inputs = np.where(inputs == 0, noise, inputs)
-    return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32), "mask": mask,
-            "positions": np.sort(query_pos, axis=1).astype(np.int32)}
+    return {
+        "inputs": inputs.astype(np.int32),
+        "targets": targets.astype(np.int32),
+        "mask": mask,
+        "positions": np.sort(query_pos, axis=1).astype(np.int32),
+    }
 
 
 def batch(seed: int, stream: int, index: int, batch_size: int, **kwargs) -> Batch:

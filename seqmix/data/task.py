@@ -34,8 +34,9 @@ def rng_for(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(stream), int(index)])
 
 
-def batches_of(generate: Callable[..., Batch], seed: int, **kwargs) -> Callable[[int, int, int],
-                                                                             Batch]:
+def batches_of(
+    generate: Callable[..., Batch], seed: int, **kwargs
+) -> Callable[[int, int, int], Batch]:
     """A task's ``batch(stream, index, batch_size)`` from a generator
     ``generate(seed, stream, index, batch_size, **kwargs)`` (picklable: a partial of
     module-level functions)."""

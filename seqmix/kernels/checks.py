@@ -63,8 +63,10 @@ def check_nonpositive(name: str, x) -> None:
     if x is None or not is_concrete(x):
         return
     if bool(np.any(np.asarray(x, dtype=np.float32) > 0)):
-        raise ValueError(f"{name} must be <= 0 everywhere (it is a log decay), got a maximum of "
-                         f"{float(np.max(np.asarray(x, dtype=np.float32)))}")
+        raise ValueError(
+            f"{name} must be <= 0 everywhere (it is a log decay), got a maximum of "
+            f"{float(np.max(np.asarray(x, dtype=np.float32)))}"
+        )
 
 
 def default_scale(scale: float | None, dim: int) -> float:

@@ -133,8 +133,7 @@ class Op:
             )
         if implementation not in self.impls:
             raise NotImplementedError(
-                f"{self.name} has no {implementation!r} implementation; it has "
-                f"{tuple(self.impls)}"
+                f"{self.name} has no {implementation!r} implementation; it has {tuple(self.impls)}"
             )
         if not available(implementation):
             native = _PALLAS_PLATFORM.get(implementation, "gpu")

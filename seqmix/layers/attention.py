@@ -57,7 +57,7 @@ def write_cache(cache_x: Array, new: Array, lengths: Array) -> Array:
     B, T = new.shape[:2]
     S = cache_x.shape[1]
     m = min(T, S)
-    new = new[:, T - m:]
+    new = new[:, T - m :]
     slots = jnp.mod(lengths.astype(jnp.int32)[:, None] + jnp.arange(T - m, T)[None], S)
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], slots.shape)
     return cache_x.at[rows, slots].set(new.astype(cache_x.dtype))
@@ -81,17 +81,19 @@ class Attention(Mixer):
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({
-            "num_heads": 4,
-            "num_kv_heads": None,  # None: num_heads (MHA); 1: MQA
-            "head_dim": None,  # None: d_model // num_heads
-            "rope": True,
-            "rope_theta": 10000.0,
-            "local_window_size": None,  # int w: query t sees [t - w, t] (and t + w if not causal)
-            "softcap": None,
-            "qk_norm": False,
-            "use_bias": False,
-        })
+        return ml_collections.ConfigDict(
+            {
+                "num_heads": 4,
+                "num_kv_heads": None,  # None: num_heads (MHA); 1: MQA
+                "head_dim": None,  # None: d_model // num_heads
+                "rope": True,
+                "rope_theta": 10000.0,
+                "local_window_size": None,  # int w: query t sees [t - w, t] (and t + w if not causal)
+                "softcap": None,
+                "qk_norm": False,
+                "use_bias": False,
+            }
+        )
 
     def __init__(self, config, *, rngs: nnx.Rngs, project_output: bool = True):
         self._common(config)
@@ -100,10 +102,12 @@ class Attention(Mixer):
             raise ValueError(f"num_heads must be >= 1, got {H}")
         Hkv = H if config.num_kv_heads is None else int(config.num_kv_heads)
         if Hkv < 1 or H % Hkv:
-            raise ValueError(
-                f"num_heads ({H}) must be divisible by num_kv_heads ({Hkv})")
-        D = (divide(self.d_model, H, "d_model", "num_heads") if config.head_dim is None
-             else int(config.head_dim))
+            raise ValueError(f"num_heads ({H}) must be divisible by num_kv_heads ({Hkv})")
+        D = (
+            divide(self.d_model, H, "d_model", "num_heads")
+            if config.head_dim is None
+            else int(config.head_dim)
+        )
         if config.rope and D % 2:
             raise ValueError(f"head_dim ({D}) must be even for rope")
         w = config.local_window_size
@@ -118,13 +122,14 @@ class Attention(Mixer):
         self.rope_theta = float(config.rope_theta)
         self.local_window_size = w
         self.softcap = None if config.softcap is None else float(config.softcap)
-        self.scale = D ** -0.5
+        self.scale = D**-0.5
         kw = dict(rngs=rngs, dtype=self.dtype, use_bias=bool(config.use_bias))
         self.q_proj = Dense(self.d_model, H * D, ("embed", "heads"), **kw)
         self.k_proj = Dense(self.d_model, Hkv * D, ("embed", "kv"), **kw)
         self.v_proj = Dense(self.d_model, Hkv * D, ("embed", "kv"), **kw)
-        self.o_proj = (Dense(H * D, self.d_model, ("heads", "embed"), **kw)
-                       if project_output else None)
+        self.o_proj = (
+            Dense(H * D, self.d_model, ("heads", "embed"), **kw) if project_output else None
+        )
         if config.qk_norm:
             self.q_norm = RMSNorm(D, eps=self.norm_eps, dtype=self.dtype, axis=None, rngs=rngs)
             self.k_norm = RMSNorm(D, eps=self.norm_eps, dtype=self.dtype, axis=None, rngs=rngs)
@@ -144,8 +149,11 @@ class Attention(Mixer):
         left = self._window_left()
         S = int(max_length) if left is None else min(int(max_length), left + 1)
         shape = (batch_size, S, self.num_kv_heads, self.head_dim)
-        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
-                "lengths": jnp.zeros((batch_size,), jnp.int32)}
+        return {
+            "k": jnp.zeros(shape, self.dtype),
+            "v": jnp.zeros(shape, self.dtype),
+            "lengths": jnp.zeros((batch_size,), jnp.int32),
+        }
 
     def __call__(self, x: Array, *, segment_ids: Array | None = None, cache=None):
         self._check_call(x, segment_ids, cache)
@@ -163,9 +171,16 @@ class Attention(Mixer):
             k = apply_rotary(k, pos, theta=self.rope_theta)
         if cache is None:
             o = kernels.attention(
-                q, k, v, causal=self.causal, local_window_size=self.local_window_size,
-                segment_ids=segment_ids, softcap=self.softcap, scale=self.scale,
-                implementation=self.impl("attention"))
+                q,
+                k,
+                v,
+                causal=self.causal,
+                local_window_size=self.local_window_size,
+                segment_ids=segment_ids,
+                softcap=self.softcap,
+                scale=self.scale,
+                implementation=self.impl("attention"),
+            )
             return self._project(o)
         lengths = cache["lengths"]
         if T == 1:
@@ -173,11 +188,26 @@ class Attention(Mixer):
             v_cache = write_cache(cache["v"], v, lengths)
             S = k_cache.shape[1]
             o = kernels.decode_attention(
-                q[:, 0], k_cache, v_cache, jnp.minimum(lengths + 1, S), scale=self.scale,
-                softcap=self.softcap, implementation=self.impl("decode_attention"))[:, None]
+                q[:, 0],
+                k_cache,
+                v_cache,
+                jnp.minimum(lengths + 1, S),
+                scale=self.scale,
+                softcap=self.softcap,
+                implementation=self.impl("decode_attention"),
+            )[:, None]
         else:
-            o = cached_attention(q, cache["k"], cache["v"], k, v, lengths, scale=self.scale,
-                                 window_left=self._window_left(), softcap=self.softcap)
+            o = cached_attention(
+                q,
+                cache["k"],
+                cache["v"],
+                k,
+                v,
+                lengths,
+                scale=self.scale,
+                window_left=self._window_left(),
+                softcap=self.softcap,
+            )
             k_cache = write_cache(cache["k"], k, lengths)
             v_cache = write_cache(cache["v"], v, lengths)
         new_cache = {"k": k_cache, "v": v_cache, "lengths": lengths + T}

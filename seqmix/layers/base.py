@@ -54,8 +54,8 @@ def freeze_implementation(implementation) -> str | tuple[tuple[str, str], ...] |
     if isinstance(implementation, Mapping) or hasattr(implementation, "items"):
         return tuple(sorted((str(k), v) for k, v in implementation.items()))
     raise ValueError(
-        "implementation must be None, a name or a mapping op name -> name, got "
-        f"{implementation!r}")
+        f"implementation must be None, a name or a mapping op name -> name, got {implementation!r}"
+    )
 
 
 def implementation_for(implementation, op: str) -> str | None:
@@ -77,8 +77,7 @@ def common_key(config, key: str) -> Any:
 def divide(numerator: int, denominator: int, num_key: str, den_key: str) -> int:
     """``numerator // denominator``, raising a ValueError naming both keys otherwise."""
     if denominator < 1 or numerator % denominator:
-        raise ValueError(
-            f"{num_key} ({numerator}) must be divisible by {den_key} ({denominator})")
+        raise ValueError(f"{num_key} ({numerator}) must be divisible by {den_key} ({denominator})")
     return numerator // denominator
 
 
@@ -118,7 +117,8 @@ class Mixer(nnx.Module):
     def _check_call(self, x, segment_ids, cache) -> None:
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
-                f"x must have shape [batch, time, d_model={self.d_model}], got {x.shape}")
+                f"x must have shape [batch, time, d_model={self.d_model}], got {x.shape}"
+            )
         if cache is not None:
             if not self.causal:
                 raise ValueError("cache: a bidirectional (causal=False) mixer cannot decode")

@@ -32,17 +32,19 @@ class Based(Mixer):
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({
-            "num_heads": 4,
-            "head_dim": None,  # value dim per head of the linear branch; None: d_model // heads
-            "feature_dim": 16,
-            "window_size": 64,
-            "window_heads": None,  # None: num_heads
-            "combine": "sum",
-            "short_conv": False,
-            "conv_width": 4,
-            "chunk_size": 64,
-        })
+        return ml_collections.ConfigDict(
+            {
+                "num_heads": 4,
+                "head_dim": None,  # value dim per head of the linear branch; None: d_model // heads
+                "feature_dim": 16,
+                "window_size": 64,
+                "window_heads": None,  # None: num_heads
+                "combine": "sum",
+                "short_conv": False,
+                "conv_width": 4,
+                "chunk_size": 64,
+            }
+        )
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         self._common(config)
@@ -54,27 +56,48 @@ class Based(Mixer):
         common = {key: common_key(config, key) for key in COMMON}
         linear = LinearAttention.default_config()
         linear.update(common)
-        linear.update({
-            "num_heads": config.num_heads, "head_dim": config.head_dim,
-            "key_dim": config.feature_dim, "feature_map": "taylor", "normalize": True,
-            "short_conv": config.short_conv, "conv_width": config.conv_width,
-            "chunk_size": config.chunk_size})
+        linear.update(
+            {
+                "num_heads": config.num_heads,
+                "head_dim": config.head_dim,
+                "key_dim": config.feature_dim,
+                "feature_map": "taylor",
+                "normalize": True,
+                "short_conv": config.short_conv,
+                "conv_width": config.conv_width,
+                "chunk_size": config.chunk_size,
+            }
+        )
         window = Attention.default_config()
         window.update(common)
-        window.update({
-            "num_heads": config.num_heads if config.window_heads is None
-            else config.window_heads,
-            "local_window_size": int(config.window_size)})
+        window.update(
+            {
+                "num_heads": config.num_heads
+                if config.window_heads is None
+                else config.window_heads,
+                "local_window_size": int(config.window_size),
+            }
+        )
         project = self.combine == "sum"
         self.linear = LinearAttention(linear, rngs=rngs, project_output=project)
         self.window = Attention(window, rngs=rngs, project_output=project)
-        self.o_proj = None if project else Dense(
-            self.linear.output_features + self.window.output_features, self.d_model,
-            ("heads", "embed"), rngs=rngs, dtype=self.dtype)
+        self.o_proj = (
+            None
+            if project
+            else Dense(
+                self.linear.output_features + self.window.output_features,
+                self.d_model,
+                ("heads", "embed"),
+                rngs=rngs,
+                dtype=self.dtype,
+            )
+        )
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
-        return {"linear": self.linear.init_cache(batch_size, max_length),
-                "window": self.window.init_cache(batch_size, max_length)}
+        return {
+            "linear": self.linear.init_cache(batch_size, max_length),
+            "window": self.window.init_cache(batch_size, max_length),
+        }
 
     def __call__(self, x: Array, *, segment_ids: Array | None = None, cache=None):
         self._check_call(x, segment_ids, cache)

@@ -20,17 +20,32 @@ class Block(nnx.Module):
     mixer and the MLP the compute dtype.
     """
 
-    def __init__(self, mixer: nnx.Module, d_model: int, *, mlp_type: str | None = "swiglu",
-                 expansion: float = 4.0, multiple_of: int = 8, norm_eps: float = 1e-5,
-                 dtype="float32", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        mixer: nnx.Module,
+        d_model: int,
+        *,
+        mlp_type: str | None = "swiglu",
+        expansion: float = 4.0,
+        multiple_of: int = 8,
+        norm_eps: float = 1e-5,
+        dtype="float32",
+        rngs: nnx.Rngs,
+    ):
         self.norm = RMSNorm(d_model, eps=norm_eps, dtype=dtype, rngs=rngs)
         self.mixer = mixer
         if mlp_type is None:
             self.mlp_norm = self.mlp = None
         else:
             self.mlp_norm = RMSNorm(d_model, eps=norm_eps, dtype=dtype, rngs=rngs)
-            self.mlp = MLP(d_model, mlp_type=mlp_type, expansion=expansion,
-                           multiple_of=multiple_of, dtype=dtype, rngs=rngs)
+            self.mlp = MLP(
+                d_model,
+                mlp_type=mlp_type,
+                expansion=expansion,
+                multiple_of=multiple_of,
+                dtype=dtype,
+                rngs=rngs,
+            )
 
     def __call__(self, x: Array, *, segment_ids: Array | None = None, cache=None):
         x = x.astype(jnp.float32)

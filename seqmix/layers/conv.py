@@ -28,9 +28,18 @@ class ShortConv(nnx.Module):
     cross-segment terms (at most ``W - 1`` per segment start) are subtracted.
     """
 
-    def __init__(self, channels: int, width: int, *, use_bias: bool = True,
-                 activation: str | None = "silu", dtype="float32", implementation=None,
-                 axis: str | None = "heads", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        channels: int,
+        width: int,
+        *,
+        use_bias: bool = True,
+        activation: str | None = "silu",
+        dtype="float32",
+        implementation=None,
+        axis: str | None = "heads",
+        rngs: nnx.Rngs,
+    ):
         if width < 1:
             raise ValueError(f"conv width must be >= 1, got {width}")
         self.channels = int(channels)
@@ -56,19 +65,27 @@ class ShortConv(nnx.Module):
         b = None if self.bias is None else self.bias[...].astype(dtype)
         return w, b
 
-    def __call__(self, x: Array, *, segment_ids: Array | None = None,
-                 state: Array | None = None) -> Array | tuple[Array, Array]:
+    def __call__(
+        self, x: Array, *, segment_ids: Array | None = None, state: Array | None = None
+    ) -> Array | tuple[Array, Array]:
         """x ``[B, T, C]`` -> y (x's dtype); with ``state`` (the previous ``W - 1`` inputs)
         returns ``(y, new_state)``."""
         impl = implementation_for(self.implementation, "causal_conv1d")
         if segment_ids is None:
             w, b = self._weights(x.dtype)
             if state is None:
-                return kernels.causal_conv1d(x, w, b, activation=self.activation,
-                                             implementation=impl)
-            return kernels.causal_conv1d(x, w, b, activation=self.activation,
-                                         initial_state=state.astype(x.dtype),
-                                         return_final_state=True, implementation=impl)
+                return kernels.causal_conv1d(
+                    x, w, b, activation=self.activation, implementation=impl
+                )
+            return kernels.causal_conv1d(
+                x,
+                w,
+                b,
+                activation=self.activation,
+                initial_state=state.astype(x.dtype),
+                return_final_state=True,
+                implementation=impl,
+            )
         if state is not None:
             raise ValueError("segment_ids cannot be combined with a conv state (decoding)")
         xf = x.astype(jnp.float32)
@@ -90,5 +107,10 @@ class ShortConv(nnx.Module):
         """One token: x ``[B, C]``, state ``[B, W - 1, C]`` -> ``(y [B, C], new_state)``."""
         w, b = self._weights(x.dtype)
         return kernels.causal_conv1d_step(
-            x, state.astype(x.dtype), w, b, activation=self.activation,
-            implementation=implementation_for(self.implementation, "causal_conv1d_step"))
+            x,
+            state.astype(x.dtype),
+            w,
+            b,
+            activation=self.activation,
+            implementation=implementation_for(self.implementation, "causal_conv1d_step"),
+        )

@@ -20,8 +20,12 @@ class Embedding(nnx.Module):
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.vocab_size = int(vocab_size)
         self.dtype = jnp.dtype(dtype).name
-        self.embedding = param(rngs, jax.nn.initializers.normal(d_model ** -0.5),
-                               (vocab_size, d_model), ("vocab", "embed"))
+        self.embedding = param(
+            rngs,
+            jax.nn.initializers.normal(d_model**-0.5),
+            (vocab_size, d_model),
+            ("vocab", "embed"),
+        )
 
     def __call__(self, tokens: Array) -> Array:
         """int ``[B, T]`` -> ``[B, T, d_model]`` in the compute dtype."""
@@ -32,20 +36,35 @@ class Embedding(nnx.Module):
     def attend(self, x: Array) -> Array:
         """Tied head: ``x @ embedding^T`` -> float32 logits ``[..., vocab]``."""
         dtype = jnp.dtype(self.dtype)
-        return jnp.einsum("...d,vd->...v", x.astype(dtype), self.embedding[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "...d,vd->...v",
+            x.astype(dtype),
+            self.embedding[...].astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
 
 
 class Head(nnx.Module):
     """Untied head: ``x @ kernel`` with ``kernel [d_model, out]`` (axes ``("embed", axis)``),
     float32 logits."""
 
-    def __init__(self, d_model: int, out_features: int, *, axis: str | None = "vocab",
-                 dtype="float32", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        out_features: int,
+        *,
+        axis: str | None = "vocab",
+        dtype="float32",
+        rngs: nnx.Rngs,
+    ):
         self.dtype = jnp.dtype(dtype).name
         self.kernel = param(rngs, lecun_normal(), (d_model, out_features), ("embed", axis))
 
     def __call__(self, x: Array) -> Array:
         dtype = jnp.dtype(self.dtype)
-        return jnp.einsum("...d,dv->...v", x.astype(dtype), self.kernel[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "...d,dv->...v",
+            x.astype(dtype),
+            self.kernel[...].astype(dtype),
+            preferred_element_type=jnp.float32,
+        )

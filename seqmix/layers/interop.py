@@ -30,8 +30,9 @@ from seqmix.layers.base import copy_config
 from seqmix.layers.bidirectional import make_mixer
 
 
-def as_linen(mixer_cls, config, *, combine: str = "sum", share_params: bool = False,
-             name: str | None = None) -> nn.Module:
+def as_linen(
+    mixer_cls, config, *, combine: str = "sum", share_params: bool = False, name: str | None = None
+) -> nn.Module:
     """A Linen module wrapping ``mixer_cls(config)`` (its bidirectional form when
     ``config.causal`` is False), via ``flax.nnx.bridge.ToLinen``.
 
@@ -41,5 +42,8 @@ def as_linen(mixer_cls, config, *, combine: str = "sum", share_params: bool = Fa
     """
     frozen = ml_collections.FrozenConfigDict(copy_config(config))
     return nnx.bridge.ToLinen(
-        make_mixer, args=(mixer_cls, frozen),
-        kwargs=FrozenDict({"combine": combine, "share_params": share_params}), name=name)
+        make_mixer,
+        args=(mixer_cls, frozen),
+        kwargs=FrozenDict({"combine": combine, "share_params": share_params}),
+        name=name,
+    )

@@ -54,8 +54,10 @@ def apply_feature_map(x: Array, feature_map: str) -> Array:
     elif feature_map == "taylor":
         d = x.shape[-1]
         second = (xf[..., :, None] * xf[..., None, :]).reshape(x.shape[:-1] + (d * d,))
-        y = jnp.concatenate([jnp.ones(x.shape[:-1] + (1,), jnp.float32), xf * d ** -0.25,
-                             second * (2.0 * d) ** -0.5], axis=-1)
+        y = jnp.concatenate(
+            [jnp.ones(x.shape[:-1] + (1,), jnp.float32), xf * d**-0.25, second * (2.0 * d) ** -0.5],
+            axis=-1,
+        )
     else:
         raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
     return y.astype(x.dtype)
@@ -81,36 +83,42 @@ class LinearAttention(Mixer):
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({
-            "num_heads": 4,
-            "head_dim": None,  # value dim per head; None: d_model // num_heads
-            "key_dim": None,  # q/k dim per head before the feature map; None: head_dim
-            "feature_map": "elu1",
-            "normalize": True,
-            "decay": "none",  # "none" | "fixed" (RetNet) | "data" (GLA)
-            "gate_low_rank_dim": 16,
-            "gate_normalizer": 16.0,
-            "short_conv": False,
-            "conv_width": 4,
-            "output_gate": False,
-            "output_norm": False,
-            "rope": False,
-            "rope_theta": 10000.0,
-            "scale": None,  # None: 1 for taylor, key_dim ** -0.5 otherwise
-            "chunk_size": 64,
-        })
+        return ml_collections.ConfigDict(
+            {
+                "num_heads": 4,
+                "head_dim": None,  # value dim per head; None: d_model // num_heads
+                "key_dim": None,  # q/k dim per head before the feature map; None: head_dim
+                "feature_map": "elu1",
+                "normalize": True,
+                "decay": "none",  # "none" | "fixed" (RetNet) | "data" (GLA)
+                "gate_low_rank_dim": 16,
+                "gate_normalizer": 16.0,
+                "short_conv": False,
+                "conv_width": 4,
+                "output_gate": False,
+                "output_norm": False,
+                "rope": False,
+                "rope_theta": 10000.0,
+                "scale": None,  # None: 1 for taylor, key_dim ** -0.5 otherwise
+                "chunk_size": 64,
+            }
+        )
 
     def __init__(self, config, *, rngs: nnx.Rngs, project_output: bool = True):
         self._common(config)
         H = int(config.num_heads)
         if H < 1:
             raise ValueError(f"num_heads must be >= 1, got {H}")
-        Dv = (divide(self.d_model, H, "d_model", "num_heads") if config.head_dim is None
-              else int(config.head_dim))
+        Dv = (
+            divide(self.d_model, H, "d_model", "num_heads")
+            if config.head_dim is None
+            else int(config.head_dim)
+        )
         Dk = Dv if config.key_dim is None else int(config.key_dim)
         if config.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got "
-                             f"{config.feature_map!r}")
+            raise ValueError(
+                f"feature_map must be one of {FEATURE_MAPS}, got {config.feature_map!r}"
+            )
         if config.decay not in DECAYS:
             raise ValueError(f"decay must be one of {DECAYS}, got {config.decay!r}")
         if config.rope and Dk % 2:
@@ -123,28 +131,44 @@ class LinearAttention(Mixer):
         self.gate_normalizer = float(config.gate_normalizer)
         self.rope = bool(config.rope)
         self.rope_theta = float(config.rope_theta)
-        self.scale = float(config.scale if config.scale is not None
-                           else (1.0 if self.feature_map == "taylor" else Dk ** -0.5))
+        self.scale = float(
+            config.scale
+            if config.scale is not None
+            else (1.0 if self.feature_map == "taylor" else Dk**-0.5)
+        )
         self.chunk_size = int(config.chunk_size)
         kw = dict(rngs=rngs, dtype=self.dtype)
         self.q_proj = Dense(self.d_model, H * Dk, ("embed", "heads"), **kw)
         self.k_proj = Dense(self.d_model, H * Dk, ("embed", "heads"), **kw)
         self.v_proj = Dense(self.d_model, H * Dv, ("embed", "heads"), **kw)
-        self.conv = (ShortConv(H * (2 * Dk + Dv), int(config.conv_width), dtype=self.dtype,
-                               implementation=self.implementation, rngs=rngs)
-                     if config.short_conv else None)
+        self.conv = (
+            ShortConv(
+                H * (2 * Dk + Dv),
+                int(config.conv_width),
+                dtype=self.dtype,
+                implementation=self.implementation,
+                rngs=rngs,
+            )
+            if config.short_conv
+            else None
+        )
         if self.decay == "data":
             r = int(config.gate_low_rank_dim)
             self.gate_down = Dense(self.d_model, r, ("embed", None), **kw)
             self.gate_up = Dense(r, H * self.feature_dim, (None, "heads"), use_bias=True, **kw)
         else:
             self.gate_down = self.gate_up = None
-        self.out_norm = (RMSNorm(Dv, eps=self.norm_eps, dtype=self.dtype, axis=None, rngs=rngs)
-                         if config.output_norm else None)
-        self.g_proj = (Dense(self.d_model, H * Dv, ("embed", "heads"), **kw)
-                       if config.output_gate else None)
-        self.o_proj = (Dense(H * Dv, self.d_model, ("heads", "embed"), **kw)
-                       if project_output else None)
+        self.out_norm = (
+            RMSNorm(Dv, eps=self.norm_eps, dtype=self.dtype, axis=None, rngs=rngs)
+            if config.output_norm
+            else None
+        )
+        self.g_proj = (
+            Dense(self.d_model, H * Dv, ("embed", "heads"), **kw) if config.output_gate else None
+        )
+        self.o_proj = (
+            Dense(H * Dv, self.d_model, ("heads", "embed"), **kw) if project_output else None
+        )
 
     @property
     def output_features(self) -> int:
@@ -153,9 +177,10 @@ class LinearAttention(Mixer):
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
         del max_length  # a recurrent state has a fixed size
         V = self.head_dim + (1 if self.normalize else 0)
-        cache = {"state": jnp.zeros((batch_size, self.num_heads, self.feature_dim, V),
-                                    jnp.float32),
-                 "lengths": jnp.zeros((batch_size,), jnp.int32)}
+        cache = {
+            "state": jnp.zeros((batch_size, self.num_heads, self.feature_dim, V), jnp.float32),
+            "lengths": jnp.zeros((batch_size,), jnp.int32),
+        }
         if self.conv is not None:
             cache["conv"] = self.conv.init_state(batch_size)
         return cache
@@ -189,8 +214,7 @@ class LinearAttention(Mixer):
         q, k = q.reshape(B, T, H, Dk), k.reshape(B, T, H, Dk)
         v = v.reshape(B, T, H, Dv)
         if self.rope:
-            pos = segments.positions(B, T, segment_ids,
-                                     None if cache is None else cache["lengths"])
+            pos = segments.positions(B, T, segment_ids, None if cache is None else cache["lengths"])
             q = apply_rotary(q, pos, theta=self.rope_theta)
             k = apply_rotary(k, pos, theta=self.rope_theta)
         q = apply_feature_map(q, self.feature_map)
@@ -198,20 +222,41 @@ class LinearAttention(Mixer):
         g = self._log_decay(x)
         if cache is None:
             o = kernels.linear_attention(
-                q, k, v, g, scale=self.scale, segment_ids=segment_ids,
-                normalize=self.normalize, chunk_size=self.chunk_size,
-                implementation=self.impl("linear_attention"))
+                q,
+                k,
+                v,
+                g,
+                scale=self.scale,
+                segment_ids=segment_ids,
+                normalize=self.normalize,
+                chunk_size=self.chunk_size,
+                implementation=self.impl("linear_attention"),
+            )
         elif T == 1:
             o, new_cache["state"] = kernels.linear_attention_step(
-                q[:, 0], k[:, 0], v[:, 0], cache["state"], None if g is None else g[:, 0],
-                scale=self.scale, normalize=self.normalize,
-                implementation=self.impl("linear_attention_step"))
+                q[:, 0],
+                k[:, 0],
+                v[:, 0],
+                cache["state"],
+                None if g is None else g[:, 0],
+                scale=self.scale,
+                normalize=self.normalize,
+                implementation=self.impl("linear_attention_step"),
+            )
             o = o[:, None]
         else:
             o, new_cache["state"] = kernels.linear_attention(
-                q, k, v, g, scale=self.scale, initial_state=cache["state"],
-                return_final_state=True, normalize=self.normalize,
-                chunk_size=self.chunk_size, implementation=self.impl("linear_attention"))
+                q,
+                k,
+                v,
+                g,
+                scale=self.scale,
+                initial_state=cache["state"],
+                return_final_state=True,
+                normalize=self.normalize,
+                chunk_size=self.chunk_size,
+                implementation=self.impl("linear_attention"),
+            )
         y = self._output(o, x)
         if cache is None:
             return y
@@ -235,8 +280,16 @@ class RetNet(LinearAttention):
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
         config = LinearAttention.default_config()
-        config.update({"feature_map": "identity", "normalize": False, "decay": "fixed",
-                       "rope": True, "output_norm": True, "output_gate": True})
+        config.update(
+            {
+                "feature_map": "identity",
+                "normalize": False,
+                "decay": "fixed",
+                "rope": True,
+                "output_norm": True,
+                "output_gate": True,
+            }
+        )
         return config
 
 
@@ -247,6 +300,13 @@ class GLA(LinearAttention):
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
         config = LinearAttention.default_config()
-        config.update({"feature_map": "identity", "normalize": False, "decay": "data",
-                       "output_norm": True, "output_gate": True})
+        config.update(
+            {
+                "feature_map": "identity",
+                "normalize": False,
+                "decay": "data",
+                "output_norm": True,
+                "output_gate": True,
+            }
+        )
         return config

@@ -43,17 +43,19 @@ class Mamba(Mixer):
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({
-            "d_state": 16,
-            "d_conv": 4,
-            "expand": 2,
-            "dt_rank": None,  # None: ceil(d_model / 16)
-            "dt_min": 1e-3,
-            "dt_max": 0.1,
-            "dt_init_floor": 1e-4,
-            "dt_scale": 1.0,
-            "conv_bias": True,
-        })
+        return ml_collections.ConfigDict(
+            {
+                "d_state": 16,
+                "d_conv": 4,
+                "expand": 2,
+                "dt_rank": None,  # None: ceil(d_model / 16)
+                "dt_min": 1e-3,
+                "dt_max": 0.1,
+                "dt_init_floor": 1e-4,
+                "dt_scale": 1.0,
+                "conv_bias": True,
+            }
+        )
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         self._common(config)
@@ -61,20 +63,32 @@ class Mamba(Mixer):
         N = int(config.d_state)
         R = math.ceil(self.d_model / 16) if config.dt_rank is None else int(config.dt_rank)
         if min(d_inner, N, R) < 1:
-            raise ValueError(f"expand, d_state and dt_rank must be >= 1, got "
-                             f"{config.expand}, {N}, {R}")
+            raise ValueError(
+                f"expand, d_state and dt_rank must be >= 1, got {config.expand}, {N}, {R}"
+            )
         self.d_inner, self.d_state, self.dt_rank = d_inner, N, R
         kw = dict(rngs=rngs, dtype=self.dtype)
         self.in_proj = Dense(self.d_model, 2 * d_inner, ("embed", "heads"), **kw)
-        self.conv = ShortConv(d_inner, int(config.d_conv), use_bias=bool(config.conv_bias),
-                              dtype=self.dtype, implementation=self.implementation, rngs=rngs)
+        self.conv = ShortConv(
+            d_inner,
+            int(config.d_conv),
+            use_bias=bool(config.conv_bias),
+            dtype=self.dtype,
+            implementation=self.implementation,
+            rngs=rngs,
+        )
         self.x_proj = Dense(d_inner, R + 2 * N, ("heads", None), **kw)
-        bound = float(config.dt_scale) * R ** -0.5
+        bound = float(config.dt_scale) * R**-0.5
         uniform = jax.nn.initializers.uniform(2 * bound)
-        self.dt_proj = Dense(R, d_inner, (None, "heads"), **kw,
-                             init=lambda k, s, d: uniform(k, s, d) - bound)
-        self.dt_bias = param(rngs, dt_bias_init(config.dt_min, config.dt_max,
-                                                config.dt_init_floor), (d_inner,), ("heads",))
+        self.dt_proj = Dense(
+            R, d_inner, (None, "heads"), **kw, init=lambda k, s, d: uniform(k, s, d) - bound
+        )
+        self.dt_bias = param(
+            rngs,
+            dt_bias_init(config.dt_min, config.dt_max, config.dt_init_floor),
+            (d_inner,),
+            ("heads",),
+        )
         a = jnp.broadcast_to(jnp.log(jnp.arange(1, N + 1, dtype=jnp.float32)), (d_inner, N))
         self.A_log = param(None, a, (d_inner, N), ("heads", "state"))
         self.D = param(None, jnp.ones((d_inner,)), (d_inner,), ("heads",))
@@ -82,9 +96,11 @@ class Mamba(Mixer):
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
         del max_length
-        return {"state": jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32),
-                "conv": self.conv.init_state(batch_size),
-                "lengths": jnp.zeros((batch_size,), jnp.int32)}
+        return {
+            "state": jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32),
+            "conv": self.conv.init_state(batch_size),
+            "lengths": jnp.zeros((batch_size,), jnp.int32),
+        }
 
     def __call__(self, x: Array, *, segment_ids: Array | None = None, cache=None):
         self._check_call(x, segment_ids, cache)
@@ -98,22 +114,40 @@ class Mamba(Mixer):
             xs = y[:, None]
         else:
             xs, new_cache["conv"] = self.conv(xs, state=cache["conv"])
-        dt, b, c = jnp.split(self.x_proj(xs), [self.dt_rank, self.dt_rank + self.d_state],
-                             axis=-1)
+        dt, b, c = jnp.split(self.x_proj(xs), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         delta = self.dt_proj(dt)
         A = -jnp.exp(self.A_log[...])
         impl = self.impl("selective_scan")
         if segment_ids is not None:
             y = self._scan_segments(xs, delta, A, b, c, z, segment_ids, impl)
         elif cache is None:
-            y = kernels.selective_scan(xs, delta, A, b, c, self.D[...], z,
-                                       delta_bias=self.dt_bias[...], delta_softplus=True,
-                                       implementation=impl)
+            y = kernels.selective_scan(
+                xs,
+                delta,
+                A,
+                b,
+                c,
+                self.D[...],
+                z,
+                delta_bias=self.dt_bias[...],
+                delta_softplus=True,
+                implementation=impl,
+            )
         else:
             y, new_cache["state"] = kernels.selective_scan(
-                xs, delta, A, b, c, self.D[...], z, delta_bias=self.dt_bias[...],
-                delta_softplus=True, initial_state=cache["state"], return_final_state=True,
-                implementation=impl)
+                xs,
+                delta,
+                A,
+                b,
+                c,
+                self.D[...],
+                z,
+                delta_bias=self.dt_bias[...],
+                delta_softplus=True,
+                initial_state=cache["state"],
+                return_final_state=True,
+                implementation=impl,
+            )
         out = self.out_proj(y)
         if cache is None:
             return out
@@ -126,7 +160,6 @@ class Mamba(Mixer):
         start = segments.segment_starts(segment_ids)[..., None]
         xf = xs.astype(jnp.float32)
         u = jnp.where(start, xf * (dt / dt_reset), xf).astype(xs.dtype)
-        y = kernels.selective_scan(u, jnp.where(start, dt_reset, dt), A, b, c,
-                                   implementation=impl)
+        y = kernels.selective_scan(u, jnp.where(start, dt_reset, dt), A, b, c, implementation=impl)
         y = y.astype(jnp.float32) + self.D[...] * xf
         return (y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)

@@ -56,19 +56,21 @@ class Mamba2(Mixer):
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict({
-            "d_state": 64,
-            "d_conv": 4,
-            "expand": 2,
-            "headdim": 32,
-            "ngroups": 1,
-            "dt_min": 1e-3,
-            "dt_max": 0.1,
-            "dt_init_floor": 1e-4,
-            "A_init_range": (1.0, 16.0),
-            "conv_bias": True,
-            "chunk_size": 64,
-        })
+        return ml_collections.ConfigDict(
+            {
+                "d_state": 64,
+                "d_conv": 4,
+                "expand": 2,
+                "headdim": 32,
+                "ngroups": 1,
+                "dt_min": 1e-3,
+                "dt_max": 0.1,
+                "dt_init_floor": 1e-4,
+                "A_init_range": (1.0, 16.0),
+                "conv_bias": True,
+                "chunk_size": 64,
+            }
+        )
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         self._common(config)
@@ -79,15 +81,27 @@ class Mamba2(Mixer):
         divide(H, G, "the number of heads (expand * d_model / headdim)", "ngroups")
         N = int(config.d_state)
         self.d_inner, self.num_heads, self.headdim, self.ngroups, self.d_state = (
-            d_inner, H, P, G, N)
+            d_inner,
+            H,
+            P,
+            G,
+            N,
+        )
         self.chunk_size = int(config.chunk_size)
         self.conv_dim = d_inner + 2 * G * N
         kw = dict(rngs=rngs, dtype=self.dtype)
         self.in_proj = Dense(self.d_model, 2 * d_inner + 2 * G * N + H, ("embed", "heads"), **kw)
-        self.conv = ShortConv(self.conv_dim, int(config.d_conv), use_bias=bool(config.conv_bias),
-                              dtype=self.dtype, implementation=self.implementation, rngs=rngs)
-        self.dt_bias = param(rngs, dt_bias_init(config.dt_min, config.dt_max,
-                                                config.dt_init_floor), (H,), ("heads",))
+        self.conv = ShortConv(
+            self.conv_dim,
+            int(config.d_conv),
+            use_bias=bool(config.conv_bias),
+            dtype=self.dtype,
+            implementation=self.implementation,
+            rngs=rngs,
+        )
+        self.dt_bias = param(
+            rngs, dt_bias_init(config.dt_min, config.dt_max, config.dt_init_floor), (H,), ("heads",)
+        )
         lo, hi = (float(a) for a in config.A_init_range)
         if not 0 < lo <= hi:
             raise ValueError(f"A_init_range must satisfy 0 < low <= high, got {(lo, hi)}")
@@ -97,23 +111,26 @@ class Mamba2(Mixer):
 
         self.A_log = param(rngs, a_log_init, (H,), ("heads",))
         self.D = param(None, jnp.ones((H,)), (H,), ("heads",))
-        self.norm = GatedRMSNorm(d_inner, groups=G, eps=self.norm_eps, dtype=self.dtype,
-                                 rngs=rngs)
+        self.norm = GatedRMSNorm(d_inner, groups=G, eps=self.norm_eps, dtype=self.dtype, rngs=rngs)
         self.out_proj = Dense(d_inner, self.d_model, ("heads", "embed"), **kw)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
         del max_length
-        return {"state": jnp.zeros((batch_size, self.num_heads, self.d_state, self.headdim),
-                                   jnp.float32),
-                "conv": self.conv.init_state(batch_size),
-                "lengths": jnp.zeros((batch_size,), jnp.int32)}
+        return {
+            "state": jnp.zeros(
+                (batch_size, self.num_heads, self.d_state, self.headdim), jnp.float32
+            ),
+            "conv": self.conv.init_state(batch_size),
+            "lengths": jnp.zeros((batch_size,), jnp.int32),
+        }
 
     def __call__(self, x: Array, *, segment_ids: Array | None = None, cache=None):
         self._check_call(x, segment_ids, cache)
         Bsz, T, _ = x.shape
         H, P, G, N = self.num_heads, self.headdim, self.ngroups, self.d_state
-        z, xbc, dt = jnp.split(self.in_proj(x), [self.d_inner, self.d_inner + self.conv_dim],
-                               axis=-1)
+        z, xbc, dt = jnp.split(
+            self.in_proj(x), [self.d_inner, self.d_inner + self.conv_dim], axis=-1
+        )
         new_cache = {}
         if cache is None:
             xbc = self.conv(xbc, segment_ids=segment_ids)
@@ -130,18 +147,39 @@ class Mamba2(Mixer):
         v = (xs.astype(jnp.float32) * dt[..., None]).astype(self.dtype)
         g = A * dt
         if cache is None:
-            y = kernels.linear_attention(c, b, v, g, scale=1.0, segment_ids=segment_ids,
-                                         chunk_size=self.chunk_size,
-                                         implementation=self.impl("linear_attention"))
+            y = kernels.linear_attention(
+                c,
+                b,
+                v,
+                g,
+                scale=1.0,
+                segment_ids=segment_ids,
+                chunk_size=self.chunk_size,
+                implementation=self.impl("linear_attention"),
+            )
         elif T == 1:
             y, new_cache["state"] = kernels.linear_attention_step(
-                c[:, 0], b[:, 0], v[:, 0], cache["state"], g[:, 0], scale=1.0,
-                implementation=self.impl("linear_attention_step"))
+                c[:, 0],
+                b[:, 0],
+                v[:, 0],
+                cache["state"],
+                g[:, 0],
+                scale=1.0,
+                implementation=self.impl("linear_attention_step"),
+            )
             y = y[:, None]
         else:
             y, new_cache["state"] = kernels.linear_attention(
-                c, b, v, g, scale=1.0, initial_state=cache["state"], return_final_state=True,
-                chunk_size=self.chunk_size, implementation=self.impl("linear_attention"))
+                c,
+                b,
+                v,
+                g,
+                scale=1.0,
+                initial_state=cache["state"],
+                return_final_state=True,
+                chunk_size=self.chunk_size,
+                implementation=self.impl("linear_attention"),
+            )
         y = y.astype(jnp.float32) + self.D[...][:, None] * xs.astype(jnp.float32)
         out = self.out_proj(self.norm(y.reshape(Bsz, T, self.d_inner), z))
         if cache is None:

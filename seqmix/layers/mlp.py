@@ -26,8 +26,16 @@ class MLP(nnx.Module):
     ``[hidden, d_model]`` axes ``("mlp", "embed")``. No biases.
     """
 
-    def __init__(self, d_model: int, *, mlp_type: str = "swiglu", expansion: float = 4.0,
-                 multiple_of: int = 8, dtype="float32", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        mlp_type: str = "swiglu",
+        expansion: float = 4.0,
+        multiple_of: int = 8,
+        dtype="float32",
+        rngs: nnx.Rngs,
+    ):
         if mlp_type not in MLP_TYPES:
             raise ValueError(f"mlp.type must be one of {MLP_TYPES} or None, got {mlp_type!r}")
         if not expansion > 0:
@@ -36,8 +44,11 @@ class MLP(nnx.Module):
         hidden = hidden_size(d_model, mlp_type, expansion, multiple_of)
         self.hidden = hidden
         self.up = Dense(d_model, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.gate = (Dense(d_model, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-                     if mlp_type == "swiglu" else None)
+        self.gate = (
+            Dense(d_model, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+            if mlp_type == "swiglu"
+            else None
+        )
         self.down = Dense(hidden, d_model, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: Array) -> Array:

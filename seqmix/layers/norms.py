@@ -23,8 +23,15 @@ class RMSNorm(nnx.Module):
     scale: float32 ``[features]`` initialised to ones, logical axes ``(axis,)``.
     """
 
-    def __init__(self, features: int, *, eps: float = 1e-5, dtype="float32",
-                 axis: str | None = "embed", rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float = 1e-5,
+        dtype="float32",
+        axis: str | None = "embed",
+        rngs: nnx.Rngs | None = None,
+    ):
         self.eps = float(eps)
         self.dtype = jnp.dtype(dtype).name
         self.scale = param(rngs, jnp.ones((features,)), (features,), (axis,))
@@ -38,11 +45,20 @@ class GatedRMSNorm(nnx.Module):
     """``RMSNorm(y * silu(z))`` with the norm taken over ``groups`` equal slices of the last
     axis (Mamba-2's ``RMSNormGated`` with ``group_size = features / groups``)."""
 
-    def __init__(self, features: int, *, groups: int = 1, eps: float = 1e-5,
-                 dtype="float32", axis: str | None = "heads", rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        features: int,
+        *,
+        groups: int = 1,
+        eps: float = 1e-5,
+        dtype="float32",
+        axis: str | None = "heads",
+        rngs: nnx.Rngs | None = None,
+    ):
         if features % groups:
-            raise ValueError(f"GatedRMSNorm: features ({features}) must be divisible by "
-                             f"groups ({groups})")
+            raise ValueError(
+                f"GatedRMSNorm: features ({features}) must be divisible by groups ({groups})"
+            )
         self.groups = int(groups)
         self.eps = float(eps)
         self.dtype = jnp.dtype(dtype).name

@@ -49,8 +49,9 @@ def param(
 
 def lecun_normal(scale: float = 1.0) -> Callable[..., Array]:
     """Truncated normal with variance ``scale / fan_in`` (fan_in = first dimension)."""
-    return jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
-                                                in_axis=0, out_axis=-1)
+    return jax.nn.initializers.variance_scaling(
+        scale, "fan_in", "truncated_normal", in_axis=0, out_axis=-1
+    )
 
 
 class Dense(nnx.Module):
@@ -77,8 +78,12 @@ class Dense(nnx.Module):
         self.dtype = jnp.dtype(dtype).name
         self.kernel = param(rngs, init or lecun_normal(), (in_features, out_features), axes)
         if use_bias:
-            self.bias = param(rngs, jax.nn.initializers.zeros if bias_init is None else bias_init,
-                              (out_features,), (axes[1],))
+            self.bias = param(
+                rngs,
+                jax.nn.initializers.zeros if bias_init is None else bias_init,
+                (out_features,),
+                (axes[1],),
+            )
         else:
             self.bias = None
 

@@ -19,8 +19,9 @@ def segment_starts(segment_ids: Array) -> Array:
     return jnp.concatenate([jnp.ones_like(change[:, :1]), change], axis=1)
 
 
-def positions(batch: int, length: int, segment_ids: Array | None = None,
-              offset: Array | None = None) -> Array:
+def positions(
+    batch: int, length: int, segment_ids: Array | None = None, offset: Array | None = None
+) -> Array:
     """``[B, T]`` int32 positions: ``offset[b] + t``, or the index within each segment."""
     t = jnp.arange(length, dtype=jnp.int32)[None, :]
     if segment_ids is not None:

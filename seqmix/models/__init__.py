@@ -1,13 +1,13 @@
 """seqmix's models: the mixer registry, model configs, the builder and generation.
 
-    from flax import nnx
-    from seqmix.models import build_model, generate, model_config
+from flax import nnx
+from seqmix.models import build_model, generate, model_config
 
-    config = model_config(layers="MMMA", legend={"M": "mamba2", "A": "attention"},
-                          d_model=64, vocab_size=100)
-    model = build_model(config, rngs=nnx.Rngs(0))
-    logits = model(tokens)                         # [B, T, 100] float32
-    out = generate(model, tokens[:, :4], 16)       # greedy continuation
+config = model_config(layers="MMMA", legend={"M": "mamba2", "A": "attention"},
+                      d_model=64, vocab_size=100)
+model = build_model(config, rngs=nnx.Rngs(0))
+logits = model(tokens)                         # [B, T, 100] float32
+out = generate(model, tokens[:, :4], 16)       # greedy continuation
 """
 
 from seqmix.models.builder import build_model, param_count

@@ -35,24 +35,35 @@ class Backbone(nnx.Module):
                 mixer = build_mixer(name, config, causal=causal, rngs=rngs)
             except ValueError as e:
                 raise ValueError(f"layer {i} ({name}): {e}") from None
-            blocks.append(Block(mixer, d_model, mlp_type=mlp.type,
-                                expansion=float(mlp.expansion),
-                                multiple_of=int(mlp.get("multiple_of", 8)),
-                                norm_eps=float(config.norm_eps), dtype=dtype, rngs=rngs))
+            blocks.append(
+                Block(
+                    mixer,
+                    d_model,
+                    mlp_type=mlp.type,
+                    expansion=float(mlp.expansion),
+                    multiple_of=int(mlp.get("multiple_of", 8)),
+                    norm_eps=float(config.norm_eps),
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+            )
         self.layers = nnx.List(blocks)
-        self.final_norm = RMSNorm(d_model, eps=float(config.norm_eps), dtype="float32",
-                                  rngs=rngs)
+        self.final_norm = RMSNorm(d_model, eps=float(config.norm_eps), dtype="float32", rngs=rngs)
 
     def __call__(self, tokens: Array, *, segment_ids: Array | None = None, cache=None):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be an int array [batch, time], got "
-                             f"{tokens.dtype}{list(tokens.shape)}")
+            raise ValueError(
+                f"tokens must be an int array [batch, time], got {tokens.dtype}{list(tokens.shape)}"
+            )
         if segment_ids is not None and segment_ids.shape != tokens.shape:
-            raise ValueError(f"segment_ids must have the shape of tokens {tokens.shape}, got "
-                             f"{segment_ids.shape}")
+            raise ValueError(
+                f"segment_ids must have the shape of tokens {tokens.shape}, got {segment_ids.shape}"
+            )
         if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layer caches; the model has "
-                             f"{len(self.layers)} layers (use model.init_cache)")
+            raise ValueError(
+                f"cache has {len(cache)} layer caches; the model has "
+                f"{len(self.layers)} layers (use model.init_cache)"
+            )
         x = self.embed(tokens)
         new_cache = []
         for i, layer in enumerate(self.layers):

@@ -27,24 +27,36 @@ class CausalLM(nnx.Module):
         self.backbone = Backbone(config, causal=True, rngs=rngs)
         self.vocab_size = int(config.vocab_size)
         self.max_length = int(config.max_length)
-        self.head = (None if config.tie_embeddings else
-                     Head(int(config.d_model), self.vocab_size,
-                          dtype=compute_dtype(config.dtype), rngs=rngs))
+        self.head = (
+            None
+            if config.tie_embeddings
+            else Head(
+                int(config.d_model), self.vocab_size, dtype=compute_dtype(config.dtype), rngs=rngs
+            )
+        )
 
     @property
     def layer_names(self) -> tuple[str, ...]:
         return self.backbone.layer_names
 
-    def __call__(self, tokens: Array, *, segment_ids: Array | None = None, cache=None,
-                 positions: Array | None = None):
+    def __call__(
+        self,
+        tokens: Array,
+        *,
+        segment_ids: Array | None = None,
+        cache=None,
+        positions: Array | None = None,
+    ):
         """Logits ``[B, T, vocab]``; with ``positions`` (int ``[B, P]``) only those rows'
         ``[B, P, vocab]`` (a loss on a few positions then skips the others' projection)."""
         out = self.backbone(tokens, segment_ids=segment_ids, cache=cache)
         h, new_cache = (out, None) if cache is None else out
         if positions is not None:
             if positions.ndim != 2 or positions.shape[0] != h.shape[0]:
-                raise ValueError(f"positions must be [batch, P] with batch {h.shape[0]}, got "
-                                 f"shape {positions.shape}")
+                raise ValueError(
+                    f"positions must be [batch, P] with batch {h.shape[0]}, got "
+                    f"shape {positions.shape}"
+                )
             h = jnp.take_along_axis(h, positions[..., None].astype(jnp.int32), axis=1)
         logits = self.backbone.embed.attend(h) if self.head is None else self.head(h)
         return logits if cache is None else (logits, new_cache)
@@ -55,4 +67,5 @@ class CausalLM(nnx.Module):
         attention cache holds ``max_length`` keys, and past that it keeps only the last
         ``max_length`` (a ring buffer: attention becomes a sliding window)."""
         return self.backbone.init_cache(
-            int(batch_size), self.max_length if max_length is None else int(max_length))
+            int(batch_size), self.max_length if max_length is None else int(max_length)
+        )

@@ -34,21 +34,28 @@ class SequenceClassifier(nnx.Module):
         self.backbone = Backbone(config, causal=False, rngs=rngs)
         self.num_classes = num_classes
         self.pad_id = None if config.pad_id is None else int(config.pad_id)
-        self.head = Head(int(config.d_model), num_classes, axis=None,
-                         dtype=compute_dtype(config.dtype), rngs=rngs)
+        self.head = Head(
+            int(config.d_model),
+            num_classes,
+            axis=None,
+            dtype=compute_dtype(config.dtype),
+            rngs=rngs,
+        )
 
     @property
     def layer_names(self) -> tuple[str, ...]:
         return self.backbone.layer_names
 
-    def __call__(self, tokens: Array, *, segment_ids: Array | None = None,
-                 mask: Array | None = None) -> Array:
+    def __call__(
+        self, tokens: Array, *, segment_ids: Array | None = None, mask: Array | None = None
+    ) -> Array:
         if mask is None and self.pad_id is not None:
             mask = tokens != self.pad_id
         if mask is not None:
             if mask.shape != tokens.shape:
-                raise ValueError(f"mask must have the shape of tokens {tokens.shape}, got "
-                                 f"{mask.shape}")
+                raise ValueError(
+                    f"mask must have the shape of tokens {tokens.shape}, got {mask.shape}"
+                )
             mask = mask.astype(bool)
             if segment_ids is None:
                 segment_ids = mask.astype(jnp.int32)

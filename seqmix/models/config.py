@@ -36,8 +36,15 @@ import ml_collections
 
 from seqmix.models.registry import MIXERS
 
-LEGEND = {"A": "attention", "L": "linear_attention", "R": "retnet", "G": "gla",
-          "M": "mamba2", "S": "mamba", "B": "based"}
+LEGEND = {
+    "A": "attention",
+    "L": "linear_attention",
+    "R": "retnet",
+    "G": "gla",
+    "M": "mamba2",
+    "S": "mamba",
+    "B": "based",
+}
 
 KINDS = ("causal_lm", "classifier")
 
@@ -101,10 +108,13 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         elif key == "mixers":
             for name, own in _plain(value).items():
                 if name not in values["mixers"]:
-                    raise ValueError(f"mixers: unknown mixer {name!r}; registered mixers: "
-                                     f"{', '.join(sorted(MIXERS))}")
-                values["mixers"][name] = _update(values["mixers"][name], own,
-                                                 f"mixers.{name}", allowed=("implementation",))
+                    raise ValueError(
+                        f"mixers: unknown mixer {name!r}; registered mixers: "
+                        f"{', '.join(sorted(MIXERS))}"
+                    )
+                values["mixers"][name] = _update(
+                    values["mixers"][name], own, f"mixers.{name}", allowed=("implementation",)
+                )
         else:
             values[key] = value
     if isinstance(values["layers"], tuple):
@@ -121,10 +131,15 @@ def layer_names(config) -> tuple[str, ...]:
         names = []
         for letter in "".join(layers.split()):
             if letter not in legend:
-                hint = (f" ({layers!r} is a mixer name: pass layers=[{layers!r}])"
-                        if layers in MIXERS else "")
-                raise ValueError(f"layers: letter {letter!r} of pattern {layers!r} is not in "
-                                 f"the legend {legend}{hint}")
+                hint = (
+                    f" ({layers!r} is a mixer name: pass layers=[{layers!r}])"
+                    if layers in MIXERS
+                    else ""
+                )
+                raise ValueError(
+                    f"layers: letter {letter!r} of pattern {layers!r} is not in "
+                    f"the legend {legend}{hint}"
+                )
             names.append(legend[letter])
     else:
         names = list(layers)
@@ -132,6 +147,7 @@ def layer_names(config) -> tuple[str, ...]:
         raise ValueError("layers is empty: give a list of mixer names or a pattern string")
     for name in names:
         if name not in MIXERS:
-            raise ValueError(f"layers: unknown mixer {name!r}; registered mixers: "
-                             f"{', '.join(sorted(MIXERS))}")
+            raise ValueError(
+                f"layers: unknown mixer {name!r}; registered mixers: {', '.join(sorted(MIXERS))}"
+            )
     return tuple(names)

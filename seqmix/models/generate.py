@@ -11,8 +11,9 @@ from flax import nnx
 Array = jax.Array
 
 
-def generate(model, prompt: Array, num_steps: int, *, temperature: float = 0.0,
-             rng: Array | None = None) -> Array:
+def generate(
+    model, prompt: Array, num_steps: int, *, temperature: float = 0.0, rng: Array | None = None
+) -> Array:
     """Continues ``prompt`` by ``num_steps`` tokens.
 
     The prompt is processed in one call (prefill: every mixer's multi-token cache path),
@@ -32,8 +33,10 @@ def generate(model, prompt: Array, num_steps: int, *, temperature: float = 0.0,
     """
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise ValueError(f"prompt must be an int array [batch, time >= 1], got "
-                         f"{prompt.dtype}{list(prompt.shape)}")
+        raise ValueError(
+            f"prompt must be an int array [batch, time >= 1], got "
+            f"{prompt.dtype}{list(prompt.shape)}"
+        )
     if int(num_steps) < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     temperature = float(temperature)
@@ -46,8 +49,9 @@ def generate(model, prompt: Array, num_steps: int, *, temperature: float = 0.0,
         return prompt
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt, rng, jnp.float32(temperature),
-                     num_steps=int(num_steps))
+    return _generate(
+        graphdef, state, prompt, rng, jnp.float32(temperature), num_steps=int(num_steps)
+    )
 
 
 def _sample(logits: Array, key: Array, temperature: Array) -> Array:

@@ -55,8 +55,10 @@ def layer_config(config, name: str, *, causal: bool):
     own = copy_config(config.mixers[name]) if name in config.mixers else copy_config(defaults)
     unknown = sorted(set(own.keys()) - set(defaults) - set(PER_MIXER_OPTIONAL))
     if unknown:
-        raise ValueError(f"config.mixers.{name} has unknown keys {unknown}; the keys of "
-                         f"{name} are {sorted(defaults)} (and {list(PER_MIXER_OPTIONAL)})")
+        raise ValueError(
+            f"config.mixers.{name} has unknown keys {unknown}; the keys of "
+            f"{name} are {sorted(defaults)} (and {list(PER_MIXER_OPTIONAL)})"
+        )
     merged = copy_config(defaults)
     merged.update(own.to_dict())
     for key in COMMON:
@@ -73,7 +75,12 @@ def build_mixer(name: str, config, *, causal: bool, rngs: nnx.Rngs) -> nnx.Modul
     cls = mixer_class(name)
     mixer_cfg = layer_config(config, name, causal=causal)
     try:
-        return make_mixer(cls, mixer_cfg, rngs=rngs, combine=config.bidirectional.combine,
-                          share_params=bool(config.bidirectional.share_params))
+        return make_mixer(
+            cls,
+            mixer_cfg,
+            rngs=rngs,
+            combine=config.bidirectional.combine,
+            share_params=bool(config.bidirectional.share_params),
+        )
     except ValueError as e:
         raise ValueError(f"config.mixers.{name}: {e}") from None

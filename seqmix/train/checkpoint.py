@@ -75,8 +75,16 @@ def from_nested(nested: dict, like):
 class Checkpoints:
     """Saves and restores ``{"params": ..., "train": ...}`` pytrees under ``directory``."""
 
-    def __init__(self, directory: str, *, keep: int = 3, metric: str | None = None,
-                 metric_mode: str = "max", async_save: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int = 3,
+        metric: str | None = None,
+        metric_mode: str = "max",
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = os.path.abspath(directory)
         self.metric = metric
         policies = [ocm.LatestN(n=keep)]
@@ -85,8 +93,14 @@ class Checkpoints:
             # A checkpoint saved without evaluation (no metrics) ranks last.
             worst = float("inf") if metric_mode == "min" else float("-inf")
             best_fn = lambda m: float((m or {}).get(metric, worst))
-            policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=metric_mode == "min", n=1,
-                                      keep_checkpoints_without_metrics=False))
+            policies.append(
+                ocm.BestN(
+                    get_metric_fn=best_fn,
+                    reverse=metric_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
             # best_fn also makes orbax write each step's metrics to disk (<step>/metrics):
@@ -108,20 +122,23 @@ class Checkpoints:
         """Starts an asynchronous save of ``items`` (pytrees of arrays) at ``step``."""
         if metrics is not None and self.metric is not None and self.metric not in metrics:
             metrics = None
-        args = ocp.args.Composite(**{
-            name: ocp.args.StandardSave(to_nested(tree)) for name, tree in items.items()})
+        args = ocp.args.Composite(
+            **{name: ocp.args.StandardSave(to_nested(tree)) for name, tree in items.items()}
+        )
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, targets: dict) -> dict:
         """The items of ``step``, restored into the structure, dtypes and shardings of
         ``targets`` (``{"params": abstract tree, ...}``; a subset of the items is fine)."""
-        args = ocp.args.Composite(**{
-            name: ocp.args.StandardRestore(to_nested(tree)) for name, tree in targets.items()})
+        args = ocp.args.Composite(
+            **{name: ocp.args.StandardRestore(to_nested(tree)) for name, tree in targets.items()}
+        )
         restored = self.manager.restore(step, args=args)
         return {name: from_nested(restored[name], tree) for name, tree in targets.items()}
 
-    def restore_latest(self, targets: dict, *, step: int | None = None,
-                       set_aside_corrupt: bool = False) -> tuple[int | None, dict | None]:
+    def restore_latest(
+        self, targets: dict, *, step: int | None = None, set_aside_corrupt: bool = False
+    ) -> tuple[int | None, dict | None]:
         """``(step, items)`` of the newest checkpoint that restores (or of ``step``);
         ``(None, None)`` when there is none. A checkpoint that fails to restore is skipped
         with a warning (and moved to ``<workdir>/corrupt_checkpoints/`` when
@@ -129,17 +146,23 @@ class Checkpoints:
         steps = self.all_steps()
         if step is not None:
             if step not in steps:
-                raise ValueError(f"step={step}: no checkpoint at that step in {self.directory} "
-                                 f"(available: {steps})")
+                raise ValueError(
+                    f"step={step}: no checkpoint at that step in {self.directory} "
+                    f"(available: {steps})"
+                )
             return step, self.restore(step, targets)
         failed = []
         for candidate in reversed(steps):
             try:
                 items = self.restore(candidate, targets)
             except Exception as e:  # noqa: BLE001 - any failure means "unreadable checkpoint"
-                logging.warning("checkpoint %s/%d could not be restored (%s: %s); trying the "
-                                "previous one", self.directory, candidate, type(e).__name__,
-                                str(e).splitlines()[0] if str(e) else "")
+                logging.warning(
+                    "checkpoint %s/%d could not be restored (%s: %s); trying the previous one",
+                    self.directory,
+                    candidate,
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                )
                 failed.append(candidate)
                 continue
             if set_aside_corrupt and failed:
@@ -148,7 +171,8 @@ class Checkpoints:
         if failed:
             raise RuntimeError(
                 f"no checkpoint in {self.directory} could be restored (tried steps {failed}); "
-                "move the directory away to start from scratch")
+                "move the directory away to start from scratch"
+            )
         return None, None
 
     def _set_aside(self, steps: list[int]) -> None:

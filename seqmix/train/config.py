@@ -34,13 +34,31 @@ def base_config(*, model=None, data=None) -> ml_collections.ConfigDict:
     config.model = model if model is not None else ml_collections.ConfigDict()
     config.data = data if data is not None else ml_collections.ConfigDict()
     # Typed placeholders (None by default) so that --config.train.compute_dtype=bfloat16 works.
-    config.train = ml_collections.ConfigDict(dict(
-        num_steps=1000, batch_size=64, eval_batch_size=placeholder(int), eval_every=250,
-        checkpoint_every=250, keep=3, log_every=50, compute_dtype=placeholder(str),
-        async_checkpoints=True))
-    config.optimizer = ml_collections.ConfigDict(dict(
-        lr=1e-3, warmup_steps=100, schedule="cosine", weight_decay=0.1, b1=0.9, b2=0.98,
-        eps=1e-8, clip_norm=1.0))
+    config.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=1000,
+            batch_size=64,
+            eval_batch_size=placeholder(int),
+            eval_every=250,
+            checkpoint_every=250,
+            keep=3,
+            log_every=50,
+            compute_dtype=placeholder(str),
+            async_checkpoints=True,
+        )
+    )
+    config.optimizer = ml_collections.ConfigDict(
+        dict(
+            lr=1e-3,
+            warmup_steps=100,
+            schedule="cosine",
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.98,
+            eps=1e-8,
+            clip_norm=1.0,
+        )
+    )
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     return config
 
@@ -65,46 +83,60 @@ def validate(config, *, task=None, num_devices: int | None = None) -> None:
     num_steps = _int(train, "num_steps", minimum=1, name="train.num_steps")
     batch_size = _int(train, "batch_size", minimum=1, name="train.batch_size")
     eval_batch_size = train.get("eval_batch_size", None) or batch_size
-    _int(ml_collections.ConfigDict({"v": eval_batch_size}), "v", minimum=1,
-         name="train.eval_batch_size")
+    _int(
+        ml_collections.ConfigDict({"v": eval_batch_size}),
+        "v",
+        minimum=1,
+        name="train.eval_batch_size",
+    )
     for key in ("eval_every", "checkpoint_every"):
         _int(train, key, minimum=0, name=f"train.{key}")
     _int(train, "keep", minimum=1, name="train.keep")
     _int(train, "log_every", minimum=1, name="train.log_every")
     if train.get("compute_dtype", None) not in COMPUTE_DTYPES:
-        raise ValueError(f"train.compute_dtype must be one of {COMPUTE_DTYPES}, got "
-                         f"{train.compute_dtype!r}")
+        raise ValueError(
+            f"train.compute_dtype must be one of {COMPUTE_DTYPES}, got {train.compute_dtype!r}"
+        )
     optimizer_lib.validate(config.optimizer, num_steps)
 
     if num_devices is not None:
         from seqmix.train import sharding  # local: keeps this module free of device state
 
         data, fsdp = sharding.mesh_shape(config.mesh, num_devices)
-        for key, size in (("train.batch_size", batch_size),
-                          ("train.eval_batch_size", eval_batch_size)):
+        for key, size in (
+            ("train.batch_size", batch_size),
+            ("train.eval_batch_size", eval_batch_size),
+        ):
             if size % (data * fsdp):
                 raise ValueError(
                     f"{key}={size} is not divisible by the {data * fsdp} data-parallel devices "
-                    f"(mesh.data={data} x mesh.fsdp={fsdp})")
+                    f"(mesh.data={data} x mesh.fsdp={fsdp})"
+                )
 
     from seqmix.models.config import layer_names  # local: the registry imports the layers
 
     try:
         layer_names(config.model)
     except (ValueError, AttributeError, KeyError) as e:
-        raise ValueError(f"model.{e}" if str(e).startswith("layers") else f"model.layers: {e}"
-                         ) from None
+        raise ValueError(
+            f"model.{e}" if str(e).startswith("layers") else f"model.layers: {e}"
+        ) from None
     if task is not None:
         kind = config.model.get("kind", None)
         if kind != task.kind:
-            raise ValueError(f"model.kind={kind!r} but data.task={task.name!r} trains a "
-                             f"{task.kind!r} model")
+            raise ValueError(
+                f"model.kind={kind!r} but data.task={task.name!r} trains a {task.kind!r} model"
+            )
         if config.model.get("vocab_size", 0) < task.vocab_size:
-            raise ValueError(f"model.vocab_size={config.model.get('vocab_size')} is smaller "
-                             f"than the {task.vocab_size} tokens of data.task={task.name!r}")
+            raise ValueError(
+                f"model.vocab_size={config.model.get('vocab_size')} is smaller "
+                f"than the {task.vocab_size} tokens of data.task={task.name!r}"
+            )
         if task.num_classes is not None and config.model.get("num_classes") != task.num_classes:
-            raise ValueError(f"model.num_classes={config.model.get('num_classes')} but "
-                             f"data.task={task.name!r} has {task.num_classes} classes")
+            raise ValueError(
+                f"model.num_classes={config.model.get('num_classes')} but "
+                f"data.task={task.name!r} has {task.num_classes} classes"
+            )
 
 
 def parse_variant(arg: str | None, **defaults) -> dict:
@@ -118,8 +150,10 @@ def parse_variant(arg: str | None, **defaults) -> dict:
         if not item.strip():
             continue
         if "=" not in item:
-            raise ValueError(f"config argument {item!r} must look like key=value (known keys: "
-                             f"{sorted(defaults)})")
+            raise ValueError(
+                f"config argument {item!r} must look like key=value (known keys: "
+                f"{sorted(defaults)})"
+            )
         key, raw = (s.strip() for s in item.split("=", 1))
         if key not in defaults:
             raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
@@ -136,6 +170,7 @@ def parse_variant(arg: str | None, **defaults) -> dict:
             else:
                 values[key] = raw
         except ValueError:
-            raise ValueError(f"config argument {key}={raw!r}: expected a "
-                             f"{type(default).__name__}") from None
+            raise ValueError(
+                f"config argument {key}={raw!r}: expected a {type(default).__name__}"
+            ) from None
     return values

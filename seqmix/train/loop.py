@@ -99,8 +99,13 @@ def split_model(model_config, seed: int) -> ModelParts:
     graphdef_train, params, rngs, other = _split(abstract)
     abstract.eval()
     graphdef_eval = _split(abstract)[0]
-    streams = sorted({str(path[-2]) for path, _ in nnx.to_flat_state(rngs)
-                      if len(path) >= 2 and str(path[-1]) == "key"})
+    streams = sorted(
+        {
+            str(path[-2])
+            for path, _ in nnx.to_flat_state(rngs)
+            if len(path) >= 2 and str(path[-1]) == "key"
+        }
+    )
     return ModelParts(graphdef_train, graphdef_eval, params, rngs, other, tuple(streams))
 
 
@@ -118,9 +123,13 @@ def _merge(graphdef, params, rngs, other, streams, seed, step):
     model = nnx.merge(graphdef, params, rngs, other)
     if streams:
         base = jax.random.key(seed)
-        nnx.reseed(model, **{
-            name: jax.random.fold_in(jax.random.fold_in(base, zlib.crc32(name.encode())), step)
-            for name in streams})
+        nnx.reseed(
+            model,
+            **{
+                name: jax.random.fold_in(jax.random.fold_in(base, zlib.crc32(name.encode())), step)
+                for name in streams
+            },
+        )
     return model
 
 
@@ -134,8 +143,11 @@ def _call(model, batch):
 
 
 def _all_finite(tree):
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
@@ -144,8 +156,9 @@ def make_train_step(parts: ModelParts, tx, schedule, kind: str, seed: int):
 
     def train_step(state: TrainState, rngs, batch, step):
         def loss_fn(params):
-            model = _merge(parts.graphdef_train, params, rngs, state.other, parts.rng_streams,
-                           seed, step)
+            model = _merge(
+                parts.graphdef_train, params, rngs, state.other, parts.rng_streams, seed, step
+            )
             sums = losses.batch_sums(kind, _call(model, batch), batch)
             loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
             new_other = _split(model)[3]
@@ -181,8 +194,11 @@ def save_config(config, workdir: str) -> None:
     if os.path.exists(path):
         with open(path) as f:
             if f.read() != text:
-                logging.warning("%s differs from the config of this run; overwriting it (the "
-                                "checkpoints were made with the old one)", path)
+                logging.warning(
+                    "%s differs from the config of this run; overwriting it (the "
+                    "checkpoints were made with the old one)",
+                    path,
+                )
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -229,8 +245,9 @@ def _evaluate(eval_step, state, rngs, eval_set, task) -> dict:
     return losses.finish(totals, bits_per_byte=task.bits_per_byte)
 
 
-def train_and_evaluate(config, workdir: str, *,
-                       callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+def train_and_evaluate(
+    config, workdir: str, *, callbacks: Sequence[Callable[[int, dict], None]] = ()
+) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and evaluates.
 
     ``callbacks``: functions ``fn(step, metrics)`` called on the host with each step's metrics.
@@ -253,8 +270,14 @@ def train_and_evaluate(config, workdir: str, *,
     os.makedirs(workdir, exist_ok=True)
     save_config(config, workdir)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts.params))
-    logging.info("model: %s parameters, mesh %s, %d steps of %d x %d tokens", f"{num_params:,}",
-                 sharding_lib.describe(mesh), num_steps, task.batch_size, task.seq_len)
+    logging.info(
+        "model: %s parameters, mesh %s, %d steps of %d x %d tokens",
+        f"{num_params:,}",
+        sharding_lib.describe(mesh),
+        num_steps,
+        task.batch_size,
+        task.seq_len,
+    )
 
     # Shardings, optimizer, abstract targets.
     param_sh = sharding_lib.state_shardings(parts.params, mesh)
@@ -266,20 +289,28 @@ def train_and_evaluate(config, workdir: str, *,
     opt_sh = sharding_lib.like_params_shardings(opt_abstract, parts.params, param_sh, mesh)
     state_sh = TrainState(param_sh, opt_sh, other_sh)
     abstract_state = sharding_lib.abstract_with(
-        TrainState(parts.params, opt_abstract, parts.other), state_sh)
+        TrainState(parts.params, opt_abstract, parts.other), state_sh
+    )
     batch_sh = sharding_lib.batch_sharding(mesh)
 
     metric_mode = task.metric_mode
     checkpoints = checkpoint_lib.Checkpoints(
-        os.path.join(workdir, CHECKPOINT_DIR), keep=int(train_cfg.keep), metric=task.metric,
-        metric_mode=metric_mode, async_save=bool(train_cfg.get("async_checkpoints", True)))
+        os.path.join(workdir, CHECKPOINT_DIR),
+        keep=int(train_cfg.keep),
+        metric=task.metric,
+        metric_mode=metric_mode,
+        async_save=bool(train_cfg.get("async_checkpoints", True)),
+    )
     writer = metrics_lib.MetricsWriter(workdir)
     prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
         start, items = checkpoints.restore_latest(
-            {"params": abstract_state.params,
-             "train": {"opt_state": abstract_state.opt_state, "other": abstract_state.other}},
-            set_aside_corrupt=True)
+            {
+                "params": abstract_state.params,
+                "train": {"opt_state": abstract_state.opt_state, "other": abstract_state.other},
+            },
+            set_aside_corrupt=True,
+        )
         if start is None:
             params, rngs, other = _init_state(model_config, seed, (param_sh, rng_sh, other_sh))
             opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
@@ -287,28 +318,47 @@ def train_and_evaluate(config, workdir: str, *,
             start = 0
             logging.info("starting from scratch in %s", workdir)
         else:
-            state = TrainState(items["params"], items["train"]["opt_state"],
-                               items["train"]["other"])
+            state = TrainState(
+                items["params"], items["train"]["opt_state"], items["train"]["other"]
+            )
             rngs = _init_rngs(model_config, seed, rng_sh)
             logging.info("resumed from step %d of %s", start, checkpoints.directory)
         if start > num_steps:
-            raise ValueError(f"train.num_steps={num_steps} is below the step {start} of the "
-                             f"latest checkpoint in {checkpoints.directory}")
+            raise ValueError(
+                f"train.num_steps={num_steps} is below the step {start} of the "
+                f"latest checkpoint in {checkpoints.directory}"
+            )
 
         train_step = jax.jit(
             make_train_step(parts, tx, schedule, task.kind, seed),
             in_shardings=(state_sh, rng_sh, batch_sh, None),
-            out_shardings=(state_sh, None), donate_argnums=(0,))
+            out_shardings=(state_sh, None),
+            donate_argnums=(0,),
+        )
         eval_step = jax.jit(
             make_eval_step(parts, task.kind, seed),
-            in_shardings=(param_sh, rng_sh, other_sh, batch_sh))
+            in_shardings=(param_sh, rng_sh, other_sh, batch_sh),
+        )
         eval_set = [_put(b, batch_sh) for b in task.eval_batches()]
 
         return _run(
-            state=state, rngs=rngs, start=start, num_steps=num_steps, task=task,
-            train_cfg=train_cfg, train_step=train_step, eval_step=eval_step, eval_set=eval_set,
-            batch_sh=batch_sh, checkpoints=checkpoints, writer=writer, prefetch=prefetch,
-            callbacks=callbacks, workdir=workdir, t_start=t_start)
+            state=state,
+            rngs=rngs,
+            start=start,
+            num_steps=num_steps,
+            task=task,
+            train_cfg=train_cfg,
+            train_step=train_step,
+            eval_step=eval_step,
+            eval_set=eval_set,
+            batch_sh=batch_sh,
+            checkpoints=checkpoints,
+            writer=writer,
+            prefetch=prefetch,
+            callbacks=callbacks,
+            workdir=workdir,
+            t_start=t_start,
+        )
     finally:
         prefetch.shutdown(wait=False, cancel_futures=True)
         checkpoints.close()
@@ -322,8 +372,25 @@ def _init_rngs(model_config, seed, rng_sh):
     return jax.jit(init, out_shardings=rng_sh)()
 
 
-def _run(*, state, rngs, start, num_steps, task, train_cfg, train_step, eval_step, eval_set,
-         batch_sh, checkpoints, writer, prefetch, callbacks, workdir, t_start) -> dict:
+def _run(
+    *,
+    state,
+    rngs,
+    start,
+    num_steps,
+    task,
+    train_cfg,
+    train_step,
+    eval_step,
+    eval_set,
+    batch_sh,
+    checkpoints,
+    writer,
+    prefetch,
+    callbacks,
+    workdir,
+    t_start,
+) -> dict:
     eval_every = int(train_cfg.eval_every)
     checkpoint_every = int(train_cfg.checkpoint_every)
     log_every = int(train_cfg.log_every)
@@ -339,20 +406,28 @@ def _run(*, state, rngs, start, num_steps, task, train_cfg, train_step, eval_ste
         nonlocal window_steps, window_t0, window
         metrics = jax.device_get(metrics)
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)
-                and bool(metrics["params_finite"])):
+        if not (
+            math.isfinite(loss) and math.isfinite(grad_norm) and bool(metrics["params_finite"])
+        ):
             checkpoints.wait()
             good = checkpoints.all_steps()
-            where = (f"the last good checkpoint is step {good[-1]} in {checkpoints.directory}"
-                     if good else "no checkpoint was saved")
-            what = (f"the loss is {loss}" if not math.isfinite(loss) else
-                    f"the gradient norm is {grad_norm} (loss {loss:.4g})"
-                    if not math.isfinite(grad_norm) else
-                    f"the parameters became non-finite (loss {loss:.4g})")
+            where = (
+                f"the last good checkpoint is step {good[-1]} in {checkpoints.directory}"
+                if good
+                else "no checkpoint was saved"
+            )
+            what = (
+                f"the loss is {loss}"
+                if not math.isfinite(loss)
+                else f"the gradient norm is {grad_norm} (loss {loss:.4g})"
+                if not math.isfinite(grad_norm)
+                else f"the parameters became non-finite (loss {loss:.4g})"
+            )
             raise FloatingPointError(
                 f"training stopped at step {step}: {what}. Nothing non-finite was saved; "
                 f"{where}. Lower optimizer.lr, raise optimizer.warmup_steps or set "
-                f"optimizer.clip_norm, then rerun to resume from that checkpoint.")
+                f"optimizer.clip_norm, then rerun to resume from that checkpoint."
+            )
         scalars = {k: float(v) for k, v in metrics.items() if k != "params_finite"}
         for fn in callbacks:
             fn(step, scalars)
@@ -361,8 +436,11 @@ def _run(*, state, rngs, start, num_steps, task, train_cfg, train_step, eval_ste
         window_steps += 1
         now = time.time()
         tok_s = window_steps * task.tokens_per_batch / max(now - window_t0, 1e-9)
-        progress.update(step, {"loss": window["loss"] / window_steps,
-                               "acc": window["accuracy"] / window_steps}, tok_s)
+        progress.update(
+            step,
+            {"loss": window["loss"] / window_steps, "acc": window["accuracy"] / window_steps},
+            tok_s,
+        )
         if step % log_every == 0 or step == num_steps:
             means = {k: v / window_steps for k, v in window.items()}
             means["tokens_per_second"] = tok_s
@@ -375,17 +453,18 @@ def _run(*, state, rngs, start, num_steps, task, train_cfg, train_step, eval_ste
         result = _evaluate(eval_step, state, rngs, eval_set, task)
         writer.write(step, "eval", result)
         writer.flush()
-        progress.write(f"eval step {step}: " + " ".join(f"{k} {v:.4f}"
-                                                         for k, v in result.items()))
+        progress.write(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
     def save(step: int, eval_metrics: dict | None) -> None:
         nonlocal last_saved
         if last_saved == step:
             return
-        checkpoints.save(step, {"params": state.params,
-                                "train": {"opt_state": state.opt_state, "other": state.other}},
-                         metrics=eval_metrics)
+        checkpoints.save(
+            step,
+            {"params": state.params, "train": {"opt_state": state.opt_state, "other": state.other}},
+            metrics=eval_metrics,
+        )
         last_saved = step
 
     with _StopFlag() as stop:
@@ -401,8 +480,11 @@ def _run(*, state, rngs, start, num_steps, task, train_cfg, train_step, eval_ste
                 handle(*pending)
             pending = (step, metrics)
             do_eval = step == num_steps or (eval_every and step % eval_every == 0)
-            do_save = (step == num_steps or stop.signal is not None
-                       or (checkpoint_every and step % checkpoint_every == 0))
+            do_save = (
+                step == num_steps
+                or stop.signal is not None
+                or (checkpoint_every and step % checkpoint_every == 0)
+            )
             if do_eval or do_save:
                 handle(*pending)
                 pending = None
@@ -415,8 +497,10 @@ def _run(*, state, rngs, start, num_steps, task, train_cfg, train_step, eval_ste
                 window_t0 += time.time() - t_pause  # tokens/s counts training time only
             if stop.signal is not None:
                 stopped_by = "SIGTERM"
-                progress.write(f"SIGTERM at step {step}: checkpoint saved in "
-                               f"{checkpoints.directory}; run the same command to resume")
+                progress.write(
+                    f"SIGTERM at step {step}: checkpoint saved in "
+                    f"{checkpoints.directory}; run the same command to resume"
+                )
                 break
         if pending is not None:
             handle(*pending)
@@ -425,8 +509,13 @@ def _run(*, state, rngs, start, num_steps, task, train_cfg, train_step, eval_ste
         checkpoints.wait()
     writer.flush()
     logging.info("finished at step %d in %.1f s", step_of_state, time.time() - t_start)
-    return {"step": step_of_state, "eval": last_eval, "stopped_by": stopped_by,
-            "workdir": workdir, "metric": task.metric}
+    return {
+        "step": step_of_state,
+        "eval": last_eval,
+        "stopped_by": stopped_by,
+        "workdir": workdir,
+        "metric": task.metric,
+    }
 
 
 def restore_model(workdir: str, step: int | None = None, *, mesh_config=None):
@@ -456,8 +545,11 @@ def restore_model(workdir: str, step: int | None = None, *, mesh_config=None):
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
         other_targets = {"train": {"other": sharding_lib.abstract_with(parts.other, other_sh)}}
-        other = checkpoints.restore(found, other_targets)["train"]["other"] \
-            if jax.tree.leaves(parts.other) else parts.other
+        other = (
+            checkpoints.restore(found, other_targets)["train"]["other"]
+            if jax.tree.leaves(parts.other)
+            else parts.other
+        )
     finally:
         checkpoints.close()
     rngs = _init_rngs(model_config, seed, rng_sh)

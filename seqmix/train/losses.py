@@ -23,26 +23,32 @@ def token_sums(logits, targets, mask) -> dict:
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     nll = logz - picked
     hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(nll * mask), "correct": jnp.sum(hit * mask),
-            "count": jnp.sum(mask)}
+    return {"loss_sum": jnp.sum(nll * mask), "correct": jnp.sum(hit * mask), "count": jnp.sum(mask)}
 
 
 def class_sums(logits, targets) -> dict:
     """Classification sums: ``logits`` float ``[B, C]``, ``targets`` int ``[B]``."""
     logits = logits.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
-        logits, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    nll = (
+        jax.nn.logsumexp(logits, axis=-1)
+        - jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    )
     hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(nll), "correct": jnp.sum(hit),
-            "count": jnp.asarray(targets.shape[0], jnp.float32)}
+    return {
+        "loss_sum": jnp.sum(nll),
+        "correct": jnp.sum(hit),
+        "count": jnp.asarray(targets.shape[0], jnp.float32),
+    }
 
 
 def batch_sums(kind: str, logits, batch) -> dict:
     if kind == "causal_lm":
         targets, mask = batch["targets"], batch["mask"]
         if "positions" in batch:  # logits [B, P, V] at these positions only
-            targets, mask = (jnp.take_along_axis(x, batch["positions"].astype(jnp.int32), axis=1)
-                             for x in (targets, mask))
+            targets, mask = (
+                jnp.take_along_axis(x, batch["positions"].astype(jnp.int32), axis=1)
+                for x in (targets, mask)
+            )
         return token_sums(logits, targets, mask)
     if kind == "classifier":
         return class_sums(logits, batch["targets"])

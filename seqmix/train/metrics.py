@@ -38,10 +38,15 @@ class MetricsWriter:
         record.update({k: _plain(v) for k, v in scalars.items()})
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            values = [summary_pb2.Summary.Value(tag=f"{split}/{k}", simple_value=float(v))
-                      for k, v in scalars.items()]
-            self._tb.add_event(event_pb2.Event(
-                wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+            values = [
+                summary_pb2.Summary.Value(tag=f"{split}/{k}", simple_value=float(v))
+                for k, v in scalars.items()
+            ]
+            self._tb.add_event(
+                event_pb2.Event(
+                    wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+                )
+            )
 
     def flush(self) -> None:
         self._file.flush()
@@ -79,8 +84,9 @@ class ProgressBar:
     """``step/total [####....] loss 1.234 acc 0.50 12.3k tok/s 01:02<03:04`` on a terminal
     (redrawn in place), or the same text as a log line every ``every`` steps otherwise."""
 
-    def __init__(self, total: int, start: int = 0, *, stream=None, every: int = 100,
-                 width: int = 24):
+    def __init__(
+        self, total: int, start: int = 0, *, stream=None, every: int = 100, width: int = 24
+    ):
         self.total, self.start = total, start
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()

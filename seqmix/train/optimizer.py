@@ -70,10 +70,16 @@ def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:
     parts = []
     if float(opt.clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(opt.clip_norm)))
-    parts.append(optax.adamw(
-        schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.get("eps", 1e-8)),
-        weight_decay=float(opt.weight_decay), mask=decay_mask,
-    ))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=float(opt.b1),
+            b2=float(opt.b2),
+            eps=float(opt.get("eps", 1e-8)),
+            weight_decay=float(opt.weight_decay),
+            mask=decay_mask,
+        )
+    )
     return optax.chain(*parts)
 
 
@@ -82,8 +88,11 @@ def validate(opt, num_steps: int) -> None:
 
     def number(key):
         value = opt.get(key, None)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise ValueError(f"optimizer.{key} must be a finite number, got {value!r}")
         return float(value)
 
@@ -93,18 +102,17 @@ def validate(opt, num_steps: int) -> None:
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
         raise ValueError(f"optimizer.warmup_steps must be an integer >= 0, got {warmup!r}")
     if warmup > num_steps:
-        raise ValueError(
-            f"optimizer.warmup_steps={warmup} exceeds train.num_steps={num_steps}")
+        raise ValueError(f"optimizer.warmup_steps={warmup} exceeds train.num_steps={num_steps}")
     if opt.get("schedule", None) not in SCHEDULES:
         raise ValueError(
-            f"optimizer.schedule must be one of {SCHEDULES}, got {opt.get('schedule')!r}")
+            f"optimizer.schedule must be one of {SCHEDULES}, got {opt.get('schedule')!r}"
+        )
     if number("weight_decay") < 0:
         raise ValueError(f"optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
     for key in ("b1", "b2"):
         if not 0 <= number(key) < 1:
             raise ValueError(f"optimizer.{key} must be in [0, 1), got {opt[key]}")
     if number("clip_norm") < 0:
-        raise ValueError(f"optimizer.clip_norm must be >= 0 (0: no clipping), got "
-                         f"{opt.clip_norm}")
+        raise ValueError(f"optimizer.clip_norm must be >= 0 (0: no clipping), got {opt.clip_norm}")
     if "eps" in opt and number("eps") <= 0:
         raise ValueError(f"optimizer.eps must be > 0, got {opt.eps}")

@@ -43,8 +43,9 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
     fsdp = mesh_config.get("fsdp", 1)
     for key, value in (("mesh.fsdp", fsdp), ("mesh.data", data)):
         if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
-            raise ValueError(f"{key} must be a positive integer or -1 (all devices left), "
-                             f"got {value!r}")
+            raise ValueError(
+                f"{key} must be a positive integer or -1 (all devices left), got {value!r}"
+            )
     if fsdp == -1 and data == -1:
         raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
     if fsdp == -1:
@@ -123,8 +124,7 @@ def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
             names = logical_names(v)
             shape = np.shape(v.get_value())
             if names is not None and len(names) != len(shape):
-                logging.warning("logical names %s do not match shape %s; replicating",
-                                names, shape)
+                logging.warning("logical names %s do not match shape %s; replicating", names, shape)
             return v.replace(NamedSharding(mesh, spec_for(names, shape, mesh, rules)))
         return NamedSharding(mesh, P())
 
@@ -146,7 +146,7 @@ def like_params_shardings(tree, params, param_shardings, mesh: Mesh):
         path = tuple(path)
         for n in suffix_lengths:
             if len(path) >= n:
-                hit = by_path.get(path[len(path) - n:])
+                hit = by_path.get(path[len(path) - n :])
                 if hit is not None and hit[0] == np.shape(leaf):
                     return hit[1]
         return replicated(mesh)

@@ -17,13 +17,19 @@ LISTOPS = dict(seq_len=120, max_depth=5, max_args=5, min_length=20, max_length=1
 
 
 def _config(task, **data_keys):
-    return ml_collections.ConfigDict({
-        "seed": 3, "data": {"task": task, "num_eval_batches": 2, **data_keys},
-        "train": {"batch_size": 4, "eval_batch_size": None}})
+    return ml_collections.ConfigDict(
+        {
+            "seed": 3,
+            "data": {"task": task, "num_eval_batches": 2, **data_keys},
+            "train": {"batch_size": 4, "eval_batch_size": None},
+        }
+    )
 
 
 TASK_CONFIGS = {
-    "mqar": MQAR, "copying": COPY, "listops": LISTOPS,
+    "mqar": MQAR,
+    "copying": COPY,
+    "listops": LISTOPS,
     "bytes": dict(seq_len=32),
 }
 
@@ -82,7 +88,7 @@ def test_mqar_structure():
     b = mqar.batch(0, 0, 5, 16, **MQAR)
     x, y, m = b["inputs"], b["targets"], b["mask"]
     half, n = MQAR["vocab_size"] // 2, MQAR["num_kv_pairs"]
-    keys, values = x[:, 0:2 * n:2], x[:, 1:2 * n:2]
+    keys, values = x[:, 0 : 2 * n : 2], x[:, 1 : 2 * n : 2]
     assert ((keys >= 1) & (keys < half)).all()
     assert ((values >= half) & (values < MQAR["vocab_size"])).all()
     for row in range(16):
@@ -138,8 +144,9 @@ def _evaluate_listops(text: str) -> int:
             stack.append([tok])
         elif tok == "]":
             op, *args = stack.pop()
-            value = {"[MIN": min, "[MAX": max, "[MED": _median_floor,
-                     "[SM": lambda a: sum(a) % 10}[op](args)
+            value = {"[MIN": min, "[MAX": max, "[MED": _median_floor, "[SM": lambda a: sum(a) % 10}[
+                op
+            ](args)
             if stack:
                 stack[-1].append(value)
             else:

@@ -15,8 +15,13 @@ def test_an_interrupted_run_writes_the_rows_measured_so_far(tmp_path, monkeypatc
 
     monkeypatch.setenv("OUT", "")
     monkeypatch.setattr(common, "_LIVE", [])
-    rows, columns, path = common.run_op(types.SimpleNamespace(run=run), "causal_conv1d_step",
-                                        False, {"copy_tbps": 1.0}, str(tmp_path))
+    rows, columns, path = common.run_op(
+        types.SimpleNamespace(run=run),
+        "causal_conv1d_step",
+        False,
+        {"copy_tbps": 1.0},
+        str(tmp_path),
+    )
     with open(path) as f:
         payload = json.load(f)
     labels = [r["label"] for r in payload["rows"]]

@@ -4,14 +4,24 @@ import json
 import subprocess
 import sys
 
-TOY = ["--layers=2", "--d_model=32", "--vocab=64", "--lengths=64", "--tokens=128",
-       "--peak_tflops=1"]
+TOY = [
+    "--layers=2",
+    "--d_model=32",
+    "--vocab=64",
+    "--lengths=64",
+    "--tokens=128",
+    "--peak_tflops=1",
+]
 
 
 def _run(tmp_path, *extra):
     out = tmp_path / "out"
-    subprocess.run([sys.executable, "-m", "experiments.bench_model", *TOY, *extra,
-                    f"--out_dir={out}"], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "experiments.bench_model", *TOY, *extra, f"--out_dir={out}"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     (path,) = out.glob("model_*.json")
     return json.loads(path.read_text())["rows"]
 
@@ -26,7 +36,7 @@ def test_times_every_mixer_with_host_initialised_parameters(tmp_path):
 
 
 def test_configurations_not_compiled_within_the_budget_are_reported(tmp_path):
-    rows = _run(tmp_path, "--mixers=attention", "--compile_workers=1",
-                "--compile_budget_s=0.5")
-    assert rows == [{"mixer": "attention", "T": 64,
-                     "error": "not compiled within --compile_budget_s=0.5"}]
+    rows = _run(tmp_path, "--mixers=attention", "--compile_workers=1", "--compile_budget_s=0.5")
+    assert rows == [
+        {"mixer": "attention", "T": 64, "error": "not compiled within --compile_budget_s=0.5"}
+    ]

@@ -42,13 +42,18 @@ def test_xla_matches_naive(case, dtype):
     B, T, S, H, Hkv, D, causal, window, segments, softcap = case
     seed = testing.fresh_seed()
     q, k, v, seg = _inputs(seed, B, T, S, H, Hkv, D, dtype, segments)
-    kw = dict(causal=causal, local_window_size=window, segment_ids=seg, softcap=softcap,
-              return_lse=True)
+    kw = dict(
+        causal=causal, local_window_size=window, segment_ids=seg, softcap=softcap, return_lse=True
+    )
     tol = testing.tolerance(dtype)
     testing.check_against(
         lambda q, k, v: attention(q, k, v, implementation="xla", **kw),
         lambda q, k, v: attention(q, k, v, implementation="naive", **kw),
-        (q, k, v), argnums=(0, 1, 2), tol=tol, seed=seed, names="qkv",
+        (q, k, v),
+        argnums=(0, 1, 2),
+        tol=tol,
+        seed=seed,
+        names="qkv",
     )
 
 
@@ -59,7 +64,10 @@ def test_xla_multiple_key_blocks_odd_length():
     testing.check_against(
         lambda q, k, v: reference.attention_xla(q, k, v, block_k=64, **kw),
         lambda q, k, v: reference.attention_naive(q, k, v, **kw),
-        (q, k, v), argnums=(0, 1, 2), tol=1e-5, seed=seed,
+        (q, k, v),
+        argnums=(0, 1, 2),
+        tol=1e-5,
+        seed=seed,
     )
 
 
@@ -87,11 +95,15 @@ def test_row_without_visible_keys_is_zero_with_minus_inf_lse():
     o, lse = attention(q, k, v, local_window_size=(0, 0), return_lse=True, implementation="xla")
     assert np.all(np.isfinite(lse))
     # a window that points past the keys: query 3 of a (0,0) window over 2 keys sees nothing
-    o, lse = attention(q, k[:, :2], v[:, :2], local_window_size=(0, 0), return_lse=True,
-                       implementation="xla")
+    o, lse = attention(
+        q, k[:, :2], v[:, :2], local_window_size=(0, 0), return_lse=True, implementation="xla"
+    )
     assert np.all(np.asarray(o[:, 2:]) == 0) and np.all(np.isneginf(lse[:, 2:]))
-    g = jax.grad(lambda q: attention(q, k[:, :2], v[:, :2], local_window_size=(0, 0),
-                                     implementation="xla").sum())(q)
+    g = jax.grad(
+        lambda q: attention(
+            q, k[:, :2], v[:, :2], local_window_size=(0, 0), implementation="xla"
+        ).sum()
+    )(q)
     assert np.all(np.isfinite(g))
 
 
@@ -104,13 +116,24 @@ def test_decode_equals_last_row_of_full_attention(impl, dtype):
     lengths = jnp.array([37, 20, 1])
     o = decode_attention(q[:, -1], k, v, lengths, softcap=30.0, implementation=impl)
     for b, n in enumerate([37, 20, 1]):
-        full = attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], causal=True,
-                         softcap=30.0, implementation="naive")
-        row = attention(q[b:b + 1, -1:], k[b:b + 1, :n], v[b:b + 1, :n], softcap=30.0,
-                        implementation="naive")
-        testing.assert_close(o[b:b + 1], row[:, 0], testing.tolerance(dtype))
+        full = attention(
+            q[b : b + 1, :n],
+            k[b : b + 1, :n],
+            v[b : b + 1, :n],
+            causal=True,
+            softcap=30.0,
+            implementation="naive",
+        )
+        row = attention(
+            q[b : b + 1, -1:],
+            k[b : b + 1, :n],
+            v[b : b + 1, :n],
+            softcap=30.0,
+            implementation="naive",
+        )
+        testing.assert_close(o[b : b + 1], row[:, 0], testing.tolerance(dtype))
         if n == S:
-            testing.assert_close(o[b:b + 1], full[:, -1], testing.tolerance(dtype))
+            testing.assert_close(o[b : b + 1], full[:, -1], testing.tolerance(dtype))
 
 
 def test_decode_gradients_and_zero_length():
@@ -120,7 +143,10 @@ def test_decode_gradients_and_zero_length():
     testing.check_against(
         lambda q, k, v: decode_attention(q, k, v, lengths, implementation="xla"),
         lambda q, k, v: decode_attention(q, k, v, lengths, implementation="naive"),
-        (q[:, 0], k, v), argnums=(0, 1, 2), tol=1e-5, seed=seed,
+        (q[:, 0], k, v),
+        argnums=(0, 1, 2),
+        tol=1e-5,
+        seed=seed,
     )
     o = decode_attention(q[:, 0], k, v, lengths)
     assert np.all(np.asarray(o[1]) == 0)

@@ -27,8 +27,19 @@ CASES = {
     "T1": (1, 1, 1, 2, 1, 128, True, None, False, None, jnp.float32),
     "causal_softcap_gqa_T17": (1, 17, 17, 4, 2, 128, True, None, False, 5.0, jnp.bfloat16),
     "gqa_window_segments_T200": (2, 200, 200, 2, 1, 128, True, 70, True, None, jnp.bfloat16),
-    "two_sided_window_D64_T!=S_softcap": (1, 200, 300, 2, 1, 64, False, (100, 30), False, 5.0,
-                                          jnp.float32),
+    "two_sided_window_D64_T!=S_softcap": (
+        1,
+        200,
+        300,
+        2,
+        1,
+        64,
+        False,
+        (100, 30),
+        False,
+        5.0,
+        jnp.float32,
+    ),
     "mqa_full_fp16": (1, 200, 200, 4, 1, 128, False, None, False, None, jnp.float16),
     "D256_segments_noncausal": (1, 17, 17, 2, 2, 256, False, None, True, None, jnp.float32),
     # rows t >= 155 see no key: o = 0, lse = -inf, finite gradients; whole q blocks see none
@@ -48,14 +59,19 @@ def test_pallas_tpu_matches_naive(name, capsys):
     B, T, S, H, Hkv, D, causal, window, segments, softcap, dtype = CASES[name]
     seed = testing.fresh_seed()
     q, k, v, seg = _inputs(seed, B, T, S, H, Hkv, D, dtype, segments)
-    kw = dict(causal=causal, local_window_size=window, segment_ids=seg, softcap=softcap,
-              return_lse=True)
+    kw = dict(
+        causal=causal, local_window_size=window, segment_ids=seg, softcap=softcap, return_lse=True
+    )
     with interpret():
         testing.check_against(
             jax.jit(lambda q, k, v: attention(q, k, v, implementation="pallas_tpu", **kw)),
             jax.jit(lambda q, k, v: attention(q, k, v, implementation="naive", **kw)),
-            (q, k, v), argnums=(0, 1, 2), tol=testing.tolerance(dtype),
-            grad_tol=GRAD_TOL.get(name), seed=seed, names="qkv",
+            (q, k, v),
+            argnums=(0, 1, 2),
+            tol=testing.tolerance(dtype),
+            grad_tol=GRAD_TOL.get(name),
+            seed=seed,
+            names="qkv",
         )
     assert "RACE DETECTED" not in capsys.readouterr().out
 
@@ -63,18 +79,37 @@ def test_pallas_tpu_matches_naive(name, capsys):
 def test_rows_without_keys_are_zero_with_minus_inf_lse():
     q, k, v, _ = _inputs(0, 1, 200, 150, 2, 1, 128, jnp.float32)
     with interpret():
-        o, lse = attention(q, k, v, local_window_size=(5, 0), return_lse=True,
-                           implementation="pallas_tpu")
+        o, lse = attention(
+            q, k, v, local_window_size=(5, 0), return_lse=True, implementation="pallas_tpu"
+        )
     assert np.all(np.asarray(o[:, 155:]) == 0) and np.all(np.isneginf(lse[:, 155:]))
     assert np.all(np.isfinite(lse[:, :155]))
 
 
 def _cfg(T, bq, bk, causal=False, window=(None, None)):
     left, right = window
-    return tpu._Cfg(B=1, T=T, S=T, H=1, Hkv=1, D=128, Dp=128, Tp=T, Sp=T, bq=bq, bk=bk,
-                    causal=causal, left=left, right=0 if causal else right, softcap=None,
-                    scale=1.0, has_seg=False, dtype="bfloat16", compute_dtype="bfloat16",
-                    interpret=False)
+    return tpu._Cfg(
+        B=1,
+        T=T,
+        S=T,
+        H=1,
+        Hkv=1,
+        D=128,
+        Dp=128,
+        Tp=T,
+        Sp=T,
+        bq=bq,
+        bk=bk,
+        causal=causal,
+        left=left,
+        right=0 if causal else right,
+        softcap=None,
+        scale=1.0,
+        has_seg=False,
+        dtype="bfloat16",
+        compute_dtype="bfloat16",
+        interpret=False,
+    )
 
 
 def test_block_sparse_iteration_space():
@@ -101,12 +136,15 @@ def test_block_sparse_iteration_space():
             assert bool(tpu._needs_mask(i, j, c)) == (not fully), (i, j)
 
 
-@pytest.mark.parametrize("dtype, D, window, segments", [
-    (jnp.bfloat16, 128, (1000, 0), True),
-    (jnp.bfloat16, 128, None, False),
-    (jnp.float32, 64, (300, 300), False),
-    (jnp.bfloat16, 256, None, True),
-])
+@pytest.mark.parametrize(
+    "dtype, D, window, segments",
+    [
+        (jnp.bfloat16, 128, (1000, 0), True),
+        (jnp.bfloat16, 128, None, False),
+        (jnp.float32, 64, (300, 300), False),
+        (jnp.bfloat16, 256, None, True),
+    ],
+)
 def test_lowers_for_tpu_forward_and_backward(dtype, D, window, segments):
     """Mosaic lowering of forward, dQ and dK/dV at T = 2048 with the real block table."""
     B, T, H, Hkv = 1, 2048, 8, 2
@@ -116,10 +154,19 @@ def test_lowers_for_tpu_forward_and_backward(dtype, D, window, segments):
 
     def loss_and_grads(q, k, v):
         def f(q, k, v):
-            o, lse = tpu.attention(q, k, v, causal=True, window=window or (None, None),
-                                   segment_ids=seg, softcap=30.0, scale=D ** -0.5,
-                                   return_lse=True)
+            o, lse = tpu.attention(
+                q,
+                k,
+                v,
+                causal=True,
+                window=window or (None, None),
+                segment_ids=seg,
+                softcap=30.0,
+                scale=D**-0.5,
+                return_lse=True,
+            )
             return o.astype(jnp.float32).sum() + lse.sum()
+
         return jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
 
     text = testing.lower_for(loss_and_grads, q, k, k, platform="tpu")

@@ -30,13 +30,17 @@ def _check(case, dtype, tol=None):
     B, T, S, H, Hkv, D, causal, window, segments, softcap = case
     seed = testing.fresh_seed()
     q, k, v, seg = _inputs(seed, B, T, S, H, Hkv, D, dtype, segments)
-    kw = dict(causal=causal, local_window_size=window, segment_ids=seg, softcap=softcap,
-              return_lse=True)
+    kw = dict(
+        causal=causal, local_window_size=window, segment_ids=seg, softcap=softcap, return_lse=True
+    )
     with interpret():
         testing.check_against(
             lambda q, k, v: attention(q, k, v, implementation="pallas_triton", **kw),
             lambda q, k, v: attention(q, k, v, implementation="naive", **kw),
-            (q, k, v), argnums=(0, 1, 2), tol=tol or testing.tolerance(dtype), seed=seed,
+            (q, k, v),
+            argnums=(0, 1, 2),
+            tol=tol or testing.tolerance(dtype),
+            seed=seed,
             names="qkv",
         )
 
@@ -82,12 +86,17 @@ def test_rectangular_tiles_and_many_blocks():
     blocks = {"fwd": B(32, 16, 4, 1), "bwd": B(16, 32, 4, 1), "bwd_dq": B(32, 32, 4, 1)}
     for window in [(20, 45), (None, 30)]:
         testing.check_against(
-            lambda q, k, v: triton.flash_attention(q, k, v, window=window, softcap=7.0,
-                                                   blocks=blocks, interpret=True),
+            lambda q, k, v: triton.flash_attention(
+                q, k, v, window=window, softcap=7.0, blocks=blocks, interpret=True
+            ),
             lambda q, k, v: reference.attention_naive(
-                q, k, v, causal=False, window=window, segment_ids=None, softcap=7.0,
-                scale=16**-0.5),
-            (q, k, v), argnums=(0, 1, 2), tol=1e-5, seed=seed, names="qkv",
+                q, k, v, causal=False, window=window, segment_ids=None, softcap=7.0, scale=16**-0.5
+            ),
+            (q, k, v),
+            argnums=(0, 1, 2),
+            tol=1e-5,
+            seed=seed,
+            names="qkv",
         )
 
 
@@ -97,37 +106,70 @@ def test_the_h200_tiles_of_the_table(D):
     length that no tile divides: the rows the H200 benchmarks ran must also be exact."""
     seed = testing.fresh_seed()
     q, k, v, _ = _inputs(seed, 1, 200, 200, 4, 2, D, jnp.float32)
-    blocks = {kind: tuning.attention_blocks(D, jnp.bfloat16, "NVIDIA H200", kind)
-              for kind in ("fwd", "bwd", "bwd_dq")}
+    blocks = {
+        kind: tuning.attention_blocks(D, jnp.bfloat16, "NVIDIA H200", kind)
+        for kind in ("fwd", "bwd", "bwd_dq")
+    }
     testing.check_against(
-        lambda q, k, v: triton.flash_attention(q, k, v, window=(None, 0), blocks=blocks,
-                                               interpret=True),
+        lambda q, k, v: triton.flash_attention(
+            q, k, v, window=(None, 0), blocks=blocks, interpret=True
+        ),
         lambda q, k, v: reference.attention_naive(
-            q, k, v, causal=True, window=(None, None), segment_ids=None, softcap=None,
-            scale=D**-0.5),
-        (q, k, v), argnums=(0, 1, 2), tol=1e-5, seed=seed, names="qkv",
+            q, k, v, causal=True, window=(None, None), segment_ids=None, softcap=None, scale=D**-0.5
+        ),
+        (q, k, v),
+        argnums=(0, 1, 2),
+        tol=1e-5,
+        seed=seed,
+        names="qkv",
     )
 
 
 def test_unsupported_dtype_raises():
     q = jnp.zeros((1, 4, 2, 16), jnp.float64 if jax.config.jax_enable_x64 else jnp.int8)
     with pytest.raises(NotImplementedError, match="bfloat16"):
-        triton.attention(q, q, q, causal=False, window=(None, None), segment_ids=None,
-                         softcap=None, scale=1.0, return_lse=False)
+        triton.attention(
+            q,
+            q,
+            q,
+            causal=False,
+            window=(None, None),
+            segment_ids=None,
+            softcap=None,
+            scale=1.0,
+            return_lse=False,
+        )
 
 
 # --- block sparsity: the loops visit only the visible blocks ---------------------------------
 
 
 def _visited_blocks(T, bq, bk, window):
-    st = triton._Static(left=window[0], right=window[1], S=T, groups=1, scale=1.0,
-                        softcap=None, segments=False, fwd=None, bwd=None, bwd_dq=None,
-                        interpret=True, precision=None)
+    st = triton._Static(
+        left=window[0],
+        right=window[1],
+        S=T,
+        groups=1,
+        scale=1.0,
+        softcap=None,
+        segments=False,
+        fwd=None,
+        bwd=None,
+        bwd_dq=None,
+        interpret=True,
+        precision=None,
+    )
     nq, nk = T // bq, T // bk
-    fwd = sum(int(hi) - int(lo) for lo, hi, *_ in
-              (triton._key_blocks(jnp.int32(i * bq), bq, bk, nk, st) for i in range(nq)))
-    bwd = sum(int(hi) - int(lo) for lo, hi, *_ in
-              (triton._query_blocks(jnp.int32(j * bk), bk, bq, nq, st) for j in range(nk)))
+    fwd = sum(
+        int(hi) - int(lo)
+        for lo, hi, *_ in (triton._key_blocks(jnp.int32(i * bq), bq, bk, nk, st) for i in range(nq))
+    )
+    bwd = sum(
+        int(hi) - int(lo)
+        for lo, hi, *_ in (
+            triton._query_blocks(jnp.int32(j * bk), bk, bq, nq, st) for j in range(nk)
+        )
+    )
     return fwd, bwd
 
 
@@ -145,9 +187,20 @@ def test_edge_blocks_are_exact_ranges():
     """Every visible block lies in [lo, hi); [flo, fhi) holds exactly the fully visible ones."""
     T, bq, bk = 256, 32, 16
     for window in [(None, 0), (40, 0), (40, 17), (None, 9), (5, None), (0, 0)]:
-        st = triton._Static(left=window[0], right=window[1], S=T - 3, groups=1, scale=1.0,
-                            softcap=None, segments=False, fwd=None, bwd=None, bwd_dq=None,
-                            interpret=True, precision=None)
+        st = triton._Static(
+            left=window[0],
+            right=window[1],
+            S=T - 3,
+            groups=1,
+            scale=1.0,
+            softcap=None,
+            segments=False,
+            fwd=None,
+            bwd=None,
+            bwd_dq=None,
+            interpret=True,
+            precision=None,
+        )
         pos = np.arange(T)
         diff = pos[:, None] - pos[None, :]
         vis = pos[None, :] < T - 3
@@ -158,13 +211,13 @@ def test_edge_blocks_are_exact_ranges():
         tiles = vis.reshape(T // bq, bq, T // bk, bk)
         any_, all_ = tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
         for i in range(T // bq):
-            lo, hi, flo, fhi = map(int, triton._key_blocks(jnp.int32(i * bq), bq, bk,
-                                                           T // bk, st))
+            lo, hi, flo, fhi = map(int, triton._key_blocks(jnp.int32(i * bq), bq, bk, T // bk, st))
             assert set(np.flatnonzero(any_[i])) <= set(range(lo, hi)), (window, i)
             assert set(np.flatnonzero(all_[i])) == set(range(flo, fhi)), (window, i)
         for j in range(T // bk):
-            lo, hi, flo, fhi = map(int, triton._query_blocks(jnp.int32(j * bk), bk, bq,
-                                                             T // bq, st))
+            lo, hi, flo, fhi = map(
+                int, triton._query_blocks(jnp.int32(j * bk), bk, bq, T // bq, st)
+            )
             assert set(np.flatnonzero(any_[:, j])) <= set(range(lo, hi)), (window, j)
             assert set(np.flatnonzero(all_[:, j])) == set(range(flo, fhi)), (window, j)
 
@@ -195,12 +248,17 @@ def test_tuning_file_overrides_the_table(tmp_path, monkeypatch):
     path.write_text('{"bwd": {"64": [32, 64, 4, 3]}}')
     before = tuning.attention_blocks(64, jnp.bfloat16, "NVIDIA H200", "bwd")
     monkeypatch.setenv(tuning.OVERRIDE_ENV, str(path))
-    assert tuning.attention_blocks(64, jnp.bfloat16, "NVIDIA H200", "bwd") == tuning.Blocks(
-        32, 64, 4, 3) != before
+    assert (
+        tuning.attention_blocks(64, jnp.bfloat16, "NVIDIA H200", "bwd")
+        == tuning.Blocks(32, 64, 4, 3)
+        != before
+    )
     assert tuning.attention_blocks(60, jnp.bfloat16, "NVIDIA L4", "bwd").block_q == 32
     # other kinds and head dims keep the table's rows
-    assert tuning.attention_blocks(128, jnp.bfloat16, "NVIDIA H200", "bwd") == (
-        tuning._TABLE["hopper"]["bwd"][128])
+    assert (
+        tuning.attention_blocks(128, jnp.bfloat16, "NVIDIA H200", "bwd")
+        == (tuning._TABLE["hopper"]["bwd"][128])
+    )
     # a rewritten file is read again
     path.write_text('{"bwd": {"64": [16, 64, 4, 2]}}')
     os.utime(path, ns=(1, 10**18))
@@ -221,21 +279,32 @@ def test_tuning_file_overrides_the_table(tmp_path, monkeypatch):
 def _grad_fn(window, segments, softcap):
     def f(q, k, v, seg):
         def loss(q, k, v):
-            o, lse = triton.flash_attention(q, k, v, window=window, softcap=softcap,
-                                            segment_ids=seg if segments else None,
-                                            interpret=False)
+            o, lse = triton.flash_attention(
+                q,
+                k,
+                v,
+                window=window,
+                softcap=softcap,
+                segment_ids=seg if segments else None,
+                interpret=False,
+            )
             return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
     return f
 
 
-@pytest.mark.parametrize("D, Hkv, window, segments, softcap, dtype", [
-    (64, 2, (256, 0), False, None, jnp.bfloat16),
-    (128, 2, (256, 0), True, 30.0, jnp.bfloat16),
-    (128, 8, (None, None), False, None, jnp.bfloat16),
-    (256, 2, (None, 0), False, None, jnp.bfloat16),
-    (64, 8, (None, 0), False, None, jnp.float32),
-])
+@pytest.mark.parametrize(
+    "D, Hkv, window, segments, softcap, dtype",
+    [
+        (64, 2, (256, 0), False, None, jnp.bfloat16),
+        (128, 2, (256, 0), True, 30.0, jnp.bfloat16),
+        (128, 8, (None, None), False, None, jnp.bfloat16),
+        (256, 2, (None, 0), False, None, jnp.bfloat16),
+        (64, 8, (None, 0), False, None, jnp.float32),
+    ],
+)
 def test_lowers_for_cuda(D, Hkv, window, segments, softcap, dtype):
     """Forward and backward at T = 1024 lower to Triton for an H200 (GQA 4:1 and MHA)."""
     B, T, H = 2, 1024, 8
@@ -243,6 +312,10 @@ def test_lowers_for_cuda(D, Hkv, window, segments, softcap, dtype):
     kv = jax.ShapeDtypeStruct((B, T, Hkv, D), dtype)
     seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
     text = testing.lower_for(_grad_fn(window, segments, softcap), q, kv, kv, seg)
-    for name in ("seqmix_flash_fwd", "seqmix_flash_bwd_delta", "seqmix_flash_bwd_dkdv",
-                 "seqmix_flash_bwd_dq"):
+    for name in (
+        "seqmix_flash_fwd",
+        "seqmix_flash_bwd_delta",
+        "seqmix_flash_bwd_dkdv",
+        "seqmix_flash_bwd_dq",
+    ):
         assert name in text, name

@@ -41,14 +41,28 @@ def test_matches_oracle(impl, case):
 
     def run(implementation):
         def f(x, w, b, h):
-            return causal_conv1d(x, w, b, activation=activation, initial_state=h,
-                                 return_final_state=True, implementation=implementation)
+            return causal_conv1d(
+                x,
+                w,
+                b,
+                activation=activation,
+                initial_state=h,
+                return_final_state=True,
+                implementation=implementation,
+            )
+
         return f
 
     with interpret():
-        testing.check_against(run(impl), run("naive"), (x, w, b, h), argnums=argnums,
-                              tol=testing.tolerance(dtype), seed=seed,
-                              names=[NAMES[i] for i in argnums])
+        testing.check_against(
+            run(impl),
+            run("naive"),
+            (x, w, b, h),
+            argnums=argnums,
+            tol=testing.tolerance(dtype),
+            seed=seed,
+            names=[NAMES[i] for i in argnums],
+        )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -60,11 +74,13 @@ def test_step_repeated_equals_full_op(impl):
     state, ys = h, []
     with interpret():
         for t in range(T):
-            y, state = causal_conv1d_step(x[:, t], state, w, b, activation="silu",
-                                          implementation=impl)
+            y, state = causal_conv1d_step(
+                x[:, t], state, w, b, activation="silu", implementation=impl
+            )
             ys.append(y)
-    y_ref, final_ref = causal_conv1d(x, w, b, activation="silu", initial_state=h,
-                                     return_final_state=True, implementation="naive")
+    y_ref, final_ref = causal_conv1d(
+        x, w, b, activation="silu", initial_state=h, return_final_state=True, implementation="naive"
+    )
     testing.assert_close(jnp.stack(ys, axis=1), y_ref, 1e-5, f"step outputs (seed {seed})")
     testing.assert_close(state, final_ref, 1e-5, f"final state (seed {seed})")
 
@@ -80,20 +96,38 @@ def test_lowers_forward_backward_and_step(implementation):
     sd = jax.ShapeDtypeStruct
 
     def loss(x, w, b, h):
-        y, final = causal_conv1d(x, w, b, activation="silu", initial_state=h,
-                                 return_final_state=True, implementation=implementation)
+        y, final = causal_conv1d(
+            x,
+            w,
+            b,
+            activation="silu",
+            initial_state=h,
+            return_final_state=True,
+            implementation=implementation,
+        )
         return jnp.sum(y.astype(f32)) + jnp.sum(final.astype(f32))
 
     def step(x, s, w, b):
         return causal_conv1d_step(x, s, w, b, activation="silu", implementation=implementation)
 
     marker = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
-    text = testing.lower_for(jax.grad(loss, argnums=(0, 1, 2, 3)), sd((B, T, C), bf),
-                             sd((W, C), f32), sd((C,), f32), sd((B, W - 1, C), bf),
-                             platform=platform)
+    text = testing.lower_for(
+        jax.grad(loss, argnums=(0, 1, 2, 3)),
+        sd((B, T, C), bf),
+        sd((W, C), f32),
+        sd((C,), f32),
+        sd((B, W - 1, C), bf),
+        platform=platform,
+    )
     assert text.count(marker) >= 2, "expected the forward and backward kernels"
-    text = testing.lower_for(step, sd((B, C), bf), sd((B, W - 1, C), bf), sd((W, C), f32),
-                             sd((C,), f32), platform=platform)
+    text = testing.lower_for(
+        step,
+        sd((B, C), bf),
+        sd((B, W - 1, C), bf),
+        sd((W, C), f32),
+        sd((C,), f32),
+        platform=platform,
+    )
     assert text.count(marker) >= 1, "expected the step kernel"
 
 

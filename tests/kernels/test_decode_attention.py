@@ -38,11 +38,20 @@ def test_decode_matches_naive(name, impl, capsys):
     lengths = jnp.array(lengths, jnp.int32)
     with interpret():
         testing.check_against(
-            jax.jit(lambda q, k, v: decode_attention(q, k, v, lengths, softcap=softcap,
-                                                     implementation=impl)),
-            jax.jit(lambda q, k, v: decode_attention(q, k, v, lengths, softcap=softcap,
-                                                     implementation="naive")),
-            (q, k, v), argnums=(0, 1, 2), tol=testing.tolerance(dtype), seed=seed,
+            jax.jit(
+                lambda q, k, v: decode_attention(
+                    q, k, v, lengths, softcap=softcap, implementation=impl
+                )
+            ),
+            jax.jit(
+                lambda q, k, v: decode_attention(
+                    q, k, v, lengths, softcap=softcap, implementation="naive"
+                )
+            ),
+            (q, k, v),
+            argnums=(0, 1, 2),
+            tol=testing.tolerance(dtype),
+            seed=seed,
             names=["q", "k_cache", "v_cache"],
         )
     assert "RACE DETECTED" not in capsys.readouterr().out
@@ -77,26 +86,38 @@ def test_gpu_splits_fill_an_h200():
 
 
 def _cache(S, dtype=jnp.bfloat16, B=4, H=32, Hkv=8, D=128):
-    return (jnp.zeros((B, H, D), dtype), jnp.zeros((B, S, Hkv, D), dtype),
-            jnp.zeros((B,), jnp.int32))
+    return (
+        jnp.zeros((B, H, D), dtype),
+        jnp.zeros((B, S, Hkv, D), dtype),
+        jnp.zeros((B,), jnp.int32),
+    )
 
 
-@pytest.mark.parametrize("platform, fn", [("cuda", decode.decode_attention_triton),
-                                          ("tpu", decode.decode_attention_tpu)])
+@pytest.mark.parametrize(
+    "platform, fn", [("cuda", decode.decode_attention_triton), ("tpu", decode.decode_attention_tpu)]
+)
 def test_decode_lowers_at_128k(platform, fn):
     q, k, lengths = _cache(131072)
     text = testing.lower_for(
-        lambda q, k, v, n: fn(q, k, v, n, scale=128 ** -0.5, softcap=30.0),
-        q, k, k, lengths, platform=platform)
+        lambda q, k, v, n: fn(q, k, v, n, scale=128**-0.5, softcap=30.0),
+        q,
+        k,
+        k,
+        lengths,
+        platform=platform,
+    )
     assert ("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text
 
 
-@pytest.mark.parametrize("platform, fn", [("cuda", decode.decode_attention_triton),
-                                          ("tpu", decode.decode_attention_tpu)])
+@pytest.mark.parametrize(
+    "platform, fn", [("cuda", decode.decode_attention_triton), ("tpu", decode.decode_attention_tpu)]
+)
 def test_decode_lowers_with_gradient_and_other_dtypes(platform, fn):
     """fp16 / fp32, MQA, D = 64 and 256, and the custom_vjp backward, at a 4k cache."""
     for dtype, H, Hkv, D in [(jnp.float16, 8, 1, 64), (jnp.float32, 4, 4, 256)]:
         q, k, lengths = _cache(4096, dtype, B=2, H=H, Hkv=Hkv, D=D)
-        grads = jax.grad(lambda q, k, v, n: fn(q, k, v, n, scale=0.1, softcap=None)
-                         .astype(jnp.float32).sum(), argnums=(0, 1, 2))
+        grads = jax.grad(
+            lambda q, k, v, n: fn(q, k, v, n, scale=0.1, softcap=None).astype(jnp.float32).sum(),
+            argnums=(0, 1, 2),
+        )
         testing.lower_for(grads, q, k, k, lengths, platform=platform)

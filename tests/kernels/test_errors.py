@@ -17,40 +17,82 @@ q = jnp.zeros((2, 8, 4, 16))
 kv = jnp.zeros((2, 8, 2, 16))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: attention(q[0], kv, kv), "q must have rank 4"),
-    (lambda: attention(q, jnp.zeros((2, 8, 3, 16)), jnp.zeros((2, 8, 3, 16))), "multiple"),
-    (lambda: attention(q, kv, kv[:, :4]), "v must have shape"),
-    (lambda: attention(q, kv, kv, local_window_size=-1), "local_window_size"),
-    (lambda: attention(q, kv, kv, local_window_size=(2, -3)), "local_window_size"),
-    (lambda: attention(q, kv, kv, segment_ids=jnp.zeros((2, 7), jnp.int32)), "segment_ids"),
-    (lambda: attention(q, kv, kv, segment_ids=jnp.zeros((2, 8))), "segment_ids"),
-    (lambda: attention(q, kv, kv, softcap=0.0), "softcap"),
-    (lambda: attention(q, kv, kv, implementation="fast"), "implementation"),
-    (lambda: attention(q.astype(jnp.int32), kv, kv), "q has dtype"),
-    (lambda: decode_attention(q[:, 0], kv, kv, jnp.zeros((3,), jnp.int32)), "lengths"),
-    (lambda: linear_attention(q, q, jnp.zeros((2, 8, 6, 16))), "multiple"),
-    (lambda: linear_attention(q, q, q, jnp.full((2, 8, 4), 0.5)), "log_decay must be <= 0"),
-    (lambda: linear_attention(q, q, q, jnp.zeros((2, 8))), "log_decay"),
-    (lambda: linear_attention(q, q, q, jnp.zeros((2, 8, 4, 3))), "log_decay"),
-    (lambda: linear_attention(q, q, q, initial_state=jnp.zeros((2, 4, 16, 17))), "initial_state"),
-    (lambda: linear_attention(q, q, q, segment_ids=jnp.zeros((2, 9), jnp.int32)), "segment_ids"),
-    (lambda: linear_attention(q, q, q, chunk_size=0), "chunk_size"),
-    (lambda: linear_attention(q, q, q, implementation="cuda"), "implementation"),
-    (lambda: linear_attention_step(q[:, 0], q[:, 0], q[:, 0], jnp.zeros((2, 4, 16, 8))), "state"),
-    (lambda: selective_scan(jnp.zeros((2, 8, 6)), jnp.zeros((2, 8, 6)), jnp.zeros((6, 4)),
-                            jnp.zeros((2, 8, 4, 4)), jnp.zeros((2, 8, 4, 4))), "groups"),
-    (lambda: selective_scan(jnp.zeros((2, 8, 6)), jnp.zeros((2, 8, 5)), jnp.zeros((6, 4)),
-                            jnp.zeros((2, 8, 4)), jnp.zeros((2, 8, 4))), "delta must have"),
-    (lambda: selective_scan(jnp.zeros((2, 8, 6)), jnp.zeros((2, 8, 6)), jnp.zeros((6, 4)),
-                            jnp.zeros((2, 8, 4)), jnp.zeros((2, 8, 4)),
-                            initial_state=jnp.zeros((2, 6, 3))), "initial_state"),
-    (lambda: causal_conv1d(jnp.zeros((2, 8, 6)), jnp.zeros((4, 5))), "weight must have"),
-    (lambda: causal_conv1d(jnp.zeros((2, 8, 6)), jnp.zeros((4, 6)), activation="gelu"),
-     "activation"),
-    (lambda: causal_conv1d(jnp.zeros((2, 8, 6)), jnp.zeros((4, 6)),
-                           initial_state=jnp.zeros((2, 4, 6))), "initial_state"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: attention(q[0], kv, kv), "q must have rank 4"),
+        (lambda: attention(q, jnp.zeros((2, 8, 3, 16)), jnp.zeros((2, 8, 3, 16))), "multiple"),
+        (lambda: attention(q, kv, kv[:, :4]), "v must have shape"),
+        (lambda: attention(q, kv, kv, local_window_size=-1), "local_window_size"),
+        (lambda: attention(q, kv, kv, local_window_size=(2, -3)), "local_window_size"),
+        (lambda: attention(q, kv, kv, segment_ids=jnp.zeros((2, 7), jnp.int32)), "segment_ids"),
+        (lambda: attention(q, kv, kv, segment_ids=jnp.zeros((2, 8))), "segment_ids"),
+        (lambda: attention(q, kv, kv, softcap=0.0), "softcap"),
+        (lambda: attention(q, kv, kv, implementation="fast"), "implementation"),
+        (lambda: attention(q.astype(jnp.int32), kv, kv), "q has dtype"),
+        (lambda: decode_attention(q[:, 0], kv, kv, jnp.zeros((3,), jnp.int32)), "lengths"),
+        (lambda: linear_attention(q, q, jnp.zeros((2, 8, 6, 16))), "multiple"),
+        (lambda: linear_attention(q, q, q, jnp.full((2, 8, 4), 0.5)), "log_decay must be <= 0"),
+        (lambda: linear_attention(q, q, q, jnp.zeros((2, 8))), "log_decay"),
+        (lambda: linear_attention(q, q, q, jnp.zeros((2, 8, 4, 3))), "log_decay"),
+        (
+            lambda: linear_attention(q, q, q, initial_state=jnp.zeros((2, 4, 16, 17))),
+            "initial_state",
+        ),
+        (
+            lambda: linear_attention(q, q, q, segment_ids=jnp.zeros((2, 9), jnp.int32)),
+            "segment_ids",
+        ),
+        (lambda: linear_attention(q, q, q, chunk_size=0), "chunk_size"),
+        (lambda: linear_attention(q, q, q, implementation="cuda"), "implementation"),
+        (
+            lambda: linear_attention_step(q[:, 0], q[:, 0], q[:, 0], jnp.zeros((2, 4, 16, 8))),
+            "state",
+        ),
+        (
+            lambda: selective_scan(
+                jnp.zeros((2, 8, 6)),
+                jnp.zeros((2, 8, 6)),
+                jnp.zeros((6, 4)),
+                jnp.zeros((2, 8, 4, 4)),
+                jnp.zeros((2, 8, 4, 4)),
+            ),
+            "groups",
+        ),
+        (
+            lambda: selective_scan(
+                jnp.zeros((2, 8, 6)),
+                jnp.zeros((2, 8, 5)),
+                jnp.zeros((6, 4)),
+                jnp.zeros((2, 8, 4)),
+                jnp.zeros((2, 8, 4)),
+            ),
+            "delta must have",
+        ),
+        (
+            lambda: selective_scan(
+                jnp.zeros((2, 8, 6)),
+                jnp.zeros((2, 8, 6)),
+                jnp.zeros((6, 4)),
+                jnp.zeros((2, 8, 4)),
+                jnp.zeros((2, 8, 4)),
+                initial_state=jnp.zeros((2, 6, 3)),
+            ),
+            "initial_state",
+        ),
+        (lambda: causal_conv1d(jnp.zeros((2, 8, 6)), jnp.zeros((4, 5))), "weight must have"),
+        (
+            lambda: causal_conv1d(jnp.zeros((2, 8, 6)), jnp.zeros((4, 6)), activation="gelu"),
+            "activation",
+        ),
+        (
+            lambda: causal_conv1d(
+                jnp.zeros((2, 8, 6)), jnp.zeros((4, 6)), initial_state=jnp.zeros((2, 4, 6))
+            ),
+            "initial_state",
+        ),
+    ],
+)
 def test_value_errors_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -77,8 +119,14 @@ def test_named_implementation_never_falls_back():
 
 def test_unknown_implementation_lists_the_valid_ones():
     with pytest.raises(ValueError) as e:
-        selective_scan(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 3)), jnp.zeros((3, 2)),
-                       jnp.zeros((1, 2, 2)), jnp.zeros((1, 2, 2)), implementation="scan")
+        selective_scan(
+            jnp.zeros((1, 2, 3)),
+            jnp.zeros((1, 2, 3)),
+            jnp.zeros((3, 2)),
+            jnp.zeros((1, 2, 2)),
+            jnp.zeros((1, 2, 2)),
+            implementation="scan",
+        )
     for name in dispatch.IMPLEMENTATIONS:
         assert name in str(e.value)
 
@@ -102,6 +150,10 @@ def test_public_ops_lower_for_gpu_and_tpu_on_this_cpu():
     k = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
     for platform, impl in (("cuda", "pallas_triton"), ("tpu", "pallas_tpu")):
         text = testing.lower_for(
-            lambda q, k, v: attention(q, k, v, causal=True, implementation=impl), q, k, k,
-            platform=platform)
+            lambda q, k, v: attention(q, k, v, causal=True, implementation=impl),
+            q,
+            k,
+            k,
+            platform=platform,
+        )
         assert ("triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)

@@ -50,12 +50,29 @@ def test_xla_matches_naive_with_states(case, segments):
 
     def run(impl):
         def f(q, k, v, s0, g=None):
-            return linear_attention(q, k, v, g, initial_state=s0, return_final_state=True,
-                                    segment_ids=seg, chunk_size=chunk, implementation=impl)
+            return linear_attention(
+                q,
+                k,
+                v,
+                g,
+                initial_state=s0,
+                return_final_state=True,
+                segment_ids=seg,
+                chunk_size=chunk,
+                implementation=impl,
+            )
+
         return f
 
-    testing.check_against(run("xla"), run("naive"), args, argnums=range(len(args)),
-                          tol=1e-5, seed=seed, names=["q", "k", "v", "initial_state", "log_decay"])
+    testing.check_against(
+        run("xla"),
+        run("naive"),
+        args,
+        argnums=range(len(args)),
+        tol=1e-5,
+        seed=seed,
+        names=["q", "k", "v", "initial_state", "log_decay"],
+    )
 
 
 @pytest.mark.parametrize("decay", ["none", "scalar", "channel"])
@@ -66,16 +83,19 @@ def test_normalize(decay):
     q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
 
     def run(impl):
-        return lambda q, k, v: linear_attention(q, k, v, g, normalize=True, chunk_size=16,
-                                                implementation=impl)
+        return lambda q, k, v: linear_attention(
+            q, k, v, g, normalize=True, chunk_size=16, implementation=impl
+        )
 
-    testing.check_against(run("xla"), run("naive"), (q, k, v), argnums=(0, 1, 2), tol=1e-5,
-                          seed=seed)
+    testing.check_against(
+        run("xla"), run("naive"), (q, k, v), argnums=(0, 1, 2), tol=1e-5, seed=seed
+    )
     # and the definition: o_t = q^T S_t / (q^T z_t + eps)
     o = run("naive")(q, k, v)
     num = linear_attention(q, k, v, g, chunk_size=16, implementation="naive")
-    den = linear_attention(q, k, jnp.ones_like(v[..., :1]), g, chunk_size=16,
-                           implementation="naive")
+    den = linear_attention(
+        q, k, jnp.ones_like(v[..., :1]), g, chunk_size=16, implementation="naive"
+    )
     testing.assert_close(o, num / (den + 1e-6), 1e-5)
 
 
@@ -83,10 +103,14 @@ def test_strong_decay_bf16_and_long_sequence():
     seed = testing.fresh_seed()
     # log decay down to -20, bf16 inputs
     q, k, v, g, s0 = _inputs(seed, 1, 130, 2, 2, 16, 16, "channel", jnp.bfloat16, g_min=-20.0)
-    f = lambda impl: (lambda q, k, v, g: linear_attention(
-        q, k, v, g, initial_state=s0, return_final_state=True, implementation=impl))
-    testing.check_against(f("xla"), f("naive"), (q, k, v, g), argnums=(0, 1, 2, 3), tol=5e-3,
-                          seed=seed)
+    f = lambda impl: (
+        lambda q, k, v, g: linear_attention(
+            q, k, v, g, initial_state=s0, return_final_state=True, implementation=impl
+        )
+    )
+    testing.check_against(
+        f("xla"), f("naive"), (q, k, v, g), argnums=(0, 1, 2, 3), tol=5e-3, seed=seed
+    )
     # T = 4096 in float32 with no decay: no overflow, still within float32 tolerance
     q, k, v, _, _ = _inputs(seed, 1, 4096, 1, 1, 16, 16, "none")
     o = linear_attention(q, k, v, implementation="xla")
@@ -100,10 +124,12 @@ def test_two_halves_with_state_equal_whole(decay):
     seed = testing.fresh_seed()
     q, k, v, g, s0 = _inputs(seed, 2, 50, 1, 2, 8, 8, decay)
     whole, s_whole = linear_attention(q, k, v, g, initial_state=s0, return_final_state=True)
-    a, s_a = linear_attention(q[:, :23], k[:, :23], v[:, :23], g[:, :23], initial_state=s0,
-                              return_final_state=True)
-    b, s_b = linear_attention(q[:, 23:], k[:, 23:], v[:, 23:], g[:, 23:], initial_state=s_a,
-                              return_final_state=True)
+    a, s_a = linear_attention(
+        q[:, :23], k[:, :23], v[:, :23], g[:, :23], initial_state=s0, return_final_state=True
+    )
+    b, s_b = linear_attention(
+        q[:, 23:], k[:, 23:], v[:, 23:], g[:, 23:], initial_state=s_a, return_final_state=True
+    )
     testing.assert_close(jnp.concatenate([a, b], axis=1), whole, 1e-5)
     testing.assert_close(s_b, s_whole, 1e-5)
 
@@ -120,8 +146,9 @@ def test_step_repeated_equals_full(decay, normalize):
     state = jnp.zeros((B, Hv, K, V + 1 if normalize else V), jnp.float32)
     outs = []
     for t in range(T):
-        o, state = linear_attention_step(q[:, t], k[:, t], v[:, t], state,
-                                         None if g is None else g[:, t], normalize=normalize)
+        o, state = linear_attention_step(
+            q[:, t], k[:, t], v[:, t], state, None if g is None else g[:, t], normalize=normalize
+        )
         outs.append(o)
     testing.assert_close(jnp.stack(outs, 1), full, 1e-5)
     testing.assert_close(state, final, 1e-5)
@@ -133,8 +160,10 @@ def test_segments_reset_the_state():
     q, k, v, g, _ = _inputs(seed, 1, 30, 1, 1, 8, 8, "scalar")
     seg = jnp.array([[0] * 11 + [1] * 12 + [2] * 7])
     packed = linear_attention(q, k, v, g, segment_ids=seg, chunk_size=8)
-    pieces = [linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], chunk_size=8)
-              for a, b in [(0, 11), (11, 23), (23, 30)]]
+    pieces = [
+        linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], chunk_size=8)
+        for a, b in [(0, 11), (11, 23), (23, 30)]
+    ]
     testing.assert_close(packed, jnp.concatenate(pieces, axis=1), 1e-5)
 
 
@@ -148,8 +177,7 @@ def test_naive_matches_explicit_loop():
     for t in range(6):
         for h in range(2):
             S[h] = np.exp(gn[0, t, h]) * S[h] + np.outer(kn[0, t, 0], vn[0, t, h])
-            np.testing.assert_allclose(o[0, t, h], 0.7 * qn[0, t, 0] @ S[h], rtol=2e-5,
-                                       atol=1e-5)
+            np.testing.assert_allclose(o[0, t, h], 0.7 * qn[0, t, 0] @ S[h], rtol=2e-5, atol=1e-5)
 
 
 def test_xla_per_channel_in_groups_of_chunks():

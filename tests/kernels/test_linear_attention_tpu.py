@@ -21,6 +21,7 @@ def _check(fn, ref, args, *, argnums, tol, seed, names, grad_tols=None):
     """``testing.check_against`` with each side's outputs and VJP in one top-level jit
     (compiler options apply only there): outputs and every gradient within ``tol`` (or
     ``grad_tols[name]``)."""
+
     def out_and_grads(f, args):
         def run(diff, ct):
             def closed(*d):
@@ -28,18 +29,21 @@ def _check(fn, ref, args, *, argnums, tol, seed, names, grad_tols=None):
                 for i, a in zip(argnums, d):
                     full[i] = a
                 return f(*full)
+
             out, vjp = jax.vjp(closed, *diff)
             return out, vjp(ct)
+
         return jax.jit(run, compiler_options=FAST_COMPILE)
 
     ref_args = testing.upcast(list(args))  # the oracle in float32
     out_shape = jax.eval_shape(lambda: fn(*args))
     ct = testing.random_cotangent(
-        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape),
-        jax.random.key(seed + 1))
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape), jax.random.key(seed + 1)
+    )
     out, grads = out_and_grads(fn, args)([args[i] for i in argnums], ct)
-    out_ref, grads_ref = out_and_grads(ref, ref_args)([ref_args[i] for i in argnums],
-                                                      testing.upcast(ct))
+    out_ref, grads_ref = out_and_grads(ref, ref_args)(
+        [ref_args[i] for i in argnums], testing.upcast(ct)
+    )
     for i, (a, b) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(out_ref))):
         testing.assert_close(a, b, tol, f"output {i} (seed {seed})")
     for name, a, b in zip(names, grads, grads_ref):
@@ -58,8 +62,22 @@ def _jit(fn):
     return jax.jit(fn, compiler_options=FAST_COMPILE)
 
 
-def _inputs(seed, *, B, T, Hqk, Hv, K, V, dtype, decay, min_log_decay=-3.0, segments=False,
-            init=False, normalize=False):
+def _inputs(
+    seed,
+    *,
+    B,
+    T,
+    Hqk,
+    Hv,
+    K,
+    V,
+    dtype,
+    decay,
+    min_log_decay=-3.0,
+    segments=False,
+    init=False,
+    normalize=False,
+):
     ks = jax.random.split(jax.random.key(seed), 6)
     q = jax.random.normal(ks[0], (B, T, Hqk, K), jnp.float32).astype(dtype)
     k = jax.random.normal(ks[1], (B, T, Hqk, K), jnp.float32).astype(dtype)
@@ -67,8 +85,11 @@ def _inputs(seed, *, B, T, Hqk, Hv, K, V, dtype, decay, min_log_decay=-3.0, segm
         q, k = jnp.abs(q) + 0.1, jnp.abs(k) + 0.1
     v = jax.random.normal(ks[2], (B, T, Hv, V), jnp.float32).astype(dtype)
     g_shape = {"none": None, "scalar": (B, T, Hv), "channel": (B, T, Hv, K)}[decay]
-    g = None if g_shape is None else jax.random.uniform(ks[3], g_shape, jnp.float32,
-                                                        min_log_decay, 0.0)
+    g = (
+        None
+        if g_shape is None
+        else jax.random.uniform(ks[3], g_shape, jnp.float32, min_log_decay, 0.0)
+    )
     vs = V + 1 if normalize else V
     s0 = jax.random.normal(ks[4], (B, Hv, K, vs), jnp.float32) if init else None
     if normalize and init:
@@ -78,22 +99,32 @@ def _inputs(seed, *, B, T, Hqk, Hv, K, V, dtype, decay, min_log_decay=-3.0, segm
 
 
 def _check_public(seed, *, chunk, segments, normalize, dtype, **shape):
-    q, k, v, g, s0, seg = _inputs(seed, segments=segments, normalize=normalize, dtype=dtype,
-                                  **shape)
+    q, k, v, g, s0, seg = _inputs(
+        seed, segments=segments, normalize=normalize, dtype=dtype, **shape
+    )
     kw = dict(segment_ids=seg, normalize=normalize, chunk_size=chunk, return_final_state=True)
 
     def run(impl):
         return lambda q, k, v, g, s0: linear_attention(
-            q, k, v, g, initial_state=s0, implementation=impl, **kw)
+            q, k, v, g, initial_state=s0, implementation=impl, **kw
+        )
 
     args = (q, k, v, g, s0)
     names = ["q", "k", "v", "log_decay", "initial_state"]
     argnums = [i for i, a in enumerate(args) if a is not None]
     with interpret():
-        _check(run("pallas_tpu"), run("naive"), args, argnums=argnums,
-               tol=testing.tolerance(dtype), seed=seed, names=[names[i] for i in argnums],
-               grad_tols=(testing.NORMALIZE_GRAD_TOL.get(jnp.dtype(dtype).name)
-                          if normalize else None))
+        _check(
+            run("pallas_tpu"),
+            run("naive"),
+            args,
+            argnums=argnums,
+            tol=testing.tolerance(dtype),
+            seed=seed,
+            names=[names[i] for i in argnums],
+            grad_tols=(
+                testing.NORMALIZE_GRAD_TOL.get(jnp.dtype(dtype).name) if normalize else None
+            ),
+        )
 
 
 CASES = [
@@ -108,23 +139,52 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(
-    str(jnp.dtype(x).name) if i == 1 else str(x) for i, x in enumerate(c)))
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: "-".join(str(jnp.dtype(x).name) if i == 1 else str(x) for i, x in enumerate(c)),
+)
 def test_matches_oracle(case):
     """Every decay kind, groups, segments, states in and out, normalize, log_decay down to
     -20 (every exp stays of a non-positive number), bf16/fp16/fp32; chunk 32 gives the
     per-channel kernel two sub-chunks (off-diagonal factored blocks)."""
     decay, dtype, B, T, Hqk, Hv, K, V, chunk, segments, init, normalize, gmin = case
-    _check_public(testing.fresh_seed(), decay=decay, dtype=dtype, B=B, T=T, Hqk=Hqk, Hv=Hv,
-                  K=K, V=V, chunk=chunk, segments=segments, init=init, normalize=normalize,
-                  min_log_decay=gmin)
+    _check_public(
+        testing.fresh_seed(),
+        decay=decay,
+        dtype=dtype,
+        B=B,
+        T=T,
+        Hqk=Hqk,
+        Hv=Hv,
+        K=K,
+        V=V,
+        chunk=chunk,
+        segments=segments,
+        init=init,
+        normalize=normalize,
+        min_log_decay=gmin,
+    )
 
 
 @pytest.mark.parametrize("T, decay", [(1, "channel"), (15, "scalar")])
 def test_lengths_around_the_chunk(T, decay):
     """T in {1, 15} with chunk 16 (16 and 17 are in test_matches_oracle)."""
-    _check_public(testing.fresh_seed(), decay=decay, dtype=jnp.float32, B=1, T=T, Hqk=1, Hv=2,
-                  K=16, V=16, chunk=16, segments=T > 1, init=True, normalize=False)
+    _check_public(
+        testing.fresh_seed(),
+        decay=decay,
+        dtype=jnp.float32,
+        B=1,
+        T=T,
+        Hqk=1,
+        Hv=2,
+        K=16,
+        V=16,
+        chunk=16,
+        segments=T > 1,
+        init=True,
+        normalize=False,
+    )
 
 
 @pytest.mark.parametrize("decay", ["scalar", "channel"])
@@ -134,47 +194,100 @@ def test_several_grid_steps(decay):
     last block is partial. (The public op picks ~1024 tokens per step, so this calls the
     implementation directly with a smaller step.)"""
     seed = testing.fresh_seed()
-    q, k, v, g, s0, seg = _inputs(seed, B=1, T=140, Hqk=1, Hv=2, K=16, V=16,
-                                  dtype=jnp.float32, decay=decay, segments=True, init=True)
+    q, k, v, g, s0, seg = _inputs(
+        seed,
+        B=1,
+        T=140,
+        Hqk=1,
+        Hv=2,
+        K=16,
+        V=16,
+        dtype=jnp.float32,
+        decay=decay,
+        segments=True,
+        init=True,
+    )
     runs = segment_runs(seg)
-    fn = (lambda q, k, v, g, s0: tpu.linear_attention(
-        q, k, v, g, scale=0.25, initial_state=s0, runs=runs, chunk_size=16, sub_chunk=8,
-        chunks_per_step=8))
-    ref = (lambda q, k, v, g, s0: reference.linear_attention_naive(
-        q, k, v, g, scale=0.25, initial_state=s0, runs=runs))
+    fn = lambda q, k, v, g, s0: tpu.linear_attention(
+        q,
+        k,
+        v,
+        g,
+        scale=0.25,
+        initial_state=s0,
+        runs=runs,
+        chunk_size=16,
+        sub_chunk=8,
+        chunks_per_step=8,
+    )
+    ref = lambda q, k, v, g, s0: reference.linear_attention_naive(
+        q, k, v, g, scale=0.25, initial_state=s0, runs=runs
+    )
     with interpret():
         jax.block_until_ready(jax.jit(fn)(q, k, v, g, s0))  # forward kernel alone
         _assert_no_races()
-        _check(fn, ref, (q, k, v, g, s0), argnums=(0, 1, 2, 3, 4),
-               tol=testing.tolerance(jnp.float32), seed=seed, names="qkvgs")
+        _check(
+            fn,
+            ref,
+            (q, k, v, g, s0),
+            argnums=(0, 1, 2, 3, 4),
+            tol=testing.tolerance(jnp.float32),
+            seed=seed,
+            names="qkvgs",
+        )
         _assert_no_races()  # the last kernel run: the backward
 
 
-@pytest.mark.parametrize("decay, Hqk, Hv, normalize", [
-    ("none", 2, 2, True), ("scalar", 1, 2, False), ("channel", 1, 4, False)])
+@pytest.mark.parametrize(
+    "decay, Hqk, Hv, normalize",
+    [("none", 2, 2, True), ("scalar", 1, 2, False), ("channel", 1, 4, False)],
+)
 def test_step_matches_full_op(decay, Hqk, Hv, normalize):
     seed = testing.fresh_seed()
     B, T, K, V = 2, 4, 16, 24
-    q, k, v, g, s0, _ = _inputs(seed, B=B, T=T, Hqk=Hqk, Hv=Hv, K=K, V=V, dtype=jnp.float32,
-                                decay=decay, init=True, normalize=normalize)
+    q, k, v, g, s0, _ = _inputs(
+        seed,
+        B=B,
+        T=T,
+        Hqk=Hqk,
+        Hv=Hv,
+        K=K,
+        V=V,
+        dtype=jnp.float32,
+        decay=decay,
+        init=True,
+        normalize=normalize,
+    )
     with interpret():
-        step = _jit(lambda q, k, v, s, g: linear_attention_step(
-            q, k, v, s, g, normalize=normalize, implementation="pallas_tpu"))
+        step = _jit(
+            lambda q, k, v, s, g: linear_attention_step(
+                q, k, v, s, g, normalize=normalize, implementation="pallas_tpu"
+            )
+        )
         state, outs = s0, []
         for t in range(T):
             o, state = step(q[:, t], k[:, t], v[:, t], state, None if g is None else g[:, t])
             outs.append(o)
         _assert_no_races()
-    o_ref, s_ref = linear_attention(q, k, v, g, initial_state=s0, normalize=normalize,
-                                    return_final_state=True, implementation="naive")
+    o_ref, s_ref = linear_attention(
+        q,
+        k,
+        v,
+        g,
+        initial_state=s0,
+        normalize=normalize,
+        return_final_state=True,
+        implementation="naive",
+    )
     tol = testing.tolerance(jnp.float32)
     testing.assert_close(jnp.stack(outs, axis=1), o_ref, tol, f"o (seed {seed})")
     testing.assert_close(state, s_ref, tol, f"state (seed {seed})")
 
 
 def test_chunk_size_must_be_a_multiple_of_16():
-    q, k, v, g, _, _ = _inputs(0, B=1, T=8, Hqk=1, Hv=1, K=16, V=16, dtype=jnp.float32,
-                               decay="scalar")
+    q, k, v, g, _, _ = _inputs(
+        0, B=1, T=8, Hqk=1, Hv=1, K=16, V=16, dtype=jnp.float32, decay="scalar"
+    )
     with interpret(), pytest.raises(NotImplementedError, match="multiple of 16"):
         linear_attention(q, k, v, g, chunk_size=24, implementation="pallas_tpu")
 
@@ -191,14 +304,29 @@ def test_lowers_for_tpu(decay):
 
     def fwd_bwd(q, k, v, g, s0, seg):
         def loss(q, k, v, g, s0):
-            o, s = linear_attention(q, k, v, g, initial_state=s0, segment_ids=seg,
-                                    return_final_state=True, implementation="pallas_tpu")
+            o, s = linear_attention(
+                q,
+                k,
+                v,
+                g,
+                initial_state=s0,
+                segment_ids=seg,
+                return_final_state=True,
+                implementation="pallas_tpu",
+            )
             return o.astype(jnp.float32).sum() + s.sum()
+
         return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
 
     text = testing.lower_for(fwd_bwd, x, x, x, g, s0, seg, platform="tpu")
     assert text.count("tpu_custom_call") == 2  # one forward kernel, one backward kernel
     text = testing.lower_for(
         lambda q, k, v, s, g: linear_attention_step(q, k, v, s, g, implementation="pallas_tpu"),
-        x[:, 0], x[:, 0], x[:, 0], s0, g[:, 0], platform="tpu")
+        x[:, 0],
+        x[:, 0],
+        x[:, 0],
+        s0,
+        g[:, 0],
+        platform="tpu",
+    )
     assert "tpu_custom_call" in text

@@ -33,33 +33,67 @@ def test_xla_matches_naive(T, G, gated):
 
     def run(impl):
         def f(u, delta, A, Bm, C, D, z, bias, h0):
-            return selective_scan(u, delta, A, Bm, C, D, z if gated else None, delta_bias=bias,
-                                  delta_softplus=True, initial_state=h0,
-                                  return_final_state=True, implementation=impl)
+            return selective_scan(
+                u,
+                delta,
+                A,
+                Bm,
+                C,
+                D,
+                z if gated else None,
+                delta_bias=bias,
+                delta_softplus=True,
+                initial_state=h0,
+                return_final_state=True,
+                implementation=impl,
+            )
+
         return f
 
     args = (u, delta, A, Bm, C, D, z, bias, h0)
-    testing.check_against(run("xla"), run("naive"), args, argnums=range(9), tol=1e-5,
-                          seed=seed, names=["u", "delta", "A", "B", "C", "D", "z",
-                                            "delta_bias", "initial_state"])
+    testing.check_against(
+        run("xla"),
+        run("naive"),
+        args,
+        argnums=range(9),
+        tol=1e-5,
+        seed=seed,
+        names=["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"],
+    )
 
 
 def test_bf16_strong_decay_no_skip():
     seed = testing.fresh_seed()
     u, delta, A, Bm, C, _, _, _, _ = _inputs(seed, 2, 33, 8, 4, 2, jnp.bfloat16, strong=True)
-    f = lambda impl: (lambda u, delta, A, Bm, C: selective_scan(
-        u, delta, A, Bm, C, delta_softplus=True, implementation=impl))
-    testing.check_against(f("xla"), f("naive"), (u, delta, A, Bm, C), argnums=range(5),
-                          tol=5e-3, seed=seed)
+    f = lambda impl: (
+        lambda u, delta, A, Bm, C: selective_scan(
+            u, delta, A, Bm, C, delta_softplus=True, implementation=impl
+        )
+    )
+    testing.check_against(
+        f("xla"), f("naive"), (u, delta, A, Bm, C), argnums=range(5), tol=5e-3, seed=seed
+    )
 
 
 def test_naive_matches_numpy():
     seed = testing.fresh_seed()
     u, delta, A, Bm, C, D, z, bias, h0 = _inputs(seed, 1, 5, 4, 3, 2)
-    y = selective_scan(u, delta, A, Bm, C, D, z, delta_bias=bias, delta_softplus=True,
-                       initial_state=h0, implementation="naive")
-    un, dn, An, Bn, Cn, Dn, zn, bn = (np.asarray(x, np.float64)
-                                      for x in (u, delta, A, Bm, C, D, z, bias))
+    y = selective_scan(
+        u,
+        delta,
+        A,
+        Bm,
+        C,
+        D,
+        z,
+        delta_bias=bias,
+        delta_softplus=True,
+        initial_state=h0,
+        implementation="naive",
+    )
+    un, dn, An, Bn, Cn, Dn, zn, bn = (
+        np.asarray(x, np.float64) for x in (u, delta, A, Bm, C, D, z, bias)
+    )
     h = np.asarray(h0, np.float64)[0]
     for t in range(5):
         dt = np.log1p(np.exp(dn[0, t] + bn))
@@ -77,7 +111,8 @@ def test_two_pieces_with_state_equal_whole():
     kw = dict(delta_bias=bias, delta_softplus=True, return_final_state=True)
     y, h = selective_scan(u, delta, A, Bm, C, D, z, **kw)
     y1, h1 = selective_scan(u[:, :7], delta[:, :7], A, Bm[:, :7], C[:, :7], D, z[:, :7], **kw)
-    y2, h2 = selective_scan(u[:, 7:], delta[:, 7:], A, Bm[:, 7:], C[:, 7:], D, z[:, 7:],
-                            initial_state=h1, **kw)
+    y2, h2 = selective_scan(
+        u[:, 7:], delta[:, 7:], A, Bm[:, 7:], C[:, 7:], D, z[:, 7:], initial_state=h1, **kw
+    )
     testing.assert_close(jnp.concatenate([y1, y2], 1), y, 1e-5)
     testing.assert_close(h2, h, 1e-5)

@@ -10,23 +10,28 @@ D_MODEL = 32
 # computation path (GQA/MQA, window ring buffer, short convs, Taylor map, groups, concat).
 CASES = [
     ("attention", "attention", {"num_kv_heads": 2}),
-    ("attention-window", "attention",
-     {"num_kv_heads": 1, "local_window_size": 3, "softcap": 5.0, "qk_norm": True}),
+    (
+        "attention-window",
+        "attention",
+        {"num_kv_heads": 1, "local_window_size": 3, "softcap": 5.0, "qk_norm": True},
+    ),
     ("linear_attention", "linear_attention", {"short_conv": True}),
     ("retnet", "retnet", {}),
     ("gla", "gla", {"short_conv": True, "gate_low_rank_dim": 4}),
     ("mamba2", "mamba2", {"headdim": 8, "d_state": 8, "ngroups": 2}),
     ("mamba", "mamba", {"d_state": 8}),
-    ("based", "based", {"window_size": 3, "feature_dim": 4, "combine": "concat",
-                        "short_conv": True}),
+    (
+        "based",
+        "based",
+        {"window_size": 3, "feature_dim": 4, "combine": "concat", "short_conv": True},
+    ),
 ]
 
 IDS = [case[0] for case in CASES]
 
 
 def config_for(name: str, overrides: dict, **model_overrides):
-    return model_config(d_model=D_MODEL, vocab_size=50, mixers={name: overrides},
-                        **model_overrides)
+    return model_config(d_model=D_MODEL, vocab_size=50, mixers={name: overrides}, **model_overrides)
 
 
 def mixer_config_for(name: str, overrides: dict, *, causal: bool = True, **model_overrides):

@@ -43,7 +43,7 @@ def test_gated_rmsnorm_normalises_each_group():
     y, z = normal(seed, (2, 3, 12)), normal(seed + 1, (2, 3, 12))
     out = GatedRMSNorm(12, groups=3, eps=0.0, rngs=nnx.Rngs(0))(y, z)
     h = np.asarray(y * jax.nn.silu(z)).reshape(2, 3, 3, 4)
-    want = h / np.sqrt(np.mean(h ** 2, axis=-1, keepdims=True))
+    want = h / np.sqrt(np.mean(h**2, axis=-1, keepdims=True))
     assert_close(out, want.reshape(2, 3, 12), TOL)
 
 
@@ -81,12 +81,13 @@ def test_taylor_feature_map_is_second_order_exp():
     s = jnp.sum(q * k, -1) / np.sqrt(d)
     got = jnp.sum(apply_feature_map(q, "taylor") * apply_feature_map(k, "taylor"), -1)
     assert apply_feature_map(q, "taylor").shape == (5, 1 + d + d * d)
-    assert_close(got, 1 + s + s ** 2 / 2, 1e-5)
+    assert_close(got, 1 + s + s**2 / 2, 1e-5)
 
 
 def test_retnet_decays():
-    np.testing.assert_allclose(np.exp(np.asarray(retnet_log_decay(3))),
-                               [1 - 2 ** -5, 1 - 2 ** -6, 1 - 2 ** -7], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.exp(np.asarray(retnet_log_decay(3))), [1 - 2**-5, 1 - 2**-6, 1 - 2**-7], rtol=1e-6
+    )
 
 
 def test_short_conv_restarts_at_segment_starts():
@@ -104,8 +105,9 @@ def test_errors_name_the_keys():
     with pytest.raises(ValueError, match=r"d_model \(30\).*num_heads \(4\)"):
         Attention(mixer_config(Attention, d_model=30, num_heads=4), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"num_heads \(4\).*num_kv_heads \(3\)"):
-        Attention(mixer_config(Attention, d_model=32, num_heads=4, num_kv_heads=3),
-                  rngs=nnx.Rngs(0))
+        Attention(
+            mixer_config(Attention, d_model=32, num_heads=4, num_kv_heads=3), rngs=nnx.Rngs(0)
+        )
     with pytest.raises(ValueError, match=r"d_model \(30\).*num_heads \(4\)"):
         LinearAttention(mixer_config(LinearAttention, d_model=30), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="headdim"):
@@ -113,8 +115,9 @@ def test_errors_name_the_keys():
     with pytest.raises(ValueError, match="ngroups"):
         Mamba2(mixer_config(Mamba2, d_model=32, headdim=16, ngroups=3), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="feature_map"):
-        LinearAttention(mixer_config(LinearAttention, d_model=32, feature_map="softmax"),
-                        rngs=nnx.Rngs(0))
+        LinearAttention(
+            mixer_config(LinearAttention, d_model=32, feature_map="softmax"), rngs=nnx.Rngs(0)
+        )
     with pytest.raises(ValueError, match="unknown keys"):
         mixer_config(Attention, d_model=32, num_head=4)
 
@@ -124,8 +127,9 @@ def test_mixer_rejects_cache_with_segments_and_bidirectional_cache():
     x = jnp.zeros((1, 3, 16))
     with pytest.raises(ValueError, match="segment_ids"):
         mixer(x, segment_ids=jnp.zeros((1, 3), jnp.int32), cache=mixer.init_cache(1, 4))
-    encoder = Attention(mixer_config(Attention, d_model=16, num_heads=2, causal=False),
-                        rngs=nnx.Rngs(0))
+    encoder = Attention(
+        mixer_config(Attention, d_model=16, num_heads=2, causal=False), rngs=nnx.Rngs(0)
+    )
     with pytest.raises(ValueError, match="bidirectional"):
         encoder(x, cache=encoder.init_cache(1, 4))
 
@@ -149,6 +153,7 @@ def test_linen_interop():
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(nn.unbox(grads)))
 
     from seqmix.layers import make_mixer
+
     mixer = make_mixer(Mamba2, config, rngs=nnx.Rngs(1))
     state = nnx.state(mixer, nnx.Param)
     nnx.replace_by_pure_dict(state, nn.unbox(variables)["params"]["mixer"])

@@ -55,8 +55,7 @@ class Runner:
 @functools.cache
 def runner(case_id: str, causal: bool) -> Runner:
     _, name, overrides = CASES[IDS.index(case_id)]
-    return Runner(build_mixer(name, config_for(name, overrides), causal=causal,
-                              rngs=nnx.Rngs(0)))
+    return Runner(build_mixer(name, config_for(name, overrides), causal=causal, rngs=nnx.Rngs(0)))
 
 
 def inputs(seed, length=T, batch=B):
@@ -93,7 +92,7 @@ def test_decoding_equals_forward(case_id):
     cache = run.mixer.init_cache(B, T)
     steps = []
     for t in range(T):
-        y, cache = run.decode(x[:, t:t + 1], cache)
+        y, cache = run.decode(x[:, t : t + 1], cache)
         steps.append(y)
     assert_close(jnp.concatenate(steps, axis=1), full, TOL, "token by token")
 
@@ -111,10 +110,10 @@ def test_causal(case_id):
     seed = fresh_seed()
     x = inputs(seed)
     t = 4
-    x2 = x.at[:, t + 1:].set(inputs(seed + 1)[:, t + 1:])
+    x2 = x.at[:, t + 1 :].set(inputs(seed + 1)[:, t + 1 :])
     y, y2 = run(x), run(x2)
-    np.testing.assert_array_equal(np.asarray(y[:, :t + 1]), np.asarray(y2[:, :t + 1]))
-    assert not np.allclose(np.asarray(y[:, t + 1:]), np.asarray(y2[:, t + 1:]))
+    np.testing.assert_array_equal(np.asarray(y[:, : t + 1]), np.asarray(y2[:, : t + 1]))
+    assert not np.allclose(np.asarray(y[:, t + 1 :]), np.asarray(y2[:, t + 1 :]))
 
 
 @pytest.mark.parametrize("case_id", IDS)
@@ -131,7 +130,7 @@ def test_segments_reset_causal(case_id):
     plain = run(x)
     for r, s in enumerate(splits):
         assert_close(packed[r, :s], plain[r, :s], TOL, f"row {r}, first segment")
-        assert_close(packed[r, s:], rolled[r, :T - s], TOL, f"row {r}, second segment alone")
+        assert_close(packed[r, s:], rolled[r, : T - s], TOL, f"row {r}, second segment alone")
 
 
 @pytest.mark.parametrize("case_id", IDS)

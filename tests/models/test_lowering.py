@@ -12,11 +12,20 @@ from seqmix.models import MIXERS, build_model, model_config
 
 
 def _model():
-    config = model_config(layers=sorted(MIXERS), d_model=64, vocab_size=128, dtype="bfloat16",
-                          mixers={"attention": {"num_heads": 2}, "based": {"num_heads": 2},
-                                  "linear_attention": {"num_heads": 2},
-                                  "retnet": {"num_heads": 2}, "gla": {"num_heads": 2},
-                                  "mamba2": {"headdim": 32, "d_state": 16}})
+    config = model_config(
+        layers=sorted(MIXERS),
+        d_model=64,
+        vocab_size=128,
+        dtype="bfloat16",
+        mixers={
+            "attention": {"num_heads": 2},
+            "based": {"num_heads": 2},
+            "linear_attention": {"num_heads": 2},
+            "retnet": {"num_heads": 2},
+            "gla": {"num_heads": 2},
+            "mamba2": {"headdim": 32, "d_state": 16},
+        },
+    )
     return build_model(config, rngs=nnx.Rngs(0))
 
 
@@ -63,6 +72,7 @@ def test_training_step_vmapped_over_parameters_lowers_for_gpu():
         logits = nnx.merge(graphdef, params)(tokens)
         return jnp.mean(logits.astype(jnp.float32))
 
-    text = testing.lower_for(jax.vmap(jax.grad(loss), in_axes=(0, None)), stacked, tokens,
-                             platform="cuda")
+    text = testing.lower_for(
+        jax.vmap(jax.grad(loss), in_axes=(0, None)), stacked, tokens, platform="cuda"
+    )
     assert text.count("__gpu$xla.gpu.triton") >= 4

@@ -21,8 +21,11 @@ from seqmix.models import (
 )
 from seqmix.testing import assert_close, fresh_seed
 
-TINY = {"mamba2": {"headdim": 8, "d_state": 8}, "mamba": {"d_state": 4},
-        "based": {"window_size": 3, "feature_dim": 4}}
+TINY = {
+    "mamba2": {"headdim": 8, "d_state": 8},
+    "mamba": {"d_state": 4},
+    "based": {"window_size": 3, "feature_dim": 4},
+}
 
 
 def abstract(config):
@@ -45,8 +48,9 @@ def tokens(seed, shape, vocab=50, low=0):
 
 
 def test_issue_example_verbatim():
-    model = build_model(model_config(layers=["mamba2", "attention"], d_model=64,
-                                     vocab_size=100), rngs=nnx.Rngs(0))
+    model = build_model(
+        model_config(layers=["mamba2", "attention"], d_model=64, vocab_size=100), rngs=nnx.Rngs(0)
+    )
     assert isinstance(model, CausalLM)
     logits = forward(model, tokens(fresh_seed(), (2, 7), 100))
     assert logits.shape == (2, 7, 100) and logits.dtype == jnp.float32
@@ -56,8 +60,20 @@ def test_issue_example_verbatim():
 def test_model_config_has_every_mixer_and_validates_keys():
     config = model_config()
     assert set(config.mixers) == set(MIXERS)
-    for key in ("kind", "vocab_size", "d_model", "layers", "legend", "num_classes", "mlp",
-                "tie_embeddings", "dtype", "norm_eps", "max_length", "pad_id"):
+    for key in (
+        "kind",
+        "vocab_size",
+        "d_model",
+        "layers",
+        "legend",
+        "num_classes",
+        "mlp",
+        "tie_embeddings",
+        "dtype",
+        "norm_eps",
+        "max_length",
+        "pad_id",
+    ):
         assert key in config
     merged = model_config(mixers={"attention": {"num_heads": 2}}, mlp=None)
     assert merged.mixers.attention.num_heads == 2 and merged.mixers.attention.rope
@@ -102,15 +118,19 @@ def test_inconsistent_sizes_raise_naming_the_keys():
     with pytest.raises(ValueError, match=r"mixers\.attention.*d_model \(30\).*num_heads"):
         build_model(tiny(layers=["attention"], d_model=30), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"mixers\.attention.*num_kv_heads \(3\)"):
-        build_model(tiny(layers=["attention"], mixers={"attention": {"num_kv_heads": 3}}),
-                    rngs=nnx.Rngs(0))
+        build_model(
+            tiny(layers=["attention"], mixers={"attention": {"num_kv_heads": 3}}), rngs=nnx.Rngs(0)
+        )
 
 
 def test_param_count_matches_a_manual_count():
     V, d, H, Hkv = 50, 32, 4, 2
-    config = tiny(layers=["attention", "attention"], tie_embeddings=False,
-                  mixers={"attention": {"num_heads": H, "num_kv_heads": Hkv}},
-                  mlp={"type": "swiglu", "expansion": 3.0})
+    config = tiny(
+        layers=["attention", "attention"],
+        tie_embeddings=False,
+        mixers={"attention": {"num_heads": H, "num_kv_heads": Hkv}},
+        mlp={"type": "swiglu", "expansion": 3.0},
+    )
     model = abstract(config)
     D = d // H
     hidden = 64  # 3 * 32 * 2/3
@@ -128,12 +148,21 @@ def test_every_parameter_has_logical_axes():
         axes = var.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == len(var.get_value().shape), path
         assert set(axes) <= names, (path, axes)
-    with nn.logical_axis_rules([("embed", "fsdp"), ("vocab", None), ("mlp", None),
-                                ("heads", None), ("kv", None), ("state", None),
-                                ("conv", None)]):
+    with nn.logical_axis_rules(
+        [
+            ("embed", "fsdp"),
+            ("vocab", None),
+            ("mlp", None),
+            ("heads", None),
+            ("kv", None),
+            ("state", None),
+            ("conv", None),
+        ]
+    ):
         specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
     assert specs["backbone"]["embed"]["embedding"].get_value() == jax.sharding.PartitionSpec(
-        None, "fsdp")
+        None, "fsdp"
+    )
 
 
 # Every mixer's own decoding, causality and segments are tested in tests/layers; here a
@@ -167,8 +196,9 @@ def test_generate_greedy_is_deterministic_and_argmax_of_forward(hybrid):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
     np.testing.assert_array_equal(np.asarray(out[:, :4]), np.asarray(prompt))
     logits = forward(hybrid, out)
-    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 3:-1], -1)),
-                                  np.asarray(out[:, 4:]))
+    np.testing.assert_array_equal(
+        np.asarray(jnp.argmax(logits[:, 3:-1], -1)), np.asarray(out[:, 4:])
+    )
 
 
 def test_generate_sampling(hybrid):
@@ -186,8 +216,7 @@ def test_generate_sampling(hybrid):
 def test_classifier_ignores_padding():
     """Logits of a padded row equal those of the same tokens unpadded (bidirectional
     mixers keep padding out of the real tokens' context; pooling skips it)."""
-    model = build_model(tiny(kind="classifier", layers="MA", num_classes=3),
-                        rngs=nnx.Rngs(0))
+    model = build_model(tiny(kind="classifier", layers="MA", num_classes=3), rngs=nnx.Rngs(0))
     apply = nnx.jit(lambda m, t: m(t))
     toks = tokens(fresh_seed(), (2, 6), low=1)
     padded = jnp.concatenate([toks, jnp.zeros((2, 3), toks.dtype)], axis=1)
@@ -198,7 +227,6 @@ def test_classifier_ignores_padding():
 
 def test_bfloat16_compute_keeps_float32_params():
     model = build_model(tiny(layers="MA", dtype="bfloat16"), rngs=nnx.Rngs(0))
-    assert all(x.dtype == jnp.float32
-               for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     logits = forward(model, tokens(fresh_seed(), (2, 5)))
     assert logits.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(logits)))

@@ -20,14 +20,20 @@ from train_helpers import tiny_config
 
 
 def _param_sum(model) -> float:
-    return float(sum(np.abs(np.asarray(x, np.float64)).sum()
-                     for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+    return float(
+        sum(
+            np.abs(np.asarray(x, np.float64)).sum()
+            for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+        )
+    )
 
 
 def _specs(model) -> dict:
     state = nnx.state(model, nnx.Param)
-    return {"/".join(map(str, path)): str(v.get_value().sharding.spec)
-            for path, v in nnx.to_flat_state(state)}
+    return {
+        "/".join(map(str, path)): str(v.get_value().sharding.spec)
+        for path, v in nnx.to_flat_state(state)
+    }
 
 
 def main(workdir: str) -> None:
@@ -39,15 +45,17 @@ def main(workdir: str) -> None:
         config = tiny_config(num_steps=4, checkpoint_every=2)
         config.mesh.data, config.mesh.fsdp = data, fsdp
         train_and_evaluate(config, os.path.join(workdir, name))
-        out[f"loss_{name}"] = [r["loss"] for r in read_metrics(os.path.join(workdir, name),
-                                                                "train")]
+        out[f"loss_{name}"] = [
+            r["loss"] for r in read_metrics(os.path.join(workdir, name), "train")
+        ]
     sharded = os.path.join(workdir, "sharded")
     m24, _ = restore_model(sharded, mesh_config={"data": 2, "fsdp": 4})
     m11, _ = restore_model(sharded, mesh_config={"data": 1, "fsdp": 1})
     out["sum_2x4"], out["sum_1x1"] = _param_sum(m24), _param_sum(m11)
     out["specs_2x4"] = _specs(m24)
     out["devices_of_embedding_2x4"] = len(
-        m24.backbone.embed.embedding.get_value().sharding.device_set)
+        m24.backbone.embed.embedding.get_value().sharding.device_set
+    )
     # Resume the data=4 x fsdp=2 run on a data=8 mesh.
     config = tiny_config(num_steps=6, checkpoint_every=2)
     config.mesh.data, config.mesh.fsdp = 8, 1

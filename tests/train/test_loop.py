@@ -65,8 +65,9 @@ def test_every_config_builds_and_trains_a_few_steps(path, tmp_path):
     if config.data.task == "bytes":
         config.data.data_dir = str(tmp_path / "data")
     config.data.num_eval_batches = 1
-    config.train.update(dict(num_steps=2, batch_size=4, eval_every=0, checkpoint_every=0,
-                             log_every=1))
+    config.train.update(
+        dict(num_steps=2, batch_size=4, eval_every=0, checkpoint_every=0, log_every=1)
+    )
     config.optimizer.warmup_steps = 1
     result = train_and_evaluate(config, str(tmp_path / "run"))
     assert result["step"] == 2 and np.isfinite(result["eval"]["loss"])
@@ -102,8 +103,9 @@ def test_loss_at_positions_equals_the_masked_full_loss():
     for key in ("loss_sum", "correct", "count"):
         np.testing.assert_allclose(a[key], f[key], rtol=1e-5)
     assert float(a["count"]) == batch["inputs"].shape[0] * config.data.num_kv_pairs
-    for x, y in zip(jax.tree.leaves(nnx.state(grad(batch))),
-                    jax.tree.leaves(nnx.state(grad(full)))):
+    for x, y in zip(
+        jax.tree.leaves(nnx.state(grad(batch))), jax.tree.leaves(nnx.state(grad(full)))
+    ):
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)
 
 
@@ -122,8 +124,9 @@ def test_workdir_has_config_metrics_tensorboard_and_checkpoints(finished_run):
     assert saved.data.to_dict() == config.data.to_dict()
     train = read_metrics(workdir, "train")
     assert [r["step"] for r in train] == list(range(1, 9))
-    assert all({"loss", "accuracy", "grad_norm", "lr", "tokens_per_second"} <= r.keys()
-               for r in train)
+    assert all(
+        {"loss", "accuracy", "grad_norm", "lr", "tokens_per_second"} <= r.keys() for r in train
+    )
     evals = read_metrics(workdir, "eval")
     assert [r["step"] for r in evals] == [4, 8]
     assert result["eval"]["accuracy"] == pytest.approx(evals[-1]["accuracy"])
@@ -173,22 +176,39 @@ def _expect_error(config, match, tmp_path):
     assert not workdir.exists()  # stopped before writing (or compiling) anything
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda c: setattr(c.model, "layers", ["attention", "nope"]), r"model.layers.*'nope'"),
-    (lambda c: setattr(c.train, "num_steps", -5), r"train.num_steps"),
-    (lambda c: setattr(c.train, "batch_size", 0), r"train.batch_size"),
-    (lambda c: setattr(c.mesh, "data", 2), r"mesh.data x mesh.fsdp"),
-    (lambda c: setattr(c.optimizer, "lr", -1.0), r"optimizer.lr"),
-    (lambda c: setattr(c.optimizer, "schedule", "step"), r"optimizer.schedule"),
-    (lambda c: setattr(c.optimizer, "warmup_steps", 100), r"optimizer.warmup_steps"),
-    (lambda c: setattr(c.data, "num_kv_pairs", 50), r"data.num_kv_pairs"),
-    (lambda c: setattr(c.data, "task", "nope"), r"data.task"),
-    (lambda c: setattr(c.model, "vocab_size", 8), r"model.vocab_size"),
-    (lambda c: setattr(c.model, "kind", "classifier"), r"model.kind"),
-    (lambda c: setattr(c.train, "compute_dtype", "int8"), r"train.compute_dtype"),
-    (lambda c: setattr(c.model.mixers.attention, "num_heads", 3), r"model: .*num_heads"),
-], ids=["mixer", "steps", "batch", "mesh", "lr", "schedule", "warmup", "kv_pairs", "task",
-        "vocab", "kind", "dtype", "heads"])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda c: setattr(c.model, "layers", ["attention", "nope"]), r"model.layers.*'nope'"),
+        (lambda c: setattr(c.train, "num_steps", -5), r"train.num_steps"),
+        (lambda c: setattr(c.train, "batch_size", 0), r"train.batch_size"),
+        (lambda c: setattr(c.mesh, "data", 2), r"mesh.data x mesh.fsdp"),
+        (lambda c: setattr(c.optimizer, "lr", -1.0), r"optimizer.lr"),
+        (lambda c: setattr(c.optimizer, "schedule", "step"), r"optimizer.schedule"),
+        (lambda c: setattr(c.optimizer, "warmup_steps", 100), r"optimizer.warmup_steps"),
+        (lambda c: setattr(c.data, "num_kv_pairs", 50), r"data.num_kv_pairs"),
+        (lambda c: setattr(c.data, "task", "nope"), r"data.task"),
+        (lambda c: setattr(c.model, "vocab_size", 8), r"model.vocab_size"),
+        (lambda c: setattr(c.model, "kind", "classifier"), r"model.kind"),
+        (lambda c: setattr(c.train, "compute_dtype", "int8"), r"train.compute_dtype"),
+        (lambda c: setattr(c.model.mixers.attention, "num_heads", 3), r"model: .*num_heads"),
+    ],
+    ids=[
+        "mixer",
+        "steps",
+        "batch",
+        "mesh",
+        "lr",
+        "schedule",
+        "warmup",
+        "kv_pairs",
+        "task",
+        "vocab",
+        "kind",
+        "dtype",
+        "heads",
+    ],
+)
 def test_config_errors_name_the_key_before_compiling(change, match, tmp_path):
     config = tiny_config()
     change(config)
@@ -211,17 +231,24 @@ def test_schedule_warms_up_then_decays_to_zero():
         assert float(s(60)) == pytest.approx(0.5, abs=1e-6)  # both are 1/2 half-way
         assert float(s(110)) == pytest.approx(0.0, abs=1e-7)
     cos = optimizer.learning_rate_schedule(
-        ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=10, schedule="cosine")), 110)
+        ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=10, schedule="cosine")), 110
+    )
     assert float(cos(35)) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.25)))
 
 
 def test_weight_decay_skips_norms_biases_and_vectors():
-    config = model_config(vocab_size=16, d_model=16, layers=["mamba2", "attention"],
-                          mixers={"mamba2": {"headdim": 8, "d_state": 8}})
+    config = model_config(
+        vocab_size=16,
+        d_model=16,
+        layers=["mamba2", "attention"],
+        mixers={"mamba2": {"headdim": 8, "d_state": 8}},
+    )
     model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
-    mask = {"/".join(map(str, p)): v.get_value()
-            for p, v in nnx.to_flat_state(optimizer.decay_mask(params))}
+    mask = {
+        "/".join(map(str, p)): v.get_value()
+        for p, v in nnx.to_flat_state(optimizer.decay_mask(params))
+    }
     shapes = {"/".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(params)}
     assert mask["backbone/embed/embedding"]
     for name, decayed in mask.items():
@@ -233,11 +260,20 @@ def test_weight_decay_skips_norms_biases_and_vectors():
 
 def test_absl_launcher_overrides_and_prints_the_final_metric(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "experiments.train", "--config=configs/mqar.py:mixer=attention",
-           f"--workdir={tmp_path / 'run'}", "--config.model.d_model=16",
-           "--config.data.seq_len=32", "--config.data.num_kv_pairs=4",
-           "--config.train.num_steps=3", "--config.train.batch_size=4",
-           "--config.optimizer.warmup_steps=1", "--config.data.num_eval_batches=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--config=configs/mqar.py:mixer=attention",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.model.d_model=16",
+        "--config.data.seq_len=32",
+        "--config.data.num_kv_pairs=4",
+        "--config.train.num_steps=3",
+        "--config.train.batch_size=4",
+        "--config.optimizer.warmup_steps=1",
+        "--config.data.num_eval_batches=1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FINAL eval at step 3: accuracy = " in proc.stdout

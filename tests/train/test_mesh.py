@@ -25,12 +25,19 @@ HERE = pathlib.Path(__file__).parent
 @pytest.fixture(scope="module")
 def mesh_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("mesh"))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), str(HERE),
-                                         env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(HERE / "mesh_runner.py"), workdir],
-                          capture_output=True, text=True, timeout=300, env=env)
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"
+    )
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE.parents[1]), str(HERE), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "mesh_runner.py"), workdir],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir, json.loads(proc.stdout.split("RESULT ")[-1])
 
@@ -57,8 +64,10 @@ def test_restore_onto_other_meshes_and_resume(mesh_run):
     assert out["sum_2x4"] == out["sum_1x1"]
     # ...and onto this process's single device.
     model, config = restore_model(os.path.join(workdir, "sharded"), step=4)
-    total = sum(np.abs(np.asarray(x, np.float64)).sum()
-                for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    total = sum(
+        np.abs(np.asarray(x, np.float64)).sum()
+        for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+    )
     assert total == pytest.approx(out["sum_2x4"], rel=1e-12)
     assert config.mesh.data == 8  # the resumed run's config
     assert out["resumed_to"] == 6 and len(out["resumed_losses"]) == 6

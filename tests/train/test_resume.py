@@ -42,8 +42,13 @@ def _run_subprocess(config, workdir, *flags, timeout=240):
         f.write(config.to_json())
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, HELPER, path, workdir, *map(str, flags)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, HELPER, path, workdir, *map(str, flags)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, reference):
@@ -51,8 +56,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, reference):
     # Killed while the checkpoint of step 8 may still be being written (async save).
     proc = _run_subprocess(tiny_config(), workdir, "--sigkill-at", 9)
     assert proc.returncode == -9, proc.stderr[-3000:]
-    steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints"))
-                   if p.isdigit())
+    steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
     assert steps and max(steps) <= 8 and NUM_STEPS not in steps
     result = train_and_evaluate(tiny_config(), workdir)
     assert result["step"] == NUM_STEPS
@@ -67,8 +71,9 @@ def test_sigterm_saves_and_resumes(tmp_path, reference):
     assert result["stopped_by"] == "SIGTERM"
     stopped = result["step"]
     assert 5 <= stopped < NUM_STEPS and stopped % 4  # saved at the signal, not a periodic step
-    assert stopped in [int(p) for p in os.listdir(os.path.join(workdir, "checkpoints"))
-                       if p.isdigit()]
+    assert stopped in [
+        int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit()
+    ]
     result = train_and_evaluate(tiny_config(), workdir)
     logged = [r["step"] for r in read_metrics(workdir, "train")]
     assert result["step"] == NUM_STEPS and logged == list(range(1, NUM_STEPS + 1))
@@ -84,8 +89,9 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, reference, caplog):
             path.write_bytes(b"not a checkpoint")
     with caplog.at_level(logging.WARNING):
         result = train_and_evaluate(tiny_config(), workdir)
-    assert any("could not be restored" in r.getMessage() and "8" in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert any(
+        "could not be restored" in r.getMessage() and "8" in r.getMessage() for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
     assert result["step"] == NUM_STEPS
     assert os.listdir(os.path.join(workdir, "corrupt_checkpoints"))  # set aside, not deleted
     # Resumed from step 4 and still identical to the uninterrupted run.
@@ -97,6 +103,7 @@ def _stop_after(step):
         del metrics
         if s == step:
             raise KeyboardInterrupt
+
     return fn
 
 
@@ -123,7 +130,8 @@ def test_a_temporary_checkpoint_directory_is_never_latest(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     make_task = data_lib.make_task
 
     def poisoned(config):  # step >= 6 gets a NaN loss weight, as from a corrupt batch
@@ -141,8 +149,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     workdir = str(tmp_path / "run")
     with pytest.raises(FloatingPointError, match=r"step 6: the loss is nan.*checkpoint is step 4"):
         train_and_evaluate(tiny_config(), workdir)
-    steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints"))
-                   if p.isdigit())
+    steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
     assert steps == [4]
     arrays = checkpoint_arrays(workdir, 4)
     assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")

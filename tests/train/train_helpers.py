@@ -24,14 +24,29 @@ def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
     from seqmix.models import model_config
     from seqmix.train import base_config
 
-    model = model_config(kind="causal_lm", vocab_size=16, d_model=16, layers=["attention"],
-                         mlp=None, mixers={"attention": {"num_heads": 2}})
+    model = model_config(
+        kind="causal_lm",
+        vocab_size=16,
+        d_model=16,
+        layers=["attention"],
+        mlp=None,
+        mixers={"attention": {"num_heads": 2}},
+    )
     config = base_config(model=model)
-    config.data = ml_collections.ConfigDict(dict(
-        task="mqar", vocab_size=16, seq_len=16, num_kv_pairs=2, power_a=0.01,
-        random_non_queries=True, num_eval_batches=1))
-    config.train.update(dict(num_steps=12, batch_size=8, eval_every=0, checkpoint_every=4,
-                             log_every=1, keep=10))
+    config.data = ml_collections.ConfigDict(
+        dict(
+            task="mqar",
+            vocab_size=16,
+            seq_len=16,
+            num_kv_pairs=2,
+            power_a=0.01,
+            random_non_queries=True,
+            num_eval_batches=1,
+        )
+    )
+    config.train.update(
+        dict(num_steps=12, batch_size=8, eval_every=0, checkpoint_every=4, log_every=1, keep=10)
+    )
     config.train.update(train_overrides)
     config.optimizer.warmup_steps = 2
     config.optimizer.lr = 1e-2
@@ -65,8 +80,10 @@ def assert_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert np.array_equal(a[k], b[k]), f"{k} differs (max |diff| " \
+        assert np.array_equal(a[k], b[k]), (
+            f"{k} differs (max |diff| "
             f"{np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))})"
+        )
 
 
 def main(argv) -> int:

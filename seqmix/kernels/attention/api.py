@@ -115,8 +115,7 @@ def attention(
     """
     checks.check_array("q", q, 4, "[batch, time, heads, head_dim]")
     B, T, H, D = q.shape
-    checks.check_array("k", k, 4, "[batch, kv_time, kv_heads, head_dim]",
-                       shape=(B, None, None, D))
+    checks.check_array("k", k, 4, "[batch, kv_time, kv_heads, head_dim]", shape=(B, None, None, D))
     S, Hkv = k.shape[1], k.shape[2]
     checks.check_array("v", v, 4, "[batch, kv_time, kv_heads, head_dim]", shape=(B, S, Hkv, D))
     if not (q.dtype == k.dtype == v.dtype):
@@ -132,10 +131,16 @@ def attention(
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
     o, lse = ATTENTION(
-        implementation, q, k, v,
-        causal=bool(causal), window=window, segment_ids=segment_ids,
+        implementation,
+        q,
+        k,
+        v,
+        causal=bool(causal),
+        window=window,
+        segment_ids=segment_ids,
         softcap=None if softcap is None else float(softcap),
-        scale=checks.default_scale(scale, D), return_lse=bool(return_lse),
+        scale=checks.default_scale(scale, D),
+        return_lse=bool(return_lse),
     )
     return (o, lse) if return_lse else o
 
@@ -163,18 +168,24 @@ def decode_attention(
     """
     checks.check_array("q", q, 3, "[batch, heads, head_dim]")
     B, H, D = q.shape
-    checks.check_array("k_cache", k_cache, 4, "[batch, cache_len, kv_heads, head_dim]",
-                       shape=(B, None, None, D))
+    checks.check_array(
+        "k_cache", k_cache, 4, "[batch, cache_len, kv_heads, head_dim]", shape=(B, None, None, D)
+    )
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    checks.check_array("v_cache", v_cache, 4, "[batch, cache_len, kv_heads, head_dim]",
-                       shape=(B, S, Hkv, D))
+    checks.check_array(
+        "v_cache", v_cache, 4, "[batch, cache_len, kv_heads, head_dim]", shape=(B, S, Hkv, D)
+    )
     checks.check_heads("q", H, "k_cache", Hkv)
     lengths = jnp.asarray(lengths)
     checks.check_int_array("lengths", lengths, 1, "[batch]", shape=(B,))
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
     return DECODE_ATTENTION(
-        implementation, q, k_cache, v_cache, lengths,
+        implementation,
+        q,
+        k_cache,
+        v_cache,
+        lengths,
         scale=checks.default_scale(scale, D),
         softcap=None if softcap is None else float(softcap),
     )

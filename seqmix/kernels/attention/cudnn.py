@@ -87,7 +87,11 @@ def attention(q, k, v, *, causal, window, segment_ids, softcap, scale, return_ls
         )
     _require_gpu("attention")
     o = jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=is_causal,
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=is_causal,
         local_window_size=None if left is None else (left, 0),
         implementation="cudnn",
     )
@@ -103,8 +107,12 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale, softcap):
     lengths = lengths.astype(jnp.int32)
     _require_gpu("decode_attention")
     o = jax.nn.dot_product_attention(
-        q[:, None], k_cache, v_cache, scale=scale,
-        query_seq_lengths=jnp.ones((B,), jnp.int32), key_value_seq_lengths=lengths,
+        q[:, None],
+        k_cache,
+        v_cache,
+        scale=scale,
+        query_seq_lengths=jnp.ones((B,), jnp.int32),
+        key_value_seq_lengths=lengths,
         implementation="cudnn",
     )[:, 0]
     return jnp.where((lengths > 0)[:, None, None], o, jnp.zeros_like(o))

@@ -106,9 +106,13 @@ def _with_reference_vjp(kernel_fn):
     def bwd(scale, softcap, res, do):
         q, k_cache, v_cache, lengths = res
         _, vjp = jax.vjp(
-            lambda q, k, v: reference.decode_attention_xla(q, k, v, lengths, scale=scale,
-                                                           softcap=softcap),
-            q, k_cache, v_cache)
+            lambda q, k, v: reference.decode_attention_xla(
+                q, k, v, lengths, scale=scale, softcap=softcap
+            ),
+            q,
+            k_cache,
+            v_cache,
+        )
         return (*vjp(do), None)
 
     f.defvjp(fwd, bwd)
@@ -129,16 +133,30 @@ def _num_sms() -> int:
     return GPU_DEFAULT_SMS  # lowering for the H200 on a CPU
 
 
-def gpu_num_splits(B: int, Hkv: int, S: int, block_k: int, keys_per_split: int,
-                   num_sms: int) -> int:
+def gpu_num_splits(
+    B: int, Hkv: int, S: int, block_k: int, keys_per_split: int, num_sms: int
+) -> int:
     """Splits per row: ~``keys_per_split`` keys each, at least 4 programs per SM when S
     allows, at most one split per key block and ``MAX_SPLITS``."""
     want = max(_cdiv(S, keys_per_split), _cdiv(4 * num_sms, B * Hkv))
     return max(1, min(want, _cdiv(S, block_k), MAX_SPLITS))
 
 
-def _triton_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, softcap,
-                   block_k, num_splits, seq_len):
+def _triton_kernel(
+    len_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    m_ref,
+    l_ref,
+    *,
+    scale,
+    softcap,
+    block_k,
+    num_splits,
+    seq_len,
+):
     split = pl.program_id(2)
     length = jnp.clip(len_ref[...], 0, seq_len)
     n_blocks = _cdiv(length, block_k)
@@ -165,37 +183,53 @@ def _triton_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, 
         o = alpha[:, None] * o + plgpu.dot(p.astype(v.dtype), v)
         return o, m_new, l
 
-    init = (jnp.zeros((Gp, D), jnp.float32), jnp.full((Gp,), -jnp.inf, jnp.float32),
-            jnp.zeros((Gp,), jnp.float32))
+    init = (
+        jnp.zeros((Gp, D), jnp.float32),
+        jnp.full((Gp,), -jnp.inf, jnp.float32),
+        jnp.zeros((Gp,), jnp.float32),
+    )
     o, m, l = lax.fori_loop(first, last, body, init)
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
 
 
-def _decode_triton(q, k_cache, v_cache, lengths, *, scale, softcap, block_k=None,
-                   num_splits=None, num_warps=None, num_stages=None):
+def _decode_triton(
+    q,
+    k_cache,
+    v_cache,
+    lengths,
+    *,
+    scale,
+    softcap,
+    block_k=None,
+    num_splits=None,
+    num_warps=None,
+    num_stages=None,
+):
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
     if D < 16 or D & (D - 1):
         raise NotImplementedError(
-            f"pallas_triton decode_attention needs a power-of-two head_dim >= 16, got {D}")
-    tile = tuning.attention_blocks(D, k_cache.dtype, kind="decode",
-                                   interpret=interpret_mode())
+            f"pallas_triton decode_attention needs a power-of-two head_dim >= 16, got {D}"
+        )
+    tile = tuning.attention_blocks(D, k_cache.dtype, kind="decode", interpret=interpret_mode())
     bk = block_k or tile.block_k
     # interpret mode: few splits of a few blocks each, so every code path runs at test shapes
     keys_per_split = 4 * bk if interpret_mode() else KEYS_PER_SPLIT
-    n_split = num_splits or gpu_num_splits(B, Hkv, S, bk, keys_per_split,
-                                           1 if interpret_mode() else _num_sms())
+    n_split = num_splits or gpu_num_splits(
+        B, Hkv, S, bk, keys_per_split, 1 if interpret_mode() else _num_sms()
+    )
     Gp = max(tile.block_q, 1 << (G - 1).bit_length())  # query heads of a group, >= 16
     warps, stages = tile.num_warps, tile.num_stages
     cdt = k_cache.dtype
     qg = q.reshape(B, Hkv, G, D).astype(cdt)
     if Gp != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
-    kernel = functools.partial(_triton_kernel, scale=scale, softcap=softcap, block_k=bk,
-                               num_splits=n_split, seq_len=S)
+    kernel = functools.partial(
+        _triton_kernel, scale=scale, softcap=softcap, block_k=bk, num_splits=n_split, seq_len=S
+    )
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, Hkv, n_split),
@@ -215,10 +249,10 @@ def _decode_triton(q, k_cache, v_cache, lengths, *, scale, softcap, block_k=None
             jax.ShapeDtypeStruct((n_split, B, Hkv, Gp), jnp.float32),
             jax.ShapeDtypeStruct((n_split, B, Hkv, Gp), jnp.float32),
         ],
-        compiler_params=plgpu.CompilerParams(num_warps=warps if num_warps is None
-                                             else num_warps,
-                                             num_stages=stages if num_stages is None
-                                             else num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=warps if num_warps is None else num_warps,
+            num_stages=stages if num_stages is None else num_stages,
+        ),
         interpret=interpret_mode(),
         name="seqmix_decode_split_k",
     )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
@@ -229,8 +263,9 @@ def _decode_triton(q, k_cache, v_cache, lengths, *, scale, softcap, block_k=None
 _decode_triton_vjp = _with_reference_vjp(_decode_triton)
 
 
-def decode_attention_triton(q: Array, k_cache: Array, v_cache: Array, lengths: Array, *,
-                            scale: float, softcap: float | None) -> Array:
+def decode_attention_triton(
+    q: Array, k_cache: Array, v_cache: Array, lengths: Array, *, scale: float, softcap: float | None
+) -> Array:
     """Flash-decoding on GPU (Pallas Triton); see the module docstring. Returns o [B,H,D]."""
     _check(q, k_cache, "pallas_triton decode_attention")
     return _decode_triton_vjp(q, k_cache, v_cache, lengths, scale, softcap)
@@ -251,11 +286,30 @@ def _tpu_block(j, b, ii, len_ref, *, block_k, num_splits, seq_len):
     return jnp.clip(held, 0, jnp.maximum(n_blocks - 1, 0)), run, length
 
 
-def _tpu_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, m_sc, l_sc, acc_sc, *,
-                scale, softcap, block_k, num_splits, seq_len, n_steps, compute_dtype):
+def _tpu_kernel(
+    len_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    m_ref,
+    l_ref,
+    m_sc,
+    l_sc,
+    acc_sc,
+    *,
+    scale,
+    softcap,
+    block_k,
+    num_splits,
+    seq_len,
+    n_steps,
+    compute_dtype,
+):
     j, b, ii = pl.program_id(0), pl.program_id(1), pl.program_id(3)
-    blk, run, length = _tpu_block(j, b, ii, len_ref, block_k=block_k, num_splits=num_splits,
-                                  seq_len=seq_len)
+    blk, run, length = _tpu_block(
+        j, b, ii, len_ref, block_k=block_k, num_splits=num_splits, seq_len=seq_len
+    )
     W = acc_sc.shape[1]
     reps = _cdiv(W, TPU_LANES)
     prec = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
@@ -270,8 +324,9 @@ def _tpu_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, m_sc, l_sc, a
         q = q_ref[...].astype(compute_dtype)  # [Hg, W] block-diagonal
         k = k_ref[...].astype(compute_dtype)  # [block_k, W]
         v = v_ref[...].astype(compute_dtype)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                            preferred_element_type=jnp.float32)
+        s = lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+        )
         s = _cap(s * scale, softcap)  # [Hg, block_k]
         if masked:  # the row's last block: keys past the length (or past S) are garbage
             kpos = blk * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
@@ -285,8 +340,13 @@ def _tpu_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, m_sc, l_sc, a
         alpha = jnp.exp(m_prev - m_new)
         l_sc[...] = alpha * l_prev + jnp.sum(p, axis=1)[:, None]
         m_sc[...] = m_new
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
-                             preferred_element_type=jnp.float32)
+        pv = lax.dot_general(
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=prec,
+            preferred_element_type=jnp.float32,
+        )
         acc_sc[...] = acc_sc[...] * jnp.tile(alpha, (1, reps))[:, :W] + pv
 
     is_last = (blk + 1) * block_k >= length
@@ -316,8 +376,18 @@ def _tpu_block_k(S: int, W: int, itemsize: int) -> int:
     return min(bk, _cdiv(S, TPU_LANES) * TPU_LANES)
 
 
-def _decode_tpu(q, k_cache, v_cache, lengths, *, scale, softcap, block_k=None,
-                num_splits=None, heads_per_block=None):
+def _decode_tpu(
+    q,
+    k_cache,
+    v_cache,
+    lengths,
+    *,
+    scale,
+    softcap,
+    block_k=None,
+    num_splits=None,
+    heads_per_block=None,
+):
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
@@ -342,9 +412,16 @@ def _decode_tpu(q, k_cache, v_cache, lengths, *, scale, softcap, block_k=None,
     blk = functools.partial(_tpu_block, block_k=bk, num_splits=n_split, seq_len=S)
     kv_map = lambda j, b, h, ii, lens: (b, blk(j, b, ii, lens)[0], h)
     part_map = lambda j, b, h, ii, lens: (j, b, h, 0, 0)
-    kernel = functools.partial(_tpu_kernel, scale=scale, softcap=softcap, block_k=bk,
-                               num_splits=n_split, seq_len=S, n_steps=n_steps,
-                               compute_dtype=compute_dtype)
+    kernel = functools.partial(
+        _tpu_kernel,
+        scale=scale,
+        softcap=softcap,
+        block_k=bk,
+        num_splits=n_split,
+        seq_len=S,
+        n_steps=n_steps,
+        compute_dtype=compute_dtype,
+    )
     o, m, l = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -372,25 +449,33 @@ def _decode_tpu(q, k_cache, v_cache, lengths, *, scale, softcap, block_k=None,
             jax.ShapeDtypeStruct((n_split, B, ng, Hgp, TPU_LANES), jnp.float32),
         ],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
         cost_estimate=pl.CostEstimate(
-            flops=4 * B * ng * Hgp * Wb * S, transcendentals=B * ng * Hgp * S,
-            bytes_accessed=2 * B * S * Hkv * D * cdt.itemsize),
+            flops=4 * B * ng * Hgp * Wb * S,
+            transcendentals=B * ng * Hgp * S,
+            bytes_accessed=2 * B * S * Hkv * D * cdt.itemsize,
+        ),
         interpret=pltpu.InterpretParams(detect_races=True) if interpret_mode() else False,
         name="seqmix_decode_split_k_tpu",
     )(jnp.clip(lengths, 0, S).astype(jnp.int32), q_bd, k2, v2)
     # keep each query row's own KV head's columns: [n, B, ng, hb, G, hb, D] -> diagonal
     o = o[:, :, :, :Hg].reshape(n_split, B, ng, hb, G, hb, D)
     o = jnp.sum(jnp.where(own[:, None, :, None], o, 0.0), axis=5)
-    return _combine(o.reshape(n_split, B, H, D), m[..., :Hg, 0].reshape(n_split, B, H),
-                    l[..., :Hg, 0].reshape(n_split, B, H), q.dtype)
+    return _combine(
+        o.reshape(n_split, B, H, D),
+        m[..., :Hg, 0].reshape(n_split, B, H),
+        l[..., :Hg, 0].reshape(n_split, B, H),
+        q.dtype,
+    )
 
 
 _decode_tpu_vjp = _with_reference_vjp(_decode_tpu)
 
 
-def decode_attention_tpu(q: Array, k_cache: Array, v_cache: Array, lengths: Array, *,
-                         scale: float, softcap: float | None) -> Array:
+def decode_attention_tpu(
+    q: Array, k_cache: Array, v_cache: Array, lengths: Array, *, scale: float, softcap: float | None
+) -> Array:
     """Split-K decoding on TPU (Pallas Mosaic); see the module docstring. Returns o [B,H,D]."""
     _check(q, k_cache, "pallas_tpu decode_attention")
     return _decode_tpu_vjp(q, k_cache, v_cache, lengths, scale, softcap)

@@ -61,8 +61,12 @@ def attention_naive(q, k, v, *, causal, window, segment_ids, softcap, scale):
     s = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(acc)) * scale
     s = _softcap(s, softcap)
     mask = visible(
-        jnp.arange(T), jnp.arange(S), causal=causal, window=window,
-        q_segment_ids=segment_ids, k_segment_ids=segment_ids,
+        jnp.arange(T),
+        jnp.arange(S),
+        causal=causal,
+        window=window,
+        q_segment_ids=segment_ids,
+        k_segment_ids=segment_ids,
     )
     mask = mask[:, None, None] if mask.ndim == 3 else mask[None, None, None]
     s = jnp.where(mask, s, -jnp.inf)
@@ -86,7 +90,7 @@ def _blocks(x, block, axis=1):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, n * block - S)
     x = jnp.pad(x, pad)
-    x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:])
+    x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1 :])
     return jnp.moveaxis(x, axis, 0)
 
 
@@ -100,8 +104,9 @@ def _block_logits(qf, kb, kpos, qpos, q_seg, kseg, *, causal, window, softcap, s
     """Scaled, capped logits of one key block and its mask: s [B,Hkv,G,T,bk], mask."""
     s_raw = jnp.einsum("btkgd,bskd->bkgts", qf, kb.astype(qf.dtype)) * scale
     s = _softcap(s_raw, softcap)
-    mask = visible(qpos, kpos, causal=causal, window=window,
-                   q_segment_ids=q_seg, k_segment_ids=kseg)
+    mask = visible(
+        qpos, kpos, causal=causal, window=window, q_segment_ids=q_seg, k_segment_ids=kseg
+    )
     mask = mask & (kpos < S)[None, :] if mask.ndim == 2 else mask & (kpos < S)[None, None, :]
     mask = mask[:, None, None] if mask.ndim == 3 else mask[None, None, None]
     return s, s_raw, mask
@@ -126,8 +131,19 @@ def _attention_xla_fwd(q, k, v, segment_ids, causal, window, softcap, scale, blo
     def body(carry, xs):
         o, m, l = carry
         kb, vb, kpos, kseg = xs
-        s, _, mask = _block_logits(qf, kb, kpos, qpos, segment_ids, kseg, causal=causal,
-                                   window=window, softcap=softcap, scale=scale, S=S)
+        s, _, mask = _block_logits(
+            qf,
+            kb,
+            kpos,
+            qpos,
+            segment_ids,
+            kseg,
+            causal=causal,
+            window=window,
+            softcap=softcap,
+            scale=scale,
+            S=S,
+        )
         s = jnp.where(mask, s, -jnp.inf)
         m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -159,8 +175,9 @@ def _attention_xla_bwd(causal, window, softcap, scale, block_k, res, cts):
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     bk = min(block_k, S)
-    to_bkgt = lambda x: jnp.transpose(x.reshape(B, T, Hkv, G, *x.shape[3:]),
-                                      (0, 2, 3, 1) + tuple(range(4, x.ndim + 1)))
+    to_bkgt = lambda x: jnp.transpose(
+        x.reshape(B, T, Hkv, G, *x.shape[3:]), (0, 2, 3, 1) + tuple(range(4, x.ndim + 1))
+    )
     qf = q.astype(acc).reshape(B, T, Hkv, G, D)
     dof = do.astype(acc).reshape(B, T, Hkv, G, D)
     lse_k = to_bkgt(lse)  # [B,Hkv,G,T]
@@ -171,8 +188,19 @@ def _attention_xla_bwd(causal, window, softcap, scale, block_k, res, cts):
 
     def body(dq, xs):
         kb, vb, kpos, kseg = xs
-        s, s_raw, mask = _block_logits(qf, kb, kpos, qpos, segment_ids, kseg, causal=causal,
-                                       window=window, softcap=softcap, scale=scale, S=S)
+        s, s_raw, mask = _block_logits(
+            qf,
+            kb,
+            kpos,
+            qpos,
+            segment_ids,
+            kseg,
+            causal=causal,
+            window=window,
+            softcap=softcap,
+            scale=scale,
+            S=S,
+        )
         p = jnp.where(mask, jnp.exp(s - lse_safe[..., None]), 0.0)
         dv = jnp.einsum("bkgts,btkgd->bskd", p, dof)
         dp = jnp.einsum("btkgd,bskd->bkgts", dof, vb.astype(acc))
@@ -184,12 +212,20 @@ def _attention_xla_bwd(causal, window, softcap, scale, block_k, res, cts):
         dk = jnp.einsum("bkgts,btkgd->bskd", ds, qf)
         return dq, (dk, dv)
 
-    xs = (_blocks(k, bk), _blocks(v, bk), _key_positions(S, bk),
-          None if segment_ids is None else _blocks(segment_ids, bk))
+    xs = (
+        _blocks(k, bk),
+        _blocks(v, bk),
+        _key_positions(S, bk),
+        None if segment_ids is None else _blocks(segment_ids, bk),
+    )
     dq, (dk, dv) = lax.scan(body, jnp.zeros((B, T, Hkv, G, D), acc), xs)
     unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, -1, Hkv, D)[:, :S]
-    return (dq.reshape(B, T, H, D).astype(q.dtype), unblock(dk).astype(k.dtype),
-            unblock(dv).astype(v.dtype), None)
+    return (
+        dq.reshape(B, T, H, D).astype(q.dtype),
+        unblock(dk).astype(k.dtype),
+        unblock(dv).astype(v.dtype),
+        None,
+    )
 
 
 _attention_xla.defvjp(_attention_xla_fwd, _attention_xla_bwd)
@@ -227,8 +263,12 @@ def decode_attention_xla(q, k_cache, v_cache, lengths, *, scale, softcap):
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(B, Hkv, H // Hkv, D)
-    s = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache.astype(q.dtype),
-                   preferred_element_type=jnp.float32) * scale
+    s = (
+        jnp.einsum(
+            "bkgd,bskd->bkgs", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+        * scale
+    )
     s = _softcap(s, softcap)
     mask = (jnp.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
     s = jnp.where(mask, s, -jnp.inf)
@@ -236,6 +276,7 @@ def decode_attention_xla(q, k_cache, v_cache, lengths, *, scale, softcap):
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bkgs,bskd->bkgd", p.astype(v_cache.dtype), v_cache,
-                   preferred_element_type=jnp.float32) / jnp.where(l > 0, l, 1.0)
+    o = jnp.einsum(
+        "bkgs,bskd->bkgd", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32
+    ) / jnp.where(l > 0, l, 1.0)
     return o.reshape(B, H, D).astype(q.dtype)

@@ -258,8 +258,9 @@ def _fwd_kernel(*refs, c: _Cfg, nkv: int):
         alpha = jnp.exp(m_prev - m_use)
         l_sc[...] = alpha * l_prev + jnp.sum(p, axis=1)[:, None]
         m_sc[...] = m_new
-        pv = lax.dot_general(p.astype(v.dtype), v, NN, precision=c.precision,
-                             preferred_element_type=jnp.float32)
+        pv = lax.dot_general(
+            p.astype(v.dtype), v, NN, precision=c.precision, preferred_element_type=jnp.float32
+        )
         acc_sc[...] = acc_sc[...] * jnp.tile(alpha, (1, c.Dp // LANES)) + pv
 
     _when_masked(run, _needs_mask(i, j, c), step)
@@ -304,8 +305,9 @@ def _forward(qk, kk, vk, seg, c: _Cfg):
         col, row = seg
         in_specs += [
             pl.BlockSpec((None, c.bq, LANES), lambda b, h, i, jj: (b, i, 0)),
-            pl.BlockSpec((None, SUBLANES, c.bk),
-                         lambda b, h, i, jj: (b, 0, _kv_block(i, jj, c)[0])),
+            pl.BlockSpec(
+                (None, SUBLANES, c.bk), lambda b, h, i, jj: (b, 0, _kv_block(i, jj, c)[0])
+            ),
         ]
         args += [col, row]
     visible_frac = nkv / c.nk
@@ -330,8 +332,10 @@ def _forward(qk, kk, vk, seg, c: _Cfg):
         ],
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(
-            flops=int(flops), transcendentals=int(flops / (4 * c.Dp)),
-            bytes_accessed=int(itemsize * c.B * c.H * c.Dp * (2 * c.Tp + 2 * c.nq * nkv * c.bk))),
+            flops=int(flops),
+            transcendentals=int(flops / (4 * c.Dp)),
+            bytes_accessed=int(itemsize * c.B * c.H * c.Dp * (2 * c.Tp + 2 * c.nq * nkv * c.bk)),
+        ),
         interpret=_interpret(c),
         name="seqmix_flash_fwd",
     )(*args)
@@ -355,8 +359,10 @@ def _dq_kernel(*refs, c: _Cfg, nkv: int):
 
     def step(masked: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s_raw = lax.dot_general(q, k, NT, precision=c.precision,
-                                preferred_element_type=jnp.float32) * c.scale
+        s_raw = (
+            lax.dot_general(q, k, NT, precision=c.precision, preferred_element_type=jnp.float32)
+            * c.scale
+        )
         s = _cap(s_raw, c)
         if masked:
             seg = {}
@@ -366,15 +372,15 @@ def _dq_kernel(*refs, c: _Cfg, nkv: int):
             s = jnp.where(mask, s, -jnp.inf)
         lse = jnp.expand_dims(lse_ref[0], -1)  # [bq, 1]; +inf for rows without keys
         p = jnp.exp(s - lse)
-        dp = lax.dot_general(do, v, NT, precision=c.precision,
-                             preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, NT, precision=c.precision, preferred_element_type=jnp.float32)
         ds = p * (dp + jnp.expand_dims(dc_ref[0], -1))  # dc = dlse - rowsum(dO * O)
         if c.softcap is not None:
             t = jnp.tanh(s_raw / c.softcap)
             ds = ds * (1.0 - t * t)
         ds = ds * c.scale
-        acc[...] += lax.dot_general(ds.astype(k.dtype), k, NN, precision=c.precision,
-                                    preferred_element_type=jnp.float32)
+        acc[...] += lax.dot_general(
+            ds.astype(k.dtype), k, NN, precision=c.precision, preferred_element_type=jnp.float32
+        )
 
     _when_masked(run, _needs_mask(i, j, c), step)
 
@@ -385,8 +391,20 @@ def _dq_kernel(*refs, c: _Cfg, nkv: int):
 
 def _dkv_kernel(*refs, c: _Cfg, nq_steps: int):
     if c.has_seg:
-        (q_ref, k_ref, v_ref, sq_ref, sk_ref, do_ref, lse_ref, dc_ref,
-         dk_ref, dv_ref, dk_acc, dv_acc) = refs
+        (
+            q_ref,
+            k_ref,
+            v_ref,
+            sq_ref,
+            sk_ref,
+            do_ref,
+            lse_ref,
+            dc_ref,
+            dk_ref,
+            dv_ref,
+            dk_acc,
+            dv_acc,
+        ) = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dc_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
     j, g, ii = pl.program_id(2), pl.program_id(3), pl.program_id(4)
@@ -401,8 +419,10 @@ def _dkv_kernel(*refs, c: _Cfg, nq_steps: int):
         # transposed tile: rows are keys, columns queries, so the per-query lse and dc rows
         # broadcast along sublanes and dV/dK are plain (NN) matmuls
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        st_raw = lax.dot_general(k, q, NT, precision=c.precision,
-                                 preferred_element_type=jnp.float32) * c.scale
+        st_raw = (
+            lax.dot_general(k, q, NT, precision=c.precision, preferred_element_type=jnp.float32)
+            * c.scale
+        )
         st = _cap(st_raw, c)
         if masked:
             seg = {}
@@ -411,17 +431,18 @@ def _dkv_kernel(*refs, c: _Cfg, nq_steps: int):
             mask = _visible(i * c.bq, j * c.bk, st.shape, c, keys_on_rows=True, **seg)
             st = jnp.where(mask, st, -jnp.inf)
         pt = jnp.exp(st - lse_ref[...])  # [bk, bq]
-        dv_acc[...] += lax.dot_general(pt.astype(do.dtype), do, NN, precision=c.precision,
-                                       preferred_element_type=jnp.float32)
-        dpt = lax.dot_general(v, do, NT, precision=c.precision,
-                              preferred_element_type=jnp.float32)
+        dv_acc[...] += lax.dot_general(
+            pt.astype(do.dtype), do, NN, precision=c.precision, preferred_element_type=jnp.float32
+        )
+        dpt = lax.dot_general(v, do, NT, precision=c.precision, preferred_element_type=jnp.float32)
         dst = pt * (dpt + dc_ref[...])
         if c.softcap is not None:
             t = jnp.tanh(st_raw / c.softcap)
             dst = dst * (1.0 - t * t)
         dst = dst * c.scale
-        dk_acc[...] += lax.dot_general(dst.astype(q.dtype), q, NN, precision=c.precision,
-                                       preferred_element_type=jnp.float32)
+        dk_acc[...] += lax.dot_general(
+            dst.astype(q.dtype), q, NN, precision=c.precision, preferred_element_type=jnp.float32
+        )
 
     _when_masked(run, _needs_mask(i, j, c), step)
 
@@ -448,19 +469,26 @@ def _backward(qk, kk, vk, seg, dok, lse_b, dc, c: _Cfg):
         return b, _kv_block(i, jj, c)[0], h // G
 
     row_map = lambda b, h, i, jj: (b, h, 0, i)
-    in_specs = [pl.BlockSpec((None, c.bq, c.Dp), q_map),
-                pl.BlockSpec((None, c.bk, c.Dp), kv_map),
-                pl.BlockSpec((None, c.bk, c.Dp), kv_map)]
+    in_specs = [
+        pl.BlockSpec((None, c.bq, c.Dp), q_map),
+        pl.BlockSpec((None, c.bk, c.Dp), kv_map),
+        pl.BlockSpec((None, c.bk, c.Dp), kv_map),
+    ]
     args = [qk, kk, vk]
     if c.has_seg:
         col, row = seg
-        in_specs += [pl.BlockSpec((None, c.bq, LANES), lambda b, h, i, jj: (b, i, 0)),
-                     pl.BlockSpec((None, SUBLANES, c.bk),
-                                  lambda b, h, i, jj: (b, 0, _kv_block(i, jj, c)[0]))]
+        in_specs += [
+            pl.BlockSpec((None, c.bq, LANES), lambda b, h, i, jj: (b, i, 0)),
+            pl.BlockSpec(
+                (None, SUBLANES, c.bk), lambda b, h, i, jj: (b, 0, _kv_block(i, jj, c)[0])
+            ),
+        ]
         args += [col, row]
-    in_specs += [pl.BlockSpec((None, c.bq, c.Dp), q_map),
-                 pl.BlockSpec((None, None, 1, c.bq), row_map),
-                 pl.BlockSpec((None, None, 1, c.bq), row_map)]
+    in_specs += [
+        pl.BlockSpec((None, c.bq, c.Dp), q_map),
+        pl.BlockSpec((None, None, 1, c.bq), row_map),
+        pl.BlockSpec((None, None, 1, c.bq), row_map),
+    ]
     args += [dok, lse_b, dc]
     flops = 6 * c.B * c.H * c.Tp * c.Sp * c.Dp * nkv / c.nk
     dq = pl.pallas_call(
@@ -472,8 +500,10 @@ def _backward(qk, kk, vk, seg, dok, lse_b, dc, c: _Cfg):
         scratch_shapes=[pltpu.VMEM((c.bq, c.Dp), jnp.float32)],
         compiler_params=_compiler_params(sem3),
         cost_estimate=pl.CostEstimate(
-            flops=int(flops), transcendentals=int(flops / (6 * c.Dp)),
-            bytes_accessed=int(itemsize * c.B * c.H * c.Dp * (3 * c.Tp + 2 * c.nq * nkv * c.bk))),
+            flops=int(flops),
+            transcendentals=int(flops / (6 * c.Dp)),
+            bytes_accessed=int(itemsize * c.B * c.H * c.Dp * (3 * c.Tp + 2 * c.nq * nkv * c.bk)),
+        ),
         interpret=_interpret(c),
         name="seqmix_flash_bwd_dq",
     )(*args)
@@ -490,36 +520,51 @@ def _backward(qk, kk, vk, seg, dok, lse_b, dc, c: _Cfg):
     def row_map2(b, hk, j, g, ii):
         return b, hk * G + g, 0, _q_block(j, ii, c)[0]
 
-    in_specs = [pl.BlockSpec((None, c.bq, c.Dp), qh_map),
-                pl.BlockSpec((None, c.bk, c.Dp), k_map),
-                pl.BlockSpec((None, c.bk, c.Dp), k_map)]
+    in_specs = [
+        pl.BlockSpec((None, c.bq, c.Dp), qh_map),
+        pl.BlockSpec((None, c.bk, c.Dp), k_map),
+        pl.BlockSpec((None, c.bk, c.Dp), k_map),
+    ]
     args = [qk, kk, vk]
     if c.has_seg:
         col, row = seg
-        in_specs += [pl.BlockSpec((None, SUBLANES, c.bq),
-                                  lambda b, hk, j, g, ii: (b, 0, _q_block(j, ii, c)[0])),
-                     pl.BlockSpec((None, c.bk, LANES), lambda b, hk, j, g, ii: (b, j, 0))]
+        in_specs += [
+            pl.BlockSpec(
+                (None, SUBLANES, c.bq), lambda b, hk, j, g, ii: (b, 0, _q_block(j, ii, c)[0])
+            ),
+            pl.BlockSpec((None, c.bk, LANES), lambda b, hk, j, g, ii: (b, j, 0)),
+        ]
         args += [row, col]
-    in_specs += [pl.BlockSpec((None, c.bq, c.Dp), qh_map),
-                 pl.BlockSpec((None, None, 1, c.bq), row_map2),
-                 pl.BlockSpec((None, None, 1, c.bq), row_map2)]
+    in_specs += [
+        pl.BlockSpec((None, c.bq, c.Dp), qh_map),
+        pl.BlockSpec((None, None, 1, c.bq), row_map2),
+        pl.BlockSpec((None, None, 1, c.bq), row_map2),
+    ]
     args += [dok, lse_b, dc]
     flops = 8 * c.B * c.H * c.Tp * c.Sp * c.Dp * nqs / c.nq
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, c=c, nq_steps=nqs),
         grid=(c.B, c.Hkv, c.nk, G, nqs),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, c.bk, c.Dp), k_map),
-                   pl.BlockSpec((None, c.bk, c.Dp), k_map)],
+        out_specs=[
+            pl.BlockSpec((None, c.bk, c.Dp), k_map),
+            pl.BlockSpec((None, c.bk, c.Dp), k_map),
+        ],
         out_shape=[jax.ShapeDtypeStruct((c.B, c.Sp, c.Hkv * c.Dp), dt)] * 2,
-        scratch_shapes=[pltpu.VMEM((c.bk, c.Dp), jnp.float32),
-                        pltpu.VMEM((c.bk, c.Dp), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((c.bk, c.Dp), jnp.float32),
+            pltpu.VMEM((c.bk, c.Dp), jnp.float32),
+        ],
         compiler_params=_compiler_params(
-            ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+            ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+        ),
         cost_estimate=pl.CostEstimate(
-            flops=int(flops), transcendentals=int(flops / (8 * c.Dp)),
-            bytes_accessed=int(itemsize * c.B * c.Dp * (4 * c.Hkv * c.Sp
-                                                        + 2 * c.H * c.nk * nqs * c.bq))),
+            flops=int(flops),
+            transcendentals=int(flops / (8 * c.Dp)),
+            bytes_accessed=int(
+                itemsize * c.B * c.Dp * (4 * c.Hkv * c.Sp + 2 * c.H * c.nk * nqs * c.bq)
+            ),
+        ),
         interpret=_interpret(c),
         name="seqmix_flash_bwd_dkv",
     )(*args)
@@ -540,7 +585,7 @@ def _to_kernel(x, L, c: _Cfg):
 
 def _from_kernel(x, N, Hx, c: _Cfg, dtype):
     B, L, _ = x.shape
-    return x.reshape(B, L, Hx, c.Dp)[:, :N, :, :c.D].astype(dtype)
+    return x.reshape(B, L, Hx, c.Dp)[:, :N, :, : c.D].astype(dtype)
 
 
 def _rows_to_kernel(x, c: _Cfg, fill):
@@ -555,7 +600,7 @@ def _fwd_impl(q, k, v, segment_ids, c: _Cfg):
     seg = _seg_arrays(segment_ids, c) if c.has_seg else None
     ok, lse_k = _forward(qk, kk, vk, seg, c)
     o = _from_kernel(ok, c.T, c.H, c, q.dtype)
-    lse = jnp.transpose(lse_k[:, :, 0, :c.T], (0, 2, 1))
+    lse = jnp.transpose(lse_k[:, :, 0, : c.T], (0, 2, 1))
     return (o, lse), (qk, kk, vk, seg, o, lse_k)
 
 
@@ -579,8 +624,12 @@ def _flash_bwd(c: _Cfg, res, cts):
     dok = _to_kernel(do, c.Tp, c)
     dqk, dkk, dvk = _backward(qk, kk, vk, seg, dok, lse_b, dc, c)
     dt = jnp.dtype(c.dtype)
-    return (_from_kernel(dqk, c.T, c.H, c, dt), _from_kernel(dkk, c.S, c.Hkv, c, dt),
-            _from_kernel(dvk, c.S, c.Hkv, c, dt), None)
+    return (
+        _from_kernel(dqk, c.T, c.H, c, dt),
+        _from_kernel(dkk, c.S, c.Hkv, c, dt),
+        _from_kernel(dvk, c.S, c.Hkv, c, dt),
+        None,
+    )
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -642,10 +691,24 @@ def attention(
         bq, bk = _pick_block(T, bq), _pick_block(S, bk)
     dtype = jnp.dtype(q.dtype).name
     c = _Cfg(
-        B=B, T=T, S=S, H=H, Hkv=Hkv, D=D, Dp=Dp,
-        Tp=_round_up(T, bq), Sp=_round_up(S, bk), bq=bq, bk=bk,
-        causal=bool(causal), left=left, right=right, softcap=softcap, scale=float(scale),
-        has_seg=segment_ids is not None, dtype=dtype,
+        B=B,
+        T=T,
+        S=S,
+        H=H,
+        Hkv=Hkv,
+        D=D,
+        Dp=Dp,
+        Tp=_round_up(T, bq),
+        Sp=_round_up(S, bk),
+        bq=bq,
+        bk=bk,
+        causal=bool(causal),
+        left=left,
+        right=right,
+        softcap=softcap,
+        scale=float(scale),
+        has_seg=segment_ids is not None,
+        dtype=dtype,
         compute_dtype="float32" if dtype == "float16" else dtype,
         interpret=interpret_mode(),
     )

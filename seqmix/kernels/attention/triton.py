@@ -99,8 +99,9 @@ def _key_blocks(q0, bq, bk, nk, st):
     lo = 0 if st.left is None else lax.div(jnp.maximum(q0 - st.left, 0), bk)
     hi = nk if st.right is None else jnp.minimum(_cdiv(q0 + bq + st.right, bk), nk)
     flo = 0 if st.left is None else _cdiv(jnp.maximum(q0 + bq - 1 - st.left, 0), bk)
-    fhi = st.S // bk if st.right is None else jnp.minimum(lax.div(q0 + st.right + 1, bk),
-                                                          st.S // bk)
+    fhi = (
+        st.S // bk if st.right is None else jnp.minimum(lax.div(q0 + st.right + 1, bk), st.S // bk)
+    )
     flo = jnp.minimum(jnp.maximum(flo, lo), hi)
     fhi = jnp.minimum(jnp.maximum(fhi, flo), hi)
     return lo, hi, flo, fhi
@@ -172,8 +173,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st, nq, nk):
     lo, hi, flo, fhi = _key_blocks(q0, bq, bk, nk, st)
     if st.segments:
         lo, hi = jnp.maximum(lo, lo_ref[i]), jnp.minimum(hi, hi_ref[i])
-    init = (jnp.zeros((bq, q.shape[-1]), jnp.float32),
-            jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    init = (
+        jnp.zeros((bq, q.shape[-1]), jnp.float32),
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
     acc, m, l = _loops(lo, hi, flo, fhi, step, init, st, head=st.left is not None)
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
@@ -212,10 +216,13 @@ def _forward(q, k, v, seg, st):
             pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, qi(i), h, 0)),
             pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qi(i))),
         ],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=st.fwd.num_warps,
-                                             num_stages=st.fwd.num_stages),
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((B, H, T), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=st.fwd.num_warps, num_stages=st.fwd.num_stages
+        ),
         interpret=st.interpret,
         name="seqmix_flash_fwd",
     )(*args)
@@ -258,8 +265,9 @@ def _delta(o, do, dlse, st):
         in_specs=[spec, spec, row],
         out_specs=row,
         out_shape=jax.ShapeDtypeStruct((B, H, T), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=st.bwd_dq.num_warps,
-                                             num_stages=st.bwd_dq.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=st.bwd_dq.num_warps, num_stages=st.bwd_dq.num_stages
+        ),
         interpret=st.interpret,
         name="seqmix_flash_bwd_delta",
     )(o, do, dlse)
@@ -304,8 +312,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq)
         lo, hi = jnp.maximum(lo, lo_ref[j]), jnp.minimum(hi, hi_ref[j])
 
     def group(g, carry):
-        return _loops(lo, hi, flo, fhi, functools.partial(step, g=g), carry, st,
-                      head=st.right is not None)
+        return _loops(
+            lo, hi, flo, fhi, functools.partial(step, g=g), carry, st, head=st.right is not None
+        )
 
     D = k.shape[-1]
     init = (jnp.zeros((bk, D), jnp.float32), jnp.zeros((bk, D), jnp.float32))
@@ -327,19 +336,21 @@ def _dkdv(q, k, v, do, lse2, delta, seg, st):
     args = [q, k, v, do, lse2, delta]
     if st.segments:
         lo, hi = _segment_ranges(seg, bk, bq)
-        in_specs += [pl.BlockSpec((None, T), lambda j, b, h: (b, 0)),
-                     pl.BlockSpec((None, nk), lambda j, b, h: (b, 0)),
-                     pl.BlockSpec((None, nk), lambda j, b, h: (b, 0))]
+        in_specs += [
+            pl.BlockSpec((None, T), lambda j, b, h: (b, 0)),
+            pl.BlockSpec((None, nk), lambda j, b, h: (b, 0)),
+            pl.BlockSpec((None, nk), lambda j, b, h: (b, 0)),
+        ]
         args += [seg, lo, hi]
     return pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st, nq=nq),
         grid=(nk, B, Hkv),
         in_specs=in_specs,
         out_specs=[kv, kv],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=plgpu.CompilerParams(num_warps=st.bwd.num_warps,
-                                             num_stages=st.bwd.num_stages),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=st.bwd.num_warps, num_stages=st.bwd.num_stages
+        ),
         interpret=st.interpret,
         name="seqmix_flash_bwd_dkdv",
     )(*args)
@@ -380,8 +391,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq, n
     lo, hi, flo, fhi = _key_blocks(q0, bq, bk, nk, st)
     if st.segments:
         lo, hi = jnp.maximum(lo, lo_ref[i]), jnp.minimum(hi, hi_ref[i])
-    dq = _loops(lo, hi, flo, fhi, step, jnp.zeros(q.shape, jnp.float32), st,
-                head=st.left is not None)
+    dq = _loops(
+        lo, hi, flo, fhi, step, jnp.zeros(q.shape, jnp.float32), st, head=st.left is not None
+    )
     plgpu.store(dq_ref, (dq * st.scale).astype(dq_ref.dtype))
 
 
@@ -399,10 +411,12 @@ def _dq(q, k, v, do, lse2, delta, seg, st):
     args = [q, k, v, do, lse2, delta]
     if st.segments:
         lo, hi = _segment_ranges(seg, bq, bk)
-        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, qi(i))),
-                     pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
-                     pl.BlockSpec((None, nq), lambda i, b, h: (b, 0)),
-                     pl.BlockSpec((None, nq), lambda i, b, h: (b, 0))]
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, b, h: (b, qi(i))),
+            pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((None, nq), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((None, nq), lambda i, b, h: (b, 0)),
+        ]
         args += [seg, seg, lo, hi]
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st, nq=nq, nk=nk),
@@ -410,8 +424,9 @@ def _dq(q, k, v, do, lse2, delta, seg, st):
         in_specs=in_specs,
         out_specs=qs,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=st.bwd_dq.num_warps,
-                                             num_stages=st.bwd_dq.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=st.bwd_dq.num_warps, num_stages=st.bwd_dq.num_stages
+        ),
         interpret=st.interpret,
         name="seqmix_flash_bwd_dq",
     )(*args)
@@ -448,8 +463,9 @@ _flash_jit = jax.jit(_flash, static_argnums=(4,))  # eager callers trace the ker
 def _fit(blocks: tuning.Blocks, T: int, S: int) -> tuning.Blocks:
     """Shrinks a tile to the problem (powers of two, at least 16)."""
     cap = lambda n, b: min(b, max(16, 1 << max(n - 1, 0).bit_length()))
-    return dataclasses.replace(blocks, block_q=cap(T, blocks.block_q),
-                               block_k=cap(S, blocks.block_k))
+    return dataclasses.replace(
+        blocks, block_q=cap(T, blocks.block_q), block_k=cap(S, blocks.block_k)
+    )
 
 
 def flash_attention(
@@ -471,16 +487,17 @@ def flash_attention(
     _B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     if H % Hkv or k.shape != v.shape or k.shape[::3] != q.shape[::3]:
-        raise ValueError(f"q {q.shape} and k, v {k.shape}, {v.shape}: expected [B, T, H, D] "
-                         "and [B, S, Hkv, D] with H a multiple of Hkv")
+        raise ValueError(
+            f"q {q.shape} and k, v {k.shape}, {v.shape}: expected [B, T, H, D] "
+            "and [B, S, Hkv, D] with H a multiple of Hkv"
+        )
     interpret = interpret_mode() if interpret is None else interpret
     scale = D**-0.5 if scale is None else scale
     blocks = dict(blocks or {})
     Dp = tuning.head_dim_bucket(D)
     tiles = {}
     for kind in ("fwd", "bwd", "bwd_dq"):
-        b = blocks.get(kind) or tuning.attention_blocks(Dp, q.dtype, kind=kind,
-                                                        interpret=interpret)
+        b = blocks.get(kind) or tuning.attention_blocks(Dp, q.dtype, kind=kind, interpret=interpret)
         tiles[kind] = _fit(b, T, S)
     q_mult = max(b.block_q for b in tiles.values())
     k_mult = max(b.block_k for b in tiles.values())
@@ -495,9 +512,17 @@ def flash_attention(
         seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, Tp - T)), mode="edge")
     left, right = window
     st = _Static(
-        left=left, right=right, S=S, groups=H // Hkv, scale=float(scale),
-        softcap=None if softcap is None else float(softcap), segments=seg is not None,
-        fwd=tiles["fwd"], bwd=tiles["bwd"], bwd_dq=tiles["bwd_dq"], interpret=interpret,
+        left=left,
+        right=right,
+        S=S,
+        groups=H // Hkv,
+        scale=float(scale),
+        softcap=None if softcap is None else float(softcap),
+        segments=seg is not None,
+        fwd=tiles["fwd"],
+        bwd=tiles["bwd"],
+        bwd_dq=tiles["bwd_dq"],
+        interpret=interpret,
         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
     )
     o, lse = _flash_jit(q, k, v, seg, st)
@@ -517,6 +542,7 @@ def attention(q, k, v, *, causal, window, segment_ids, softcap, scale, return_ls
         )
     if causal and window[1] != 0:
         raise ValueError(f"causal attention needs window right = 0, got window={window}")
-    o, lse = flash_attention(q, k, v, window=window, segment_ids=segment_ids,
-                             softcap=softcap, scale=scale)
+    o, lse = flash_attention(
+        q, k, v, window=window, segment_ids=segment_ids, softcap=softcap, scale=scale
+    )
     return o, (lse if return_lse else None)

@@ -75,10 +75,12 @@ def causal_conv1d(
     _check_common(weight, bias, activation, C)
     W = weight.shape[0]
     if initial_state is not None:
-        checks.check_array("initial_state", initial_state, 3, "[batch, width - 1, channels]",
-                           shape=(B, W - 1, C))
-    y, final = CAUSAL_CONV1D(implementation, x, weight, bias, activation=activation,
-                             initial_state=initial_state)
+        checks.check_array(
+            "initial_state", initial_state, 3, "[batch, width - 1, channels]", shape=(B, W - 1, C)
+        )
+    y, final = CAUSAL_CONV1D(
+        implementation, x, weight, bias, activation=activation, initial_state=initial_state
+    )
     return (y, final) if return_final_state else y
 
 
@@ -99,6 +101,7 @@ def causal_conv1d_step(
     checks.check_array("x", x, 2, "[batch, channels]")
     B, C = x.shape
     _check_common(weight, bias, activation, C)
-    checks.check_array("state", state, 3, "[batch, width - 1, channels]",
-                       shape=(B, weight.shape[0] - 1, C))
+    checks.check_array(
+        "state", state, 3, "[batch, width - 1, channels]", shape=(B, weight.shape[0] - 1, C)
+    )
     return CAUSAL_CONV1D_STEP(implementation, x, state, weight, bias, activation=activation)

@@ -41,8 +41,8 @@ def causal_conv1d_naive(x, weight, bias, *, activation, initial_state):
     T = x.shape[1]
     xp = _with_history(x, initial_state, W)
     xf = xp.astype(acc)
-    y = sum(weight[j].astype(acc) * xf[:, j:j + T] for j in range(W))
-    return _finish(y, bias, activation, acc, x.dtype), xp[:, xp.shape[1] - (W - 1):]
+    y = sum(weight[j].astype(acc) * xf[:, j : j + T] for j in range(W))
+    return _finish(y, bias, activation, acc, x.dtype), xp[:, xp.shape[1] - (W - 1) :]
 
 
 def causal_conv1d_xla(x, weight, bias, *, activation, initial_state):
@@ -51,14 +51,19 @@ def causal_conv1d_xla(x, weight, bias, *, activation, initial_state):
     W, C = weight.shape
     xp = _with_history(x, initial_state, W)
     y = lax.conv_general_dilated(
-        xp.astype(acc), weight.astype(acc)[:, None, :], window_strides=(1,), padding="VALID",
-        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=C,
+        xp.astype(acc),
+        weight.astype(acc)[:, None, :],
+        window_strides=(1,),
+        padding="VALID",
+        dimension_numbers=("NWC", "WIO", "NWC"),
+        feature_group_count=C,
     )
-    return _finish(y, bias, activation, acc, x.dtype), xp[:, xp.shape[1] - (W - 1):]
+    return _finish(y, bias, activation, acc, x.dtype), xp[:, xp.shape[1] - (W - 1) :]
 
 
 def causal_conv1d_step_reference(x, state, weight, bias, *, activation):
     """One token: x ``[B, C]``, state ``[B, W - 1, C]`` -> ``(y [B, C], new_state)``."""
-    y, new_state = causal_conv1d_naive(x[:, None], weight, bias, activation=activation,
-                                       initial_state=state)
+    y, new_state = causal_conv1d_naive(
+        x[:, None], weight, bias, activation=activation, initial_state=state
+    )
     return y[:, 0], new_state

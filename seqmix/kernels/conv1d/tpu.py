@@ -59,22 +59,28 @@ def final_state(x, initial_state, W):
     """The last W - 1 rows of ``[initial_state; x]`` in x's dtype (plain XLA slicing)."""
     B, T, C = x.shape
     if T >= W - 1:
-        return x[:, T - (W - 1):]
-    prev = (jnp.zeros((B, W - 1, C), x.dtype) if initial_state is None
-            else initial_state.astype(x.dtype))
+        return x[:, T - (W - 1) :]
+    prev = (
+        jnp.zeros((B, W - 1, C), x.dtype)
+        if initial_state is None
+        else initial_state.astype(x.dtype)
+    )
     return jnp.concatenate([prev[:, T:], x], axis=1)
 
 
 def _no_float64(*arrays) -> None:
     if any(a is not None and a.dtype == jnp.float64 for a in arrays):
-        raise NotImplementedError("the Pallas kernels compute in float32; float64 inputs need "
-                                  "the naive or xla implementation")
+        raise NotImplementedError(
+            "the Pallas kernels compute in float32; float64 inputs need "
+            "the naive or xla implementation"
+        )
 
 
 def _check_width(W: int) -> None:
     if not 2 <= W <= MAX_WIDTH:
-        raise NotImplementedError(f"causal_conv1d pallas kernels support widths 2 to "
-                                  f"{MAX_WIDTH}, got weight of width {W}")
+        raise NotImplementedError(
+            f"causal_conv1d pallas kernels support widths 2 to {MAX_WIDTH}, got weight of width {W}"
+        )
 
 
 def _silu_grad(pre):
@@ -117,8 +123,24 @@ def _fwd_kernel(x_ref, halo_ref, w_ref, bias_ref, h_ref, y_ref, xe_ref, *, st: _
     y_ref[...] = y.astype(y_ref.dtype)
 
 
-def _bwd_kernel(x_ref, halo_ref, after_ref, w_ref, bias_ref, h_ref, dy_ref, dy_after_ref,
-                dx_ref, dw_ref, db_ref, dh_ref, xe_ref, de_ref, *, st: _Static):
+def _bwd_kernel(
+    x_ref,
+    halo_ref,
+    after_ref,
+    w_ref,
+    bias_ref,
+    h_ref,
+    dy_ref,
+    dy_after_ref,
+    dx_ref,
+    dw_ref,
+    db_ref,
+    dh_ref,
+    xe_ref,
+    de_ref,
+    *,
+    st: _Static,
+):
     Tc, W = st.block_t, st.W
     i = pl.program_id(2)
     last = i == pl.num_programs(2) - 1
@@ -161,16 +183,26 @@ def _specs(st: _Static, nT: int):
     r = Tc // HALO
     tile = pl.BlockSpec((None, Tc, bc), lambda b, c, i: (b, i, c))
     before = pl.BlockSpec((None, HALO, bc), lambda b, c, i: (b, jnp.maximum(i * r - 1, 0), c))
-    after = pl.BlockSpec((None, HALO, bc),
-                         lambda b, c, i: (b, jnp.minimum((i + 1) * r, nT * r - 1), c))
+    after = pl.BlockSpec(
+        (None, HALO, bc), lambda b, c, i: (b, jnp.minimum((i + 1) * r, nT * r - 1), c)
+    )
     w = pl.BlockSpec((st.W, bc), lambda b, c, i: (0, c))
     row = pl.BlockSpec((1, bc), lambda b, c, i: (0, c))
     hist = pl.BlockSpec((None, HALO, bc), lambda b, c, i: (b, 0, c))
     part = pl.BlockSpec((None, None, st.W, bc), lambda b, c, i: (b, i, 0, c))
     part_row = pl.BlockSpec((None, None, 1, bc), lambda b, c, i: (b, i, 0, c))
     dh = pl.BlockSpec((None, st.W - 1, bc), lambda b, c, i: (b, 0, c))
-    return dict(tile=tile, before=before, after=after, w=w, row=row, hist=hist, part=part,
-                part_row=part_row, dh=dh)
+    return dict(
+        tile=tile,
+        before=before,
+        after=after,
+        w=w,
+        row=row,
+        hist=hist,
+        part=part,
+        part_row=part_row,
+        dh=dh,
+    )
 
 
 def _interpret(st):
@@ -181,8 +213,13 @@ def _forward(st, x, weight, bias, hist):
     B, Tp, Cp = x.shape
     nT = Tp // st.block_t
     sp = _specs(st, nT)
-    args = [(x, sp["tile"]), (x, sp["before"]), (weight, sp["w"]), (bias, sp["row"]),
-            (hist, sp["hist"])]
+    args = [
+        (x, sp["tile"]),
+        (x, sp["before"]),
+        (weight, sp["w"]),
+        (bias, sp["row"]),
+        (hist, sp["hist"]),
+    ]
     present = [a is not None for a, _ in args]
 
     def kernel(*refs):
@@ -191,13 +228,16 @@ def _forward(st, x, weight, bias, hist):
         _fwd_kernel(*ins, *it, st=st)
 
     return pl.pallas_call(
-        kernel, grid=(B, Cp // st.block_c, nT),
-        in_specs=[s for a, s in args if a is not None], out_specs=sp["tile"],
+        kernel,
+        grid=(B, Cp // st.block_c, nT),
+        in_specs=[s for a, s in args if a is not None],
+        out_specs=sp["tile"],
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         scratch_shapes=[pltpu.VMEM((HALO + st.block_t, st.block_c), jnp.float32)],
         interpret=_interpret(st),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel")),
+            dimension_semantics=("parallel", "parallel", "parallel")
+        ),
         name="causal_conv1d_fwd",
     )(*[a for a, _ in args if a is not None])
 
@@ -208,14 +248,22 @@ def _backward(st, x, weight, bias, hist, dy):
     nT = Tp // st.block_t
     sp = _specs(st, nT)
     f32 = jnp.float32
-    args = [(x, sp["tile"]), (x, sp["before"]), (x, sp["after"]), (weight, sp["w"]),
-            (bias, sp["row"]), (hist, sp["hist"]), (dy, sp["tile"]), (dy, sp["after"])]
-    outs = [(jax.ShapeDtypeStruct(x.shape, x.dtype), sp["tile"]),
-            (jax.ShapeDtypeStruct((B, nT, W, Cp), f32), sp["part"]),
-            (jax.ShapeDtypeStruct((B, nT, 1, Cp), f32) if bias is not None else None,
-             sp["part_row"]),
-            (jax.ShapeDtypeStruct((B, W - 1, Cp), f32) if hist is not None else None,
-             sp["dh"])]
+    args = [
+        (x, sp["tile"]),
+        (x, sp["before"]),
+        (x, sp["after"]),
+        (weight, sp["w"]),
+        (bias, sp["row"]),
+        (hist, sp["hist"]),
+        (dy, sp["tile"]),
+        (dy, sp["after"]),
+    ]
+    outs = [
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), sp["tile"]),
+        (jax.ShapeDtypeStruct((B, nT, W, Cp), f32), sp["part"]),
+        (jax.ShapeDtypeStruct((B, nT, 1, Cp), f32) if bias is not None else None, sp["part_row"]),
+        (jax.ShapeDtypeStruct((B, W - 1, Cp), f32) if hist is not None else None, sp["dh"]),
+    ]
     present = [a is not None for a, _ in args] + [o is not None for o, _ in outs]
 
     def kernel(*refs):
@@ -223,20 +271,26 @@ def _backward(st, x, weight, bias, hist, dy):
         refs = [next(it) if p else None for p in present]
         _bwd_kernel(*refs, *it, st=st)
 
-    got = iter(pl.pallas_call(
-        kernel, grid=(B, Cp // st.block_c, nT),
-        in_specs=[s for a, s in args if a is not None],
-        out_specs=[s for o, s in outs if o is not None],
-        out_shape=[o for o, _ in outs if o is not None],
-        scratch_shapes=[pltpu.VMEM((2 * HALO + st.block_t, st.block_c), f32),
-                        pltpu.VMEM((HALO + st.block_t, st.block_c), f32)],
-        interpret=_interpret(st),
-        # d initial_state is written by the first time tile and kept resident: time is
-        # sequential.
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
-        name="causal_conv1d_bwd",
-    )(*[a for a, _ in args if a is not None]))
+    got = iter(
+        pl.pallas_call(
+            kernel,
+            grid=(B, Cp // st.block_c, nT),
+            in_specs=[s for a, s in args if a is not None],
+            out_specs=[s for o, s in outs if o is not None],
+            out_shape=[o for o, _ in outs if o is not None],
+            scratch_shapes=[
+                pltpu.VMEM((2 * HALO + st.block_t, st.block_c), f32),
+                pltpu.VMEM((HALO + st.block_t, st.block_c), f32),
+            ],
+            interpret=_interpret(st),
+            # d initial_state is written by the first time tile and kept resident: time is
+            # sequential.
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "parallel", "arbitrary")
+            ),
+            name="causal_conv1d_bwd",
+        )(*[a for a, _ in args if a is not None])
+    )
     dx, dw = next(got), next(got)
     db = next(got).sum((0, 1)).astype(bias.dtype) if bias is not None else None
     dh = None
@@ -262,8 +316,9 @@ def _conv_bwd(st, res, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None,
-                  blocks: Blocks | None = None):
+def causal_conv1d(
+    x, weight, bias=None, *, activation=None, initial_state=None, blocks: Blocks | None = None
+):
     """The ``pallas_tpu`` implementation (arguments as ``reference.causal_conv1d_naive``).
 
     Returns ``(y [B, T, C] in x's dtype, final_state [B, W - 1, C] in x's dtype)``;
@@ -274,15 +329,16 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None,
     _check_width(W)
     blocks = blocks or (INTERPRET_BLOCKS if interpret_mode() else TPU_BLOCKS)
     if blocks.block_t % HALO or blocks.block_c % LANES:
-        raise ValueError(f"blocks.block_t must be a multiple of {HALO} and blocks.block_c of "
-                         f"{LANES}, got {blocks}")
+        raise ValueError(
+            f"blocks.block_t must be a multiple of {HALO} and blocks.block_c of "
+            f"{LANES}, got {blocks}"
+        )
     _B, T, C = x.shape
     Tc = min(blocks.block_t, -(-T // HALO) * HALO)
     Cp = -(-C // LANES) * LANES
     bc = max(d for d in range(LANES, min(blocks.block_c, Cp) + 1, LANES) if Cp % d == 0)
     Tp = -(-T // Tc) * Tc
-    st = _Static(W=W, silu=activation == "silu", block_t=Tc, block_c=bc,
-                 interpret=interpret_mode())
+    st = _Static(W=W, silu=activation == "silu", block_t=Tc, block_c=bc, interpret=interpret_mode())
     xp = jnp.pad(x, [(0, 0), (0, Tp - T), (0, Cp - C)])
     hist = None
     if initial_state is not None:
@@ -308,8 +364,9 @@ def _step_kernel(x_ref, s_ref, w_ref, bias_ref, y_ref, ns_ref, *, W, silu):
         ns_ref[pl.ds(k, 1), :] = rows[k + 1].astype(ns_ref.dtype)
 
 
-def causal_conv1d_step(x, state, weight, bias=None, *, activation=None,
-                       blocks: Blocks | None = None):
+def causal_conv1d_step(
+    x, state, weight, bias=None, *, activation=None, blocks: Blocks | None = None
+):
     """One decoding token (``pallas_tpu``): x ``[B, C]``, state ``[B, W - 1, C]`` ->
     ``(y [B, C] in x's dtype, new_state = [state[:, 1:], x] in x's dtype)``.
 
@@ -323,8 +380,11 @@ def causal_conv1d_step(x, state, weight, bias=None, *, activation=None,
     Cp = -(-C // LANES) * LANES
     bc = max(d for d in range(LANES, min(blocks.block_c, Cp) + 1, LANES) if Cp % d == 0)
     pad = [(0, 0), (0, Cp - C)]
-    args = [jnp.pad(x, pad)[:, None], jnp.pad(state, [(0, 0), (0, 0), (0, Cp - C)]),
-            jnp.pad(weight, pad)]
+    args = [
+        jnp.pad(x, pad)[:, None],
+        jnp.pad(state, [(0, 0), (0, 0), (0, Cp - C)]),
+        jnp.pad(weight, pad),
+    ]
     row = pl.BlockSpec((None, 1, bc), lambda b, c: (b, 0, c))
     st_spec = pl.BlockSpec((None, W - 1, bc), lambda b, c: (b, 0, c))
     specs = [row, st_spec, pl.BlockSpec((W, bc), lambda b, c: (0, c))]
@@ -338,9 +398,14 @@ def causal_conv1d_step(x, state, weight, bias=None, *, activation=None,
         _step_kernel(*refs, W=W, silu=activation == "silu")
 
     y, ns = pl.pallas_call(
-        kernel, grid=(B, Cp // bc), in_specs=specs, out_specs=[row, st_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, 1, Cp), x.dtype),
-                   jax.ShapeDtypeStruct((B, W - 1, Cp), x.dtype)],
+        kernel,
+        grid=(B, Cp // bc),
+        in_specs=specs,
+        out_specs=[row, st_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, 1, Cp), x.dtype),
+            jax.ShapeDtypeStruct((B, W - 1, Cp), x.dtype),
+        ],
         interpret=pltpu.InterpretParams(detect_races=True) if interpret_mode() else False,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         name="causal_conv1d_step",

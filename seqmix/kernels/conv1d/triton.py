@@ -61,14 +61,17 @@ class _Static:
 
 def _no_float64(*arrays) -> None:
     if any(a is not None and a.dtype == jnp.float64 for a in arrays):
-        raise NotImplementedError("the Pallas kernels compute in float32; float64 inputs need "
-                                  "the naive or xla implementation")
+        raise NotImplementedError(
+            "the Pallas kernels compute in float32; float64 inputs need "
+            "the naive or xla implementation"
+        )
 
 
 def _check_width(W: int) -> None:
     if not 2 <= W <= MAX_WIDTH:
-        raise NotImplementedError(f"causal_conv1d pallas kernels support widths 2 to "
-                                  f"{MAX_WIDTH}, got weight of width {W}")
+        raise NotImplementedError(
+            f"causal_conv1d pallas kernels support widths 2 to {MAX_WIDTH}, got weight of width {W}"
+        )
 
 
 def _cols(st, C):
@@ -99,10 +102,12 @@ def _fwd_kernel(x_ref, w_ref, bias_ref, h_ref, y_ref, *, st: _Static):
     s0 = pl.program_id(2) * st.seg
     cs, cols, cmask = _cols(st, x_ref.shape[2])
     load = _loader(x_ref, h_ref, b, cs, cmask, st)
-    w = [plgpu.load(w_ref.at[j, cols], mask=cmask, other=0.0).astype(jnp.float32)
-         for j in range(W)]
-    bias = (plgpu.load(bias_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
-            if bias_ref is not None else None)
+    w = [plgpu.load(w_ref.at[j, cols], mask=cmask, other=0.0).astype(jnp.float32) for j in range(W)]
+    bias = (
+        plgpu.load(bias_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
+        if bias_ref is not None
+        else None
+    )
 
     def body(i, window):
         for k in range(st.unroll):
@@ -114,8 +119,7 @@ def _fwd_kernel(x_ref, w_ref, bias_ref, h_ref, y_ref, *, st: _Static):
             if bias is not None:
                 pre = pre + bias
             y = pre * jax.nn.sigmoid(pre) if st.silu else pre
-            plgpu.store(y_ref.at[b, t, cs], y.astype(y_ref.dtype),
-                        mask=cmask & (t < st.T))
+            plgpu.store(y_ref.at[b, t, cs], y.astype(y_ref.dtype), mask=cmask & (t < st.T))
             window = taps[1:]
         return window
 
@@ -123,17 +127,20 @@ def _fwd_kernel(x_ref, w_ref, bias_ref, h_ref, y_ref, *, st: _Static):
     lax.fori_loop(0, st.seg // st.unroll, body, window)
 
 
-def _bwd_kernel(x_ref, w_ref, bias_ref, h_ref, dy_ref, dx_ref, dw_ref, db_ref, dh_ref, *,
-                st: _Static):
+def _bwd_kernel(
+    x_ref, w_ref, bias_ref, h_ref, dy_ref, dx_ref, dw_ref, db_ref, dh_ref, *, st: _Static
+):
     b, W = pl.program_id(0), st.W
     seg_ix = pl.program_id(2)
     s0 = seg_ix * st.seg
     cs, cols, cmask = _cols(st, x_ref.shape[2])
     load = _loader(x_ref, h_ref, b, cs, cmask, st)
-    w = [plgpu.load(w_ref.at[j, cols], mask=cmask, other=0.0).astype(jnp.float32)
-         for j in range(W)]
-    bias = (plgpu.load(bias_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
-            if bias_ref is not None else None)
+    w = [plgpu.load(w_ref.at[j, cols], mask=cmask, other=0.0).astype(jnp.float32) for j in range(W)]
+    bias = (
+        plgpu.load(bias_ref.at[cols], mask=cmask, other=0.0).astype(jnp.float32)
+        if bias_ref is not None
+        else None
+    )
     zero = jnp.zeros((st.block_c,), jnp.float32)
 
     def step(t, carry, owned):
@@ -159,11 +166,15 @@ def _bwd_kernel(x_ref, w_ref, bias_ref, h_ref, dy_ref, dx_ref, dw_ref, db_ref, d
         dx = w[W - 1] * dwin[0]
         for j in range(W - 1):
             dx = dx + w[j] * dwin[W - 1 - j]
-        plgpu.store(dx_ref.at[b, s, cs], dx.astype(dx_ref.dtype),
-                    mask=cmask & (s >= s0) & (s < st.T))
+        plgpu.store(
+            dx_ref.at[b, s, cs], dx.astype(dx_ref.dtype), mask=cmask & (s >= s0) & (s < st.T)
+        )
         if dh_ref is not None:
-            plgpu.store(dh_ref.at[b, s + W - 1, cs], dx.astype(dh_ref.dtype),
-                        mask=cmask & (s < 0) & (seg_ix == 0))
+            plgpu.store(
+                dh_ref.at[b, s + W - 1, cs],
+                dx.astype(dh_ref.dtype),
+                mask=cmask & (s < 0) & (seg_ix == 0),
+            )
         return taps[1:], dwin[1:], dw, db
 
     def body(i, carry):
@@ -188,8 +199,10 @@ def _grid(st, B, C):
 
 
 def _params(st):
-    return dict(interpret=st.interpret,
-                compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=1))
+    return dict(
+        interpret=st.interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=1),
+    )
 
 
 def _forward(st, x, weight, bias, h0):
@@ -203,8 +216,13 @@ def _forward(st, x, weight, bias, h0):
         h_ref = next(it) if h0 is not None else None
         _fwd_kernel(x_ref, w_ref, b_ref, h_ref, next(it), st=st)
 
-    return pl.pallas_call(kernel, grid=_grid(st, B, C), out_shape=jax.ShapeDtypeStruct(
-        x.shape, x.dtype), name="causal_conv1d_fwd", **_params(st))(*args)
+    return pl.pallas_call(
+        kernel,
+        grid=_grid(st, B, C),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        name="causal_conv1d_fwd",
+        **_params(st),
+    )(*args)
 
 
 def _backward(st, x, weight, bias, h0, dy):
@@ -213,8 +231,10 @@ def _backward(st, x, weight, bias, h0, dy):
     n_seg = pl.cdiv(T, st.seg)
     f32 = jnp.float32
     args = [x, weight] + [a for a in (bias, h0) if a is not None] + [dy]
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype),
-                 jax.ShapeDtypeStruct((B, n_seg, W, C), f32)]
+    out_shape = [
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        jax.ShapeDtypeStruct((B, n_seg, W, C), f32),
+    ]
     if bias is not None:
         out_shape.append(jax.ShapeDtypeStruct((B, n_seg, C), f32))
     if h0 is not None:
@@ -230,8 +250,15 @@ def _backward(st, x, weight, bias, h0, dy):
         dh_ref = next(it) if h0 is not None else None
         _bwd_kernel(x_ref, w_ref, b_ref, h_ref, dy_ref, dx_ref, dw_ref, db_ref, dh_ref, st=st)
 
-    outs = iter(pl.pallas_call(kernel, grid=_grid(st, B, C), out_shape=out_shape,
-                               name="causal_conv1d_bwd", **_params(st))(*args))
+    outs = iter(
+        pl.pallas_call(
+            kernel,
+            grid=_grid(st, B, C),
+            out_shape=out_shape,
+            name="causal_conv1d_bwd",
+            **_params(st),
+        )(*args)
+    )
     dx, dw = next(outs), next(outs)
     db = next(outs).sum((0, 1)).astype(bias.dtype) if bias is not None else None
     dh = next(outs).astype(h0.dtype) if h0 is not None else None
@@ -257,13 +284,13 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def _blocks(blocks):
     blocks = blocks or (INTERPRET_BLOCKS if interpret_mode() else GPU_BLOCKS)
     if blocks.seg % blocks.unroll:
-        raise ValueError(f"blocks.unroll ({blocks.unroll}) must divide blocks.seg "
-                         f"({blocks.seg})")
+        raise ValueError(f"blocks.unroll ({blocks.unroll}) must divide blocks.seg ({blocks.seg})")
     return blocks
 
 
-def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None,
-                  blocks: Blocks | None = None):
+def causal_conv1d(
+    x, weight, bias=None, *, activation=None, initial_state=None, blocks: Blocks | None = None
+):
     """The ``pallas_triton`` implementation (arguments as ``reference.causal_conv1d_naive``).
 
     Returns ``(y [B, T, C] in x's dtype, final_state [B, W - 1, C] in x's dtype)``;
@@ -274,9 +301,16 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None,
     _check_width(W)
     blocks = _blocks(blocks)
     _B, T, _C = x.shape
-    st = _Static(T=T, W=W, silu=activation == "silu", block_c=blocks.block_c,
-                 seg=max(min(blocks.seg, pl.next_power_of_2(T)), blocks.unroll),
-                 unroll=blocks.unroll, num_warps=blocks.num_warps, interpret=interpret_mode())
+    st = _Static(
+        T=T,
+        W=W,
+        silu=activation == "silu",
+        block_c=blocks.block_c,
+        seg=max(min(blocks.seg, pl.next_power_of_2(T)), blocks.unroll),
+        unroll=blocks.unroll,
+        num_warps=blocks.num_warps,
+        interpret=interpret_mode(),
+    )
     st = dataclasses.replace(st, seg=-(-st.seg // st.unroll) * st.unroll)
     y = _conv(st, x, weight, bias, initial_state)
     return y, final_state(x, initial_state, W)
@@ -286,9 +320,12 @@ def final_state(x, initial_state, W):
     """The last W - 1 rows of ``[initial_state; x]`` in x's dtype (plain XLA slicing)."""
     B, T, C = x.shape
     if T >= W - 1:
-        return x[:, T - (W - 1):]
-    prev = (jnp.zeros((B, W - 1, C), x.dtype) if initial_state is None
-            else initial_state.astype(x.dtype))
+        return x[:, T - (W - 1) :]
+    prev = (
+        jnp.zeros((B, W - 1, C), x.dtype)
+        if initial_state is None
+        else initial_state.astype(x.dtype)
+    )
     return jnp.concatenate([prev[:, T:], x], axis=1)
 
 
@@ -311,8 +348,9 @@ def _step_kernel(x_ref, s_ref, w_ref, bias_ref, y_ref, ns_ref, *, W, silu, block
         plgpu.store(ns_ref.at[b, k, cols], taps[k + 1].astype(ns_ref.dtype), mask=cmask)
 
 
-def causal_conv1d_step(x, state, weight, bias=None, *, activation=None,
-                       blocks: Blocks | None = None):
+def causal_conv1d_step(
+    x, state, weight, bias=None, *, activation=None, blocks: Blocks | None = None
+):
     """One decoding token (``pallas_triton``): x ``[B, C]``, state ``[B, W - 1, C]`` ->
     ``(y [B, C] in x's dtype, new_state = [state[:, 1:], x] in x's dtype)``.
 
@@ -331,10 +369,16 @@ def causal_conv1d_step(x, state, weight, bias=None, *, activation=None,
             refs = refs[:3] + (None,) + refs[3:]
         _step_kernel(*refs, W=W, silu=activation == "silu", block_c=bc)
 
-    return tuple(pl.pallas_call(
-        kernel, grid=(B, pl.cdiv(C, bc)),
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct(state.shape, x.dtype)],
-        interpret=interpret_mode(),
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
-        name="causal_conv1d_step")(*args))
+    return tuple(
+        pl.pallas_call(
+            kernel,
+            grid=(B, pl.cdiv(C, bc)),
+            out_shape=[
+                jax.ShapeDtypeStruct(x.shape, x.dtype),
+                jax.ShapeDtypeStruct(state.shape, x.dtype),
+            ],
+            interpret=interpret_mode(),
+            compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
+            name="causal_conv1d_step",
+        )(*args)
+    )

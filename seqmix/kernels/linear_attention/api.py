@@ -18,7 +18,8 @@ NORMALIZE_EPS = 1e-6
 def _naive(q, k, v, g, *, scale, initial_state, runs, chunk_size):
     del chunk_size
     return reference.linear_attention_naive(
-        q, k, v, g, scale=scale, initial_state=initial_state, runs=runs)
+        q, k, v, g, scale=scale, initial_state=initial_state, runs=runs
+    )
 
 
 # Every implementation is called as impl(q, k, v, g, *, scale, initial_state, runs,
@@ -54,21 +55,30 @@ def segment_runs(segment_ids: Array) -> Array:
     changes), so that packed rows reset their state at every segment start."""
     change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
     return jnp.concatenate(
-        [jnp.zeros_like(segment_ids[:, :1], jnp.int32), jnp.cumsum(change, axis=1)], axis=1)
+        [jnp.zeros_like(segment_ids[:, :1], jnp.int32), jnp.cumsum(change, axis=1)], axis=1
+    )
 
 
 def _check_decay(log_decay, B, T, Hv, K, layout_prefix):
     if log_decay is None:
         return None
-    if not hasattr(log_decay, "ndim") or log_decay.ndim not in (len(layout_prefix) + 1,
-                                                                len(layout_prefix) + 2):
+    if not hasattr(log_decay, "ndim") or log_decay.ndim not in (
+        len(layout_prefix) + 1,
+        len(layout_prefix) + 2,
+    ):
         raise ValueError(
             f"log_decay must have shape [{', '.join(layout_prefix)}, heads] (a scalar per "
             f"head) or [{', '.join(layout_prefix)}, heads, key_dim] (per channel), got "
-            f"{getattr(log_decay, 'shape', log_decay)}")
+            f"{getattr(log_decay, 'shape', log_decay)}"
+        )
     want = (B, T, Hv, K)[: log_decay.ndim] if T is not None else (B, Hv, K)[: log_decay.ndim]
-    checks.check_array("log_decay", log_decay, log_decay.ndim,
-                       "[" + ", ".join(layout_prefix) + ", heads(, key_dim)]", shape=want)
+    checks.check_array(
+        "log_decay",
+        log_decay,
+        log_decay.ndim,
+        "[" + ", ".join(layout_prefix) + ", heads(, key_dim)]",
+        shape=want,
+    )
     checks.check_nonpositive("log_decay", log_decay)
     return log_decay.astype(jnp.promote_types(log_decay.dtype, jnp.float32))
 
@@ -137,17 +147,27 @@ def linear_attention(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     Vs = V + 1 if normalize else V
     if initial_state is not None:
-        checks.check_array("initial_state", initial_state, 4,
-                           "[batch, v_heads, key_dim, value_dim" + (" + 1]" if normalize else "]"),
-                           shape=(B, Hv, K, Vs))
+        checks.check_array(
+            "initial_state",
+            initial_state,
+            4,
+            "[batch, v_heads, key_dim, value_dim" + (" + 1]" if normalize else "]"),
+            shape=(B, Hv, K, Vs),
+        )
         initial_state = initial_state.astype(jnp.promote_types(initial_state.dtype, jnp.float32))
     runs = None
     if segment_ids is not None:
         checks.check_int_array("segment_ids", segment_ids, 2, "[batch, time]", shape=(B, T))
         runs = segment_runs(segment_ids)
     o, final = LINEAR_ATTENTION(
-        implementation, q, k, _normalized_v(v) if normalize else v, g,
-        scale=checks.default_scale(scale, K), initial_state=initial_state, runs=runs,
+        implementation,
+        q,
+        k,
+        _normalized_v(v) if normalize else v,
+        g,
+        scale=checks.default_scale(scale, K),
+        initial_state=initial_state,
+        runs=runs,
         chunk_size=chunk_size,
     )
     if normalize:
@@ -183,13 +203,21 @@ def linear_attention_step(
     Hv, V = v.shape[1], v.shape[2]
     checks.check_heads("v", Hv, "q/k", Hqk)
     Vs = V + 1 if normalize else V
-    checks.check_array("state", state, 4,
-                       "[batch, v_heads, key_dim, value_dim" + (" + 1]" if normalize else "]"),
-                       shape=(B, Hv, K, Vs))
+    checks.check_array(
+        "state",
+        state,
+        4,
+        "[batch, v_heads, key_dim, value_dim" + (" + 1]" if normalize else "]"),
+        shape=(B, Hv, K, Vs),
+    )
     g = _check_decay(log_decay, B, None, Hv, K, ("batch",))
     o, new_state = LINEAR_ATTENTION_STEP(
-        implementation, q, k, _normalized_v(v) if normalize else v,
-        state.astype(jnp.promote_types(state.dtype, jnp.float32)), g,
+        implementation,
+        q,
+        k,
+        _normalized_v(v) if normalize else v,
+        state.astype(jnp.promote_types(state.dtype, jnp.float32)),
+        g,
         scale=checks.default_scale(scale, K),
     )
     if normalize:

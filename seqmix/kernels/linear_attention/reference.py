@@ -32,8 +32,7 @@ def _expand(q, k, v, g, initial_state):
         g = g.astype(acc)[..., None]
     else:
         g = g.astype(acc)
-    s0 = (jnp.zeros((B, Hv, K, V), acc) if initial_state is None
-          else initial_state.astype(acc))
+    s0 = jnp.zeros((B, Hv, K, V), acc) if initial_state is None else initial_state.astype(acc)
     return q, k, v, g, s0
 
 
@@ -62,8 +61,13 @@ def linear_attention_step_reference(q, k, v, state, g, *, scale):
     """One token of the recurrence: q, k ``[B, Hqk, K]``, v ``[B, Hv, V]``, state
     ``[B, Hv, K, V]``, g None, ``[B, Hv]`` or ``[B, Hv, K]``. Returns ``(o, new_state)``."""
     o, new_state = linear_attention_naive(
-        q[:, None], k[:, None], v[:, None], None if g is None else g[:, None],
-        scale=scale, initial_state=state, runs=None,
+        q[:, None],
+        k[:, None],
+        v[:, None],
+        None if g is None else g[:, None],
+        scale=scale,
+        initial_state=state,
+        runs=None,
     )
     return o[:, 0], new_state
 
@@ -75,8 +79,9 @@ def _pad_time(x, tp):
     return jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def linear_attention_xla(q, k, v, g, *, scale, initial_state, runs, chunk_size=64,
-                         max_chunk_bytes=1 << 28):
+def linear_attention_xla(
+    q, k, v, g, *, scale, initial_state, runs, chunk_size=64, max_chunk_bytes=1 << 28
+):
     """Chunked form in three stages, every decay factor ``exp`` of a non-positive number.
 
     With ``b`` the inclusive cumulative sum of ``g`` inside a chunk of ``C`` tokens:
@@ -143,4 +148,3 @@ def linear_attention_xla(q, k, v, g, *, scale, initial_state, runs, chunk_size=6
     o = lax.map(chunk_output, xs, batch_size=batch)  # [n, B, C, H, V]
     o = jnp.moveaxis(o, 0, 1).reshape(B, tp, H, V)[:, :T]
     return o.astype(out_dtype), final
-

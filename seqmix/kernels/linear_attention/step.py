@@ -74,28 +74,28 @@ def linear_attention_step_triton(q, k, v, state, g, *, scale, config=None):
 
     qk_spec = pl.BlockSpec((None, None, Kp), lambda x, bh: (heads(bh)[0], heads(bh)[2], 0))
     v_spec = pl.BlockSpec((None, None, bv), lambda x, bh: (heads(bh)[0], heads(bh)[1], x))
-    s_spec = pl.BlockSpec((None, None, Kp, bv),
-                          lambda x, bh: (heads(bh)[0], heads(bh)[1], 0, x))
+    s_spec = pl.BlockSpec((None, None, Kp, bv), lambda x, bh: (heads(bh)[0], heads(bh)[1], 0, x))
     specs, args = [qk_spec, qk_spec, v_spec], [q, k, v]
     if g is not None:
         g = g.astype(jnp.float32)
         g = jnp.broadcast_to(g[..., None], (B, Hv, K)) if g.ndim == 2 else g
-        specs.append(pl.BlockSpec((None, None, Kp),
-                                  lambda x, bh: (heads(bh)[0], heads(bh)[1], 0)))
+        specs.append(pl.BlockSpec((None, None, Kp), lambda x, bh: (heads(bh)[0], heads(bh)[1], 0)))
         args.append(pad(g, {2: Kp}))
     specs.append(s_spec)
     args.append(state)
     o, new_state = pl.pallas_call(
-        functools.partial(_step_kernel, scale=float(scale), has_decay=g is not None,
-                          block_k=bk),
+        functools.partial(_step_kernel, scale=float(scale), has_decay=g is not None, block_k=bk),
         grid=(Vp // bv, B * Hv),
         in_specs=specs,
         out_specs=[v_spec, s_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, Hv, Vp), q.dtype),
-                   jax.ShapeDtypeStruct((B, Hv, Kp, Vp), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Hv, Vp), q.dtype),
+            jax.ShapeDtypeStruct((B, Hv, Kp, Vp), jnp.float32),
+        ],
         input_output_aliases={len(args) - 1: 1},
-        compiler_params=plgpu.CompilerParams(num_warps=cfg["num_warps"],
-                                             num_stages=cfg["num_stages"]),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
+        ),
         interpret=dispatch.interpret_mode(),
         name="linear_attention_step",
     )(*args)

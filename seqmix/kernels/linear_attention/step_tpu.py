@@ -97,8 +97,9 @@ def linear_attention_step_tpu(q, k, v, state, g, *, scale):
     """
     dtype = jnp.dtype(q.dtype)
     if dtype.name not in ("bfloat16", "float16", "float32"):
-        raise NotImplementedError(f"pallas_tpu linear_attention_step supports bf16/fp16/fp32 "
-                                  f"inputs, got {dtype}")
+        raise NotImplementedError(
+            f"pallas_tpu linear_attention_step supports bf16/fp16/fp32 inputs, got {dtype}"
+        )
     B, Hqk, K = q.shape
     Hv, V = v.shape[1], v.shape[2]
     rep = Hv // Hqk
@@ -130,8 +131,10 @@ def linear_attention_step_tpu(q, k, v, state, g, *, scale):
         grid=(B, Hv // hb),
         in_specs=in_specs,
         out_specs=[row_spec(Vp), state_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, Hv, 1, Vp), dtype),
-                   jax.ShapeDtypeStruct((B, Hv, Kp, Vp), F32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Hv, 1, Vp), dtype),
+            jax.ShapeDtypeStruct((B, Hv, Kp, Vp), F32),
+        ],
         input_output_aliases={len(args) - 1: 1},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=pltpu.InterpretParams(detect_races=True) if interpret_mode() else False,

@@ -115,7 +115,7 @@ def _fwd_kernel(cfg: KernelConfig, save: bool, *refs):
     q_ref, k_ref, v_ref = refs[:3]
     pos = 3
     rel_ref = s0_ref = st_ref = None
-    dec_refs, pos = refs[pos:pos + _N_DEC[cfg.kind]], pos + _N_DEC[cfg.kind]
+    dec_refs, pos = refs[pos : pos + _N_DEC[cfg.kind]], pos + _N_DEC[cfg.kind]
     if cfg.has_runs:
         rel_ref, pos = refs[pos], pos + 1
     if cfg.has_init:
@@ -167,10 +167,10 @@ def _bwd_kernel(cfg: KernelConfig, *refs):
     q_ref, k_ref, v_ref = refs[:3]
     pos = 3
     rel_ref = dg_ref = ds0_ref = None
-    dec_refs, pos = refs[pos:pos + _N_DEC[cfg.kind]], pos + _N_DEC[cfg.kind]
+    dec_refs, pos = refs[pos : pos + _N_DEC[cfg.kind]], pos + _N_DEC[cfg.kind]
     if cfg.has_runs:
         rel_ref, pos = refs[pos], pos + 1
-    do_ref, st_ref, dfinal_ref, dq_ref, dk_ref, dv_ref = refs[pos:pos + 6]
+    do_ref, st_ref, dfinal_ref, dq_ref, dk_ref, dv_ref = refs[pos : pos + 6]
     pos += 6
     if cfg.kind != "none":
         dg_ref, pos = refs[pos], pos + 1
@@ -227,6 +227,7 @@ def _bwd_kernel(cfg: KernelConfig, *refs):
     if cfg.kind == "scalar":
         dg_ref[...] = dg_rows
     if ds0_ref is not None:
+
         @pl.when(j == cfg.blocks - 1)
         def _ds0():
             ds0_ref[...] = ds_scr[...]
@@ -250,17 +251,18 @@ def _specs(cfg: KernelConfig, reverse: bool):
     rows_h = pl.BlockSpec((None, None, m, C), lambda b, h, j: (b, h, blk(j), 0))
     rows = pl.BlockSpec((None, m, C), lambda b, h, j: (b, blk(j), 0))
     state = pl.BlockSpec((None, None, cfg.kp, cfg.vp), lambda b, h, j: (b, h, 0, 0))
-    block_state = pl.BlockSpec((None, None, None, cfg.kp, cfg.vp),
-                               lambda b, h, j: (b, h, blk(j), 0, 0))
+    block_state = pl.BlockSpec(
+        (None, None, None, cfg.kp, cfg.vp), lambda b, h, j: (b, h, blk(j), 0, 0)
+    )
     g = None if cfg.kind == "none" else (rows_h if cfg.kind == "scalar" else k_per_v)
-    return dict(qk=qk, k_per_v=k_per_v, v=vv, g=g, rows=rows, state=state,
-                block_state=block_state)
+    return dict(qk=qk, k_per_v=k_per_v, v=vv, g=g, rows=rows, state=state, block_state=block_state)
 
 
 def _compiler_params(cfg: KernelConfig, vmem_bytes: int):
     limit = min(max(int(vmem_bytes * 1.5) + (8 << 20), 32 << 20), 64 << 20)
     return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=limit)
+        dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=limit
+    )
 
 
 def _interpret(cfg: KernelConfig):
@@ -299,8 +301,10 @@ def _forward(cfg: KernelConfig, q, k, v, g, s0, rel, save: bool):
         if x is not None:
             in_specs.append(spec)
             args.append(x)
-    out_shape = [jax.ShapeDtypeStruct((B, Tp, cfg.hv * cfg.vp), jnp.dtype(cfg.dtype)),
-                 jax.ShapeDtypeStruct((B, cfg.hv, cfg.kp, cfg.vp), F32)]
+    out_shape = [
+        jax.ShapeDtypeStruct((B, Tp, cfg.hv * cfg.vp), jnp.dtype(cfg.dtype)),
+        jax.ShapeDtypeStruct((B, cfg.hv, cfg.kp, cfg.vp), F32),
+    ]
     out_specs = [sp["v"], sp["state"]]
     if save:
         out_shape.append(jax.ShapeDtypeStruct((B, cfg.hv, cfg.blocks, cfg.kp, cfg.vp), F32))
@@ -308,7 +312,8 @@ def _forward(cfg: KernelConfig, q, k, v, g, s0, rel, save: bool):
     scratch = [pltpu.VMEM((cfg.kp, cfg.vp), F32)]
     if cfg.kind == "channel":
         scratch += [pltpu.VMEM((cfg.chunk, cfg.vp), F32)] + [
-            pltpu.VMEM((cfg.chunk, cfg.kp), F32)] * 3
+            pltpu.VMEM((cfg.chunk, cfg.kp), F32)
+        ] * 3
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg, save),
         grid=(B, cfg.hv, cfg.blocks),
@@ -337,7 +342,8 @@ def _backward(cfg: KernelConfig, q, k, v, g, rel, states, do, dfinal):
     args += [do, states, dfinal]
     dqk_dtype = F32 if cfg.rep > 1 else jnp.dtype(cfg.dtype)
     out_shape = [jax.ShapeDtypeStruct((B, Tp, cfg.hv * cfg.kp), dqk_dtype)] * 2 + [
-        jax.ShapeDtypeStruct((B, Tp, cfg.hv * cfg.vp), jnp.dtype(cfg.dtype))]
+        jax.ShapeDtypeStruct((B, Tp, cfg.hv * cfg.vp), jnp.dtype(cfg.dtype))
+    ]
     out_specs = [sp["k_per_v"], sp["k_per_v"], sp["v"]]
     if g is not None:
         out_shape.append(jax.ShapeDtypeStruct(g.shape, F32))
@@ -348,8 +354,11 @@ def _backward(cfg: KernelConfig, q, k, v, g, rel, states, do, dfinal):
     scratch = [pltpu.VMEM((cfg.kp, cfg.vp), F32), pltpu.VMEM((cfg.m, cfg.kp, cfg.vp), F32)]
     if cfg.kind == "channel":
         C = cfg.chunk
-        scratch += [pltpu.VMEM((C, cfg.kp), F32), pltpu.VMEM((C, cfg.kp), F32),
-                    pltpu.VMEM((C, cfg.vp), F32)] + [pltpu.VMEM((C, cfg.kp), F32)] * 4
+        scratch += [
+            pltpu.VMEM((C, cfg.kp), F32),
+            pltpu.VMEM((C, cfg.kp), F32),
+            pltpu.VMEM((C, cfg.vp), F32),
+        ] + [pltpu.VMEM((C, cfg.kp), F32)] * 4
     outs = pl.pallas_call(
         functools.partial(_bwd_kernel, cfg),
         grid=(B, cfg.hv, cfg.blocks),
@@ -366,9 +375,11 @@ def _backward(cfg: KernelConfig, q, k, v, g, rel, states, do, dfinal):
     dg = outs.pop(0) if g is not None else None
     ds0 = outs.pop(0) if cfg.has_init else None
     if cfg.rep > 1:  # v heads of one group share q/k: sum their contributions
+
         def group_sum(x):
             x = x.reshape(B, Tp, cfg.hv // cfg.rep, cfg.rep, cfg.kp).sum(axis=3)
             return x.reshape(B, Tp, -1).astype(cfg.dtype)
+
         dq, dk = group_sum(dq), group_sum(dk)
     return dq, dk, dv, dg, ds0
 
@@ -387,8 +398,9 @@ def _core_fwd(cfg, q, k, v, g, s0, rel):
 def _core_bwd(cfg, res, cts):
     q, k, v, g, rel, states = res
     do, dfinal = cts
-    dq, dk, dv, dg, ds0 = _backward(cfg, q, k, v, g, rel, states, do.astype(cfg.dtype),
-                                    dfinal.astype(F32))
+    dq, dk, dv, dg, ds0 = _backward(
+        cfg, q, k, v, g, rel, states, do.astype(cfg.dtype), dfinal.astype(F32)
+    )
     return dq, dk, dv, dg, ds0, None
 
 
@@ -406,8 +418,19 @@ def _pad(x, axis_sizes):
     return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, axis_sizes)])
 
 
-def linear_attention(q, k, v, g, *, scale, initial_state, runs, chunk_size,
-                     sub_chunk: int = SUB_CHUNK, chunks_per_step: int | None = None):
+def linear_attention(
+    q,
+    k,
+    v,
+    g,
+    *,
+    scale,
+    initial_state,
+    runs,
+    chunk_size,
+    sub_chunk: int = SUB_CHUNK,
+    chunks_per_step: int | None = None,
+):
     """Chunked gated linear attention on a TPU (reference.py's normalised contract).
 
     Args:
@@ -427,17 +450,20 @@ def linear_attention(q, k, v, g, *, scale, initial_state, runs, chunk_size,
     """
     dtype = jnp.dtype(q.dtype)
     if dtype.name not in ("bfloat16", "float16", "float32"):
-        raise NotImplementedError(f"pallas_tpu linear_attention supports bf16/fp16/fp32 "
-                                  f"inputs, got {dtype}")
+        raise NotImplementedError(
+            f"pallas_tpu linear_attention supports bf16/fp16/fp32 inputs, got {dtype}"
+        )
     C = chunk_size
     if C % 16:
-        raise NotImplementedError(f"pallas_tpu linear_attention needs chunk_size a multiple "
-                                  f"of 16, got {C}")
+        raise NotImplementedError(
+            f"pallas_tpu linear_attention needs chunk_size a multiple of 16, got {C}"
+        )
     sub = min(sub_chunk, C)
     tile = 16 if dtype.itemsize == 2 else 8  # rows of a (sublane x lane) tile
     if sub % tile or C % sub:
-        raise NotImplementedError(f"sub_chunk must be a multiple of {tile} dividing "
-                                  f"chunk_size {C}, got {sub_chunk}")
+        raise NotImplementedError(
+            f"sub_chunk must be a multiple of {tile} dividing chunk_size {C}, got {sub_chunk}"
+        )
     B, T, Hqk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
     n = -(-T // C)
@@ -449,10 +475,22 @@ def linear_attention(q, k, v, g, *, scale, initial_state, runs, chunk_size,
     blocks = -(-n // m)
     Tp, Kp, Vp = blocks * m * C, _round_up(K, LANES), _round_up(V, LANES)
     kind = "none" if g is None else ("scalar" if g.ndim == 3 else "channel")
-    cfg = KernelConfig(hv=Hv, rep=Hv // Hqk, kp=Kp, vp=Vp, chunk=C, sub=sub, n=n, m=m,
-                       kind=kind, has_runs=runs is not None,
-                       has_init=initial_state is not None, scale=float(scale),
-                       dtype=dtype.name, interpret=interpret_mode())
+    cfg = KernelConfig(
+        hv=Hv,
+        rep=Hv // Hqk,
+        kp=Kp,
+        vp=Vp,
+        chunk=C,
+        sub=sub,
+        n=n,
+        m=m,
+        kind=kind,
+        has_runs=runs is not None,
+        has_init=initial_state is not None,
+        scale=float(scale),
+        dtype=dtype.name,
+        interpret=interpret_mode(),
+    )
 
     qp = _pad(q, (B, Tp, Hqk, Kp)).reshape(B, Tp, Hqk * Kp)
     kp = _pad(k, (B, Tp, Hqk, Kp)).reshape(B, Tp, Hqk * Kp)

@@ -40,14 +40,14 @@ class KernelConfig:
     """Static description of one call (hashable: it is a custom_vjp nondiff argument)."""
 
     hv: int
-    rep: int          # v heads per q/k head
-    kp: int           # padded key dim
-    vp: int           # padded value dim
-    chunk: int        # C
-    sub: int          # c, sub-chunk of the per-channel intra-chunk scores
-    n: int            # chunks holding tokens
-    m: int            # chunks per grid step
-    kind: str         # "none" | "scalar" | "channel"
+    rep: int  # v heads per q/k head
+    kp: int  # padded key dim
+    vp: int  # padded value dim
+    chunk: int  # C
+    sub: int  # c, sub-chunk of the per-channel intra-chunk scores
+    n: int  # chunks holding tokens
+    m: int  # chunks per grid step
+    kind: str  # "none" | "scalar" | "channel"
     has_runs: bool
     has_init: bool
     scale: float
@@ -151,7 +151,7 @@ def _cumsum_rows(x, reverse=False):
     while shift < n:
         if reverse:  # rolled[t] = x[t + shift]
             x = x + jnp.where(rows < n - shift, pltpu.roll(x, n - shift, 0), 0.0)
-        else:        # rolled[t] = x[t - shift]
+        else:  # rolled[t] = x[t - shift]
             x = x + jnp.where(rows >= shift, pltpu.roll(x, shift, 0), 0.0)
         shift *= 2
     return x
@@ -161,12 +161,12 @@ def _cumsum_rows(x, reverse=False):
 
 
 class Masks(NamedTuple):
-    same: Array            # [C, C] bool, rows t, cols s: s <= t and the same run
-    same_t: Array          # [C, C] bool, rows s, cols t: the transpose
-    keep_q: Array | None   # [C, 1] f32: token t reads the state entering the chunk
-    keep_k: Array | None   # [C, 1] f32: token s writes into the state leaving the chunk
-    carry: Array | None    # [1, 1] f32: the entering state survives the chunk
-    rel: Array | None      # [C, 1] f32: run id relative to the run of the entering state
+    same: Array  # [C, C] bool, rows t, cols s: s <= t and the same run
+    same_t: Array  # [C, C] bool, rows s, cols t: the transpose
+    keep_q: Array | None  # [C, 1] f32: token t reads the state entering the chunk
+    keep_k: Array | None  # [C, 1] f32: token s writes into the state leaving the chunk
+    carry: Array | None  # [1, 1] f32: the entering state survives the chunk
+    rel: Array | None  # [C, 1] f32: run id relative to the run of the entering state
 
 
 def masks(C, rel_rows, i) -> Masks:
@@ -178,8 +178,14 @@ def masks(C, rel_rows, i) -> Masks:
     rel = row_to_col(rel_row)
     last = jnp.max(rel_row, axis=1, keepdims=True)
     eq = rel == rel_row
-    return Masks((row >= col) & eq, (row <= col) & eq, _f32(rel == 0), _f32(rel == last),
-                 _f32(last == 0), rel)
+    return Masks(
+        (row >= col) & eq,
+        (row <= col) & eq,
+        _f32(rel == 0),
+        _f32(rel == last),
+        _f32(last == 0),
+        rel,
+    )
 
 
 def _pair_mask(rel_a, rel_b):
@@ -221,8 +227,13 @@ def _cum_rows(x) -> Cum:
     shift = 1
     while shift < n:  # rolled[t] = b[t - shift]
         keep = rows >= shift
-        b = add_cum(b, Cum(jnp.where(keep, pltpu.roll(b.hi, shift, 0), 0.0),
-                           jnp.where(keep, pltpu.roll(b.lo, shift, 0), 0.0)))
+        b = add_cum(
+            b,
+            Cum(
+                jnp.where(keep, pltpu.roll(b.hi, shift, 0), 0.0),
+                jnp.where(keep, pltpu.roll(b.lo, shift, 0), 0.0),
+            ),
+        )
         shift *= 2
     return b
 
@@ -244,8 +255,8 @@ def _decay(a: Cum, b: Cum, mask=None):
 
 
 class ScalarDecay(NamedTuple):
-    b_col: Cum   # [C, 1]
-    b_row: Cum   # [1, C]
+    b_col: Cum  # [C, 1]
+    b_row: Cum  # [1, C]
     b_last: Cum  # [1, 1]
 
 
@@ -253,15 +264,18 @@ def scalar_decay(bh_rows, bl_rows, i) -> ScalarDecay:
     """``b`` of chunk ``i`` from the block's ``[m, C]`` rows of prefix sums (hi and lo)."""
     hi, lo = pick_row(bh_rows, i), pick_row(bl_rows, i)
     C = hi.shape[1]
-    return ScalarDecay(Cum(row_to_col(hi), row_to_col(lo)), Cum(hi, lo),
-                       Cum(_col(hi, C - 1), _col(lo, C - 1)))
+    return ScalarDecay(
+        Cum(row_to_col(hi), row_to_col(lo)), Cum(hi, lo), Cum(_col(hi, C - 1), _col(lo, C - 1))
+    )
 
 
 def chunk_prefix_sums(g_rows):
     """Compensated inclusive prefix sums of ``[..., C]`` rows (plain jnp: runs in XLA, used
     by the wrapper for scalar decays)."""
+
     def combine(x, y):
         return tuple(add_cum(Cum(*x), Cum(*y)))
+
     return lax.associative_scan(combine, (g_rows, jnp.zeros_like(g_rows)), axis=-1)
 
 
@@ -303,7 +317,7 @@ def forward_scalar(cfg: KernelConfig, q, k, v, S, dec, msk):
 
 def _scratch_row(b_scr, i) -> Cum:
     hi_scr, lo_scr = b_scr
-    return Cum(hi_scr[i:i + 1, :], lo_scr[i:i + 1, :])
+    return Cum(hi_scr[i : i + 1, :], lo_scr[i : i + 1, :])
 
 
 def _diag_scores(qj, bj, b_scr, kf_scr, lo, c):
@@ -311,7 +325,7 @@ def _diag_scores(qj, bj, b_scr, kf_scr, lo, c):
     rows, lanes = iota(bj.hi.shape, 0), iota((c, c), 1)
     d = jnp.zeros((c, c), F32)
     for s in range(c):
-        ks = kf_scr[lo + s:lo + s + 1, :]
+        ks = kf_scr[lo + s : lo + s + 1, :]
         w = _decay(bj, _scratch_row(b_scr, lo + s), rows >= s)
         d = d + jnp.where(lanes == s, jnp.sum(qj * ks * w, axis=1, keepdims=True), 0.0)
     return d
@@ -366,8 +380,8 @@ def backward_scalar(cfg: KernelConfig, q, k, v, do, S, dS, dec, msk):
     # (decay 1), outside the decay gradient, where it cancels exactly (see _decay_grad).
     row, col = iota((C, C), 0), iota((C, C), 1)
     delta = _diag_coefficient(sc, do, v)
-    dp = sc * _mm(md, do, v, NT) * jnp.where(row > col, decay, 0.0)        # rows t, cols s
-    dp_t = sc * _mm(md, v, do, NT) * jnp.where(row < col, decay_t, 0.0)    # rows s, cols t
+    dp = sc * _mm(md, do, v, NT) * jnp.where(row > col, decay, 0.0)  # rows t, cols s
+    dp_t = sc * _mm(md, v, do, NT) * jnp.where(row < col, decay_t, 0.0)  # rows s, cols t
     dq_strict = sc * _mul(_mm(md, do, S, NT), qw) + _mm(md, dp, k)
     dk_intra = _mm(md, dp_t, q)
     dk_state = _mul(_mm(md, v, dS, NT), kw)
@@ -378,13 +392,18 @@ def backward_scalar(cfg: KernelConfig, q, k, v, do, S, dS, dec, msk):
     dq, dk = dq_strict + delta * kf, dk_intra + dk_state + delta * qf
     dg = None
     if dec is not None:
-        db = jnp.sum(qf * dq_strict - kf * dk_intra, axis=1, keepdims=True)   # [C, 1]
-        e = jnp.sum(kf * dk_state, axis=1, keepdims=True)                    # [C, 1]
+        db = jnp.sum(qf * dq_strict - kf * dk_intra, axis=1, keepdims=True)  # [C, 1]
+        e = jnp.sum(kf * dk_state, axis=1, keepdims=True)  # [C, 1]
         d0 = _mul(_exp(dec.b_last), msk.carry) * jnp.sum(
-            jnp.sum(S * dS, axis=1, keepdims=True), axis=0, keepdims=True)
+            jnp.sum(S * dS, axis=1, keepdims=True), axis=0, keepdims=True
+        )
         # dg_u = sum_{t >= u} db_t + sum_{s < u} e_s + d0, rows t/s, cols u
-        dg = jnp.sum(jnp.where(row >= col, db, 0.0) + jnp.where(row < col, e, 0.0), axis=0,
-                     keepdims=True) + d0
+        dg = (
+            jnp.sum(
+                jnp.where(row >= col, db, 0.0) + jnp.where(row < col, e, 0.0), axis=0, keepdims=True
+            )
+            + d0
+        )
     return dq, dk, dv, dg, dS_in
 
 
@@ -402,11 +421,11 @@ def _diag_grads(qj, kj, bj, da, da_t, b_scr, qf_scr, kf_scr, lo, c):
     dk = jnp.zeros(bj.hi.shape, F32)
     a_t = jnp.zeros((c, c), F32)
     for s in range(c):  # key s, rows t
-        ks = kf_scr[lo + s:lo + s + 1, :]
+        ks = kf_scr[lo + s : lo + s + 1, :]
         w = _decay(bj, _scratch_row(b_scr, lo + s), rows >= s)
         dq = dq + _col(da, s) * ks * w
     for t in range(c):  # query t, rows s
-        qt = qf_scr[lo + t:lo + t + 1, :]
+        qt = qf_scr[lo + t : lo + t + 1, :]
         w = _decay(_scratch_row(b_scr, lo + t), bj, rows <= t)
         dk = dk + _col(da_t, t) * qt * w
         a_t = a_t + jnp.where(lanes == t, jnp.sum(kj * qt * w, axis=1, keepdims=True), 0.0)
@@ -445,19 +464,20 @@ def backward_channel(cfg: KernelConfig, q, k, v, do, g, S, dS, msk, scr):
             kt, qt = kf[lo:hi] * ek, qf[hi:] * eq
             rel_hi = None if msk.rel is None else msk.rel[hi:]
             m_ts, m_st = _pair_mask(rel_hi, rel_j), _pair_mask(rel_j, rel_hi)
-            da = _where(m_ts, sc * _mm(md, do[hi:], vj, NT))      # [C - hi, c]
+            da = _where(m_ts, sc * _mm(md, do[hi:], vj, NT))  # [C - hi, c]
             acc_dq[hi:, :] += _mm(md, da, kt) * eq
-            da_t = _where(m_st, sc * _mm(md, vj, do[hi:], NT))    # [c, C - hi]
+            da_t = _where(m_st, sc * _mm(md, vj, do[hi:], NT))  # [c, C - hi]
             acc_dk[lo:hi, :] += _mm(md, da_t, qt) * ek
             a_t = _where(m_st, _mm(md, kt, qt, NT))
             acc_dv[lo:hi, :] += sc * _mm(md, a_t, do[hi:])
         same = causal if rel_j is None else causal & _pair_mask(rel_j, rel_j)
         same_t = causal_t if rel_j is None else causal_t & _pair_mask(rel_j, rel_j)
         # pairs s < t only in dq, dk (the diagonal is added below, outside d log_decay)
-        da = jnp.where(same & ~eye, sc * _mm(md, doj, vj, NT), 0.0)      # rows t, cols s
+        da = jnp.where(same & ~eye, sc * _mm(md, doj, vj, NT), 0.0)  # rows t, cols s
         da_t = jnp.where(same_t & ~eye, sc * _mm(md, vj, doj, NT), 0.0)  # rows s, cols t
-        dq_j, dk_j, a_t = _diag_grads(qf[lo:hi], kf[lo:hi], bj, da, da_t, b_scr, qf_scr,
-                                      kf_scr, lo, c)
+        dq_j, dk_j, a_t = _diag_grads(
+            qf[lo:hi], kf[lo:hi], bj, da, da_t, b_scr, qf_scr, kf_scr, lo, c
+        )
         acc_dq[lo:hi, :] += dq_j
         acc_dk[lo:hi, :] += dk_j
         acc_dv[lo:hi, :] += sc * _mm(md, jnp.where(same_t, a_t, 0.0), doj)
@@ -469,8 +489,11 @@ def backward_channel(cfg: KernelConfig, q, k, v, do, g, S, dS, msk, scr):
     # without the terms that cancel (diagonal pairs; k dk_state for s >= u), which would
     # otherwise swamp a small d log_decay with rounding noise under strong decay.
     d0 = a_row * col_to_row(jnp.sum(S * dS, axis=1, keepdims=True))
-    dg = (_cumsum_rows(qf * dq_strict - kf * dk_intra, reverse=True)
-          + _cumsum_rows(_shift_down(kf * dk_state)) + d0)
+    dg = (
+        _cumsum_rows(qf * dq_strict - kf * dk_intra, reverse=True)
+        + _cumsum_rows(_shift_down(kf * dk_state))
+        + d0
+    )
     dS_in = sc * _mm(md, qf * qw, do, TN) + row_to_col(a_row) * dS
     return dq, dk, dv, dg, dS_in
 

@@ -157,8 +157,10 @@ TUNING = {
 # on the exponentials of the [L, L, block_k] diagonal blocks; a value block covering V (up
 # to 128) computes them once per chunk instead of once per value block.
 TUNING_BY_DECAY = {
-    "channel": {"block_v": 128,
-                "num_warps": {"state": 4, "dstate": 4, "output": 8, "dv": 8, "dqk": 8}},
+    "channel": {
+        "block_v": 128,
+        "num_warps": {"state": 4, "dstate": 4, "output": 8, "dv": 8, "dqk": 8},
+    },
 }
 
 _MMA = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
@@ -187,16 +189,19 @@ def make_plan(q, v, g, initial_state, runs, *, scale, chunk_size, config=None) -
     if dtype not in _MMA:
         raise NotImplementedError(
             f"pallas_triton linear_attention supports bfloat16, float16 and float32 inputs, "
-            f"got {dtype}")
+            f"got {dtype}"
+        )
     C = chunk_size
     if C < 16 or C & (C - 1):
         raise NotImplementedError(
             f"pallas_triton linear_attention needs chunk_size a power of two >= 16 (the "
-            f"matmul tiles of Triton), got {chunk_size}")
+            f"matmul tiles of Triton), got {chunk_size}"
+        )
     sub = min(cfg["sub_chunk"], C) if decay == "channel" else C
     if sub < 16 or C % sub or sub & (sub - 1):
-        raise NotImplementedError(f"sub_chunk must be a power of two >= 16 dividing "
-                                  f"chunk_size, got {sub}")
+        raise NotImplementedError(
+            f"sub_chunk must be a power of two >= 16 dividing chunk_size, got {sub}"
+        )
 
     def block(want, dim):
         return max(16, min(want, _pow2_at_least(dim)))
@@ -207,26 +212,43 @@ def make_plan(q, v, g, initial_state, runs, *, scale, chunk_size, config=None) -
     segments = _segment_count(cfg, B * Hv * -(-K // sbk) * -(-V // sbv), chunks)
     segment_chunks = -(-chunks // segments)
     segments = -(-chunks // segment_chunks)  # no empty segment
-    while (segments == 1 and B * Hv * -(-K // sbk) * -(-V // sbv) < cfg["min_state_programs"]
-           and max(sbk, sbv) > 32):
+    while (
+        segments == 1
+        and B * Hv * -(-K // sbk) * -(-V // sbv) < cfg["min_state_programs"]
+        and max(sbk, sbv) > 32
+    ):
         if sbv >= sbk:
             sbv //= 2
         else:
             sbk //= 2
     half = dtype in ("bfloat16",) and cfg["state_dtype"] == "input"
     return Plan(
-        batch=B, time=_round_up(T, C), qk_heads=Hqk, v_heads=Hv,
-        key_dim=_round_up(K, max(bk, sbk)), value_dim=_round_up(V, max(bv, sbv)),
-        chunk=C, sub_chunk=sub, decay=decay, has_runs=runs is not None,
-        has_initial=initial_state is not None, scale=float(scale), dtype=dtype,
-        mma=cfg["mma"] or _MMA[dtype], state_mma=cfg["state_mma"] or _STATE_MMA[dtype],
+        batch=B,
+        time=_round_up(T, C),
+        qk_heads=Hqk,
+        v_heads=Hv,
+        key_dim=_round_up(K, max(bk, sbk)),
+        value_dim=_round_up(V, max(bv, sbv)),
+        chunk=C,
+        sub_chunk=sub,
+        decay=decay,
+        has_runs=runs is not None,
+        has_initial=initial_state is not None,
+        scale=float(scale),
+        dtype=dtype,
+        mma=cfg["mma"] or _MMA[dtype],
+        state_mma=cfg["state_mma"] or _STATE_MMA[dtype],
         state_dtype="bfloat16" if half else "float32",
-        block_k=bk, block_v=bv, state_block_k=sbk, state_block_v=sbv,
+        block_k=bk,
+        block_v=bv,
+        state_block_k=sbk,
+        state_block_v=sbv,
         split_scores=bool(cfg["split_scores"]),
         warps=tuple(sorted(cfg["num_warps"].items())),
         stages=tuple(sorted(cfg["num_stages"].items())),
         interpret=dispatch.interpret_mode(),
-        segments=segments, segment_chunks=segment_chunks,
+        segments=segments,
+        segment_chunks=segment_chunks,
         fused=bool(cfg["fused_forward"]),
     )
 
@@ -243,8 +265,9 @@ def _segment_count(cfg: dict, programs: int, chunks: int) -> int:
         return max(1, min(wanted, chunks // max(1, cfg["min_segment_chunks"])))
     if isinstance(want, int) and not isinstance(want, bool) and want >= 1:
         return min(want, chunks)
-    raise ValueError(f'config["state_segments"] must be None, a positive int or "auto", '
-                     f"got {want!r}")
+    raise ValueError(
+        f'config["state_segments"] must be None, a positive int or "auto", got {want!r}'
+    )
 
 
 def _pad(x, sizes, value=0):
@@ -272,8 +295,9 @@ def linear_attention(q, k, v, g, *, scale, initial_state, runs, chunk_size=64, c
     """
     _B, T, _, K = q.shape
     V = v.shape[3]
-    plan = make_plan(q, v, g, initial_state, runs, scale=scale, chunk_size=chunk_size,
-                     config=config)
+    plan = make_plan(
+        q, v, g, initial_state, runs, scale=scale, chunk_size=chunk_size, config=config
+    )
     Tp, Kp, Vp = plan.time, plan.key_dim, plan.value_dim
     q = _pad(q, {1: Tp, 3: Kp})
     k = _pad(k, {1: Tp, 3: Kp})
@@ -291,8 +315,9 @@ def linear_attention(q, k, v, g, *, scale, initial_state, runs, chunk_size=64, c
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked(plan: Plan, q, k, v, g, initial_state, runs):
     if plan.fused and plan.segmented:
-        _, final, segments = triton_state.chunk_states(plan, k, v, g, runs, initial_state,
-                                                       store_states=False)
+        _, final, segments = triton_state.chunk_states(
+            plan, k, v, g, runs, initial_state, store_states=False
+        )
         return triton_fused.fused_output(plan, q, k, v, g, runs, segments[0])[0], final
     if plan.fused:
         return triton_fused.fused_output(plan, q, k, v, g, runs, initial_state)
@@ -310,13 +335,20 @@ def _chunked_bwd(plan, residuals, cotangents):
     do = do.astype(q.dtype)
     states, _, segments = triton_state.chunk_states(plan, k, v, g, runs, initial_state)
     dstates, dinit, dsegments = triton_state.chunk_state_grads(
-        plan, q, do, g, runs, dfinal.astype(jnp.float32),
-        decays=None if segments is None else segments[2])
+        plan,
+        q,
+        do,
+        g,
+        runs,
+        dfinal.astype(jnp.float32),
+        decays=None if segments is None else segments[2],
+    )
     dv = triton_grad.chunk_dv(plan, q, k, g, runs, do, dstates, dsegments)
     G = plan.groups
     grad_dtype = q.dtype if G == 1 else jnp.float32
-    dq, dk, dg = triton_grad.chunk_dqk(plan, q, k, v, g, runs, do, states, dstates, grad_dtype,
-                                       segments, dsegments)
+    dq, dk, dg = triton_grad.chunk_dqk(
+        plan, q, k, v, g, runs, do, states, dstates, grad_dtype, segments, dsegments
+    )
     if G > 1:
         B, T, _, K = q.shape
         dq = dq.reshape(B, T, plan.qk_heads, G, K).sum(3).astype(q.dtype)

@@ -89,8 +89,9 @@ class Plan:
         return self.segments > 1
 
     def compiler_params(self, kernel: str):
-        return plgpu.CompilerParams(num_warps=dict(self.warps)[kernel],
-                                    num_stages=dict(self.stages)[kernel])
+        return plgpu.CompilerParams(
+            num_warps=dict(self.warps)[kernel], num_stages=dict(self.stages)[kernel]
+        )
 
     # grid index of a (batch, v head) pair -> (batch, v head, q/k head)
     def heads(self, bh):
@@ -107,8 +108,13 @@ def dot(a: Array, b: Array, mma: str, *, trans_a: bool = False, trans_b: bool = 
 
     ``"float32"`` is IEEE float32 (no tf32), ``"tfloat32"`` float32 operands through tf32."""
     if mma in ("float32", "tfloat32"):
-        return plgpu.dot(a.astype(jnp.float32), b.astype(jnp.float32), trans_a, trans_b,
-                         allow_tf32=mma == "tfloat32")
+        return plgpu.dot(
+            a.astype(jnp.float32),
+            b.astype(jnp.float32),
+            trans_a,
+            trans_b,
+            allow_tf32=mma == "tfloat32",
+        )
     dt = jnp.dtype(mma)
     return plgpu.dot(a.astype(dt), b.astype(dt), trans_a, trans_b)
 
@@ -242,8 +248,9 @@ def channel_diag(qi: Array, ki: Array, bi: Array, mask: Array) -> Array:
     (an ``[L, L]`` bool, causal at least); ``[L, L]`` float32."""
     diff = bi[:, None, :] - bi[None, :, :]
     e = masked_exp(mask[:, :, None], diff)
-    return jnp.sum(qi.astype(jnp.float32)[:, None, :] * ki.astype(jnp.float32)[None, :, :] * e,
-                   axis=2)
+    return jnp.sum(
+        qi.astype(jnp.float32)[:, None, :] * ki.astype(jnp.float32)[None, :, :] * e, axis=2
+    )
 
 
 def attention_blocks(plan: Plan, q_ref, k_ref, g_ref, runs, *, per_block=None, offset=0):
@@ -269,7 +276,7 @@ def attention_blocks(plan: Plan, q_ref, k_ref, g_ref, runs, *, per_block=None, o
         bt = ends = None
         if plan.decay == "channel":
             bt, ends = channel_decay(plan, g_ref, cols, offset)
-            for (i, j) in A:
+            for i, j in A:
                 if i == j:
                     A[(i, i)] += channel_diag(qt[i], kt[i], bt[i], masks[(i, i)])
                 else:
@@ -277,7 +284,7 @@ def attention_blocks(plan: Plan, q_ref, k_ref, g_ref, runs, *, per_block=None, o
                     kf = kt[j].astype(jnp.float32) * jnp.exp(ends[j][None, :] - bt[j])
                     A[(i, j)] += dot(qf, kf, plan.mma, trans_b=True)
         else:
-            for (i, j) in A:
+            for i, j in A:
                 A[(i, j)] += dot(qt[i], kt[j], plan.mma, trans_b=True)
         if per_block is not None:
             per_block(kb, qt, kt, bt, ends)
@@ -303,39 +310,44 @@ class ChunkSpecs:
     block: int
 
     def _k(self):
-        return (self.block, lambda x: x) if self.axis0 == "k" else (self.plan.key_dim,
-                                                                     lambda x: 0)
+        return (self.block, lambda x: x) if self.axis0 == "k" else (self.plan.key_dim, lambda x: 0)
 
     def _v(self):
-        return (self.block, lambda x: x) if self.axis0 == "v" else (self.plan.value_dim,
-                                                                     lambda x: 0)
+        return (
+            (self.block, lambda x: x) if self.axis0 == "v" else (self.plan.value_dim, lambda x: 0)
+        )
 
     def qk(self):
         (bk, kx), p = self._k(), self.plan
-        return pl.BlockSpec((None, p.chunk, None, bk),
-                            lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[2], kx(x)))
+        return pl.BlockSpec(
+            (None, p.chunk, None, bk), lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[2], kx(x))
+        )
 
     def v(self):
         """Also the spec of do and of o / dv."""
         (bv, vx), p = self._v(), self.plan
-        return pl.BlockSpec((None, p.chunk, None, bv),
-                            lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1], vx(x)))
+        return pl.BlockSpec(
+            (None, p.chunk, None, bv), lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1], vx(x))
+        )
 
     def g(self, ndim: int):
         """Scalar ``[B, T, Hv]`` or per-channel ``[B, T, Hv, K]`` log decays; also the spec
         of their gradients."""
         (bk, kx), p = self._k(), self.plan
         if ndim == 3:
-            return pl.BlockSpec((None, p.chunk, None),
-                                lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1]))
-        return pl.BlockSpec((None, p.chunk, None, bk),
-                            lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1], kx(x)))
+            return pl.BlockSpec(
+                (None, p.chunk, None), lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1])
+            )
+        return pl.BlockSpec(
+            (None, p.chunk, None, bk), lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1], kx(x))
+        )
 
     def q_grad(self):
         """dq / dk per v head ``[B, T, Hv, K]`` (summed over groups afterwards)."""
         (bk, kx), p = self._k(), self.plan
-        return pl.BlockSpec((None, p.chunk, None, bk),
-                            lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1], kx(x)))
+        return pl.BlockSpec(
+            (None, p.chunk, None, bk), lambda x, c, bh: (p.heads(bh)[0], c, p.heads(bh)[1], kx(x))
+        )
 
     def runs(self):
         p = self.plan
@@ -344,22 +356,25 @@ class ChunkSpecs:
     def state(self):
         """Per-chunk states ``[B, Hv, n, K, V]``: the block of chunk c."""
         (bk, kx), (bv, vx), p = self._k(), self._v(), self.plan
-        return pl.BlockSpec((None, None, None, bk, bv),
-                            lambda x, c, bh: p.heads(bh)[:2] + (c, kx(x), vx(x)))
+        return pl.BlockSpec(
+            (None, None, None, bk, bv), lambda x, c, bh: p.heads(bh)[:2] + (c, kx(x), vx(x))
+        )
 
     def segment_state(self):
         """Per-segment states ``[B, Hv, P, K, V]`` (two-level pass): the block of the segment
         holding chunk c."""
         (bk, kx), (bv, vx), p = self._k(), self._v(), self.plan
-        return pl.BlockSpec((None, None, None, bk, bv),
-                            lambda x, c, bh: p.heads(bh)[:2] + (c // p.segment_chunks, kx(x),
-                                                                 vx(x)))
+        return pl.BlockSpec(
+            (None, None, None, bk, bv),
+            lambda x, c, bh: p.heads(bh)[:2] + (c // p.segment_chunks, kx(x), vx(x)),
+        )
 
     def factor(self):
         """Per-chunk factors of the two-level pass: ``[B, Hv, n]`` (the whole row, read at
         the chunk) or per channel ``[B, Hv, n, K]`` (the chunk's key block)."""
         (bk, kx), p = self._k(), self.plan
         if p.decay == "channel":
-            return pl.BlockSpec((None, None, None, bk),
-                                lambda x, c, bh: p.heads(bh)[:2] + (c, kx(x)))
+            return pl.BlockSpec(
+                (None, None, None, bk), lambda x, c, bh: p.heads(bh)[:2] + (c, kx(x))
+            )
         return pl.BlockSpec((None, None, p.chunks), lambda x, c, bh: p.heads(bh)[:2] + (0,))

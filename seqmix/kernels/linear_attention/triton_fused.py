@@ -81,8 +81,10 @@ def _fused_kernel(*refs, plan: Plan):
             else:
                 carry, kw = None, list(kt)
             if runs is not None:
-                kw = [jnp.where(runs.keep_last(j)[:, None], kw[j], jnp.zeros_like(kw[j]))
-                      for j in range(n)]
+                kw = [
+                    jnp.where(runs.keep_last(j)[:, None], kw[j], jnp.zeros_like(kw[j]))
+                    for j in range(n)
+                ]
             if carry is not None:
                 S = carry * S
             if runs is not None:
@@ -91,8 +93,9 @@ def _fused_kernel(*refs, plan: Plan):
                 S = S + tc.dot(kw[j], v_tiles[j], plan.mma, trans_a=True)
             new[kb] = S
 
-        A, b_scores = tc.attention_blocks(plan, q_ref, k_ref, g_ref, runs, per_block=per_block,
-                                          offset=start)
+        A, b_scores = tc.attention_blocks(
+            plan, q_ref, k_ref, g_ref, runs, per_block=per_block, offset=start
+        )
         write_output(plan, acc, A, b_scores, runs, v_ref, o_ref, offset=start, v_tiles=v_tiles)
         return tuple(new)
 
@@ -121,24 +124,26 @@ def fused_output(plan: Plan, q, k, v, g, runs, state_in):
     def at(fn):  # index maps over (value block, [segment,] batch * v head)
         return lambda vb, *rest: fn(vb, rest[0] if seg else 0, *plan.heads(rest[-1]))
 
-    specs = [pl.BlockSpec((None, T, None, K), at(lambda vb, p, b, h, hq: (b, 0, hq, 0))),
-             pl.BlockSpec((None, T, None, K), at(lambda vb, p, b, h, hq: (b, 0, hq, 0))),
-             pl.BlockSpec((None, T, None, BV), at(lambda vb, p, b, h, hq: (b, 0, h, vb)))]
+    specs = [
+        pl.BlockSpec((None, T, None, K), at(lambda vb, p, b, h, hq: (b, 0, hq, 0))),
+        pl.BlockSpec((None, T, None, K), at(lambda vb, p, b, h, hq: (b, 0, hq, 0))),
+        pl.BlockSpec((None, T, None, BV), at(lambda vb, p, b, h, hq: (b, 0, h, vb))),
+    ]
     args = [q, k, v]
     if g is not None:
         if g.ndim == 3:
             specs.append(pl.BlockSpec((None, T, None), at(lambda vb, p, b, h, hq: (b, 0, h))))
         else:
-            specs.append(pl.BlockSpec((None, T, None, K),
-                                      at(lambda vb, p, b, h, hq: (b, 0, h, 0))))
+            specs.append(pl.BlockSpec((None, T, None, K), at(lambda vb, p, b, h, hq: (b, 0, h, 0))))
         args.append(g)
     if runs is not None:
         specs.append(pl.BlockSpec((None, T), at(lambda vb, p, b, h, hq: (b, 0))))
         args.append(runs)
     state_spec = pl.BlockSpec((None, None, K, BV), at(lambda vb, p, b, h, hq: (b, h, 0, vb)))
     if seg:
-        specs.append(pl.BlockSpec((None, None, None, K, BV),
-                                  at(lambda vb, p, b, h, hq: (b, h, p, 0, vb))))
+        specs.append(
+            pl.BlockSpec((None, None, None, K, BV), at(lambda vb, p, b, h, hq: (b, h, p, 0, vb)))
+        )
         args.append(state_in)
     elif state_in is not None:
         specs.append(state_spec)

@@ -53,8 +53,11 @@ def _dv_kernel(*refs, plan: Plan):
         del qt
         dS = ds_ref[pl.ds(kb * BK, BK), :]
         if dseg_ref is not None:
-            dS = tc.completed(dS, dseg_ref[pl.ds(kb * BK, BK), :],
-                              tc.chunk_factor(plan, df_ref, pl.ds(kb * BK, BK)))
+            dS = tc.completed(
+                dS,
+                dseg_ref[pl.ds(kb * BK, BK), :],
+                tc.chunk_factor(plan, df_ref, pl.ds(kb * BK, BK)),
+            )
         for j in range(n):
             kw = kt[j] if bt is None else kt[j].astype(f32) * jnp.exp(ends[-1][None, :] - bt[j])
             acc[j] = acc[j] + tc.dot(kw, dS, plan.state_mma)
@@ -68,8 +71,9 @@ def _dv_kernel(*refs, plan: Plan):
             dv = jnp.where(runs.keep_last(j)[:, None], dv, 0.0)
         for i in range(j, n):
             do_i = do_ref[pl.ds(i * L, L), :]
-            dv = dv + plan.scale * tc.dot_split(A[(i, j)], do_i, plan.mma,
-                                                   plan.split_scores, trans_a=True)
+            dv = dv + plan.scale * tc.dot_split(
+                A[(i, j)], do_i, plan.mma, plan.split_scores, trans_a=True
+            )
         dv_ref[pl.ds(j * L, L), :] = dv.astype(dv_ref.dtype)
 
 
@@ -106,7 +110,7 @@ def _dqk_kernel(*refs, plan: Plan):
         if plan.segmented:
             S = tc.completed(S, seg_ref[:, cols], f)
             dS = tc.completed(dS, dseg_ref[:, cols], df)
-        for (i, j) in pairs:
+        for i, j in pairs:
             dA[(i, j)] += tc.dot(do_t[i], v_t[j], plan.mma, trans_b=True)
         for i in range(n):
             dq_state[i] += tc.dot(do_t[i], S, plan.state_mma, trans_b=True)
@@ -142,7 +146,7 @@ def _dqk_kernel(*refs, plan: Plan):
     dk_from_state = list(dk)
 
     # Intra-chunk terms.
-    for (i, j) in pairs:
+    for i, j in pairs:
         m = tc.intra_mask(plan, runs, i, j)
         dAij = plan.scale * dA[(i, j)]
         if plan.decay == "channel" and i == j:
@@ -161,12 +165,12 @@ def _dqk_kernel(*refs, plan: Plan):
             kf = k_t[j].astype(f32) * from_end
             qf = q_t[i].astype(f32) * to_end
             dq[i] = dq[i] + tc.dot_split(dAij, kf, plan.mma, plan.split_scores) * to_end
-            dk[j] = dk[j] + tc.dot_split(dAij, qf, plan.mma, plan.split_scores,
-                                             trans_a=True) * from_end
+            dk[j] = (
+                dk[j] + tc.dot_split(dAij, qf, plan.mma, plan.split_scores, trans_a=True) * from_end
+            )
         else:
             dq[i] = dq[i] + tc.dot_split(dAij, k_t[j], plan.mma, plan.split_scores)
-            dk[j] = dk[j] + tc.dot_split(dAij, q_t[i], plan.mma, plan.split_scores,
-                                             trans_a=True)
+            dk[j] = dk[j] + tc.dot_split(dAij, q_t[i], plan.mma, plan.split_scores, trans_a=True)
 
     for i in range(n):
         dq_ref[rows[i], :] = dq[i].astype(dq_ref.dtype)
@@ -221,8 +225,9 @@ def chunk_dv(plan: Plan, q, k, g, runs, do, dstates, dsegments=None):
     )(*args)
 
 
-def chunk_dqk(plan: Plan, q, k, v, g, runs, do, states, dstates, grad_dtype, segments=None,
-              dsegments=None):
+def chunk_dqk(
+    plan: Plan, q, k, v, g, runs, do, states, dstates, grad_dtype, segments=None, dsegments=None
+):
     """``(dq, dk)`` per v head ``[B, T, Hv, K]`` in ``grad_dtype`` and the log-decay
     gradient: per channel ``[B, T, Hv, K]``, or for scalar decay ``[nK, B, T, Hv]``
     partial sums over key blocks (None without decay); float32. ``segments`` /
@@ -249,9 +254,12 @@ def chunk_dqk(plan: Plan, q, k, v, g, runs, do, states, dstates, grad_dtype, seg
         out_specs.append(sp.g(4))
         out_shape.append(jax.ShapeDtypeStruct((B, T, Hv, K), f32))
     elif g is not None:
-        out_specs.append(pl.BlockSpec(
-            (None, None, plan.chunk, None),
-            lambda x, c, bh: (x, plan.heads(bh)[0], c, plan.heads(bh)[1])))
+        out_specs.append(
+            pl.BlockSpec(
+                (None, None, plan.chunk, None),
+                lambda x, c, bh: (x, plan.heads(bh)[0], c, plan.heads(bh)[1]),
+            )
+        )
         out_shape.append(jax.ShapeDtypeStruct((nk, B, T, Hv), f32))
     out = pl.pallas_call(
         functools.partial(_dqk_kernel, plan=plan),

@@ -43,8 +43,9 @@ def _output_kernel(*refs, plan: Plan):
         del kt, ends
         S = s_ref[pl.ds(kb * BK, BK), :]
         if seg_ref is not None:
-            S = tc.completed(S, seg_ref[pl.ds(kb * BK, BK), :],
-                             tc.chunk_factor(plan, f_ref, pl.ds(kb * BK, BK)))
+            S = tc.completed(
+                S, seg_ref[pl.ds(kb * BK, BK), :], tc.chunk_factor(plan, f_ref, pl.ds(kb * BK, BK))
+            )
         for i in range(n):
             qs = qt[i] if bt is None else qt[i].astype(jnp.float32) * jnp.exp(bt[i])
             acc[i] = acc[i] + tc.dot(qs, S, plan.state_mma)

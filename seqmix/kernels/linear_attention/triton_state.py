@@ -97,9 +97,11 @@ def _state_kernel(*refs, plan: Plan, store: bool = True):
         if states_ref is not None:
             states_ref[c] = S.astype(states_ref.dtype)
         if f_ref is not None:
+
             @pl.when(lead)
             def _():
                 f_ref[c] = F
+
         start = pl.multiple_of(c * C, C)
         rows = pl.ds(start, C)
         k = k_ref[rows, :]
@@ -127,8 +129,7 @@ def _state_kernel(*refs, plan: Plan, store: bool = True):
         S = S + tc.dot(kw, v, plan.mma, trans_a=True)
         return (S, F) if plan.segmented else S
 
-    S = s0_ref[...].astype(jnp.float32) if s0_ref is not None else jnp.zeros((BK, BV),
-                                                                             jnp.float32)
+    S = s0_ref[...].astype(jnp.float32) if s0_ref is not None else jnp.zeros((BK, BV), jnp.float32)
     if not plan.segmented:
         end_ref[...] = lax.fori_loop(0, count, body, S)
         return
@@ -136,6 +137,7 @@ def _state_kernel(*refs, plan: Plan, store: bool = True):
     S, F = lax.fori_loop(0, count, body, (S, F))
     end_ref[...] = S
     if a_ref is not None:
+
         @pl.when(lead)
         def _():
             a_ref[segment] = F
@@ -160,9 +162,11 @@ def _dstate_kernel(*refs, plan: Plan):
         c = first + count - 1 - i
         dstates_ref[c] = dS.astype(dstates_ref.dtype)
         if f_ref is not None:
+
             @pl.when(lead)
             def _():
                 f_ref[c] = F
+
         start = pl.multiple_of(c * C, C)
         rows = pl.ds(start, C)
         q = q_ref[rows, :]
@@ -189,8 +193,11 @@ def _dstate_kernel(*refs, plan: Plan):
         dS = dS + plan.scale * update
         return (dS, F) if plan.segmented else dS
 
-    dS = (dfinal_ref[...].astype(jnp.float32) if dfinal_ref is not None
-          else jnp.zeros((BK, BV), jnp.float32))
+    dS = (
+        dfinal_ref[...].astype(jnp.float32)
+        if dfinal_ref is not None
+        else jnp.zeros((BK, BV), jnp.float32)
+    )
     if not plan.segmented:
         dinit_ref[...] = lax.fori_loop(0, count, body, dS)
         return
@@ -213,8 +220,11 @@ def _combine_kernel(*refs, plan: Plan, reverse: bool):
             a = a[:, None]
         return a * S + local_ref[p]
 
-    S = (init_ref[...].astype(jnp.float32) if init_ref is not None
-         else jnp.zeros(last_ref.shape, jnp.float32))
+    S = (
+        init_ref[...].astype(jnp.float32)
+        if init_ref is not None
+        else jnp.zeros(last_ref.shape, jnp.float32)
+    )
     last_ref[...] = lax.fori_loop(0, P, body, S)
 
 
@@ -235,17 +245,22 @@ def _specs(plan: Plan, BK: int, BV: int, first, second, g, runs):
     args = [first, second]
     if g is not None:
         if g.ndim == 3:
-            specs.append(pl.BlockSpec((None, T, None),
-                                      lambda kb, vb, *rest: (plan.heads(rest[-1])[0], 0,
-                                                             plan.heads(rest[-1])[1])))
+            specs.append(
+                pl.BlockSpec(
+                    (None, T, None),
+                    lambda kb, vb, *rest: (plan.heads(rest[-1])[0], 0, plan.heads(rest[-1])[1]),
+                )
+            )
         else:
-            specs.append(pl.BlockSpec((None, T, None, BK),
-                                      lambda kb, vb, *rest: (plan.heads(rest[-1])[0], 0,
-                                                             plan.heads(rest[-1])[1], kb)))
+            specs.append(
+                pl.BlockSpec(
+                    (None, T, None, BK),
+                    lambda kb, vb, *rest: (plan.heads(rest[-1])[0], 0, plan.heads(rest[-1])[1], kb),
+                )
+            )
         args.append(g)
     if runs is not None:
-        specs.append(pl.BlockSpec((None, T),
-                                  lambda kb, vb, *rest: (plan.heads(rest[-1])[0], 0)))
+        specs.append(pl.BlockSpec((None, T), lambda kb, vb, *rest: (plan.heads(rest[-1])[0], 0)))
         args.append(runs)
     return specs, args
 
@@ -253,10 +268,12 @@ def _specs(plan: Plan, BK: int, BV: int, first, second, g, runs):
 def _state_block_spec(plan: Plan, BK: int, BV: int, chunks: int | None):
     """Spec of a ``[B, Hv, (n,) K, V]`` float32/bf16 state array over the state grid."""
     if chunks is None:
-        return pl.BlockSpec((None, None, BK, BV),
-                            lambda kb, vb, *rest: plan.heads(rest[-1])[:2] + (kb, vb))
-    return pl.BlockSpec((None, None, chunks, BK, BV),
-                        lambda kb, vb, *rest: plan.heads(rest[-1])[:2] + (0, kb, vb))
+        return pl.BlockSpec(
+            (None, None, BK, BV), lambda kb, vb, *rest: plan.heads(rest[-1])[:2] + (kb, vb)
+        )
+    return pl.BlockSpec(
+        (None, None, chunks, BK, BV), lambda kb, vb, *rest: plan.heads(rest[-1])[:2] + (0, kb, vb)
+    )
 
 
 def _segment_specs(plan: Plan, BK: int, BV: int):
@@ -264,13 +281,16 @@ def _segment_specs(plan: Plan, BK: int, BV: int):
     the per-segment state ``[B, Hv, P, K, V]`` (this segment's block), the per-chunk factors
     ``[B, Hv, n(, K)]`` and the per-segment decays ``[B, Hv, P(, K)]`` (whole rows)."""
     n, P = plan.chunks, plan.segments
-    seg = pl.BlockSpec((None, None, None, BK, BV),
-                       lambda kb, vb, p, bh: plan.heads(bh)[:2] + (p, kb, vb))
+    seg = pl.BlockSpec(
+        (None, None, None, BK, BV), lambda kb, vb, p, bh: plan.heads(bh)[:2] + (p, kb, vb)
+    )
     if plan.decay == "channel":
-        factors = pl.BlockSpec((None, None, n, BK),
-                               lambda kb, vb, p, bh: plan.heads(bh)[:2] + (0, kb))
-        decays = pl.BlockSpec((None, None, P, BK),
-                              lambda kb, vb, p, bh: plan.heads(bh)[:2] + (0, kb))
+        factors = pl.BlockSpec(
+            (None, None, n, BK), lambda kb, vb, p, bh: plan.heads(bh)[:2] + (0, kb)
+        )
+        decays = pl.BlockSpec(
+            (None, None, P, BK), lambda kb, vb, p, bh: plan.heads(bh)[:2] + (0, kb)
+        )
     else:
         factors = pl.BlockSpec((None, None, n), lambda kb, vb, p, bh: plan.heads(bh)[:2] + (0,))
         decays = pl.BlockSpec((None, None, P), lambda kb, vb, p, bh: plan.heads(bh)[:2] + (0,))
@@ -281,8 +301,10 @@ def _factor_shapes(plan: Plan):
     """Shapes of the per-chunk factors and per-segment decays of the two-level pass."""
     B, Hv, K, n, P = plan.batch, plan.v_heads, plan.key_dim, plan.chunks, plan.segments
     extra = (K,) if plan.decay == "channel" else ()
-    return (jax.ShapeDtypeStruct((B, Hv, n) + extra, jnp.float32),
-            jax.ShapeDtypeStruct((B, Hv, P) + extra, jnp.float32))
+    return (
+        jax.ShapeDtypeStruct((B, Hv, n) + extra, jnp.float32),
+        jax.ShapeDtypeStruct((B, Hv, P) + extra, jnp.float32),
+    )
 
 
 def _grid(plan: Plan, BK: int, BV: int):
@@ -323,8 +345,11 @@ def chunk_states(plan: Plan, k, v, g, runs, initial_state, *, store_states: bool
         seg, factors, decays = _segment_specs(plan, BK, BV)
         factor_shape, decay_shape = _factor_shapes(plan)
         out_specs += [seg] + ([factors] if store_states else []) + [decays]
-        out_shape += ([jax.ShapeDtypeStruct((B, Hv, plan.segments, K, V), jnp.float32)]
-                      + ([factor_shape] if store_states else []) + [decay_shape])
+        out_shape += (
+            [jax.ShapeDtypeStruct((B, Hv, plan.segments, K, V), jnp.float32)]
+            + ([factor_shape] if store_states else [])
+            + [decay_shape]
+        )
     else:
         out_specs.append(_state_block_spec(plan, BK, BV, None))
         out_shape.append(jax.ShapeDtypeStruct((B, Hv, K, V), jnp.float32))
@@ -367,8 +392,10 @@ def chunk_state_grads(plan: Plan, q, do, g, runs, dfinal, decays=None):
     if plan.segmented:
         seg, factors, _ = _segment_specs(plan, BK, BV)
         out_specs += [seg, factors]
-        out_shape += [jax.ShapeDtypeStruct((B, Hv, plan.segments, K, V), jnp.float32),
-                      _factor_shapes(plan)[0]]
+        out_shape += [
+            jax.ShapeDtypeStruct((B, Hv, plan.segments, K, V), jnp.float32),
+            _factor_shapes(plan)[0],
+        ]
     else:
         specs.append(_state_block_spec(plan, BK, BV, None))
         args.append(dfinal)
@@ -407,11 +434,9 @@ def combine_segments(plan: Plan, decays, local, init, *, reverse: bool):
     """
     B, Hv, K, V, P = plan.batch, plan.v_heads, plan.key_dim, plan.value_dim, plan.segments
     BK, BV = plan.state_block_k, plan.state_block_v
-    seg = pl.BlockSpec((None, None, P, BK, BV),
-                       lambda kb, vb, bh: plan.heads(bh)[:2] + (0, kb, vb))
+    seg = pl.BlockSpec((None, None, P, BK, BV), lambda kb, vb, bh: plan.heads(bh)[:2] + (0, kb, vb))
     if plan.decay == "channel":
-        dspec = pl.BlockSpec((None, None, P, BK),
-                             lambda kb, vb, bh: plan.heads(bh)[:2] + (0, kb))
+        dspec = pl.BlockSpec((None, None, P, BK), lambda kb, vb, bh: plan.heads(bh)[:2] + (0, kb))
     else:
         dspec = pl.BlockSpec((None, None, P), lambda kb, vb, bh: plan.heads(bh)[:2] + (0,))
     specs, args = [dspec, seg], [decays, local]
@@ -423,8 +448,10 @@ def combine_segments(plan: Plan, decays, local, init, *, reverse: bool):
         grid=(K // BK, V // BV, B * Hv),
         in_specs=specs,
         out_specs=[seg, _state_block_spec(plan, BK, BV, None)],
-        out_shape=[jax.ShapeDtypeStruct((B, Hv, P, K, V), jnp.dtype(plan.state_dtype)),
-                   jax.ShapeDtypeStruct((B, Hv, K, V), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Hv, P, K, V), jnp.dtype(plan.state_dtype)),
+            jax.ShapeDtypeStruct((B, Hv, K, V), jnp.float32),
+        ],
         compiler_params=plan.compiler_params("state"),
         interpret=plan.interpret,
         name="linear_attention_combine_segments",

@@ -68,14 +68,14 @@ def selective_scan(
             checks.check_array(name, x, 3, "[batch, time, state]", shape=(Bsz, T, N))
             x = x[:, :, None, :]
         else:
-            checks.check_array(name, x, 4, "[batch, time, groups, state]",
-                               shape=(Bsz, T, None, N))
+            checks.check_array(name, x, 4, "[batch, time, groups, state]", shape=(Bsz, T, None, N))
             checks.check_heads("u (channels)", Dm, name + " (groups)", x.shape[2])
         groups.append(x)
     B, C = groups
     if B.shape[2] != C.shape[2]:
-        raise ValueError(f"B and C must have the same number of groups, got {B.shape[2]} and "
-                         f"{C.shape[2]}")
+        raise ValueError(
+            f"B and C must have the same number of groups, got {B.shape[2]} and {C.shape[2]}"
+        )
     if D is not None:
         checks.check_array("D", D, 1, "[channels]", shape=(Dm,))
     if z is not None:
@@ -83,11 +83,21 @@ def selective_scan(
     if delta_bias is not None:
         checks.check_array("delta_bias", delta_bias, 1, "[channels]", shape=(Dm,))
     if initial_state is not None:
-        checks.check_array("initial_state", initial_state, 3, "[batch, channels, state]",
-                           shape=(Bsz, Dm, N))
+        checks.check_array(
+            "initial_state", initial_state, 3, "[batch, channels, state]", shape=(Bsz, Dm, N)
+        )
         initial_state = initial_state.astype(jnp.promote_types(initial_state.dtype, jnp.float32))
     y, final = SELECTIVE_SCAN(
-        implementation, u, delta, A, B, C, D, z,
-        delta_bias=delta_bias, delta_softplus=bool(delta_softplus), initial_state=initial_state,
+        implementation,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias=delta_bias,
+        delta_softplus=bool(delta_softplus),
+        initial_state=initial_state,
     )
     return (y, final) if return_final_state else y

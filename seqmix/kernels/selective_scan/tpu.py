@@ -71,8 +71,10 @@ def _rows_per_program(R: int, cap: int, multiple: int) -> int:
 
 def _no_float64(*arrays) -> None:
     if any(a is not None and a.dtype == jnp.float64 for a in arrays):
-        raise NotImplementedError("the Pallas kernels compute in float32; float64 inputs need "
-                                  "the naive or xla implementation")
+        raise NotImplementedError(
+            "the Pallas kernels compute in float32; float64 inputs need "
+            "the naive or xla implementation"
+        )
 
 
 def _softplus(x):
@@ -229,8 +231,12 @@ def _bwd_kernel(*refs, st: _Static, names, N: int):
         r.ddelta[t] = ddt.astype(r.ddelta.dtype)
         return tuple(new_g), tuple(new_dA), dD, dbias + ddt
 
-    init = (tuple(g_scr[n] for n in range(N)), tuple(dA_scr[n] for n in range(N)),
-            dD_scr[...], dbias_scr[...])
+    init = (
+        tuple(g_scr[n] for n in range(N)),
+        tuple(dA_scr[n] for n in range(N)),
+        dD_scr[...],
+        dbias_scr[...],
+    )
     g, dA, dD, dbias = lax.fori_loop(0, st.chunk, back, init)
     for n in range(N):
         g_scr[n] = g[n]
@@ -260,18 +266,35 @@ def _specs(st: _Static, N: int, reverse: bool):
     mat = pl.BlockSpec((N, None, S, LANES), lambda b, j, c: (0, j // ns, j % ns, 0))
     vec = pl.BlockSpec((None, S, LANES), lambda b, j, c: (j // ns, j % ns, 0))
     state = pl.BlockSpec((None, N, None, S, LANES), lambda b, j, c: (b, 0, j // ns, j % ns, 0))
-    ckpt = pl.BlockSpec((None, None, N, None, S, LANES),
-                        lambda b, j, c: (b, cix(c), 0, j // ns, j % ns, 0))
+    ckpt = pl.BlockSpec(
+        (None, None, N, None, S, LANES), lambda b, j, c: (b, cix(c), 0, j // ns, j % ns, 0)
+    )
     part_rows = pl.BlockSpec((None, None, Tc, 1, N), lambda b, j, c: (b, j, cix(c), 0, 0))
     part_vec = pl.BlockSpec((None, None, S, LANES), lambda b, j, c: (b, j // ns, j % ns, 0))
-    return dict(seq=seq, rows=rows, mat=mat, vec=vec, state=state, ckpt=ckpt,
-                part_rows=part_rows, part_vec=part_vec)
+    return dict(
+        seq=seq,
+        rows=rows,
+        mat=mat,
+        vec=vec,
+        state=state,
+        ckpt=ckpt,
+        part_rows=part_rows,
+        part_vec=part_vec,
+    )
 
 
 def _inputs(sp, u, delta, A, B, C, D, z, bias, h0):
-    items = [("u", u, "seq"), ("delta", delta, "seq"), ("A", A, "mat"), ("B", B, "rows"),
-             ("C", C, "rows"), ("D", D, "vec"), ("z", z, "seq"), ("bias", bias, "vec"),
-             ("h0", h0, "state")]
+    items = [
+        ("u", u, "seq"),
+        ("delta", delta, "seq"),
+        ("A", A, "mat"),
+        ("B", B, "rows"),
+        ("C", C, "rows"),
+        ("D", D, "vec"),
+        ("z", z, "seq"),
+        ("bias", bias, "vec"),
+        ("h0", h0, "state"),
+    ]
     names = [(n, x is not None) for n, x, _ in items]
     present = [(x, sp[s]) for _, x, s in items if x is not None]
     return names, [x for x, _ in present], [s for _, s in present]
@@ -279,8 +302,9 @@ def _inputs(sp, u, delta, A, B, C, D, z, bias, h0):
 
 def _params(st):
     interpret = pltpu.InterpretParams(detect_races=True) if st.interpret else False
-    cp = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                              vmem_limit_bytes=48 * 1024 * 1024)
+    cp = pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=48 * 1024 * 1024
+    )
     return dict(interpret=interpret, compiler_params=cp)
 
 
@@ -290,8 +314,10 @@ def _forward(st: _Static, u, delta, A, B, C, D, z, bias, h0, save: bool):
     n_chunks = Tp // st.chunk
     sp = _specs(st, N, reverse=False)
     names, args, in_specs = _inputs(sp, u, delta, A, B, C, D, z, bias, h0)
-    out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype),
-                 jax.ShapeDtypeStruct((Bsz, N, G, R, LANES), jnp.float32)]
+    out_shape = [
+        jax.ShapeDtypeStruct(u.shape, u.dtype),
+        jax.ShapeDtypeStruct((Bsz, N, G, R, LANES), jnp.float32),
+    ]
     out_specs = [sp["seq"], sp["state"]]
     names += [("y", True), ("hT", True), ("ckpt", save)]
     if save:
@@ -324,15 +350,17 @@ def _backward(st: _Static, res, dy, dhT):
     f32 = jnp.float32
     state = jax.ShapeDtypeStruct((Bsz, N, G, R, LANES), f32)
     vec = jax.ShapeDtypeStruct((Bsz, G, R, LANES), f32)
-    outs = [("du", jax.ShapeDtypeStruct(u.shape, u.dtype), "seq"),
-            ("ddelta", jax.ShapeDtypeStruct(delta.shape, delta.dtype), "seq"),
-            ("dz", jax.ShapeDtypeStruct(u.shape, z.dtype) if z is not None else None, "seq"),
-            ("dB", jax.ShapeDtypeStruct((Bsz, J, Tp, 1, N), f32), "part_rows"),
-            ("dC", jax.ShapeDtypeStruct((Bsz, J, Tp, 1, N), f32), "part_rows"),
-            ("dA", state, "state"),
-            ("dD", vec if D is not None else None, "part_vec"),
-            ("dbias", vec if bias is not None else None, "part_vec"),
-            ("dh0", state if h0 is not None else None, "state")]
+    outs = [
+        ("du", jax.ShapeDtypeStruct(u.shape, u.dtype), "seq"),
+        ("ddelta", jax.ShapeDtypeStruct(delta.shape, delta.dtype), "seq"),
+        ("dz", jax.ShapeDtypeStruct(u.shape, z.dtype) if z is not None else None, "seq"),
+        ("dB", jax.ShapeDtypeStruct((Bsz, J, Tp, 1, N), f32), "part_rows"),
+        ("dC", jax.ShapeDtypeStruct((Bsz, J, Tp, 1, N), f32), "part_rows"),
+        ("dA", state, "state"),
+        ("dD", vec if D is not None else None, "part_vec"),
+        ("dbias", vec if bias is not None else None, "part_vec"),
+        ("dh0", state if h0 is not None else None, "state"),
+    ]
     names += [(n, s is not None) for n, s, _ in outs]
     S = st.rows
     got = pl.pallas_call(
@@ -341,9 +369,13 @@ def _backward(st: _Static, res, dy, dhT):
         in_specs=in_specs,
         out_specs=[sp[k] for _, s, k in outs if s is not None],
         out_shape=[s for _, s, _ in outs if s is not None],
-        scratch_shapes=[pltpu.VMEM((st.chunk + 1, N, S, LANES), f32),
-                        pltpu.VMEM((N, S, LANES), f32), pltpu.VMEM((N, S, LANES), f32),
-                        pltpu.VMEM((S, LANES), f32), pltpu.VMEM((S, LANES), f32)],
+        scratch_shapes=[
+            pltpu.VMEM((st.chunk + 1, N, S, LANES), f32),
+            pltpu.VMEM((N, S, LANES), f32),
+            pltpu.VMEM((N, S, LANES), f32),
+            pltpu.VMEM((S, LANES), f32),
+            pltpu.VMEM((S, LANES), f32),
+        ],
         name="selective_scan_bwd",
         **_params(st),
     )(*args)
@@ -356,10 +388,17 @@ def _backward(st: _Static, res, dy, dhT):
     def cast(x, like):
         return None if like is None else x.astype(like.dtype)
 
-    return (g["du"], g["ddelta"], cast(g["dA"].sum(0), A), cast(groups(g["dB"]), B),
-            cast(groups(g["dC"]), C), cast(g["dD"].sum(0) if D is not None else None, D),
-            g["dz"], cast(g["dbias"].sum(0) if bias is not None else None, bias),
-            cast(g["dh0"], h0))
+    return (
+        g["du"],
+        g["ddelta"],
+        cast(g["dA"].sum(0), A),
+        cast(groups(g["dB"]), B),
+        cast(groups(g["dC"]), C),
+        cast(g["dD"].sum(0) if D is not None else None, D),
+        g["dz"],
+        cast(g["dbias"].sum(0) if bias is not None else None, bias),
+        cast(g["dh0"], h0),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -381,8 +420,20 @@ def _scan_bwd(st, res, cts):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_softplus=False,
-                   initial_state=None, blocks: Blocks | None = None):
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    *,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    blocks: Blocks | None = None,
+):
     """The ``pallas_tpu`` implementation (arguments as ``reference.selective_scan_naive``).
 
     Returns ``(y [B, T, Dm] in u's dtype, final_state [B, Dm, N] float32)``; differentiable
@@ -401,8 +452,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_
     S = _rows_per_program(R, blocks.max_rows, 8 if itemsize >= 4 else 16)
     chunk = blocks.chunk
     Tp = -(-T // chunk) * chunk
-    st = _Static(T=T, softplus=bool(delta_softplus), chunk=chunk, rows=S, slabs=R // S,
-                 interpret=interpret)
+    st = _Static(
+        T=T, softplus=bool(delta_softplus), chunk=chunk, rows=S, slabs=R // S, interpret=interpret
+    )
 
     def seq(x):  # [B, T, Dm] -> [B, Tp, G, R, 128]
         if x is None:
@@ -424,8 +476,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_
 
     A_t = chan(A.T, (N,))  # [N, G, R, 128]
     h0 = None if initial_state is None else chan(initial_state.transpose(0, 2, 1), (Bsz, N))
-    y, hT = _scan(st, seq(u), seq(delta), A_t, rows(B), rows(C), chan(D, ()), seq(z),
-                  chan(delta_bias, ()), h0)
+    y, hT = _scan(
+        st, seq(u), seq(delta), A_t, rows(B), rows(C), chan(D, ()), seq(z), chan(delta_bias, ()), h0
+    )
     y = y.reshape(Bsz, Tp, G, Dgp)[:, :T, :, :Dg].reshape(Bsz, T, Dm)
     hT = hT.reshape(Bsz, N, G, Dgp)[..., :Dg].reshape(Bsz, N, Dm).transpose(0, 2, 1)
     return y, hT

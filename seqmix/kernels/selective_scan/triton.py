@@ -82,8 +82,9 @@ class Blocks:
 # blocked kernels' 4.76 / 14.9 ms in the same run (the roofline in triton_lanes.py had
 # predicted ~0.35 / ~1.9 ms: still latency-bound). Chunks of 8 (checkpoints every 8 steps)
 # keep the backward's held states to 5 x 16 registers a lane.
-LANES_BLOCKS = Blocks(algorithm="lanes", block_d=32, chunk=8, bwd_tile=4, num_warps=1,
-                      bwd_num_warps=1)
+LANES_BLOCKS = Blocks(
+    algorithm="lanes", block_d=32, chunk=8, bwd_tile=4, num_warps=1, bwd_num_warps=1
+)
 BLOCKED_BLOCKS = Blocks()
 GPU_BLOCKS = LANES_BLOCKS
 # Interpret mode compiles the unrolled body on the CPU: short chunks keep tests fast (the
@@ -127,8 +128,10 @@ def _segments(blocks: Blocks, programs: int, n_chunks: int) -> int:
 
 def _no_float64(*arrays) -> None:
     if any(a is not None and a.dtype == jnp.float64 for a in arrays):
-        raise NotImplementedError("the Pallas kernels compute in float32; float64 inputs need "
-                                  "the naive or xla implementation")
+        raise NotImplementedError(
+            "the Pallas kernels compute in float32; float64 inputs need "
+            "the naive or xla implementation"
+        )
 
 
 def _softplus(x):
@@ -333,15 +336,22 @@ class _Call:
 
     def shape(self, kind, dtype=jnp.float32):
         B, S, Dm, N = self.Bsz, self.S, self.Dm, self.N
-        return jax.ShapeDtypeStruct({
-            "seg_state": (B, S, Dm, N), "seg_vec": (B, S, Dm),
-            "ckpt": (B, self.Tp // self.st.chunk, Dm, N), "part": (B, self.nJ, self.Tp, N),
-            "seq": (B, self.Tp, Dm)}[kind], dtype)
+        return jax.ShapeDtypeStruct(
+            {
+                "seg_state": (B, S, Dm, N),
+                "seg_vec": (B, S, Dm),
+                "ckpt": (B, self.Tp // self.st.chunk, Dm, N),
+                "part": (B, self.nJ, self.Tp, N),
+                "seq": (B, self.Tp, Dm),
+            }[kind],
+            dtype,
+        )
 
     def __call__(self, kernel, name, ins, outs, num_warps):
         """``ins``: (name, array or None, spec kind); ``outs``: (name, shape or None, kind)."""
         names = tuple((n, x is not None) for n, x, _ in ins) + tuple(
-            (n, s is not None) for n, s, _ in outs)
+            (n, s is not None) for n, s, _ in outs
+        )
         got = pl.pallas_call(
             functools.partial(kernel, st=self.st, names=names),
             grid=(self.Bsz, self.nJ, self.S),
@@ -349,8 +359,9 @@ class _Call:
             out_specs=[self.spec[k] for _, s, k in outs if s is not None],
             out_shape=[s for _, s, _ in outs if s is not None],
             interpret=self.st.interpret,
-            compiler_params=plgpu.CompilerParams(num_warps=num_warps,
-                                                 num_stages=self.st.num_stages),
+            compiler_params=plgpu.CompilerParams(
+                num_warps=num_warps, num_stages=self.st.num_stages
+            ),
             name=name,
         )(*[x for _, x, _ in ins if x is not None])
         it = iter(got)
@@ -388,17 +399,31 @@ def _forward(st: _Static, u, delta, A, B, C, D, z, bias, h0, save: bool):
     h_in = None if h0 is None else h0[:, None]
     dtsum = None
     if call.S > 1:
-        loc = call(_fwd_kernel, "selective_scan_local", common + [("bias", bias, "vec")],
-                   [("h_out", call.shape("seg_state"), "seg_state"),
-                    ("dtsum", call.shape("seg_vec"), "seg_vec")], st.num_warps)
+        loc = call(
+            _fwd_kernel,
+            "selective_scan_local",
+            common + [("bias", bias, "vec")],
+            [
+                ("h_out", call.shape("seg_state"), "seg_state"),
+                ("dtsum", call.shape("seg_vec"), "seg_vec"),
+            ],
+            st.num_warps,
+        )
         dtsum = loc["dtsum"]
         first = jnp.zeros((Bsz, Dm, N), jnp.float32) if h0 is None else h0
         h_in = _chain(_segment_decay(A, dtsum), loc["h_out"], first, reverse=False)
-    ins = common + [("C", C, "grp"), ("D", D, "vec"), ("z", z, "seq"), ("bias", bias, "vec"),
-                    ("h_in", h_in, "seg_state")]
-    outs = [("y", call.shape("seq", u.dtype), "seq"),
-            ("h_out", call.shape("seg_state"), "seg_state"),
-            ("ckpt", call.shape("ckpt") if save else None, "ckpt")]
+    ins = common + [
+        ("C", C, "grp"),
+        ("D", D, "vec"),
+        ("z", z, "seq"),
+        ("bias", bias, "vec"),
+        ("h_in", h_in, "seg_state"),
+    ]
+    outs = [
+        ("y", call.shape("seq", u.dtype), "seq"),
+        ("h_out", call.shape("seg_state"), "seg_state"),
+        ("ckpt", call.shape("ckpt") if save else None, "ckpt"),
+    ]
     got = call(_fwd_kernel, "selective_scan_fwd", ins, outs, st.num_warps)
     return got["y"], got["h_out"][:, -1], got["ckpt"], dtsum
 
@@ -410,23 +435,46 @@ def _backward(st: _Static, res, dy, dhT):
     call = _Call(st, Bsz, Tp, Dm, N)
     g_end = dhT[:, None]
     if call.S > 1:
-        ins = [("delta", delta, "seq"), ("A", A, "mat"), ("C", C, "grp"), ("z", z, "seq"),
-               ("bias", bias, "vec"), ("dy", dy, "seq")]
-        g_loc = call(_adjoint_kernel, "selective_scan_adjoint", ins,
-                     [("g_loc", call.shape("seg_state"), "seg_state")],
-                     st.bwd_num_warps)["g_loc"]
+        ins = [
+            ("delta", delta, "seq"),
+            ("A", A, "mat"),
+            ("C", C, "grp"),
+            ("z", z, "seq"),
+            ("bias", bias, "vec"),
+            ("dy", dy, "seq"),
+        ]
+        g_loc = call(
+            _adjoint_kernel,
+            "selective_scan_adjoint",
+            ins,
+            [("g_loc", call.shape("seg_state"), "seg_state")],
+            st.bwd_num_warps,
+        )["g_loc"]
         g_end = _chain(_segment_decay(A, dtsum), g_loc, dhT, reverse=True)
-    ins = [("u", u, "seq"), ("delta", delta, "seq"), ("A", A, "mat"), ("B", B, "grp"),
-           ("C", C, "grp"), ("D", D, "vec"), ("z", z, "seq"), ("bias", bias, "vec"),
-           ("ckpt", ckpt, "ckpt"), ("dy", dy, "seq"), ("g_end", g_end, "seg_state")]
-    outs = [("du", call.shape("seq", u.dtype), "seq"),
-            ("ddelta", call.shape("seq", delta.dtype), "seq"),
-            ("dz", call.shape("seq", z.dtype) if z is not None else None, "seq"),
-            ("dB", call.shape("part"), "part"), ("dC", call.shape("part"), "part"),
-            ("dA", call.shape("seg_state"), "seg_state"),
-            ("g_start", call.shape("seg_state"), "seg_state"),
-            ("dD", call.shape("seg_vec") if D is not None else None, "seg_vec"),
-            ("dbias", call.shape("seg_vec") if bias is not None else None, "seg_vec")]
+    ins = [
+        ("u", u, "seq"),
+        ("delta", delta, "seq"),
+        ("A", A, "mat"),
+        ("B", B, "grp"),
+        ("C", C, "grp"),
+        ("D", D, "vec"),
+        ("z", z, "seq"),
+        ("bias", bias, "vec"),
+        ("ckpt", ckpt, "ckpt"),
+        ("dy", dy, "seq"),
+        ("g_end", g_end, "seg_state"),
+    ]
+    outs = [
+        ("du", call.shape("seq", u.dtype), "seq"),
+        ("ddelta", call.shape("seq", delta.dtype), "seq"),
+        ("dz", call.shape("seq", z.dtype) if z is not None else None, "seq"),
+        ("dB", call.shape("part"), "part"),
+        ("dC", call.shape("part"), "part"),
+        ("dA", call.shape("seg_state"), "seg_state"),
+        ("g_start", call.shape("seg_state"), "seg_state"),
+        ("dD", call.shape("seg_vec") if D is not None else None, "seg_vec"),
+        ("dbias", call.shape("seg_vec") if bias is not None else None, "seg_vec"),
+    ]
     g = call(_bwd_kernel, "selective_scan_bwd", ins, outs, st.bwd_num_warps)
     nJ = call.nJ
 
@@ -437,9 +485,17 @@ def _backward(st: _Static, res, dy, dhT):
         return None if like is None else x.sum((0, 1)).astype(like.dtype)
 
     dh0 = None if h0 is None else g["g_start"][:, 0].astype(h0.dtype)
-    return (g["du"], g["ddelta"], total(g["dA"], A), groups(g["dB"]).astype(B.dtype),
-            groups(g["dC"]).astype(C.dtype), total(g["dD"], D), g["dz"],
-            total(g["dbias"], bias), dh0)
+    return (
+        g["du"],
+        g["ddelta"],
+        total(g["dA"], A),
+        groups(g["dB"]).astype(B.dtype),
+        groups(g["dC"]).astype(C.dtype),
+        total(g["dD"], D),
+        g["dz"],
+        total(g["dbias"], bias),
+        dh0,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -461,8 +517,20 @@ def _scan_bwd(st, res, cts):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_softplus=False,
-                   initial_state=None, blocks: Blocks | None = None):
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    *,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    blocks: Blocks | None = None,
+):
     """The ``pallas_triton`` implementation (arguments as ``reference.selective_scan_naive``).
 
     Returns ``(y [B, T, Dm] in u's dtype, final_state [B, Dm, N] float32)``; differentiable
@@ -472,11 +540,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_
     interpret = interpret_mode()
     blocks = blocks or (INTERPRET_BLOCKS if interpret else GPU_BLOCKS)
     if blocks.algorithm not in _ALGORITHMS:
-        raise ValueError(f"blocks.algorithm must be one of {_ALGORITHMS}, got "
-                         f"{blocks.algorithm!r}")
+        raise ValueError(f"blocks.algorithm must be one of {_ALGORITHMS}, got {blocks.algorithm!r}")
     if blocks.chunk % blocks.bwd_tile:
-        raise ValueError(f"blocks.bwd_tile ({blocks.bwd_tile}) must divide blocks.chunk "
-                         f"({blocks.chunk})")
+        raise ValueError(
+            f"blocks.bwd_tile ({blocks.bwd_tile}) must divide blocks.chunk ({blocks.chunk})"
+        )
     Bsz, T, Dm = u.shape
     N = A.shape[1]
     G = B.shape[2]
@@ -485,19 +553,31 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_
     S = _segments(blocks, Bsz * (Dm // bd), -(-T // blocks.chunk))
     L = -(-T // (blocks.chunk * S)) * blocks.chunk
     Tp = L * S
-    st = _Static(T=T, padded=Tp != T, seg_len=L, softplus=bool(delta_softplus), block_d=bd,
-                 group_blocks=Dg // bd, chunk=blocks.chunk, bwd_tile=blocks.bwd_tile,
-                 num_warps=blocks.num_warps, bwd_num_warps=blocks.bwd_num_warps,
-                 num_stages=blocks.num_stages, interpret=interpret)
+    st = _Static(
+        T=T,
+        padded=Tp != T,
+        seg_len=L,
+        softplus=bool(delta_softplus),
+        block_d=bd,
+        group_blocks=Dg // bd,
+        chunk=blocks.chunk,
+        bwd_tile=blocks.bwd_tile,
+        num_warps=blocks.num_warps,
+        bwd_num_warps=blocks.bwd_num_warps,
+        num_stages=blocks.num_stages,
+        interpret=interpret,
+    )
     Np = pl.next_power_of_2(N)
 
     def pad_t(x):
-        return x if x is None or Tp == T else jnp.pad(
-            x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
+        return (
+            x
+            if x is None or Tp == T
+            else jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
+        )
 
     def pad_n(x):
-        return x if x is None or Np == N else jnp.pad(
-            x, [(0, 0)] * (x.ndim - 1) + [(0, Np - N)])
+        return x if x is None or Np == N else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, Np - N)])
 
     if blocks.algorithm == "lanes":
         from seqmix.kernels.selective_scan import triton_lanes
@@ -505,6 +585,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, *, delta_bias=None, delta_
         scan = triton_lanes.scan
     else:
         scan = _scan
-    y, hT = scan(st, pad_t(u), pad_t(delta), pad_n(A), pad_n(pad_t(B)), pad_n(pad_t(C)), D,
-                 pad_t(z), delta_bias, pad_n(initial_state))
+    y, hT = scan(
+        st,
+        pad_t(u),
+        pad_t(delta),
+        pad_n(A),
+        pad_n(pad_t(B)),
+        pad_n(pad_t(C)),
+        D,
+        pad_t(z),
+        delta_bias,
+        pad_n(initial_state),
+    )
     return y[:, :T], hT[..., :N]

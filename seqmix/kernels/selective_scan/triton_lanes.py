@@ -230,8 +230,14 @@ def _adjoint_kernel(*refs, st, names):
 
     def chunk_body(kk, g):
         base = (st.seg_len // st.chunk - 1 - kk) * st.chunk
-        rows = [(_row(r.delta, base + i), _row(r.dy, base + i),
-                 _row(r.z, base + i) if r.z is not None else None) for i in range(st.chunk)]
+        rows = [
+            (
+                _row(r.delta, base + i),
+                _row(r.dy, base + i),
+                _row(r.z, base + i) if r.z is not None else None,
+            )
+            for i in range(st.chunk)
+        ]
         for i in reversed(range(st.chunk)):
             t = base + i
             x_row, dout, z = rows[i]
@@ -240,8 +246,7 @@ def _adjoint_kernel(*refs, st, names):
             g = ln.decay(dt) * (g + dpre[None, :] * _row(r.C, t)[:, None])
         return g
 
-    _set_state(r.g_loc, lax.fori_loop(0, st.seg_len // st.chunk, chunk_body,
-                                      jnp.zeros_like(ln.A2)))
+    _set_state(r.g_loc, lax.fori_loop(0, st.seg_len // st.chunk, chunk_body, jnp.zeros_like(ln.A2)))
 
 
 def _bwd_kernel(*refs, st, names):
@@ -288,9 +293,15 @@ def _bwd_kernel(*refs, st, names):
     def chunk_body(kk, carry):
         base = (n_chunks - 1 - kk) * st.chunk
         # Every row of the chunk, loaded before any store of it.
-        rows = [(_row(r.delta, base + i), _row(r.u, base + i),
-                 _row(r.z, base + i) if r.z is not None else None, _row(r.dy, base + i))
-                for i in range(st.chunk)]
+        rows = [
+            (
+                _row(r.delta, base + i),
+                _row(r.u, base + i),
+                _row(r.z, base + i) if r.z is not None else None,
+                _row(r.dy, base + i),
+            )
+            for i in range(st.chunk)
+        ]
         # States at the tile starts, forward from the chunk's checkpoint (tile 0 re-reads it).
         starts = [None]
         h = _get_state(r.ckpt, *ln.A2.shape, n_chunks - 1 - kk)
@@ -303,15 +314,16 @@ def _bwd_kernel(*refs, st, names):
             ts = [base + j * st.bwd_tile + i for i in range(st.bwd_tile)]
             h = _get_state(r.ckpt, *ln.A2.shape, n_chunks - 1 - kk) if j == 0 else starts[j]
             hs, xdt = [h], []
-            for t, row in zip(ts, rows[j * st.bwd_tile:(j + 1) * st.bwd_tile], strict=True):
+            for t, row in zip(ts, rows[j * st.bwd_tile : (j + 1) * st.bwd_tile], strict=True):
                 x, dt = ln.dt(row[0], t)
                 h = ln.decay(dt) * h + ln.drive(dt, row[1], t)
                 hs.append(h)
                 # pre here, in the forward direction: C_t is read before the adjoint's stores.
                 xdt.append((x, dt, output(t, row[1], h) if r.z is not None else None))
             for i in reversed(range(st.bwd_tile)):
-                carry = adjoint_step(ts[i], rows[j * st.bwd_tile + i], *xdt[i], hs[i + 1],
-                                     hs[i], carry)
+                carry = adjoint_step(
+                    ts[i], rows[j * st.bwd_tile + i], *xdt[i], hs[i + 1], hs[i], carry
+                )
         return carry
 
     init = (_get_state(r.g_end, *ln.A2.shape), jnp.zeros_like(ln.A2), zeros_d, zeros_d)
@@ -338,17 +350,31 @@ def _forward(st, u, delta, AT, B, C, D, z, bias, h0t, save: bool):
     h_in = None if h0t is None else h0t[:, None]
     dtsum = None
     if call.S > 1:
-        loc = call(_fwd_kernel, "selective_scan_lanes_local", common + [("bias", bias, "vec")],
-                   [("h_out", call.shape("seg_state"), "seg_state"),
-                    ("dtsum", call.shape("seg_vec"), "seg_vec")], st.num_warps)
+        loc = call(
+            _fwd_kernel,
+            "selective_scan_lanes_local",
+            common + [("bias", bias, "vec")],
+            [
+                ("h_out", call.shape("seg_state"), "seg_state"),
+                ("dtsum", call.shape("seg_vec"), "seg_vec"),
+            ],
+            st.num_warps,
+        )
         dtsum = loc["dtsum"]
         first = jnp.zeros((Bsz, N, Dm), jnp.float32) if h0t is None else h0t
         h_in = blocked._chain(_segment_decay(AT, dtsum), loc["h_out"], first, reverse=False)
-    ins = common + [("C", C, "grp"), ("D", D, "vec"), ("z", z, "seq"), ("bias", bias, "vec"),
-                    ("h_in", h_in, "seg_state")]
-    outs = [("y", call.shape("seq", u.dtype), "seq"),
-            ("h_out", call.shape("seg_state"), "seg_state"),
-            ("ckpt", call.shape("ckpt") if save else None, "ckpt")]
+    ins = common + [
+        ("C", C, "grp"),
+        ("D", D, "vec"),
+        ("z", z, "seq"),
+        ("bias", bias, "vec"),
+        ("h_in", h_in, "seg_state"),
+    ]
+    outs = [
+        ("y", call.shape("seq", u.dtype), "seq"),
+        ("h_out", call.shape("seg_state"), "seg_state"),
+        ("ckpt", call.shape("ckpt") if save else None, "ckpt"),
+    ]
     got = call(_fwd_kernel, "selective_scan_lanes_fwd", ins, outs, st.num_warps)
     return got["y"], got["h_out"][:, -1], got["ckpt"], dtsum
 
@@ -359,23 +385,46 @@ def _backward(st, u, delta, AT, B, C, D, z, bias, h0t, ckpt, dtsum, dy, dhTt):
     call = _Call(st, Bsz, Tp, Dm, N)
     g_end = dhTt[:, None]
     if call.S > 1:
-        ins = [("delta", delta, "seq"), ("A", AT, "mat"), ("C", C, "grp"), ("z", z, "seq"),
-               ("bias", bias, "vec"), ("dy", dy, "seq")]
-        g_loc = call(_adjoint_kernel, "selective_scan_lanes_adjoint", ins,
-                     [("g_loc", call.shape("seg_state"), "seg_state")],
-                     st.bwd_num_warps)["g_loc"]
+        ins = [
+            ("delta", delta, "seq"),
+            ("A", AT, "mat"),
+            ("C", C, "grp"),
+            ("z", z, "seq"),
+            ("bias", bias, "vec"),
+            ("dy", dy, "seq"),
+        ]
+        g_loc = call(
+            _adjoint_kernel,
+            "selective_scan_lanes_adjoint",
+            ins,
+            [("g_loc", call.shape("seg_state"), "seg_state")],
+            st.bwd_num_warps,
+        )["g_loc"]
         g_end = blocked._chain(_segment_decay(AT, dtsum), g_loc, dhTt, reverse=True)
-    ins = [("u", u, "seq"), ("delta", delta, "seq"), ("A", AT, "mat"), ("B", B, "grp"),
-           ("C", C, "grp"), ("D", D, "vec"), ("z", z, "seq"), ("bias", bias, "vec"),
-           ("ckpt", ckpt, "ckpt"), ("dy", dy, "seq"), ("g_end", g_end, "seg_state")]
-    outs = [("du", call.shape("seq", u.dtype), "seq"),
-            ("ddelta", call.shape("seq", delta.dtype), "seq"),
-            ("dz", call.shape("seq", z.dtype) if z is not None else None, "seq"),
-            ("dB", call.shape("part"), "part"), ("dC", call.shape("part"), "part"),
-            ("dA", call.shape("seg_state"), "seg_state"),
-            ("g_start", call.shape("seg_state"), "seg_state"),
-            ("dD", call.shape("seg_vec") if D is not None else None, "seg_vec"),
-            ("dbias", call.shape("seg_vec") if bias is not None else None, "seg_vec")]
+    ins = [
+        ("u", u, "seq"),
+        ("delta", delta, "seq"),
+        ("A", AT, "mat"),
+        ("B", B, "grp"),
+        ("C", C, "grp"),
+        ("D", D, "vec"),
+        ("z", z, "seq"),
+        ("bias", bias, "vec"),
+        ("ckpt", ckpt, "ckpt"),
+        ("dy", dy, "seq"),
+        ("g_end", g_end, "seg_state"),
+    ]
+    outs = [
+        ("du", call.shape("seq", u.dtype), "seq"),
+        ("ddelta", call.shape("seq", delta.dtype), "seq"),
+        ("dz", call.shape("seq", z.dtype) if z is not None else None, "seq"),
+        ("dB", call.shape("part"), "part"),
+        ("dC", call.shape("part"), "part"),
+        ("dA", call.shape("seg_state"), "seg_state"),
+        ("g_start", call.shape("seg_state"), "seg_state"),
+        ("dD", call.shape("seg_vec") if D is not None else None, "seg_vec"),
+        ("dbias", call.shape("seg_vec") if bias is not None else None, "seg_vec"),
+    ]
     return call(_bwd_kernel, "selective_scan_lanes_bwd", ins, outs, st.bwd_num_warps), call.nJ
 
 
@@ -388,15 +437,17 @@ def scan(st, u, delta, A, B, C, D, z, bias, h0):
     """``(y [B, Tp, Dm], final state [B, Dm, N] float32)`` on padded arguments (T a multiple
     of the segments' chunks, N a power of 2), as ``triton._scan``; ``st`` a ``triton._Static``."""
     AT, h0t = _transposed(A, h0)
-    y, hT, _, _ = _forward(st, u, delta, AT, B.astype(jnp.float32), C.astype(jnp.float32),
-                           D, z, bias, h0t, save=False)
+    y, hT, _, _ = _forward(
+        st, u, delta, AT, B.astype(jnp.float32), C.astype(jnp.float32), D, z, bias, h0t, save=False
+    )
     return y, jnp.swapaxes(hT, 1, 2)
 
 
 def _scan_fwd(st, u, delta, A, B, C, D, z, bias, h0):
     AT, h0t = _transposed(A, h0)
-    y, hT, ckpt, dtsum = _forward(st, u, delta, AT, B.astype(jnp.float32),
-                                  C.astype(jnp.float32), D, z, bias, h0t, save=True)
+    y, hT, ckpt, dtsum = _forward(
+        st, u, delta, AT, B.astype(jnp.float32), C.astype(jnp.float32), D, z, bias, h0t, save=True
+    )
     return (y, jnp.swapaxes(hT, 1, 2)), (u, delta, A, B, C, D, z, bias, h0, ckpt, dtsum)
 
 
@@ -404,9 +455,22 @@ def _scan_bwd(st, res, cts):
     u, delta, A, B, C, D, z, bias, h0, ckpt, dtsum = res
     dy, dhT = cts
     AT, h0t = _transposed(A, h0)
-    g, nJ = _backward(st, u, delta, AT, B.astype(jnp.float32), C.astype(jnp.float32), D, z,
-                      bias, h0t, ckpt, dtsum, dy,
-                      jnp.swapaxes(dhT.astype(jnp.float32), 1, 2))
+    g, nJ = _backward(
+        st,
+        u,
+        delta,
+        AT,
+        B.astype(jnp.float32),
+        C.astype(jnp.float32),
+        D,
+        z,
+        bias,
+        h0t,
+        ckpt,
+        dtsum,
+        dy,
+        jnp.swapaxes(dhT.astype(jnp.float32), 1, 2),
+    )
     Bsz, Tp, G, N = B.shape
 
     def groups(part):  # [B, nJ, Tp, N] -> [B, Tp, G, N]
@@ -417,9 +481,17 @@ def _scan_bwd(st, res, cts):
 
     dA = g["dA"].sum((0, 1)).T.astype(A.dtype)
     dh0 = None if h0 is None else jnp.swapaxes(g["g_start"][:, 0], 1, 2).astype(h0.dtype)
-    return (g["du"], g["ddelta"], dA, groups(g["dB"]).astype(B.dtype),
-            groups(g["dC"]).astype(C.dtype), total(g["dD"], D), g["dz"],
-            total(g["dbias"], bias), dh0)
+    return (
+        g["du"],
+        g["ddelta"],
+        dA,
+        groups(g["dB"]).astype(B.dtype),
+        groups(g["dC"]).astype(C.dtype),
+        total(g["dD"], D),
+        g["dz"],
+        total(g["dbias"], bias),
+        dh0,
+    )
 
 
 scan.defvjp(_scan_fwd, _scan_bwd)
