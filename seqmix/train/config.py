@@ -140,7 +140,7 @@ def validate(config, *, task=None, num_devices: int | None = None) -> None:
 
 
 def parse_variant(arg: str | None, **defaults) -> dict:
-    """The variant argument of a config file (``configs/x.py:key=value,key=value``) merged
+    """The variant argument of a config file (``seqmix/configs/x.py:key=value,key=value``) merged
     into ``defaults``; each value takes the type of its default (ValueError for an unknown
     key or a bad value)."""
     values = dict(defaults)

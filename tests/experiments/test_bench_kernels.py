@@ -3,7 +3,7 @@
 import json
 import types
 
-from experiments.bench import common
+from seqmix.experiments.bench import common
 
 
 def test_an_interrupted_run_writes_the_rows_measured_so_far(tmp_path, monkeypatch):

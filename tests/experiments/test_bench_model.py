@@ -17,7 +17,7 @@ TOY = [
 def _run(tmp_path, *extra):
     out = tmp_path / "out"
     subprocess.run(
-        [sys.executable, "-m", "experiments.bench_model", *TOY, *extra, f"--out_dir={out}"],
+        [sys.executable, "-m", "seqmix.experiments.bench_model", *TOY, *extra, f"--out_dir={out}"],
         check=True,
         capture_output=True,
         timeout=600,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.bench import steps
+from seqmix.experiments.bench import steps
 from seqmix.kernels import dispatch
 
 

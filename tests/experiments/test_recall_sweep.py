@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from experiments import recall_sweep
+from seqmix.experiments import recall_sweep
 
 
 def _run(mixer, d, T, n, lr, **extra):
@@ -87,7 +87,7 @@ def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "experiments.recall_sweep",
+        "seqmix.experiments.recall_sweep",
         "--mixers=attention",
         "--d_models=64",
         "--settings=64:4",
@@ -125,7 +125,7 @@ def test_compile_workers_fill_the_cache_that_the_jobs_hit(tmp_path):
         "--batch_size=4",
     ]
     subprocess.run(
-        [sys.executable, "-m", "experiments.recall_sweep", "--compile_only=0/1", *flags],
+        [sys.executable, "-m", "seqmix.experiments.recall_sweep", "--compile_only=0/1", *flags],
         env=env,
         check=True,
         capture_output=True,
@@ -136,8 +136,8 @@ def test_compile_workers_fill_the_cache_that_the_jobs_hit(tmp_path):
     check = (
         "import sys, jax\n"
         "from absl import flags\n"
-        "from experiments import recall_sweep as rs\n"
-        "from experiments.bench import precompile\n"
+        "from seqmix.experiments import recall_sweep as rs\n"
+        "from seqmix.experiments.bench import precompile\n"
         "flags.FLAGS(sys.argv[:1])\n"
         "hits = []\n"
         "jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e)"
@@ -159,7 +159,13 @@ def test_bad_flags_name_the_flag(tmp_path):
         (f"--resume={tmp_path}/none.json", "--resume"),
     ):
         out = subprocess.run(
-            [sys.executable, "-m", "experiments.recall_sweep", flag, f"--out_dir={tmp_path}"],
+            [
+                sys.executable,
+                "-m",
+                "seqmix.experiments.recall_sweep",
+                flag,
+                f"--out_dir={tmp_path}",
+            ],
             capture_output=True,
             text=True,
             timeout=120,
@@ -169,7 +175,7 @@ def test_bad_flags_name_the_flag(tmp_path):
 
 
 def test_recall_probe_times_every_variant_and_lists_device_ops(tmp_path):
-    from experiments.device import recall_probe
+    from seqmix.experiments.device import recall_probe
 
     row = recall_probe.probe("gla", 16, 64, 4, batch_size=4, steps=1, out=str(tmp_path), trace=True)
     for key in ("compile_s", "host_ms", "vmapped_ms", "single_ms", "eval_ms"):
@@ -183,7 +189,7 @@ def test_a_failing_job_is_a_row_naming_its_rate(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "experiments.recall_sweep",
+        "seqmix.experiments.recall_sweep",
         "--mixers=no_such_mixer",
         "--d_models=64",
         "--settings=64:4",

@@ -24,7 +24,7 @@ from seqmix.train import loop, losses, optimizer, read_metrics, restore_model, t
 from seqmix.train import validate as validate_config
 
 REPO = pathlib.Path(__file__).parents[2]
-CONFIGS = sorted((REPO / "configs").glob("*.py"))
+CONFIGS = sorted(p for p in (REPO / "seqmix" / "configs").glob("*.py") if p.stem != "__init__")
 
 
 def load_config(path: pathlib.Path, arg: str | None = None):
@@ -52,7 +52,10 @@ def test_config_files_exist_and_document_their_command():
     assert {p.stem for p in CONFIGS} >= {"mqar", "lm_bytes", "listops", "copying"}
     for path in CONFIGS:
         module, _ = load_config(path)
-        assert f"python -m experiments.train --config=configs/{path.stem}.py" in module.__doc__
+        assert (
+            f"python -m seqmix.experiments.train --config=seqmix/configs/{path.stem}.py"
+            in module.__doc__
+        )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -77,7 +80,7 @@ def test_every_config_builds_and_trains_a_few_steps(path, tmp_path):
 
 @pytest.mark.parametrize("mixer", sorted(MIXERS))
 def test_mqar_variant_for_every_mixer(mixer):
-    _, config = load_config(REPO / "configs" / "mqar.py", f"mixer={mixer},d_model=32")
+    _, config = load_config(REPO / "seqmix" / "configs" / "mqar.py", f"mixer={mixer},d_model=32")
     assert list(config.model.layers) == [mixer, mixer]
     parts = loop.split_model(config.model, 0)  # abstract build: nothing compiled
     assert jax.tree.leaves(parts.params)
@@ -87,7 +90,7 @@ def test_mqar_variant_for_every_mixer(mixer):
 def test_loss_at_positions_equals_the_masked_full_loss():
     """MQAR batches carry ``positions``: the step computes logits there only; its sums and
     gradients must equal the full-sequence masked loss."""
-    _, config = load_config(REPO / "configs" / "mqar.py", "mixer=attention,d_model=32")
+    _, config = load_config(REPO / "seqmix" / "configs" / "mqar.py", "mixer=attention,d_model=32")
     task = data_lib.make_task(config)
     batch = {k: jnp.asarray(v) for k, v in task.train_batch(0).items()}
     assert batch["positions"].shape == (batch["inputs"].shape[0], config.data.num_kv_pairs)
@@ -263,8 +266,8 @@ def test_absl_launcher_overrides_and_prints_the_final_metric(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "experiments.train",
-        "--config=configs/mqar.py:mixer=attention",
+        "seqmix.experiments.train",
+        "--config=seqmix/configs/mqar.py:mixer=attention",
         f"--workdir={tmp_path / 'run'}",
         "--config.model.d_model=16",
         "--config.data.seq_len=32",
@@ -278,10 +281,12 @@ def test_absl_launcher_overrides_and_prints_the_final_metric(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FINAL eval at step 3: accuracy = " in proc.stdout
     assert loop.load_config(str(tmp_path / "run")).model.d_model == 16
-    from experiments.train import default_workdir
+    from seqmix.experiments.train import default_workdir
 
-    assert default_workdir("configs/mqar.py") == os.path.join("runs", "mqar")
-    assert default_workdir("configs/mqar.py:mixer=gla") == os.path.join("runs", "mqar-mixer=gla")
+    assert default_workdir("seqmix/configs/mqar.py") == os.path.join("runs", "mqar")
+    assert default_workdir("seqmix/configs/mqar.py:mixer=gla") == os.path.join(
+        "runs", "mqar-mixer=gla"
+    )
 
 
 def test_bfloat16_compute_keeps_float32_parameters(tmp_path):

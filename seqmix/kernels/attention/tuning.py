@@ -21,7 +21,7 @@ float32 inputs take half the ``block_k`` (twice the bytes per element); interpre
 
 To try tiles on a new GPU without editing the table, point ``SEQMIX_ATTENTION_TUNING`` at a
 JSON file ``{"<kind>": {"<head dim bucket>": [block_q, block_k, num_warps, num_stages]}}``
-(``experiments.bench.attention.tune_blocks(..., out=path)`` writes one): its entries replace
+(``seqmix.experiments.bench.attention.tune_blocks(..., out=path)`` writes one): its entries replace
 the table's for every generation while the variable is set.
 """
 

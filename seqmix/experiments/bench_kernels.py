@@ -1,6 +1,6 @@
 """Times every implementation of one op side by side, with the ceilings of the same run.
 
-    python -m experiments.bench_kernels --op=attention   # or linear_attention, selective_scan,
+    python -m seqmix.experiments.bench_kernels --op=attention   # or linear_attention, selective_scan,
         # causal_conv1d, decode_attention, linear_attention_step, causal_conv1d_step
 Writes JSON to benchmarks/results/ (and $OUT), prints a markdown table last.
 """
@@ -12,16 +12,16 @@ import signal
 
 from absl import app, flags
 
-from experiments.bench import common
+from seqmix.experiments.bench import common
 
 OPS = {
-    "attention": "experiments.bench.attention",
-    "decode_attention": "experiments.bench.attention",
-    "linear_attention": "experiments.bench.linear_attention",
-    "selective_scan": "experiments.bench.selective_scan",
-    "causal_conv1d": "experiments.bench.selective_scan",
-    "linear_attention_step": "experiments.bench.steps",
-    "causal_conv1d_step": "experiments.bench.steps",
+    "attention": "seqmix.experiments.bench.attention",
+    "decode_attention": "seqmix.experiments.bench.attention",
+    "linear_attention": "seqmix.experiments.bench.linear_attention",
+    "selective_scan": "seqmix.experiments.bench.selective_scan",
+    "causal_conv1d": "seqmix.experiments.bench.selective_scan",
+    "linear_attention_step": "seqmix.experiments.bench.steps",
+    "causal_conv1d_step": "seqmix.experiments.bench.steps",
 }
 
 _OP = flags.DEFINE_enum("op", "attention", list(OPS), "Which op to benchmark.")

@@ -1,6 +1,6 @@
 """Where a recall-sweep step spends its time, in one short device call (2-4 minutes).
 
-    python -m experiments.device.recall_probe [--probe_mixers=attention,mamba2]
+    python -m seqmix.experiments.device.recall_probe [--probe_mixers=attention,mamba2]
 
 Session 4's two recall calls (H200, 2026-11-28) trained 2-layer d_model 256 models at
 about one step a second per job with five jobs sharing the GPU (~200 ms of device time a
@@ -30,7 +30,7 @@ import time
 
 from absl import app, flags
 
-from experiments import recall_sweep  # its flags (one definition per process)
+from seqmix.experiments import recall_sweep  # its flags (one definition per process)
 
 _MIXERS = flags.DEFINE_list(
     "probe_mixers",
@@ -163,7 +163,7 @@ def probe(
 
 def main(argv):
     del argv
-    from experiments.bench import precompile
+    from seqmix.experiments.bench import precompile
 
     precompile.setup_cache()  # a sweep stage after this one in the call starts from its hits
     seq_len, pairs = (int(x) for x in _SETTING.value.split(":"))

@@ -1,13 +1,13 @@
 """The associative-recall study (Zoology's MQAR protocol): one point of the grid.
 
-    python -m experiments.train --config=configs/recall.py:mixer=based,d_model=128,seq_len=256,num_kv_pairs=16
+    python -m seqmix.experiments.train --config=seqmix/configs/recall.py:mixer=based,d_model=128,seq_len=256,num_kv_pairs=16
 
 Two layers of one mixer (each followed by a SwiGLU MLP), vocabulary 8192, keys and values
 from the two halves of it, queries at power-law gaps; accuracy at the answer positions.
 Arguments: ``mixer`` (attention, based, mamba2, gla, linear_attention or any registered
 name), ``d_model`` (64, 128, 256), ``seq_len``/``num_kv_pairs`` ((64, 4), (128, 8),
 (256, 16), (512, 64)), ``lr``, ``steps``, ``batch_size``. The grid runs on a GPU through
-``python -m experiments.recall_sweep`` (see there for how far the training budget is
+``python -m seqmix.experiments.recall_sweep`` (see there for how far the training budget is
 reduced against Zoology's, and benchmarks/NOTES.md for how many device calls it has taken).
 """
 

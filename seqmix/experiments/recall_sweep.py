@@ -1,6 +1,6 @@
 """The associative-recall study: every (mixer, d_model, setting) of configs/recall.py.
 
-    python -m experiments.recall_sweep [--compile_workers=8] [--workers=4] [--steps=4000]
+    python -m seqmix.experiments.recall_sweep [--compile_workers=8] [--workers=4] [--steps=4000]
 
 Follows Zoology's MQAR protocol (vocabulary 8192, two layers, keys and values from the two
 halves of the vocabulary, power-law query gaps, accuracy at the answer positions) with a
@@ -40,7 +40,7 @@ import time
 
 from absl import app, flags
 
-from experiments.bench import precompile
+from seqmix.experiments.bench import precompile
 
 _WORKERS = flags.DEFINE_integer("workers", 4, "Concurrent jobs (threads) sharing the device.")
 _COMPILE_WORKERS = flags.DEFINE_integer(
@@ -100,8 +100,8 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap=Tr
     import optax
     from flax import nnx
 
-    from configs import recall
     from seqmix import data, models
+    from seqmix.configs import recall
     from seqmix.train import loop, optimizer
 
     cfg = recall.get_config(
@@ -337,7 +337,7 @@ def plot(best: list[dict], path_prefix: str) -> None:
 
 def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
     """recall.json (every run, the best rate per point, the jobs not run) and the plots."""
-    from experiments.bench import common
+    from seqmix.experiments.bench import common
 
     best = {}
     for r in rows:
@@ -400,8 +400,8 @@ def main(argv):
     # SIGINT (the device stage's time limit) must raise KeyboardInterrupt even when this
     # process started with it ignored (children of pytest-xdist workers, background jobs)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from configs import recall
-    from experiments.bench import common
+    from seqmix.configs import recall
+    from seqmix.experiments.bench import common
 
     mixers = _MIXERS.value or list(recall.MIXERS)
     d_models = [int(d) for d in (_DMODELS.value or recall.D_MODELS)]
@@ -429,7 +429,7 @@ def main(argv):
     deadline = None if _DEADLINE.value is None else start + _DEADLINE.value
     if _COMPILE_WORKERS.value > 0 and jobs:
         seconds = precompile.run_workers(
-            "experiments.recall_sweep",
+            "seqmix.experiments.recall_sweep",
             [
                 f"--mixers={','.join(mixers)}",
                 f"--d_models={','.join(map(str, d_models))}",

@@ -1,6 +1,6 @@
 """Decoding-step ops: ``linear_attention_step`` and ``causal_conv1d_step``.
 
-    python -m experiments.bench_kernels --op=linear_attention_step   # or causal_conv1d_step
+    python -m seqmix.experiments.bench_kernels --op=linear_attention_step   # or causal_conv1d_step
 
 One token for a batch of rows, every implementation available on the platform (seqmix
 ``xla`` and ``pallas_triton`` on a GPU), bf16 inputs:
@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import common
+from seqmix.experiments.bench import common
 from seqmix.kernels import causal_conv1d_step, linear_attention_step
 
 DTYPE = jnp.bfloat16

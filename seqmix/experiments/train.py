@@ -1,8 +1,8 @@
 """Trains and evaluates one experiment config; resumes from the workdir's checkpoints.
 
-    python -m experiments.train --config=configs/mqar.py
-    python -m experiments.train --config=configs/mqar.py:mixer=attention --workdir=/tmp/run
-    python -m experiments.train --config=configs/lm_bytes.py --config.train.num_steps=200
+    python -m seqmix.experiments.train --config=seqmix/configs/mqar.py
+    python -m seqmix.experiments.train --config=seqmix/configs/mqar.py:mixer=attention --workdir=/tmp/run
+    python -m seqmix.experiments.train --config=seqmix/configs/lm_bytes.py --config.train.num_steps=200
 
 ``--config.<key>=<value>`` overrides any key of the config. The workdir (default
 ``./runs/<config name>[-<variant>]``) receives ``config.json``, ``metrics.jsonl``,

@@ -1,12 +1,12 @@
 """Byte-level language modelling on the Python standard library's source; reports bits per byte.
 
-    python -m experiments.train --config=configs/lm_bytes.py
+    python -m seqmix.experiments.train --config=seqmix/configs/lm_bytes.py
 
 The corpus (the stdlib's ``.py`` files, split into train/validation by a hash of each path)
 is written once to ``$SEQMIX_DATA_DIR`` (default ``~/.cache/seqmix``) and read through
 ``np.memmap``. Workdir ./runs/lm_bytes. Arguments: ``mixer`` (default a mamba2 + attention
 hybrid), ``layers``, ``d_model``, ``seq_len``, ``steps``, ``batch_size``, ``lr``,
-``data_dir``, e.g. ``configs/lm_bytes.py:mixer=gla,d_model=256``.
+``data_dir``, e.g. ``seqmix/configs/lm_bytes.py:mixer=gla,d_model=256``.
 """
 
 from seqmix.models import model_config

@@ -27,17 +27,17 @@ for stage in "$@"; do
   echo "=== $stage" | tee -a "$OUT/summary.txt"
   start=$(date +%s)
   case $name in
-    check) $T python3 -m experiments.gpu_check ${arg:+--only=$arg} > "$log" 2>&1 ;;
-    bench) $T python3 -m experiments.bench_kernels --op="$arg" --out_dir="$OUT" > "$log" 2>&1 ;;
-    bench_quick) $T python3 -m experiments.bench_kernels --op="$arg" --quick --out_dir="$OUT" > "$log" 2>&1 ;;
-    model) $T python3 -m experiments.bench_model ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
-    recall_probe) $T python3 -m experiments.device.recall_probe ${arg:+$arg} > "$log" 2>&1 ;;
-    recall) $T python3 -m experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
-    final) $T python3 -m experiments.device.final --sections="${arg:-targets}" \
+    check) $T python3 -m seqmix.experiments.gpu_check ${arg:+--only=$arg} > "$log" 2>&1 ;;
+    bench) $T python3 -m seqmix.experiments.bench_kernels --op="$arg" --out_dir="$OUT" > "$log" 2>&1 ;;
+    bench_quick) $T python3 -m seqmix.experiments.bench_kernels --op="$arg" --quick --out_dir="$OUT" > "$log" 2>&1 ;;
+    model) $T python3 -m seqmix.experiments.bench_model ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    recall_probe) $T python3 -m seqmix.experiments.device.recall_probe ${arg:+$arg} > "$log" 2>&1 ;;
+    recall) $T python3 -m seqmix.experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    final) $T python3 -m seqmix.experiments.device.final --sections="${arg:-targets}" \
              --deadline_s=$((limit - 100)) > "$log" 2>&1 ;;
     # tune:<args of tune_blocks>: the winners go to $OUT/tuning.json, which every later stage
     # of this call applies through SEQMIX_ATTENTION_TUNING (the table itself is unchanged)
-    tune) $T python3 -c "from experiments.bench.attention import tune_blocks
+    tune) $T python3 -c "from seqmix.experiments.bench.attention import tune_blocks
 tune_blocks($arg, out='$OUT/tuning.json')" > "$log" 2>&1
           [ -f "$OUT/tuning.json" ] && export SEQMIX_ATTENTION_TUNING=$OUT/tuning.json ;;
     *) echo "unknown stage $stage"; continue ;;

@@ -1,6 +1,6 @@
 """Training-step throughput and memory of a ~125M-parameter causal LM per mixer.
 
-    python -m experiments.bench_model [--mixers=attention,mamba2] [--lengths=2048,4096]
+    python -m seqmix.experiments.bench_model [--mixers=attention,mamba2] [--lengths=2048,4096]
 
 For every mixer (attention, mamba2, gla, based and a 3:1 mamba2/attention hybrid) and every
 sequence length T, with the number of tokens per batch fixed: one AdamW training step of the
@@ -28,7 +28,7 @@ import time
 
 from absl import app, flags
 
-from experiments.bench import precompile
+from seqmix.experiments.bench import precompile
 
 _MIXERS = flags.DEFINE_list(
     "mixers",
@@ -132,7 +132,7 @@ def _parallel_compile(n: int) -> float:
             if os.path.exists(_marker(m, int(t))):
                 os.remove(_marker(m, int(t)))
     return precompile.run_workers(
-        "experiments.bench_model",
+        "seqmix.experiments.bench_model",
         [
             f"--mixers={','.join(_MIXERS.value)}",
             f"--lengths={','.join(_LENGTHS.value)}",
@@ -150,7 +150,7 @@ def time_one(mixer: str, T: int, peak_tflops: float) -> dict:
     import jax
     import numpy as np
 
-    from experiments.bench import common
+    from seqmix.experiments.bench import common
     from seqmix.models import layer_names
     from seqmix.train import loop
 
@@ -210,7 +210,7 @@ def main(argv):
     if _COMPILE_ONLY.value:
         _compile_shard(_COMPILE_ONLY.value)
         return
-    from experiments.bench import common
+    from seqmix.experiments.bench import common
 
     if _WORKERS.value > 0:
         print(f"parallel compile: {_parallel_compile(_WORKERS.value):.0f}s", flush=True)

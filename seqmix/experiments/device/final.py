@@ -1,6 +1,6 @@
 """The kernel targets of issues 5-7 in one short device call, most important first.
 
-    python -m experiments.device.final [--deadline_s=500] [--sections=targets|variants|missing]
+    python -m seqmix.experiments.device.final [--deadline_s=500] [--sections=targets|variants|missing]
 
 Reuses the benchmark modules' measuring functions on the issues' target shapes only (the
 full sweeps of bench_kernels do not fit the session's device time), writes every row to
@@ -58,7 +58,7 @@ def _section(name, fn):
 def scan(B, T, ceilings, *, with_xla=True, variants=False):
     """xla (the reference of the error columns when timed) and pallas_triton; with
     ``variants`` also the lanes variants and the blocked kernels of the bench."""
-    from experiments.bench import selective_scan as S
+    from seqmix.experiments.bench import selective_scan as S
 
     def impls_for(s):
         impls = {"xla": S._scan_fn("xla")} if with_xla else {}
@@ -87,7 +87,7 @@ def scan(B, T, ceilings, *, with_xla=True, variants=False):
 
 
 def conv(ceilings):
-    from experiments.bench import selective_scan as S
+    from seqmix.experiments.bench import selective_scan as S
 
     shape = dict(label="8x4096x3072 w4", B=8, T=4096, **S.CONV)
     return lambda: (
@@ -103,7 +103,7 @@ def conv(ceilings):
 
 
 def linear(B, T, H, D, decay, ceilings, backward, with_xla):
-    from experiments.bench import linear_attention as L
+    from seqmix.experiments.bench import linear_attention as L
 
     def run():
         for row in L._measure_shape(
@@ -119,8 +119,8 @@ def _attention_rows(label, s, impls):
     """fwd and fwd+bwd rows of ``impls`` (name -> f(q, k, v, *, causal, window)) at shape s."""
     import jax
 
-    from experiments.bench import attention as A
-    from experiments.bench import common
+    from seqmix.experiments.bench import attention as A
+    from seqmix.experiments.bench import common
 
     q, k, v, do = A._attention_inputs(s)
     flops = (
@@ -143,7 +143,7 @@ def _attention_rows(label, s, impls):
 
 def window(ceilings):
     """A 1k window against full causal attention at T = 32k (target: >= 5x faster)."""
-    from experiments.bench import attention as A
+    from seqmix.experiments.bench import attention as A
 
     def run():
         impls = {name: A._seqmix(name) for name in ("pallas_triton", "cudnn")}
@@ -155,7 +155,7 @@ def window(ceilings):
 
 
 def attention_d64(ceilings):
-    from experiments.bench import attention as A
+    from seqmix.experiments.bench import attention as A
 
     def run():
         impls = {
@@ -215,7 +215,7 @@ def main(argv):
     del argv
     if _SECTIONS.value not in SECTIONS:
         raise ValueError(f"--sections must be one of {sorted(SECTIONS)}, got {_SECTIONS.value!r}")
-    from experiments.bench import common
+    from seqmix.experiments.bench import common
 
     ceilings = {"bf16_matmul_tflops": common.matmul_ceiling(), "copy_tbps": common.copy_ceiling()}
     ROWS.append({"section": "ceilings", **ceilings, **common.environment()})

@@ -1,6 +1,6 @@
 """Correctness of every GPU implementation on the device, against the oracle and peers.
 
-    python -m experiments.gpu_check [--only=attention,linear_attention,...]
+    python -m seqmix.experiments.gpu_check [--only=attention,linear_attention,...]
 
 For each op and each implementation available on the GPU: outputs and gradients against
 the naive oracle (float32 inputs upcast, at moderate shapes) and, where a peer exists on the

@@ -1,6 +1,6 @@
 """Chunked gated linear attention: seqmix pallas_triton and xla beside flash-linear-attention.
 
-    python -m experiments.bench_kernels --op=linear_attention [--quick]
+    python -m seqmix.experiments.bench_kernels --op=linear_attention [--quick]
 
 Rows ("series" = "shapes"): [B, T, H, D] in ``SHAPES``, bf16, scalar decay (Mamba-2 SSD /
 simple GLA; peer ``fla.ops.simple_gla.chunk_simple_gla``) and per-channel decay (GLA; peer
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench import common
+from seqmix.experiments.bench import common
 from seqmix.kernels import linear_attention
 from seqmix.kernels.linear_attention import triton as la_triton
 

@@ -1,7 +1,7 @@
 """Mamba-1's selective scan and the short causal convolution: implementations side by side.
 
-    python -m experiments.bench_kernels --op=selective_scan [--quick]
-    python -m experiments.bench_kernels --op=causal_conv1d [--quick]
+    python -m seqmix.experiments.bench_kernels --op=selective_scan [--quick]
+    python -m seqmix.experiments.bench_kernels --op=causal_conv1d [--quick]
 
 ``selective_scan``: seqmix ``pallas_triton`` against seqmix ``xla``
 (``lax.associative_scan``), ``[B, T, Dm, N]`` with ``B * T = 32k`` tokens, Dm = 1536, N = 16,
@@ -33,7 +33,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import common
+from seqmix.experiments.bench import common
 
 TOKENS = 32768
 DTYPE = jnp.bfloat16
@@ -355,7 +355,7 @@ def tune_blocks(op: str = "selective_scan", B: int = 8, T: int = 4096, candidate
     """Times the Triton kernels of ``op`` over tile choices at one shape (forward+backward)
     and prints them fastest first; returns ``[(ms, blocks), ...]``.
 
-        python -c "from experiments.bench.selective_scan import tune_blocks; tune_blocks()"
+        python -c "from seqmix.experiments.bench.selective_scan import tune_blocks; tune_blocks()"
     """
     if op == "selective_scan":
         from seqmix.kernels.selective_scan.triton import Blocks

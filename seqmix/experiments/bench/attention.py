@@ -1,7 +1,7 @@
 """Softmax attention and KV-cache decoding: every implementation side by side, one run.
 
-    python -m experiments.bench_kernels --op=attention [--quick]
-    python -m experiments.bench_kernels --op=decode_attention [--quick]
+    python -m seqmix.experiments.bench_kernels --op=attention [--quick]
+    python -m seqmix.experiments.bench_kernels --op=decode_attention [--quick]
 
 ``attention``: seqmix ``pallas_triton``, ``cudnn``, ``xla`` and jax's own Pallas Triton
 ``mha`` (``jax.experimental.pallas.ops.gpu.attention``; forward blocks 128 x 128, backward
@@ -34,7 +34,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import common
+from seqmix.experiments.bench import common
 
 TOKENS = 32768
 HEADS = 16
@@ -378,7 +378,7 @@ def tune_blocks(
     (merged into the file if it exists) as a tuning JSON that ``SEQMIX_ATTENTION_TUNING``
     applies without editing the table.
 
-        python -c "from experiments.bench.attention import tune_blocks; tune_blocks(128)"
+        python -c "from seqmix.experiments.bench.attention import tune_blocks; tune_blocks(128)"
     """
     from seqmix.kernels.attention import triton, tuning
 
