@@ -18,6 +18,7 @@ OPS = {
     "attention": "seqmix.experiments.bench.attention",
     "decode_attention": "seqmix.experiments.bench.attention",
     "linear_attention": "seqmix.experiments.bench.linear_attention",
+    "gated_delta_rule": "seqmix.experiments.bench.delta_rule",
     "selective_scan": "seqmix.experiments.bench.selective_scan",
     "causal_conv1d": "seqmix.experiments.bench.selective_scan",
     "linear_attention_step": "seqmix.experiments.bench.steps",

@@ -6,6 +6,7 @@ Every op takes ``implementation=`` (see ``seqmix.kernels.dispatch``); layout is
 
 from seqmix.kernels.attention import attention, decode_attention
 from seqmix.kernels.conv1d import causal_conv1d, causal_conv1d_step
+from seqmix.kernels.delta_rule import gated_delta_rule, gated_delta_rule_step
 from seqmix.kernels.dispatch import IMPLEMENTATIONS, interpret, interpret_mode
 from seqmix.kernels.linear_attention import linear_attention, linear_attention_step
 from seqmix.kernels.selective_scan import selective_scan
@@ -16,6 +17,8 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_step",
     "decode_attention",
+    "gated_delta_rule",
+    "gated_delta_rule_step",
     "interpret",
     "interpret_mode",
     "linear_attention",

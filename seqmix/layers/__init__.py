@@ -3,9 +3,9 @@
 Mixers (each ``__init__(config, *, rngs)``, ``__call__(x, *, segment_ids=None, cache=None)``,
 ``init_cache(batch_size, max_length)``; registered by name in ``seqmix.models.MIXERS``):
 ``Attention``, ``LinearAttention``, ``RetNet``, ``GLA``, ``Mamba2``, ``Mamba``, ``Based``,
-and ``Bidirectional`` (the encoder form of a recurrent mixer). Around them: ``RMSNorm``,
-``GatedRMSNorm``, ``MLP`` (SwiGLU, GELU), ``Block`` (pre-norm residual), ``Embedding``,
-``Head``, ``ShortConv``.
+``GatedDeltaNet``, ``DeltaNet``, and ``Bidirectional`` (the encoder form of a recurrent
+mixer). Around them: ``RMSNorm``, ``GatedRMSNorm``, ``MLP`` (SwiGLU, GELU), ``Block``
+(pre-norm residual), ``Embedding``, ``Head``, ``ShortConv``.
 
 A standalone mixer::
 
@@ -41,6 +41,7 @@ from seqmix.layers.bidirectional import Bidirectional, make_mixer
 from seqmix.layers.block import Block
 from seqmix.layers.conv import ShortConv
 from seqmix.layers.embed import Embedding, Head
+from seqmix.layers.gated_deltanet import DeltaNet, GatedDeltaNet
 from seqmix.layers.interop import as_linen
 from seqmix.layers.linear_attention import GLA, LinearAttention, RetNet
 from seqmix.layers.mamba import Mamba
@@ -57,8 +58,10 @@ __all__ = [
     "Based",
     "Bidirectional",
     "Block",
+    "DeltaNet",
     "Dense",
     "Embedding",
+    "GatedDeltaNet",
     "GatedRMSNorm",
     "Head",
     "LinearAttention",

@@ -69,3 +69,11 @@ class GatedRMSNorm(nnx.Module):
         shape = h.shape
         h = rms_normalize(h.reshape(shape[:-1] + (self.groups, -1)), self.eps).reshape(shape)
         return (h * self.scale[...]).astype(self.dtype)
+
+
+def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
+    """``x / sqrt(sum(x^2, -1) + eps)`` over the last axis, float32 inside, in x's dtype."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True) + eps)).astype(
+        x.dtype
+    )

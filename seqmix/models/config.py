@@ -8,7 +8,8 @@ Keys (defaults):
 - ``layers`` (``"MMMA"``): a list of mixer names, or a pattern string, one letter per
   layer, read through ``legend`` (whitespace ignored).
 - ``legend``: letter -> mixer name: ``A`` attention, ``L`` linear_attention, ``R`` retnet,
-  ``G`` gla, ``M`` mamba2, ``S`` mamba (S6), ``B`` based.
+  ``G`` gla, ``M`` mamba2, ``S`` mamba (S6), ``B`` based, ``D`` gated_deltanet, ``N``
+  deltanet.
 - ``mlp``: ``type`` (``"swiglu"``, ``"gelu"`` or None: no MLP), ``expansion`` (4.0; SwiGLU
   uses 2/3 of it so both have the same size), ``multiple_of`` (8).
 - ``tie_embeddings`` (True): the LM head is the transposed embedding.
@@ -44,6 +45,8 @@ LEGEND = {
     "M": "mamba2",
     "S": "mamba",
     "B": "based",
+    "D": "gated_deltanet",
+    "N": "deltanet",
 }
 
 KINDS = ("causal_lm", "classifier")

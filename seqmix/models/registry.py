@@ -13,6 +13,8 @@ from seqmix.layers import (
     GLA,
     Attention,
     Based,
+    DeltaNet,
+    GatedDeltaNet,
     LinearAttention,
     Mamba,
     Mamba2,
@@ -30,6 +32,8 @@ MIXERS: dict[str, type] = {
     "mamba2": Mamba2,
     "mamba": Mamba,
     "based": Based,
+    "gated_deltanet": GatedDeltaNet,
+    "deltanet": DeltaNet,
 }
 
 # Keys of config.mixers.<name> that may be set beyond the mixer's defaults.

@@ -21,6 +21,12 @@ CASES = [
     ("mamba2", "mamba2", {"headdim": 8, "d_state": 8, "ngroups": 2}),
     ("mamba", "mamba", {"d_state": 8}),
     (
+        "gated_deltanet",
+        "gated_deltanet",
+        {"num_heads": 2, "num_v_heads": 4, "head_dim": 8, "expand_v": 1.0, "chunk_size": 4},
+    ),
+    ("deltanet", "deltanet", {"num_heads": 2, "head_dim": 8, "conv_bias": True}),
+    (
         "based",
         "based",
         {"window_size": 3, "feature_dim": 4, "combine": "concat", "short_conv": True},

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from seqmix.layers import Attention, Bidirectional, Mamba, Mamba2
+from seqmix.layers import Attention, Bidirectional, GatedDeltaNet, Mamba, Mamba2
 from seqmix.models import (
     MIXERS,
     CausalLM,
@@ -25,6 +25,8 @@ TINY = {
     "mamba2": {"headdim": 8, "d_state": 8},
     "mamba": {"d_state": 4},
     "based": {"window_size": 3, "feature_dim": 4},
+    "gated_deltanet": {"num_heads": 2, "chunk_size": 4},
+    "deltanet": {"num_heads": 2, "chunk_size": 4},
 }
 
 
@@ -142,7 +144,7 @@ def test_param_count_matches_a_manual_count():
 
 
 def test_every_parameter_has_logical_axes():
-    model = abstract(tiny(layers="ALRGMSB", tie_embeddings=False))
+    model = abstract(tiny(layers="ALRGMSBDN", tie_embeddings=False))
     names = {"vocab", "embed", "mlp", "heads", "kv", "state", "conv", None}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.get_metadata().get("out_sharding")
@@ -230,3 +232,25 @@ def test_bfloat16_compute_keeps_float32_params():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     logits = forward(model, tokens(fresh_seed(), (2, 5)))
     assert logits.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_gated_deltanet_hybrid_from_pattern_decodes_and_generates():
+    """``layers="DDDA"``: three Gated DeltaNet layers and attention, built from the pattern;
+    prefill then one token at a time equals the full forward, and greedy ``generate``
+    continues with the forward's argmax."""
+    model = build_model(tiny(layers="DDDA"), rngs=nnx.Rngs(0))
+    kinds = [type(layer.mixer) for layer in model.backbone.layers]
+    assert kinds == [GatedDeltaNet] * 3 + [Attention]
+    toks = tokens(fresh_seed(), (2, 9))
+    full = forward(model, toks)
+    step = nnx.jit(lambda m, t, c: m(t, cache=c))
+    cache = model.init_cache(2, 9)
+    logits = []
+    for lo, hi in ((0, 6), (6, 7), (7, 8), (8, 9)):
+        out, cache = step(model, toks[:, lo:hi], cache)
+        logits.append(out)
+    assert_close(jnp.concatenate(logits, axis=1), full, 1e-4, "prefill then steps")
+    out = generate(model, toks[:, :4], 5)
+    np.testing.assert_array_equal(
+        np.asarray(jnp.argmax(forward(model, out)[:, 3:-1], -1)), np.asarray(out[:, 4:])
+    )

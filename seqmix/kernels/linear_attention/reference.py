@@ -17,7 +17,7 @@ from jax import lax
 from seqmix.kernels.checks import accum_dtype
 
 
-def _expand(q, k, v, g, initial_state):
+def expand(q, k, v, g, initial_state):
     """q/k repeated to v's heads, everything in the accumulation dtype; g as [..., Kg]."""
     acc = accum_dtype(q.dtype)
     B, T, Hqk, K = q.shape
@@ -40,7 +40,7 @@ def linear_attention_naive(q, k, v, g, *, scale, initial_state, runs):
     """The recurrence token by token (``lax.scan`` over time)."""
     out_dtype = q.dtype
     B, T = q.shape[:2]
-    q, k, v, g, s0 = _expand(q, k, v, g, initial_state)
+    q, k, v, g, s0 = expand(q, k, v, g, initial_state)
     if runs is None:
         reset = jnp.zeros((B, T), bool)
     else:
@@ -75,54 +75,41 @@ def linear_attention_step_reference(q, k, v, state, g, *, scale):
 # --- chunked form ----------------------------------------------------------------------------
 
 
-def _pad_time(x, tp):
-    return jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+def to_chunks(x, n: int, C: int):
+    """``[B, T, ...]`` zero-padded to ``n * C`` tokens and reshaped to ``[B, n, C, ...]``."""
+    B, T = x.shape[:2]
+    x = jnp.pad(x, [(0, 0), (0, n * C - T)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(B, n, C, *x.shape[2:])
 
 
-def linear_attention_xla(
-    q, k, v, g, *, scale, initial_state, runs, chunk_size=64, max_chunk_bytes=1 << 28
-):
-    """Chunked form in three stages, every decay factor ``exp`` of a non-positive number.
-
-    With ``b`` the inclusive cumulative sum of ``g`` inside a chunk of ``C`` tokens:
-      1. per-chunk states ``h_c = sum_s exp(b_last - b_s) k_s v_s^T`` (all chunks at once);
-      2. the inter-chunk pass ``S_{c+1} = exp(b_last) S_c + h_c`` (a scan over chunks);
-      3. per-chunk outputs: ``(q_t exp(b_t))^T S_c`` plus the intra-chunk attention
-         ``sum_{s<=t} (q_t . k_s exp(b_t - b_s)) v_s``.
-    Per-channel decays need a ``[C, C, K]`` decay tensor per chunk; stage 3 then runs over
-    chunks in groups that keep it under ``max_chunk_bytes``.
-    """
-    out_dtype = q.dtype
-    B, T = q.shape[:2]
-    q, k, v, g, s0 = _expand(q, k, v, g, initial_state)
-    H, K, V, Kg = v.shape[2], q.shape[3], v.shape[3], g.shape[3]
-    C = chunk_size
-    n = -(-T // C)
-    tp = n * C
-    q, k, v, g = (_pad_time(x, tp).reshape(B, n, C, *x.shape[2:]) for x in (q, k, v, g))
+def chunk_runs(runs, B: int, T: int, n: int, C: int):
+    """``(runs [B, n, C], r_last [B, n], r_prev [B, n])``: every token's run index (padding
+    continues the last run), the run of each chunk's last token, and the run of the state
+    entering each chunk (the previous chunk's last run; the first token's for chunk 0)."""
     if runs is None:
         runs = jnp.zeros((B, T), jnp.int32)
-    runs = jnp.pad(runs, [(0, 0), (0, tp - T)], mode="edge").reshape(B, n, C)
-    r_last = runs[:, :, -1]  # run of each chunk's last token
-    r_prev = jnp.concatenate([runs[:, :1, 0], r_last[:, :-1]], axis=1)  # run of the state in
+    runs = jnp.pad(runs, [(0, 0), (0, n * C - T)], mode="edge").reshape(B, n, C)
+    r_last = runs[:, :, -1]
+    r_prev = jnp.concatenate([runs[:, :1, 0], r_last[:, :-1]], axis=1)
+    return runs, r_last, r_prev
 
-    b = jnp.cumsum(g, axis=2)  # [B, n, C, H, Kg], inclusive, <= 0 and decreasing
-    b_last = b[:, :, -1]
 
-    # 1. Per-chunk states.
-    keep_k = (runs == r_last[:, :, None])[..., None, None]
-    w_k = jnp.where(keep_k, jnp.exp(b_last[:, :, None] - b), 0.0)
-    h = jnp.einsum("bnchk,bnchv->bnhkv", k * w_k, v)
-    carry = jnp.where((r_last == r_prev)[:, :, None, None], jnp.exp(b_last), 0.0)
+def output_pass(q, k, v, b, s_in, runs, r_prev, *, scale, max_chunk_bytes=1 << 28):
+    """Stage 3: every chunk's output from the state entering it.
 
-    # 2. Inter-chunk state pass.
-    def step(state, xs):
-        a_c, h_c = xs
-        return a_c[..., None] * state + h_c, state
+    q, k ``[B, n, C, H, K]`` (q/k heads already repeated to H), v ``[B, n, C, H, V]``, b
+    ``[B, n, C, H, Kg]`` the inclusive cumulative log decay inside each chunk, s_in
+    ``[n, B, H, K, V]`` the states entering the chunks, runs ``[B, n, C]`` and r_prev
+    ``[B, n]`` from ``chunk_runs``. Returns ``[B, n, C, H, V]`` in the accumulation dtype:
 
-    final, s_in = lax.scan(step, s0, (jnp.moveaxis(carry, 1, 0), jnp.moveaxis(h, 1, 0)))
+        o_t = scale * ([run_t = run_prev] (q_t exp(b_t))^T S_c
+                       + sum_{s <= t, run_s = run_t} (q_t . k_s exp(b_t - b_s)) v_s).
 
-    # 3. Per-chunk outputs, chunks along the leading axis.
+    Per-channel decays need a ``[C, C, K]`` decay tensor per chunk; chunks are mapped in
+    groups that keep it under ``max_chunk_bytes``.
+    """
+    B, n, C, H, K = q.shape
+    Kg = b.shape[-1]
     causal = jnp.tril(jnp.ones((C, C), bool))
 
     def chunk_output(xs):
@@ -146,5 +133,46 @@ def linear_attention_xla(
     xs = (q, k, v, b, jnp.moveaxis(s_in, 0, 1), runs, r_prev)
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in xs)
     o = lax.map(chunk_output, xs, batch_size=batch)  # [n, B, C, H, V]
-    o = jnp.moveaxis(o, 0, 1).reshape(B, tp, H, V)[:, :T]
+    return jnp.moveaxis(o, 0, 1)
+
+
+def linear_attention_xla(
+    q, k, v, g, *, scale, initial_state, runs, chunk_size=64, max_chunk_bytes=1 << 28
+):
+    """Chunked form in three stages, every decay factor ``exp`` of a non-positive number.
+
+    With ``b`` the inclusive cumulative sum of ``g`` inside a chunk of ``C`` tokens:
+      1. per-chunk states ``h_c = sum_s exp(b_last - b_s) k_s v_s^T`` (all chunks at once);
+      2. the inter-chunk pass ``S_{c+1} = exp(b_last) S_c + h_c`` (a scan over chunks);
+      3. per-chunk outputs (``output_pass``): ``(q_t exp(b_t))^T S_c`` plus the intra-chunk
+         attention ``sum_{s<=t} (q_t . k_s exp(b_t - b_s)) v_s``.
+    """
+    out_dtype = q.dtype
+    B, T = q.shape[:2]
+    q, k, v, g, s0 = expand(q, k, v, g, initial_state)
+    H, V = v.shape[2], v.shape[3]
+    C = chunk_size
+    n = -(-T // C)
+    q, k, v, g = (to_chunks(x, n, C) for x in (q, k, v, g))
+    runs, r_last, r_prev = chunk_runs(runs, B, T, n, C)
+
+    b = jnp.cumsum(g, axis=2)  # [B, n, C, H, Kg], inclusive, <= 0 and decreasing
+    b_last = b[:, :, -1]
+
+    # 1. Per-chunk states.
+    keep_k = (runs == r_last[:, :, None])[..., None, None]
+    w_k = jnp.where(keep_k, jnp.exp(b_last[:, :, None] - b), 0.0)
+    h = jnp.einsum("bnchk,bnchv->bnhkv", k * w_k, v)
+    carry = jnp.where((r_last == r_prev)[:, :, None, None], jnp.exp(b_last), 0.0)
+
+    # 2. Inter-chunk state pass.
+    def step(state, xs):
+        a_c, h_c = xs
+        return a_c[..., None] * state + h_c, state
+
+    final, s_in = lax.scan(step, s0, (jnp.moveaxis(carry, 1, 0), jnp.moveaxis(h, 1, 0)))
+
+    # 3. Per-chunk outputs.
+    o = output_pass(q, k, v, b, s_in, runs, r_prev, scale=scale, max_chunk_bytes=max_chunk_bytes)
+    o = o.reshape(B, n * C, H, V)[:, :T]
     return o.astype(out_dtype), final

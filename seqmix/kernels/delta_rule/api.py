@@ -1,0 +1,215 @@
+"""Public gated delta rule ops (Gated DeltaNet; DeltaNet with no decay)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqmix.kernels import checks
+from seqmix.kernels.delta_rule import reference
+from seqmix.kernels.dispatch import IMPLEMENTATIONS, Op
+from seqmix.kernels.linear_attention.api import segment_runs
+
+Array = jax.Array
+
+
+def _naive(q, k, v, beta, g, *, scale, initial_state, runs, chunk_size, config=None):
+    del chunk_size, config  # the oracle has no tiling
+    return reference.gated_delta_rule_naive(
+        q, k, v, beta, g, scale=scale, initial_state=initial_state, runs=runs
+    )
+
+
+def _xla(q, k, v, beta, g, *, scale, initial_state, runs, chunk_size, config=None):
+    del config  # plain XLA: nothing to tune beyond the chunk size
+    return reference.gated_delta_rule_xla(
+        q, k, v, beta, g, scale=scale, initial_state=initial_state, runs=runs, chunk_size=chunk_size
+    )
+
+
+def _step(q, k, v, beta, state, g, *, scale, config=None):
+    del config
+    return reference.gated_delta_rule_step_reference(q, k, v, beta, state, g, scale=scale)
+
+
+# Every implementation is called as impl(q, k, v, beta, g, *, scale, initial_state, runs,
+# chunk_size, config) with normalised arguments (reference.py's docstring) and returns
+# (o, final_state); it raises NotImplementedError for arguments it cannot serve. Kernel
+# backends are added here as "module:function" entries (imported on first use) and in
+# ``auto`` ahead of "xla" on their platform.
+GATED_DELTA_RULE = Op(
+    "gated_delta_rule",
+    impls={"naive": _naive, "xla": _xla},
+    auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+)
+
+# Called as impl(q, k, v, beta, state, g, *, scale, config); returns (o, new_state).
+GATED_DELTA_RULE_STEP = Op(
+    "gated_delta_rule_step",
+    impls={"naive": _step, "xla": _step},
+    auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+)
+
+
+def _check_implementation(op: Op, implementation) -> None:
+    """A ValueError naming ``op``'s implementations for a name that no op has."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"{op.name}: unknown implementation={implementation!r}; {op.name} has "
+            f"{tuple(op.impls)} (or None: auto)"
+        )
+
+
+def _check_beta(beta, shape, layout: str):
+    checks.check_array("beta", beta, len(shape), layout, shape=shape)
+    if checks.is_concrete(beta):
+        b = np.asarray(beta, dtype=np.float32)
+        if b.size and not np.all((b >= 0) & (b <= 1)):
+            raise ValueError(
+                f"beta must lie in [0, 1] everywhere (a sigmoid's output), got values from "
+                f"{float(np.nanmin(b))} to {float(np.nanmax(b))}"
+                + (" and NaN" if np.isnan(b).any() else "")
+            )
+    return beta.astype(jnp.promote_types(beta.dtype, jnp.float32))
+
+
+def _check_decay(log_decay, shape, layout: str):
+    if log_decay is None:
+        return None
+    if not hasattr(log_decay, "ndim") or log_decay.ndim != len(shape):
+        raise ValueError(
+            f"log_decay must have shape {layout} (one scalar per v head), got "
+            f"{getattr(log_decay, 'shape', log_decay)}"
+        )
+    checks.check_array("log_decay", log_decay, len(shape), layout, shape=shape)
+    checks.check_nonpositive("log_decay", log_decay)
+    return log_decay.astype(jnp.promote_types(log_decay.dtype, jnp.float32))
+
+
+def _check_state(name, state, shape, layout: str):
+    checks.check_array(name, state, 4, layout, shape=shape)
+    return state.astype(jnp.promote_types(state.dtype, jnp.float32))
+
+
+def gated_delta_rule(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array,
+    log_decay: Array | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: Array | None = None,
+    return_final_state: bool = False,
+    segment_ids: Array | None = None,
+    chunk_size: int = 64,
+    implementation: str | None = None,
+    config=None,
+) -> Array | tuple[Array, Array]:
+    """The gated delta rule, chunked.
+
+    ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`` and
+    ``o_t = scale * S_t^T q_t`` with ``S_{-1} = initial_state`` (or 0) and ``g = log_decay``
+    (0 when None: the plain delta rule, DeltaNet). Keys are expected L2-normalised (the
+    layers do it); then ``I - beta_t k_t k_t^T`` is a contraction for beta in [0, 1].
+
+    Args:
+      q, k: ``[B, T, Hqk, K]``.
+      v: ``[B, T, Hv, V]`` with ``Hv % Hqk == 0``; v head ``h`` reads q/k head
+        ``h // (Hv // Hqk)`` (grouped value heads, as ``linear_attention``).
+      beta: ``[B, T, Hv]`` writing strengths in [0, 1]; float32 inside.
+      log_decay: None or ``[B, T, Hv]``, <= 0 (one scalar per v head); float32 inside.
+      scale: default ``K ** -0.5``.
+      initial_state: float32 ``[B, Hv, K, V]``.
+      return_final_state: also return the state after the last token.
+      segment_ids: ``[B, T]`` ints; the state restarts from zero wherever the id changes.
+      chunk_size: tokens per chunk of the chunked implementations.
+      implementation: None (auto), ``"naive"`` (the token-by-token oracle) or ``"xla"``
+        (the chunked WY form).
+      config: the backend's tuning Config (None: its default); unused by naive and xla.
+
+    Returns:
+      ``o [B, T, Hv, V]`` in q's dtype, or ``(o, final_state float32 [B, Hv, K, V])``.
+    """
+    _check_implementation(GATED_DELTA_RULE, implementation)
+    checks.check_array("q", q, 4, "[batch, time, qk_heads, key_dim]")
+    B, T, Hqk, K = q.shape
+    checks.check_array("k", k, 4, "[batch, time, qk_heads, key_dim]", shape=(B, T, Hqk, K))
+    checks.check_array("v", v, 4, "[batch, time, v_heads, value_dim]", shape=(B, T, None, None))
+    Hv, V = v.shape[2], v.shape[3]
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    checks.check_heads("v", Hv, "q/k", Hqk)
+    beta = _check_beta(beta, (B, T, Hv), "[batch, time, v_heads]")
+    g = _check_decay(log_decay, (B, T, Hv), "[batch, time, v_heads]")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if initial_state is not None:
+        initial_state = _check_state(
+            "initial_state", initial_state, (B, Hv, K, V), "[batch, v_heads, key_dim, value_dim]"
+        )
+    runs = None
+    if segment_ids is not None:
+        checks.check_int_array("segment_ids", segment_ids, 2, "[batch, time]", shape=(B, T))
+        runs = segment_runs(segment_ids)
+    o, final = GATED_DELTA_RULE(
+        implementation,
+        q,
+        k,
+        v,
+        beta,
+        g,
+        scale=checks.default_scale(scale, K),
+        initial_state=initial_state,
+        runs=runs,
+        chunk_size=chunk_size,
+        config=config,
+    )
+    return (o, final) if return_final_state else o
+
+
+def gated_delta_rule_step(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array,
+    state: Array,
+    log_decay: Array | None = None,
+    *,
+    scale: float | None = None,
+    implementation: str | None = None,
+    config=None,
+) -> tuple[Array, Array]:
+    """One token of ``gated_delta_rule`` for a batch of rows (decoding).
+
+    Args:
+      q, k: ``[B, Hqk, K]``; v: ``[B, Hv, V]``; beta: ``[B, Hv]`` in [0, 1]; state: float32
+        ``[B, Hv, K, V]``; log_decay: None or ``[B, Hv]`` (<= 0).
+
+    Returns:
+      ``(o [B, Hv, V] in q's dtype, new_state float32 [B, Hv, K, V])``.
+    """
+    _check_implementation(GATED_DELTA_RULE_STEP, implementation)
+    checks.check_array("q", q, 3, "[batch, qk_heads, key_dim]")
+    B, Hqk, K = q.shape
+    checks.check_array("k", k, 3, "[batch, qk_heads, key_dim]", shape=(B, Hqk, K))
+    checks.check_array("v", v, 3, "[batch, v_heads, value_dim]", shape=(B, None, None))
+    Hv, V = v.shape[1], v.shape[2]
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    checks.check_heads("v", Hv, "q/k", Hqk)
+    beta = _check_beta(beta, (B, Hv), "[batch, v_heads]")
+    state = _check_state("state", state, (B, Hv, K, V), "[batch, v_heads, key_dim, value_dim]")
+    g = _check_decay(log_decay, (B, Hv), "[batch, v_heads]")
+    return GATED_DELTA_RULE_STEP(
+        implementation,
+        q,
+        k,
+        v,
+        beta,
+        state,
+        g,
+        scale=checks.default_scale(scale, K),
+        config=config,
+    )
