@@ -317,3 +317,24 @@ def test_compute_dtype_bfloat16_stays_close():
     assert config.dtype == "bfloat16"
     e = expected("smollm")
     assert relative_error(forward(model, e["tokens"]), e["logits"]) < 3e-2
+
+
+def test_readme_section_runs(tmp_path, monkeypatch):
+    """The Python blocks of README's "Bring your own transformer", as written."""
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    with open(os.path.join(root, "README.md")) as f:
+        text = f.read()
+    section = text.split("## Bring your own transformer", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    monkeypatch.chdir(root)
+    code = "\n".join(blocks).replace("/tmp/smollm-copy", str(tmp_path / "copy"))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    scores = scope["scores"]
+    assert scope["student"].replaced == {min(scores, key=scores.get): "mamba2"}
+    assert filecmp.cmp(
+        os.path.join(fixture("smollm"), "model.safetensors"),
+        tmp_path / "copy" / "model.safetensors",
+        shallow=False,
+    )
