@@ -36,13 +36,14 @@ teacher's own projections exactly (tests/models/test_convert.py).
 A new target mixer is one more ``CONVERSIONS`` entry: the keys its config takes from the
 teacher, its conversion defaults, and the function that writes its parameters.
 
-    from seqmix.models.convert import convert, least_important
+    from seqmix.models.convert import convert, least_important, new_parameters
     from seqmix.models.layerwise import layer_importance
     student = convert(teacher, config, [1, 2, 3], "mamba2")       # explicit layers
     student = convert(teacher, config, "AMMM")                      # a pattern (legend)
     scores = layer_importance(teacher, config, tokens, "mamba2")    # KL per layer alone
     student = convert(teacher, config, least_important(scores, 3), "mamba2")
     student.model, student.config, student.replaced                 # {index: mixer name}
+    nnx.state(student.model, new_parameters(student.replaced))      # the new mixers' params
 """
 
 from __future__ import annotations
@@ -465,6 +466,24 @@ def convert(
     student_cfg.layers = names
     student_cfg = ml_collections.ConfigDict(student_cfg.to_dict(), type_safe=False)
     return Student(model_from_params(student_cfg, params), student_cfg, dict(plan))
+
+
+def new_parameters(replaced: Mapping[int, str] | Sequence[int]):
+    """An nnx filter for the parameters of the replaced layers' mixers (what attention
+    transfer trains while the rest stays the teacher's):
+    ``nnx.state(student.model, new_parameters(student.replaced))``."""
+    layers = frozenset(int(i) for i in replaced)
+
+    def select(path, value) -> bool:
+        return (
+            isinstance(value, nnx.Param)
+            and len(path) > 3
+            and tuple(path[:2]) == ("backbone", "layers")
+            and path[2] in layers
+            and path[3] == "mixer"
+        )
+
+    return select
 
 
 def least_important(scores: Mapping[int, float], count: int) -> list[int]:

@@ -20,6 +20,7 @@ from seqmix.models.convert import (
     convert_layer,
     initial_log_decay,
     least_important,
+    new_parameters,
     replacement_plan,
 )
 from seqmix.models.layerwise import (
@@ -124,6 +125,16 @@ def test_student_keeps_every_other_teacher_parameter(target):
     mixers = {i: student.model.backbone.layers[i].mixer for i in (0, 2)}
     toks = tokens(fresh_seed())
     assert_close(student.model(toks), forward_with(teacher, toks, mixers), TOL, "logits")
+
+
+def test_new_parameters_are_the_replaced_mixers():
+    config = teacher_config()
+    teacher = random_teacher(config, fresh_seed())
+    student = convert(teacher, config, [1, 3], "gla")
+    new = nnx.to_flat_state(nnx.state(student.model, new_parameters(student.replaced)))
+    paths = {path for path, _ in new}
+    want = {p for p in model_params(student.model) if p[2:4] in ((1, "mixer"), (3, "mixer"))}
+    assert paths == want and paths
 
 
 def test_student_config_builds_the_student():
