@@ -238,11 +238,6 @@ def config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32"):
     head_dim = d_model // heads if head_dim is None else int(head_dim)
     theta, scaling = _rope(hf)
     use_bias = bool(hf.get("attention_bias", False))
-    if "tie_word_embeddings" not in hf:
-        raise ValueError(
-            "config.json: missing key 'tie_word_embeddings' (its default differs between "
-            "transformers versions; set it explicitly)"
-        )
     attention = {
         "num_heads": heads,
         "num_kv_heads": kv_heads,
@@ -262,7 +257,8 @@ def config_from_hf(hf_config: Mapping[str, Any], *, dtype: str = "float32"):
         d_model=d_model,
         layers=["attention"] * num_layers,
         mlp={"type": "swiglu", "hidden_size": int(_require(hf, "intermediate_size"))},
-        tie_embeddings=bool(hf["tie_word_embeddings"]),
+        # False when absent: the default of every supported architecture's config class
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=dtype,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_length=int(hf.get("max_position_embeddings", 2048)),

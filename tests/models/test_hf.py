@@ -243,7 +243,7 @@ def _modified(case, **changes):
         ("llama2", {"model_type": "mistral"}, "model_type"),
         ("llama2", {"hidden_act": "gelu"}, "hidden_act"),
         ("llama2", {"mlp_bias": True}, "mlp_bias"),
-        ("llama2", {"tie_word_embeddings": None}, "tie_word_embeddings"),
+        ("llama2", {"num_hidden_layers": None}, "num_hidden_layers"),
         ("llama2", {"sliding_window": 8}, "sliding_window"),
         ("qwen2", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
         ("qwen2", {"layer_types": None, "use_sliding_window": True}, "use_sliding_window"),
