@@ -12,7 +12,7 @@ from seqmix.layers import segments
 from seqmix.layers.base import Mixer, divide
 from seqmix.layers.norms import RMSNorm
 from seqmix.layers.params import Dense
-from seqmix.layers.rotary import apply_rotary
+from seqmix.layers.rotary import apply_rotary, rope_scaling_spec
 
 Array = jax.Array
 
@@ -67,7 +67,9 @@ class Attention(Mixer):
     """Multi-head softmax attention (MHA, GQA, MQA), registered as ``attention``.
 
     ``q = x Wq``, ``k = x Wk``, ``v = x Wv`` (``num_heads``, ``num_kv_heads`` heads of
-    ``head_dim``), optional RMS QK-norm, RoPE on q and k, then
+    ``head_dim``, which may differ from ``d_model / num_heads``; biases with ``use_bias``
+    or, on q/k/v only, ``qkv_bias``), optional RMS QK-norm per head (eps ``norm_eps``),
+    RoPE on q and k (``rope_theta``; ``rope_scaling`` for Llama 3's frequencies), then
     ``seqmix.kernels.attention`` (causal or not, ``local_window_size``, ``softcap``,
     ``segment_ids``) and ``o Wo``.
 
@@ -91,7 +93,9 @@ class Attention(Mixer):
                 "local_window_size": None,  # int w: query t sees [t - w, t] (and t + w if not causal)
                 "softcap": None,
                 "qk_norm": False,
-                "use_bias": False,
+                "use_bias": False,  # biases on q, k, v and o
+                "qkv_bias": False,  # biases on q, k and v only (Qwen2)
+                "rope_scaling": None,  # None or {"rope_type": "llama3", ...} (rotary.py)
             }
         )
 
@@ -120,15 +124,20 @@ class Attention(Mixer):
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
         self.rope = bool(config.rope)
         self.rope_theta = float(config.rope_theta)
+        self.rope_scaling = rope_scaling_spec(config.get("rope_scaling"))
         self.local_window_size = w
         self.softcap = None if config.softcap is None else float(config.softcap)
         self.scale = D**-0.5
-        kw = dict(rngs=rngs, dtype=self.dtype, use_bias=bool(config.use_bias))
-        self.q_proj = Dense(self.d_model, H * D, ("embed", "heads"), **kw)
-        self.k_proj = Dense(self.d_model, Hkv * D, ("embed", "kv"), **kw)
-        self.v_proj = Dense(self.d_model, Hkv * D, ("embed", "kv"), **kw)
+        kw = dict(rngs=rngs, dtype=self.dtype)
+        o_bias = bool(config.use_bias)
+        qkv_bias = o_bias or bool(config.get("qkv_bias", False))
+        self.q_proj = Dense(self.d_model, H * D, ("embed", "heads"), use_bias=qkv_bias, **kw)
+        self.k_proj = Dense(self.d_model, Hkv * D, ("embed", "kv"), use_bias=qkv_bias, **kw)
+        self.v_proj = Dense(self.d_model, Hkv * D, ("embed", "kv"), use_bias=qkv_bias, **kw)
         self.o_proj = (
-            Dense(H * D, self.d_model, ("heads", "embed"), **kw) if project_output else None
+            Dense(H * D, self.d_model, ("heads", "embed"), use_bias=o_bias, **kw)
+            if project_output
+            else None
         )
         if config.qk_norm:
             self.q_norm = RMSNorm(D, eps=self.norm_eps, dtype=self.dtype, axis=None, rngs=rngs)
@@ -167,8 +176,8 @@ class Attention(Mixer):
         if self.rope:
             offset = None if cache is None else cache["lengths"]
             pos = segments.positions(B, T, segment_ids, offset)
-            q = apply_rotary(q, pos, theta=self.rope_theta)
-            k = apply_rotary(k, pos, theta=self.rope_theta)
+            q = apply_rotary(q, pos, theta=self.rope_theta, scaling=self.rope_scaling)
+            k = apply_rotary(k, pos, theta=self.rope_theta, scaling=self.rope_scaling)
         if cache is None:
             o = kernels.attention(
                 q,

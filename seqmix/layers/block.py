@@ -28,6 +28,7 @@ class Block(nnx.Module):
         mlp_type: str | None = "swiglu",
         expansion: float = 4.0,
         multiple_of: int = 8,
+        hidden_features: int | None = None,
         norm_eps: float = 1e-5,
         dtype="float32",
         rngs: nnx.Rngs,
@@ -43,6 +44,7 @@ class Block(nnx.Module):
                 mlp_type=mlp_type,
                 expansion=expansion,
                 multiple_of=multiple_of,
+                hidden_features=hidden_features,
                 dtype=dtype,
                 rngs=rngs,
             )

@@ -74,7 +74,8 @@ class LinearAttention(Mixer):
     ``retnet`` and ``gla``). See the module docstring for the formula.
 
     Projections: q, k ``[d_model, num_heads * key_dim]`` axes ``("embed", "heads")``; v and
-    the gate ``[d_model, num_heads * head_dim]``; o ``[num_heads * head_dim, d_model]``.
+    the gate ``[d_model, num_heads * head_dim]``; o ``[num_heads * head_dim, d_model]``;
+    q, k, v and o have biases with ``use_bias``.
 
     Decoding cache: ``{"state": float32 [B, H, F, head_dim (+1 when normalize)], "conv":
     [B, conv_width - 1, C] (with short_conv), "lengths": [B] int32}`` with ``F`` the
@@ -101,6 +102,7 @@ class LinearAttention(Mixer):
                 "rope_theta": 10000.0,
                 "scale": None,  # None: 1 for taylor, key_dim ** -0.5 otherwise
                 "chunk_size": 64,
+                "use_bias": False,  # biases on the q, k, v and o projections
             }
         )
 
@@ -138,9 +140,10 @@ class LinearAttention(Mixer):
         )
         self.chunk_size = int(config.chunk_size)
         kw = dict(rngs=rngs, dtype=self.dtype)
-        self.q_proj = Dense(self.d_model, H * Dk, ("embed", "heads"), **kw)
-        self.k_proj = Dense(self.d_model, H * Dk, ("embed", "heads"), **kw)
-        self.v_proj = Dense(self.d_model, H * Dv, ("embed", "heads"), **kw)
+        bias = bool(config.get("use_bias", False))
+        self.q_proj = Dense(self.d_model, H * Dk, ("embed", "heads"), use_bias=bias, **kw)
+        self.k_proj = Dense(self.d_model, H * Dk, ("embed", "heads"), use_bias=bias, **kw)
+        self.v_proj = Dense(self.d_model, H * Dv, ("embed", "heads"), use_bias=bias, **kw)
         self.conv = (
             ShortConv(
                 H * (2 * Dk + Dv),
@@ -167,7 +170,9 @@ class LinearAttention(Mixer):
             Dense(self.d_model, H * Dv, ("embed", "heads"), **kw) if config.output_gate else None
         )
         self.o_proj = (
-            Dense(H * Dv, self.d_model, ("heads", "embed"), **kw) if project_output else None
+            Dense(H * Dv, self.d_model, ("heads", "embed"), use_bias=bias, **kw)
+            if project_output
+            else None
         )
 
     @property

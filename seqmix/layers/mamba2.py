@@ -50,6 +50,12 @@ class Mamba2(Mixer):
     ``N = d_state``. dt_bias makes the initial dt log-uniform in ``[dt_min, dt_max]``,
     ``A`` starts uniform in ``A_init_range``, ``D`` at ones.
 
+    Options (defaults give Mamba-2): ``conv_activation=None`` drops the silu after the
+    conv; ``gated_norm=False`` drops ``z`` and the gated norm (``out = W_out y``);
+    ``use_bias`` adds biases to ``W_in`` and ``W_out``. With all three (and ``A dt = 0``,
+    ``D = 0``, an identity conv) the layer is linear attention of its x, B, C projections,
+    which is how an attention layer converts into it (``seqmix.models.convert``).
+
     Decoding cache: ``{"state": float32 [B, H, N, P], "conv": [B, d_conv - 1, d_inner +
     2 G N], "lengths": [B] int32}``.
     """
@@ -68,6 +74,9 @@ class Mamba2(Mixer):
                 "dt_init_floor": 1e-4,
                 "A_init_range": (1.0, 16.0),
                 "conv_bias": True,
+                "conv_activation": "silu",  # or None: a linear conv
+                "gated_norm": True,  # False: no z projection and no norm (y -> out_proj)
+                "use_bias": False,  # biases on in_proj and out_proj
                 "chunk_size": 64,
             }
         )
@@ -80,6 +89,11 @@ class Mamba2(Mixer):
         G = int(config.ngroups)
         divide(H, G, "the number of heads (expand * d_model / headdim)", "ngroups")
         N = int(config.d_state)
+        activation = config.get("conv_activation", "silu")
+        if activation not in ("silu", None):
+            raise ValueError(f"conv_activation must be 'silu' or None, got {activation!r}")
+        self.gated_norm = bool(config.get("gated_norm", True))
+        use_bias = bool(config.get("use_bias", False))
         self.d_inner, self.num_heads, self.headdim, self.ngroups, self.d_state = (
             d_inner,
             H,
@@ -89,12 +103,16 @@ class Mamba2(Mixer):
         )
         self.chunk_size = int(config.chunk_size)
         self.conv_dim = d_inner + 2 * G * N
-        kw = dict(rngs=rngs, dtype=self.dtype)
-        self.in_proj = Dense(self.d_model, 2 * d_inner + 2 * G * N + H, ("embed", "heads"), **kw)
+        kw = dict(rngs=rngs, dtype=self.dtype, use_bias=use_bias)
+        z_dim = d_inner if self.gated_norm else 0
+        self.in_proj = Dense(
+            self.d_model, z_dim + d_inner + 2 * G * N + H, ("embed", "heads"), **kw
+        )
         self.conv = ShortConv(
             self.conv_dim,
             int(config.d_conv),
             use_bias=bool(config.conv_bias),
+            activation=activation,
             dtype=self.dtype,
             implementation=self.implementation,
             rngs=rngs,
@@ -111,7 +129,11 @@ class Mamba2(Mixer):
 
         self.A_log = param(rngs, a_log_init, (H,), ("heads",))
         self.D = param(None, jnp.ones((H,)), (H,), ("heads",))
-        self.norm = GatedRMSNorm(d_inner, groups=G, eps=self.norm_eps, dtype=self.dtype, rngs=rngs)
+        self.norm = (
+            GatedRMSNorm(d_inner, groups=G, eps=self.norm_eps, dtype=self.dtype, rngs=rngs)
+            if self.gated_norm
+            else None
+        )
         self.out_proj = Dense(d_inner, self.d_model, ("heads", "embed"), **kw)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
@@ -128,9 +150,10 @@ class Mamba2(Mixer):
         self._check_call(x, segment_ids, cache)
         Bsz, T, _ = x.shape
         H, P, G, N = self.num_heads, self.headdim, self.ngroups, self.d_state
-        z, xbc, dt = jnp.split(
-            self.in_proj(x), [self.d_inner, self.d_inner + self.conv_dim], axis=-1
-        )
+        proj = self.in_proj(x)
+        if self.gated_norm:
+            z, proj = proj[..., : self.d_inner], proj[..., self.d_inner :]
+        xbc, dt = proj[..., : self.conv_dim], proj[..., self.conv_dim :]
         new_cache = {}
         if cache is None:
             xbc = self.conv(xbc, segment_ids=segment_ids)
@@ -181,7 +204,8 @@ class Mamba2(Mixer):
                 implementation=self.impl("linear_attention"),
             )
         y = y.astype(jnp.float32) + self.D[...][:, None] * xs.astype(jnp.float32)
-        out = self.out_proj(self.norm(y.reshape(Bsz, T, self.d_inner), z))
+        y = y.reshape(Bsz, T, self.d_inner)
+        out = self.out_proj(self.norm(y, z) if self.gated_norm else y.astype(self.dtype))
         if cache is None:
             return out
         new_cache["lengths"] = cache["lengths"] + T

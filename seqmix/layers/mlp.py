@@ -22,6 +22,9 @@ def hidden_size(d_model: int, mlp_type: str, expansion: float, multiple_of: int 
 class MLP(nnx.Module):
     """``swiglu``: ``down(silu(gate(x)) * up(x))``; ``gelu``: ``down(gelu(up(x)))``.
 
+    The hidden width is ``hidden_features`` when given (a checkpoint's exact size), else
+    ``hidden_size(d_model, mlp_type, expansion, multiple_of)``.
+
     Kernels: ``up``/``gate`` ``[d_model, hidden]`` axes ``("embed", "mlp")``; ``down``
     ``[hidden, d_model]`` axes ``("mlp", "embed")``. No biases.
     """
@@ -33,6 +36,7 @@ class MLP(nnx.Module):
         mlp_type: str = "swiglu",
         expansion: float = 4.0,
         multiple_of: int = 8,
+        hidden_features: int | None = None,
         dtype="float32",
         rngs: nnx.Rngs,
     ):
@@ -41,7 +45,12 @@ class MLP(nnx.Module):
         if not expansion > 0:
             raise ValueError(f"mlp.expansion must be > 0, got {expansion!r}")
         self.mlp_type = mlp_type
-        hidden = hidden_size(d_model, mlp_type, expansion, multiple_of)
+        if hidden_features is None:
+            hidden = hidden_size(d_model, mlp_type, expansion, multiple_of)
+        elif int(hidden_features) < 1:
+            raise ValueError(f"mlp.hidden_size must be >= 1 or None, got {hidden_features!r}")
+        else:
+            hidden = int(hidden_features)
         self.hidden = hidden
         self.up = Dense(d_model, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.gate = (

@@ -42,6 +42,7 @@ class Backbone(nnx.Module):
                     mlp_type=mlp.type,
                     expansion=float(mlp.expansion),
                     multiple_of=int(mlp.get("multiple_of", 8)),
+                    hidden_features=mlp.get("hidden_size"),
                     norm_eps=float(config.norm_eps),
                     dtype=dtype,
                     rngs=rngs,

@@ -11,7 +11,8 @@ Keys (defaults):
   ``G`` gla, ``M`` mamba2, ``S`` mamba (S6), ``B`` based, ``D`` gated_deltanet, ``N``
   deltanet.
 - ``mlp``: ``type`` (``"swiglu"``, ``"gelu"`` or None: no MLP), ``expansion`` (4.0; SwiGLU
-  uses 2/3 of it so both have the same size), ``multiple_of`` (8).
+  uses 2/3 of it so both have the same size), ``multiple_of`` (8), ``hidden_size`` (None:
+  from ``expansion``; an int sets the hidden width exactly, as a checkpoint does).
 - ``tie_embeddings`` (True): the LM head is the transposed embedding.
 - ``dtype`` (``"float32"``): compute dtype (``"bfloat16"``); parameters are float32.
 - ``norm_eps`` (1e-5); ``max_length`` (2048): default decoding-cache length.
@@ -59,7 +60,7 @@ def _defaults() -> dict[str, Any]:
         "d_model": 256,
         "layers": "MMMA",
         "legend": dict(LEGEND),
-        "mlp": {"type": "swiglu", "expansion": 4.0, "multiple_of": 8},
+        "mlp": {"type": "swiglu", "expansion": 4.0, "multiple_of": 8, "hidden_size": None},
         "tie_embeddings": True,
         "dtype": "float32",
         "norm_eps": 1e-5,

@@ -7,7 +7,8 @@ from seqmix.models import MIXERS, layer_config, model_config
 D_MODEL = 32
 
 # (id, registered name, overrides of config.mixers.<name>): every option that changes the
-# computation path (GQA/MQA, window ring buffer, short convs, Taylor map, groups, concat).
+# computation path (GQA/MQA, window ring buffer, short convs, Taylor map, groups, concat;
+# checkpoint options: decoupled head_dim, q/k/v bias, llama3 RoPE; Mamba-2 without gate).
 CASES = [
     ("attention", "attention", {"num_kv_heads": 2}),
     (
@@ -15,10 +16,37 @@ CASES = [
         "attention",
         {"num_kv_heads": 1, "local_window_size": 3, "softcap": 5.0, "qk_norm": True},
     ),
+    (
+        "attention-llama",
+        "attention",
+        {
+            "num_kv_heads": 2,
+            "head_dim": 16,
+            "qkv_bias": True,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
     ("linear_attention", "linear_attention", {"short_conv": True}),
     ("retnet", "retnet", {}),
     ("gla", "gla", {"short_conv": True, "gate_low_rank_dim": 4}),
     ("mamba2", "mamba2", {"headdim": 8, "d_state": 8, "ngroups": 2}),
+    (
+        "mamba2-linear",
+        "mamba2",
+        {
+            "headdim": 8,
+            "d_state": 8,
+            "conv_activation": None,
+            "gated_norm": False,
+            "use_bias": True,
+        },
+    ),
     ("mamba", "mamba", {"d_state": 8}),
     (
         "gated_deltanet",
