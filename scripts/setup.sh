@@ -8,6 +8,10 @@
 # ($PYENV_VERSION, .python-version) and pyenv's installed versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "scripts/setup.sh: unknown option $1 (usage: scripts/setup.sh [EXTRAS])" >&2; exit 2 ;;
+esac
 extras="${1:-test,notebooks}"
 
 ok() {  # ok PYTHON [exact]: PYTHON runs, has venv, and is >= 3.12 (== 3.12 with "exact")

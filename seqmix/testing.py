@@ -1,6 +1,6 @@
-"""Helpers for checking kernels against their oracles (used by tests, notebooks, benchmarks).
+"""Checking kernels against their oracles (used by tests, notebooks, benchmarks).
 
-The protocol (DESIGN.md): fresh random inputs each check, ``||out - ref|| / ||ref||`` under
+The protocol: fresh random inputs each check, ``||out - ref|| / ||ref||`` under
 ``tolerance(dtype)``, outputs and every gradient compared, NaN never passes.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,16 @@ NORMALIZE_GRAD_TOL = {
     "bfloat16": {"q": 4e-2, "initial_state": 4e-2},
     "float16": {"q": 1e-2, "initial_state": 1e-2},
 }
+
+
+NATIVE_ENV = "SEQMIX_TEST_DEVICE"
+
+
+def native_run() -> bool:
+    """True when the kernel tests run on the device's own kernels (``pytest -m gpu`` sets
+    ``SEQMIX_TEST_DEVICE=gpu``; see tests/conftest.py), False for the CPU run in interpret
+    mode."""
+    return os.environ.get(NATIVE_ENV, "").strip().lower() == "gpu"
 
 
 def tolerance(dtype) -> float:
@@ -108,12 +118,21 @@ def upcast(tree):
 
 
 def vjp_pairs(
-    fn: Callable, ref: Callable, args: Sequence, *, argnums: Sequence[int], seed: int = 0
+    fn: Callable,
+    ref: Callable,
+    args: Sequence,
+    *,
+    argnums: Sequence[int],
+    seed: int = 0,
+    compiler_options: dict | None = None,
 ):
     """``fn`` on ``args`` and ``ref`` on ``upcast(args)``, each pulled back through one
     random cotangent (drawn in fn's output dtypes, upcast for ref): returns
     ``(outputs, grads)``, each a list of ``(value, reference_value)`` pairs, the grads in
-    ``argnums`` order."""
+    ``argnums`` order. With ``compiler_options`` each side's output and VJP run in one
+    top-level ``jax.jit`` compiled with them (compiler options apply only there). The
+    oracle's matmuls run at full float32 precision (a GPU's default is TF32); ``fn`` keeps the
+    precision it asks for."""
     argnums = tuple(argnums)
 
     def closed(f, base):
@@ -126,13 +145,37 @@ def vjp_pairs(
         return g
 
     ref_args = upcast(list(args))
-    out, vjp = jax.vjp(closed(fn, args), *[args[i] for i in argnums])
-    out_ref, vjp_ref = jax.vjp(closed(ref, ref_args), *[ref_args[i] for i in argnums])
+    if compiler_options is None:
+        out, vjp = jax.vjp(closed(fn, args), *[args[i] for i in argnums])
+        with jax.default_matmul_precision("highest"):
+            out_ref, vjp_ref = jax.vjp(closed(ref, ref_args), *[ref_args[i] for i in argnums])
+            ct = random_cotangent(out, jax.random.key(seed + 1))
+            ct_ref = jax.tree.map(
+                lambda c, o: None if c is None else c.astype(o.dtype), ct, out_ref
+            )
+            grads_ref = vjp_ref(ct_ref)
+        grads = vjp(ct)
+    else:
+
+        def out_and_grads(f, base):
+            def run(diff, ct):
+                out, vjp = jax.vjp(closed(f, base), *diff)
+                return out, vjp(ct)
+
+            return jax.jit(run, compiler_options=compiler_options)
+
+        shape = jax.eval_shape(closed(fn, args), *[args[i] for i in argnums])
+        ct = random_cotangent(
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape), jax.random.key(seed + 1)
+        )
+        out, grads = out_and_grads(fn, args)([args[i] for i in argnums], ct)
+        with jax.default_matmul_precision("highest"):
+            out_ref, grads_ref = out_and_grads(ref, ref_args)(
+                [ref_args[i] for i in argnums], upcast(ct)
+            )
     flat, flat_ref = jax.tree.leaves(out), jax.tree.leaves(out_ref)
     assert len(flat) == len(flat_ref), "fn and ref return different structures"
-    ct = random_cotangent(out, jax.random.key(seed + 1))
-    ct_ref = jax.tree.map(lambda c, o: None if c is None else c.astype(o.dtype), ct, out_ref)
-    return list(zip(flat, flat_ref)), list(zip(vjp(ct), vjp_ref(ct_ref)))
+    return list(zip(flat, flat_ref)), list(zip(grads, grads_ref))
 
 
 def check_against(
@@ -142,20 +185,28 @@ def check_against(
     *,
     argnums: Sequence[int],
     tol: float,
-    grad_tol: float | None = None,
+    grad_tol: float | Mapping[str, float] | None = None,
     seed: int = 0,
     names: Sequence[str] | None = None,
+    compiler_options: dict | None = None,
 ) -> None:
     """Asserts that ``fn(*args)`` matches ``ref(*upcast(args))`` (the oracle in float32), and
-    their VJPs for one random cotangent, within ``tol`` (``grad_tol`` for gradients).
-    Outputs may be any pytree; ``argnums`` are the differentiated positions."""
-    grad_tol = tol if grad_tol is None else grad_tol
-    outs, grads = vjp_pairs(fn, ref, args, argnums=argnums, seed=seed)
+    their VJPs for one random cotangent, within ``tol``; gradients within ``grad_tol`` (a
+    number, or a mapping from a name of ``names`` to its tolerance, ``tol`` for the others).
+    Outputs may be any pytree; ``argnums`` are the differentiated positions;
+    ``compiler_options`` as in ``vjp_pairs``."""
+    outs, grads = vjp_pairs(
+        fn, ref, args, argnums=argnums, seed=seed, compiler_options=compiler_options
+    )
     for i, (a, b) in enumerate(outs):
         assert_close(a, b, tol, f"output {i} (seed {seed})")
     names = names or [f"arg {i}" for i in argnums]
     for name, (a, b) in zip(names, grads):
-        assert_close(a, b, grad_tol, f"d{name} (seed {seed})")
+        if isinstance(grad_tol, Mapping):
+            gtol = grad_tol.get(name, tol)
+        else:
+            gtol = tol if grad_tol is None else grad_tol
+        assert_close(a, b, gtol, f"d{name} (seed {seed})")
 
 
 @contextlib.contextmanager

@@ -62,3 +62,73 @@ def test_oracle_side_runs_in_float32():
     ct = np.asarray(testing.random_cotangent(o, jax.random.key(2)), np.float32)
     np.testing.assert_allclose(np.asarray(g_ref), 2 * xf * ct, rtol=1e-6)
     testing.check_against(lambda x: x * x, lambda x: x * x, (x,), argnums=(0,), tol=5e-3)
+
+
+def test_grad_tolerance_per_name_and_compiled_comparison():
+    """A per-gradient tolerance applies to that gradient only; the compiled path (one jit
+    per side with compiler options) compares the same values."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.linspace(0.5, 2.0, 16)
+    y = jnp.linspace(-1.0, 1.0, 16)
+
+    def fn(x, y):  # the same values; dx off by 5e-4 relative, dy exact
+        return x * y + 5e-4 * (x - jax.lax.stop_gradient(x)) * y
+
+    def ref(x, y):
+        return x * y
+
+    kw = dict(argnums=(0, 1), names="xy", tol=1e-6)
+    for options in (None, {"xla_backend_optimization_level": 0}):
+        testing.check_against(fn, ref, (x, y), grad_tol={"x": 1e-3}, compiler_options=options, **kw)
+        with pytest.raises(AssertionError, match="dx"):
+            testing.check_against(fn, ref, (x, y), compiler_options=options, **kw)
+
+
+def test_native_run_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(testing.NATIVE_ENV, "gpu")
+    assert testing.native_run()
+    monkeypatch.delenv(testing.NATIVE_ENV)
+    assert not testing.native_run()
+
+
+def test_pytest_m_gpu_is_skipped_cleanly_without_a_gpu():
+    """``pytest -m gpu`` selects the kernel cases and, on a machine without a GPU, skips them
+    (exit status 0) instead of running them on the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    import jax
+
+    try:
+        if jax.devices("gpu"):
+            pytest.skip("this machine has a GPU")
+    except RuntimeError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", testing.NATIVE_ENV)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-q",
+            "-p",
+            "no:xdist",
+            "-p",
+            "no:cacheprovider",
+            "tests/kernels/conv1d",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "no GPU visible to JAX" in out.stdout and " passed" not in out.stdout, out.stdout[-2000:]
+    assert "skipped" in out.stdout and "deselected" in out.stdout

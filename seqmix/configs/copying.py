@@ -1,9 +1,9 @@
 """Selective copying (the Mamba paper's synthetic task): copy the scattered data tokens in order.
 
-    python -m seqmix.experiments.train --config=seqmix/configs/copying.py
+    seqmix-train --config=copying   # or: python -m seqmix.experiments.train --config=copying
 
-Workdir ./runs/copying. Variants by argument, e.g.
-``seqmix/configs/copying.py:mixer=attention,seq_len=256``: ``mixer`` (any name in
+Workdir ~/seqmix-runs/copying. Variants by argument, e.g.
+``--config=copying:mixer=attention,seq_len=256``: ``mixer`` (any name in
 ``seqmix.models.MIXERS``; default a mamba2 + attention hybrid), ``layers``, ``d_model``,
 ``seq_len`` (whole row: region plus markers), ``num_tokens``, ``vocab_size``, ``steps``,
 ``batch_size``, ``lr``.

@@ -1,11 +1,11 @@
 """ListOps (Long Range Arena): classify the value 0-9 of a nested MIN/MAX/MED/SUM_MOD expression.
 
-    python -m seqmix.experiments.train --config=seqmix/configs/listops.py
+    seqmix-train --config=listops   # or: python -m seqmix.experiments.train --config=listops
 
 Expressions follow LRA's generator (max depth 10, up to 10 arguments, 500 < length < 2000
 tokens); the model is the bidirectional ``SequenceClassifier`` (mean-pooled over the tokens,
-padding excluded). Workdir ./runs/listops. This is the LRA setting and is long on a CPU;
-``seqmix/configs/listops.py:max_length=200,min_length=20`` is a quick variant. Arguments: ``mixer``
+padding excluded). Workdir ~/seqmix-runs/listops. This is the LRA setting and is long on a
+CPU; ``--config=listops:max_length=200,min_length=20`` is a quick variant. Arguments: ``mixer``
 (default a mamba2 + attention hybrid), ``layers``, ``d_model``, ``max_length``, ``min_length``,
 ``max_depth``, ``max_args``, ``steps``, ``batch_size``, ``lr``.
 """

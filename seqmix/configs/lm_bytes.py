@@ -1,12 +1,14 @@
 """Byte-level language modelling on the Python standard library's source; reports bits per byte.
 
-    python -m seqmix.experiments.train --config=seqmix/configs/lm_bytes.py
+    seqmix-train --config=lm_bytes  # or: python -m seqmix.experiments.train --config=lm_bytes
 
 The corpus (the stdlib's ``.py`` files, split into train/validation by a hash of each path)
 is written once to ``$SEQMIX_DATA_DIR`` (default ``~/.cache/seqmix``) and read through
-``np.memmap``. Workdir ./runs/lm_bytes. Arguments: ``mixer`` (default a mamba2 + attention
-hybrid), ``layers``, ``d_model``, ``seq_len``, ``steps``, ``batch_size``, ``lr``,
-``data_dir``, e.g. ``seqmix/configs/lm_bytes.py:mixer=gla,d_model=256``.
+``np.memmap``. Workdir ~/seqmix-runs/lm_bytes. Arguments: ``mixer`` (default the hybrid
+``MMMA`` repeated over ``layers``: three mamba2 layers, then attention), ``layers``,
+``d_model``, ``seq_len``, ``steps``, ``batch_size``, ``lr``, ``data_dir``, e.g.
+``--config=lm_bytes:mixer=gla,d_model=256``. One token is one byte: ``seqmix.data.bytes``
+has ``encode``/``decode``, and ``seqmix-generate --workdir=...`` prints generated text.
 """
 
 from seqmix.models import model_config
@@ -15,12 +17,13 @@ from seqmix.train.config import base_config, parse_variant
 DEFAULTS = dict(
     mixer="", layers=4, d_model=128, seq_len=256, steps=5000, batch_size=32, lr=2e-3, data_dir=""
 )
-HYBRID = ["mamba2", "mamba2", "mamba2", "attention"]
+HYBRID = "MMMA"  # repeated to the number of layers
 
 
 def get_config(arg: str | None = None):
     v = parse_variant(arg, **DEFAULTS)
-    layers = [v["mixer"]] * v["layers"] if v["mixer"] else list(HYBRID)
+    n = v["layers"]
+    layers = [v["mixer"]] * n if v["mixer"] else (HYBRID * n)[:n]
     model = model_config(
         kind="causal_lm",
         vocab_size=256,

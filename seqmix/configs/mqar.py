@@ -1,18 +1,20 @@
 """Multi-query associative recall (Zoology's MQAR) with a small hybrid: the default main job.
 
-    python -m seqmix.experiments.train --config=seqmix/configs/mqar.py
+    seqmix-train --config=mqar      # or: python -m seqmix.experiments.train --config=mqar
 
 trains a 2-layer mamba2 + attention hybrid (d_model 64, 89k parameters) for 500 steps of 64
 sequences of 64 tokens (vocabulary 128, 8 key-value pairs) and prints the final evaluation
 accuracy at the answer positions: 1.000 at step 500, past 0.9 after ~300 steps (the whole
 run took 77 s on 2 idle CPU cores on 2026-11-28, about 5 minutes on shared ones). Workdir
-./runs/mqar: config.json, metrics.jsonl, tensorboard/, checkpoints/<step>/. Variants:
+~/seqmix-runs/mqar ($SEQMIX_RUNS/mqar): config.json, metrics.jsonl, tensorboard/,
+checkpoints/<step>/. Variants:
 
-    python -m seqmix.experiments.train --config=seqmix/configs/mqar.py:mixer=attention
+    seqmix-train --config=mqar:mixer=attention
+    seqmix-train --config=mqar --config.model.layers=GA   # any key; the pattern too
 
 ``mixer=<name>`` (any name in ``seqmix.models.MIXERS``) replaces the hybrid by ``layers`` layers
 of that one mixer; ``layers``, ``d_model``, ``vocab_size``, ``seq_len``, ``num_kv_pairs``,
-``steps``, ``batch_size``, ``lr`` are arguments too (``seqmix/configs/mqar.py:mixer=gla,steps=4000``).
+``steps``, ``batch_size``, ``lr`` are arguments too (``mqar:mixer=gla,steps=4000``).
 """
 
 from seqmix.models import model_config

@@ -1,14 +1,18 @@
 """The associative-recall study (Zoology's MQAR protocol): one point of the grid.
 
-    python -m seqmix.experiments.train --config=seqmix/configs/recall.py:mixer=based,d_model=128,seq_len=256,num_kv_pairs=16
+    seqmix-train --config=recall:mixer=based,d_model=128,seq_len=256,num_kv_pairs=16
 
 Two layers of one mixer (each followed by a SwiGLU MLP), vocabulary 8192, keys and values
 from the two halves of it, queries at power-law gaps; accuracy at the answer positions.
+Mixed precision (``train.compute_dtype="bfloat16"``): matmuls and the mixers' inputs in
+bfloat16; parameters, optimizer state, the residual stream, norms, softmax statistics, decays
+and recurrent states in float32 (the layers keep those in float32 whatever the compute dtype);
+the loss in float32. Runs are reproducible from ``seed`` on a given device and software.
 Arguments: ``mixer`` (attention, based, mamba2, gla, linear_attention or any registered
 name), ``d_model`` (64, 128, 256), ``seq_len``/``num_kv_pairs`` ((64, 4), (128, 8),
 (256, 16), (512, 64)), ``lr``, ``steps``, ``batch_size``. The grid runs on a GPU through
-``python -m seqmix.experiments.recall_sweep`` (see there for how far the training budget is
-reduced against Zoology's, and benchmarks/NOTES.md for how many device calls it has taken).
+``seqmix-recall-sweep`` (see there for how far the training budget is reduced against
+Zoology's); ``seqmix-bench-model --preset=recall`` times one training step per mixer.
 """
 
 from seqmix.models import model_config
@@ -29,7 +33,7 @@ DEFAULTS = dict(
 MIXERS = ("attention", "based", "mamba2", "gla", "linear_attention")
 SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
 D_MODELS = (64, 128, 256)
-# A CPU pilot (benchmarks/NOTES.md, session 2) learned faster at 1e-2 than at 3e-3.
+# A short CPU pilot of this grid learned faster at 1e-2 than at 3e-3 (docs/benchmarking.md).
 LRS = (3e-3, 1e-2)
 
 
@@ -69,4 +73,5 @@ def get_config(arg: str | None = None):
     config.optimizer.lr = v["lr"]
     config.optimizer.warmup_steps = max(1, v["steps"] // 10)
     config.optimizer.weight_decay = 0.1
+    config.train.compute_dtype = "bfloat16"
     return config

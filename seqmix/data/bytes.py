@@ -13,6 +13,10 @@ the generator of ``(seed, stream, step)``: ``inputs`` are the first ``seq_len`` 
 ``targets`` the next-byte shifts, ``mask`` all ones. Validation windows come from the
 validation file. The evaluation reports bits per byte, the mean cross-entropy in nats over
 ``ln 2`` (one token is one byte).
+
+One token is one byte: ``encode(text)`` gives the int32 tokens of a string's UTF-8 bytes,
+``decode(tokens)`` the text of a token sequence (a sequence of byte values; a negative value,
+the padding ``generate`` puts after a stop token, ends it).
 """
 
 from __future__ import annotations
@@ -32,6 +36,34 @@ from seqmix.data.task import EVAL_STREAM, Batch, Task, batches_of, check_positiv
 
 VOCAB_SIZE = 256
 EXCLUDED_DIRS = ("site-packages", "dist-packages")
+
+
+def encode(text: str) -> np.ndarray:
+    """The tokens of ``text``: its UTF-8 bytes as int32 ``[len(bytes)]``."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+
+def decode(tokens, *, errors: str = "replace") -> str:
+    """The text of ``tokens`` (a 1-D sequence of byte values 0..255), read as UTF-8; it ends
+    at the first negative value (padding). Bytes that are not valid UTF-8 become U+FFFD
+    (``errors="replace"``; any ``bytes.decode`` policy is accepted). ValueError for a
+    value above 255 or an array that is not 1-D."""
+    values = np.asarray(tokens)
+    if values.ndim != 1:
+        raise ValueError(
+            f"tokens must be one sequence (1-D), got shape {values.shape}; decode rows one by one"
+        )
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got dtype {values.dtype}")
+    stop = np.flatnonzero(values < 0)
+    if stop.size:
+        values = values[: stop[0]]
+    if values.size and values.max() > 255:
+        i = int(np.argmax(values > 255))
+        raise ValueError(f"tokens must be bytes (0..255), got tokens[{i}] = {int(values[i])}")
+    return values.astype(np.uint8).tobytes().decode("utf-8", errors=errors)
 
 
 def default_data_dir() -> str:

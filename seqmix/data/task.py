@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from seqmix import checks
+
 Batch = dict[str, np.ndarray]
 
 TRAIN_STREAM = 0
@@ -70,12 +72,32 @@ class Task:
     bits_per_byte: bool = False  # report loss / ln 2 as bits per byte (byte-level LM)
 
     def train_batch(self, step: int) -> Batch:
-        return self.batch(TRAIN_STREAM, step, self.batch_size)
+        return self.check_batch(self.batch(TRAIN_STREAM, step, self.batch_size))
 
     def eval_batches(self) -> list[Batch]:
         return [
-            self.batch(EVAL_STREAM, i, self.eval_batch_size) for i in range(self.num_eval_batches)
+            self.check_batch(self.batch(EVAL_STREAM, i, self.eval_batch_size))
+            for i in range(self.num_eval_batches)
         ]
+
+    def check_batch(self, batch: Batch) -> Batch:
+        """``batch`` after checking its ids on the host (a min and max per array, before
+        the batch reaches a jitted step, where an id outside the vocabulary would silently
+        read a NaN embedding row): ``inputs`` in ``[0, vocab_size)``; the ``targets`` that
+        count (``mask`` > 0) in ``[0, vocab_size)`` for language models, every target in
+        ``[0, num_classes)`` for classifiers. ValueError naming the array otherwise (the task's generator is wrong)."""
+        checks.id_range(batch["inputs"], self.vocab_size, "inputs")
+        targets = batch.get("targets")
+        if targets is None:
+            return batch
+        if self.kind == "classifier":
+            if self.num_classes is not None:
+                checks.id_range(targets, self.num_classes, "targets", "the classes")
+        else:
+            mask = batch.get("mask")
+            counted = targets if mask is None else np.where(np.asarray(mask) > 0, targets, 0)
+            checks.id_range(counted, self.vocab_size, "targets")
+        return batch
 
     @property
     def tokens_per_batch(self) -> int:

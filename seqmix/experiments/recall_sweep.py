@@ -1,32 +1,36 @@
-"""The associative-recall study: every (mixer, d_model, setting) of configs/recall.py.
+"""The associative-recall study: every (mixer, d_model, setting, learning rate) of configs/recall.
 
-    python -m seqmix.experiments.recall_sweep [--compile_workers=8] [--workers=4] [--steps=4000]
+    seqmix-recall-sweep [--compile_workers=8] [--workers=4] [--steps=4000]
+    python -m seqmix.experiments.recall_sweep ...            # the same launcher
 
 Follows Zoology's MQAR protocol (vocabulary 8192, two layers, keys and values from the two
 halves of the vocabulary, power-law query gaps, accuracy at the answer positions) with a
-reduced training budget (the grid spans device calls through ``--resume``): ``steps``
+reduced training budget (a grid larger than one job's time limit continues with ``--resume``): ``steps``
 updates of ``batch_size`` fresh sequences (4000 x 256 = 1.02M sequences against Zoology's
 64 epochs of 100k, about 6x fewer), each run stopping early once its evaluation accuracy
-reaches 0.99.
-For each (mixer, d_model, setting) one compiled step trains every learning rate of the sweep
-at once: the rate lives in the optimizer state (``optax.inject_hyperparams``), and the step
-is vmapped over a leading rate axis of the whole training state (same data for every rate);
-``--novmap_rates`` runs one ordinary job per rate instead (the same compiled program).
+reaches 0.99. The configs compute in bfloat16 with float32 parameters and optimizer state.
+
+Each job is one (mixer, d_model, setting) at one learning rate, trained by the one training
+loop (``seqmix.train.train_and_evaluate``) in its own workdir: the loop evaluates every
+250 steps, and its callbacks stop it at accuracy 0.99 (``StopAtMetric``), at the deadline
+(``Deadline``, ``--deadline_s``) and on an interrupt (``StopWhenSet``). Workdirs are
+temporary (removed when the job's row is written) unless ``--runs_dir`` keeps them there;
+a kept job's workdir resumes where it stopped when the sweep runs again.
 
 Jobs run in ``--workers`` threads of one process: they share one device allocator and one
 stream, so small models overlap their Python dispatch without the GPU time-slicing between
-processes (the first H200 run, 2026-11-28, used 10 processes: each step took ~0.3 s and the
-per-process memory shares ran out). Compilation is the other cost: two programs per job,
-tens of seconds each on the GPU, one at a time in one process; ``--compile_workers=N``
-first compiles every job in N processes into the persistent cache (``experiments/bench/
-precompile.py``, at most ``--compile_budget_s``), so that the training threads start from
-cache hits. Parameters are initialised on the host and copied over. Jobs are scheduled
-longest first and none starts after ``budget_s``; each evaluation prints a progress line.
-Writes ``recall.json`` (every run, the best rate per point, the recurrent state size of
-each model: the floats of its decoding cache at the sequence length; rows of jobs still
-training, as ``cut``, every 30 s) and two plots to ``--out_dir`` and ``$OUT``. On SIGINT the
-running jobs evaluate and stop; those that do not within 30 s (still compiling) are left
-behind with their last evaluation.
+processes. Compilation is the other cost (two programs per job, tens of seconds each on the
+GPU, one at a time in one process): ``--compile_workers=N`` first compiles every job in N
+processes into the persistent cache (``experiments/bench/precompile.py``, at most
+``--compile_budget_s``), so that the training threads start from cache hits (the workers
+build the same ``seqmix.train.build_program``). Jobs are scheduled longest first and none
+starts after ``budget_s``. Writes ``recall.json`` (every run, the best rate per point, the
+recurrent state size of each model: the floats of its decoding cache at the sequence
+length; rows of jobs still training, as ``cut``, every 30 s) and, where matplotlib is
+installed, two plots to ``--out_dir`` (default ``$SEQMIX_RUNS/recall_sweep`` or
+``~/seqmix-runs/recall_sweep``) and ``$OUT``. On SIGINT the running jobs evaluate, save and
+stop; those that do not within 30 s (still compiling) are left behind with their last
+evaluation.
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ import signal
 import threading
 import time
 
-from absl import app, flags
+from absl import flags
 
+from seqmix.experiments import cli
 from seqmix.experiments.bench import precompile
+from seqmix.train.callbacks import Callback
 
 _WORKERS = flags.DEFINE_integer("workers", 4, "Concurrent jobs (threads) sharing the device.")
 _COMPILE_WORKERS = flags.DEFINE_integer(
@@ -59,85 +65,216 @@ _MIXERS = flags.DEFINE_list("mixers", None, "Mixers (default: configs/recall.MIX
 _DMODELS = flags.DEFINE_list("d_models", None, "Widths (default: configs/recall.D_MODELS).")
 _SETTINGS = flags.DEFINE_list("settings", None, "seq_len:pairs items (default: all four).")
 _LRS = flags.DEFINE_list("lrs", None, "Learning rates (default: configs/recall.LRS).")
-_OUT = flags.DEFINE_string("out_dir", None, "Results folder (default benchmarks/results).")
+_OUT = flags.DEFINE_string(
+    "out_dir", None, "Results folder (default $SEQMIX_RUNS/recall_sweep, ~/seqmix-runs/...)."
+)
+_RUNS_DIR = flags.DEFINE_string(
+    "runs_dir", None, "Keep each job's workdir here (default: temporary, removed)."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of models and data.")
 _RESUME = flags.DEFINE_string(
     "resume",
     None,
     "A recall.json of an earlier call: its finished "
-    "runs are kept and their jobs not run again (the grid can span "
-    "several device calls).",
-)
-_VMAP = flags.DEFINE_bool(
-    "vmap_rates",
-    True,
-    "Train every rate of a grid point in one step "
-    "vmapped over a rate axis; false: one job per rate, each an ordinary "
-    "step (the same compiled program for every rate).",
+    "runs are kept and their jobs not run again (a grid can continue "
+    "across several invocations).",
 )
 _DEADLINE = flags.DEFINE_float(
     "deadline_s",
     None,
-    "Runs still training this many seconds after "
-    "the start evaluate within 50 steps and stop (marked 'cut').",
+    "Runs still training this many seconds after the start evaluate, save and stop (marked 'cut').",
 )
 
 
 # Set on SIGINT (the stage's time limit): running jobs evaluate at once and return, cut.
 _STOP = threading.Event()
-# job -> rows of its latest evaluation (cut), written with the results while it trains
-_PROGRESS: dict[tuple, list[dict]] = {}
+# job -> the row of its latest evaluation (cut), written with the results while it trains
+_PROGRESS: dict[tuple, dict] = {}
 _EVAL_EVERY = 250
+TARGET_ACCURACY = 0.99
 
 
-def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap=True):
-    """The programs and data of one grid point: a dict with ``task``, the jitted vmapped
-    ``train``/``eval`` steps, ``init`` (the concrete stacked state, built on the host CPU and
-    copied over), ``abstract`` (the arguments' shapes, for compiling ahead) and the sizes.
-    With ``vmap=False`` (one rate only) the steps and the state have no rate axis."""
+def job_config(mixer, d_model, seq_len, pairs, lr, steps, batch_size, seed):
+    """The training config of one job: ``configs/recall.py`` at this point and rate, with
+    the sweep's evaluation cadence (every 250 steps) and a checkpoint only at the end."""
+    from seqmix.configs import recall
+
+    config = recall.get_config(
+        f"mixer={mixer},d_model={d_model},seq_len={seq_len},num_kv_pairs={pairs},"
+        f"steps={steps},batch_size={batch_size},lr={lr}"
+    )
+    config.seed = seed
+    config.train.eval_every = min(_EVAL_EVERY, steps)
+    config.train.log_every = min(_EVAL_EVERY, steps)
+    config.train.checkpoint_every = 0
+    config.train.keep = 1
+    return config
+
+
+def sizes(config) -> dict:
+    """``{"state_size", "params"}``: the floats of one layer's decoding cache at the
+    sequence length, and the parameter count (shapes only: nothing is allocated)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from seqmix import models
+    from seqmix.train import model_config_of, split_model
+
+    model_config = model_config_of(config)
+    model = nnx.eval_shape(lambda: models.build_model(model_config, rngs=nnx.Rngs(0)))
+    cache = jax.eval_shape(lambda: model.init_cache(1, int(config.data.seq_len)))
+    floats = sum(x.size for x in jax.tree.leaves(cache) if jnp.issubdtype(x.dtype, jnp.floating))
+    parts = split_model(model_config, int(config.seed))
+    return {
+        "state_size": int(floats // len(models.layer_names(model_config))),
+        "params": int(sum(x.size for x in jax.tree.leaves(parts.params))),
+    }
+
+
+def compile_programs(config) -> tuple:
+    """The compiled ``(train_step, eval_step)`` of a job's config, lowered from abstract
+    arguments: what the loop of the same config runs (a persistent-cache hit for it)."""
+    from seqmix import data
+    from seqmix.train import build_program
+
+    task = data.make_task(config)
+    program = build_program(config)
+    args = program.abstract_args(task.train_batch(1), task.eval_batches()[0])
+    return (
+        program.train_step.lower(*args["train"]).compile(),
+        program.eval_step.lower(*args["eval"]).compile(),
+    )
+
+
+class _Progress(Callback):
+    """Keeps a job's latest evaluation in ``_PROGRESS`` (written as a cut row while the job
+    trains) and prints a line per evaluation."""
+
+    def __init__(self, job, row, t0):
+        self.job, self.row, self.t0 = job, row, t0
+
+    def on_eval(self, step, metrics):
+        seconds = time.time() - self.t0
+        _PROGRESS[self.job] = dict(
+            self.row,
+            accuracy=metrics["accuracy"],
+            eval_loss=metrics["loss"],
+            steps=step,
+            cut=True,
+            seconds=seconds,
+        )
+        print(f"{self.job} step {step} accuracy {metrics['accuracy']:.3f} after {seconds:.0f}s")
+        return None
+
+
+def run_job(
+    mixer,
+    d_model,
+    seq_len,
+    pairs,
+    lr,
+    steps,
+    batch_size,
+    seed,
+    deadline=None,
+    runs_dir=None,
+) -> dict:
+    """Trains one grid point at one learning rate with the training loop and returns its
+    row: accuracy and evaluation loss at the step it stopped (accuracy >= 0.99, the last
+    step, the ``deadline`` (a ``time.time()`` value) or an interrupt (``_STOP``); the last
+    two mark a run below 0.99 ``cut``), or NaN at the step where the loss stopped being
+    finite. The workdir is ``runs_dir/<job>`` (kept, resumable) or a temporary one."""
+    import shutil
+    import tempfile
+
+    from seqmix.train import (
+        Deadline,
+        NonFiniteError,
+        StopAtMetric,
+        StopWhenSet,
+        train_and_evaluate,
+    )
+
+    job = (mixer, d_model, seq_len, pairs, lr)
+    t0 = time.time()
+    config = job_config(mixer, d_model, seq_len, pairs, lr, steps, batch_size, seed)
+    row = dict(
+        mixer=mixer,
+        d_model=d_model,
+        seq_len=seq_len,
+        num_kv_pairs=pairs,
+        lr=lr,
+        compute_dtype=config.train.compute_dtype,
+        **sizes(config),
+    )
+    progress = _Progress(job, row, t0)
+    callbacks = [StopAtMetric("accuracy", TARGET_ACCURACY), StopWhenSet(_STOP), progress]
+    if deadline is not None:
+        callbacks.append(Deadline(deadline))
+    name = f"{mixer}-d{d_model}-T{seq_len}-p{pairs}-lr{lr:g}"
+    workdir = os.path.join(runs_dir, name) if runs_dir else tempfile.mkdtemp(prefix="recall_")
+    try:
+        result = train_and_evaluate(config, workdir, callbacks=callbacks, label=name)
+    except NonFiniteError as e:
+        return dict(
+            row,
+            accuracy=float("nan"),
+            eval_loss=float("nan"),
+            steps=e.step,
+            cut=False,
+            seconds=time.time() - t0,
+        )
+    finally:
+        _PROGRESS.pop(job, None)
+        if not runs_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    accuracy = float(result["eval"]["accuracy"])
+    stopped = result["stopped_by"]
+    return dict(
+        row,
+        accuracy=accuracy,
+        eval_loss=float(result["eval"]["loss"]),
+        steps=int(result["step"]),
+        cut=bool(stopped) and accuracy < TARGET_ACCURACY,
+        seconds=time.time() - t0,
+    )
+
+
+def probe_programs(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap=True):
+    """The programs of one grid point for profiling (``device/recall_probe.py``), built
+    from the loop's public pieces: a dict with ``task``, the jitted ``train``/``eval``
+    steps, ``init`` (the concrete state, built on the host and copied over), ``abstract``
+    (their arguments' shapes) and the sizes. With ``vmap`` every rate of ``lrs`` trains at
+    once: the rate lives in the optimizer state (``optax.inject_hyperparams``) and the step
+    is vmapped over a leading rate axis of the state (the batch is shared); without it
+    ``lrs`` holds one rate and the step is the loop's own."""
     import jax
     import jax.numpy as jnp
     import optax
-    from flax import nnx
 
-    from seqmix import data, models
-    from seqmix.configs import recall
-    from seqmix.train import loop, optimizer
+    from seqmix import data
+    from seqmix.train import make_eval_step, make_train_step, optimizer, split_model
+    from seqmix.train import steps as steps_lib
 
-    cfg = recall.get_config(
-        f"mixer={mixer},d_model={d_model},seq_len={seq_len},"
-        f"num_kv_pairs={pairs},steps={steps},batch_size={batch_size}"
-    )
-    cfg.seed = seed
-    task = data.make_task(cfg)
-    parts = loop.split_model(cfg.model, seed)
-    unit = cfg.optimizer.copy_and_resolve_references()
+    n = len(lrs)
+    if not vmap and n != 1:
+        raise ValueError(f"without the rate vmap a job trains one rate, got lrs={lrs}")
+    config = job_config(mixer, d_model, seq_len, pairs, lrs[0], steps, batch_size, seed)
+    task = data.make_task(config)
+    model_config = steps_lib.model_config_of(config)
+    parts = split_model(model_config, seed)
+    unit = config.optimizer.copy_and_resolve_references()
     unit.lr = 1.0  # the schedule's shape; the rate itself is a traced hyperparameter
     tx = optax.chain(
         optimizer.make_optimizer(unit, steps), optax.inject_hyperparams(optax.scale)(step_size=1.0)
     )
     schedule = optimizer.learning_rate_schedule(unit, steps)
-    model = nnx.eval_shape(lambda: models.build_model(cfg.model, rngs=nnx.Rngs(0)))
-    cache = jax.eval_shape(lambda: model.init_cache(1, seq_len))
-    state_size = int(
-        sum(x.size for x in jax.tree.leaves(cache) if jnp.issubdtype(x.dtype, jnp.floating))
-        // len(cfg.model.layers)
-    )
-    n_params = int(sum(x.size for x in jax.tree.leaves(parts.params)))
-    n = len(lrs)
-    if not vmap and n != 1:
-        raise ValueError(f"without the rate vmap a job trains one rate, got lrs={lrs}")
 
     def init():
-        """``(state, rngs)``: one training state per rate, stacked on a leading axis (one
-        unstacked state without the vmap)."""
-        params, rngs, other = loop._init_state(cfg.model, seed, None)
+        params, rngs, other = steps_lib.init_model_state(model_config, seed, None, on_host=False)
         opt_state = tx.init(params)
-        opt_state = (
-            opt_state[0],
-            opt_state[1]._replace(hyperparams={"step_size": jnp.asarray(1.0, jnp.float32)}),
-        )
-        state = loop.TrainState(params, opt_state, other)
+        state = steps_lib.TrainState(params, opt_state, other)
         if vmap:
             state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), state)
         rate = jnp.asarray(lrs if vmap else lrs[0], jnp.float32)
@@ -150,21 +287,15 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap=Tr
         return state, rngs
 
     def host_init():
-        # on the host: a jitted initialiser can take minutes to compile on the GPU
         with jax.default_device(jax.devices("cpu")[0]):
             made = init()
         return jax.device_put(made, jax.devices()[0])
 
-    # With the vmap every learning rate trains at once: the step is vmapped over a leading
-    # rate axis of the state (params, optimizer state with its step size, other), the batch
-    # is shared.
-    train_step = loop.make_train_step(parts, tx, schedule, "causal_lm", seed)
-    eval_step = loop.make_eval_step(parts, "causal_lm", seed)
+    train_step = make_train_step(parts, tx, schedule, "causal_lm", seed)
+    eval_step = make_eval_step(parts, "causal_lm", seed)
     if vmap:
         train_step = jax.vmap(train_step, in_axes=(0, None, None, None))
         eval_step = jax.vmap(eval_step, in_axes=(0, None, 0, None))
-    train = jax.jit(train_step, donate_argnums=0)
-    evaluate = jax.jit(eval_step)
     spec = lambda b: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
     state, rngs = jax.eval_shape(init)
     abstract = dict(
@@ -173,129 +304,32 @@ def _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap=Tr
     )
     return dict(
         task=task,
-        train=train,
-        eval=evaluate,
+        train=jax.jit(train_step, donate_argnums=0),
+        eval=jax.jit(eval_step),
         init=host_init,
         abstract=abstract,
-        state_size=state_size,
-        n_params=n_params,
+        **sizes(config),
     )
 
 
+_build = probe_programs  # the name device/recall_probe.py calls
+
+
 def compile_job(b: dict) -> tuple:
-    """The compiled ``(train, eval)`` steps of a ``_build``, always lowered from the abstract
-    arguments: the parallel compile workers and the training thread lower the same module,
-    so the thread's compile is a persistent-cache hit (concrete, committed arrays would add
-    sharding annotations and miss)."""
+    """The compiled ``(train, eval)`` steps of ``probe_programs``, lowered from the
+    abstract arguments."""
     return (
         b["train"].lower(*b["abstract"]["train"]).compile(),
         b["eval"].lower(*b["abstract"]["eval"]).compile(),
     )
 
 
-def run_job(
-    mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, deadline=None, vmap=True
-) -> list[dict]:
-    """Trains one grid point at every learning rate at once (one vmapped step; with
-    ``vmap=False`` at its single rate, an ordinary step); returns one
-    row per rate, each finished at its first evaluation with accuracy >= 0.99, a non-finite
-    loss, or the last step. Past ``deadline`` (a ``time.time()`` value) the runs evaluate
-    within 50 steps and stop, and the rows of those still below 0.99 say ``cut``; after an
-    interrupt (``_STOP``, threads only) they evaluate at once and stop the same way. Each
-    evaluation prints a progress line and leaves the rows so far in ``_PROGRESS``."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from seqmix.train import losses
-
-    job = (mixer, d_model, seq_len, pairs) if vmap else (mixer, d_model, seq_len, pairs, lrs[0])
-    t0 = time.time()
-    b = _build(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed, vmap)
-    task, n = b["task"], len(lrs)
-    train, evaluate_step = compile_job(b)
-    eval_set = [jax.device_put(x) for x in task.eval_batches()]
-    state, rngs = b["init"]()
-
-    def evaluate(state):
-        sums = None
-        for e in eval_set:
-            s = evaluate_step(state.params, rngs, state.other, e)
-            sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
-        sums = jax.device_get(sums)
-        if not vmap:
-            return [losses.finish(sums)]
-        return [losses.finish(jax.tree.map(lambda x, i=i: x[i], sums)) for i in range(n)]
-
-    def rows_of(result, seconds):
-        return [
-            dict(
-                mixer=mixer,
-                d_model=d_model,
-                seq_len=seq_len,
-                num_kv_pairs=pairs,
-                lr=lr,
-                accuracy=acc,
-                eval_loss=loss,
-                steps=done,
-                cut=cut,
-                seconds=seconds,
-                state_size=b["state_size"],
-                params=b["n_params"],
-            )
-            for lr, (acc, loss, done, cut) in zip(lrs, result)
-        ]
-
-    result = [None] * n  # (accuracy, eval loss, steps, cut) once a rate is finished
-    for step in range(1, steps + 1):
-        batch = {k: jnp.asarray(v) for k, v in task.train_batch(step).items()}
-        state, metrics = train(state, rngs, batch, jnp.asarray(step, jnp.int32))
-        if step == 1:
-            jax.block_until_ready(metrics)
-            print(
-                f"{job} first step (build, init, compile) after {time.time() - t0:.1f}s", flush=True
-            )
-        late = step < steps and (
-            _STOP.is_set() or (deadline is not None and time.time() > deadline and step % 50 == 0)
-        )
-        if step % _EVAL_EVERY and step != steps and not late:
-            continue
-        losses_now = np.atleast_1d(np.asarray(jax.device_get(metrics["loss"])))
-        evals = evaluate(state)
-        for i, ev in enumerate(evals):
-            acc_i, loss_i = float(ev["accuracy"]), float(ev["loss"])
-            if result[i] is not None:
-                continue
-            if not np.isfinite(losses_now[i]):
-                result[i] = (float("nan"), float("nan"), step, False)
-            elif acc_i >= 0.99 or step == steps or late:
-                result[i] = (acc_i, loss_i, step, late and acc_i < 0.99)
-        print(
-            f"{job} step {step} accuracy {[round(float(e['accuracy']), 3) for e in evals]} "
-            f"after {time.time() - t0:.0f}s",
-            flush=True,
-        )
-        _PROGRESS[job] = rows_of(
-            [
-                r or (float(e["accuracy"]), float(e["loss"]), step, True)
-                for r, e in zip(result, evals)
-            ],
-            time.time() - t0,
-        )
-        if all(r is not None for r in result):
-            break
-    _PROGRESS.pop(job, None)
-    return rows_of(result, time.time() - t0)
-
-
-def _compile_shard(spec: str, jobs: list[tuple], lrs: list[float]) -> None:
+def _compile_shard(spec: str, jobs: list[tuple]) -> None:
     precompile.setup_cache()
-    # without the rate vmap every rate of a job runs the same program: compile it once
-    lrs = lrs if _VMAP.value else lrs[:1]
     for job in precompile.shard(jobs, spec):
         t0 = time.time()
         try:
-            compile_job(_build(*job, lrs, _STEPS.value, _BATCH.value, _SEED.value, _VMAP.value))
+            compile_programs(job_config(*job, _STEPS.value, _BATCH.value, _SEED.value))
             print(f"compiled {job} in {time.time() - t0:.0f}s", flush=True)
         except Exception as e:  # noqa: BLE001 - the driver compiles it again and reports
             print(f"compile {job} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -335,6 +369,12 @@ def plot(best: list[dict], path_prefix: str) -> None:
         plt.close(fig)
 
 
+def out_dir() -> str:
+    from seqmix.configs.loader import runs_root
+
+    return _OUT.value or os.path.join(runs_root(), "recall_sweep")
+
+
 def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
     """recall.json (every run, the best rate per point, the jobs not run) and the plots."""
     from seqmix.experiments.bench import common
@@ -356,30 +396,37 @@ def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
         runs=rows,
         best=best_rows,
         skipped=[
-            dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), j))
-            for j in dict.fromkeys(skipped)
+            dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), job), lr=lr)
+            for job, lr in dict.fromkeys(skipped)
         ],
     )
-    for d in filter(None, [_OUT.value or common.RESULTS_DIR, os.environ.get("OUT")]):
+    for d in filter(None, [out_dir(), os.environ.get("OUT")]):
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "recall.json"), "w") as f:
             json.dump(payload, f, indent=1, default=float)
         if plots and best_rows:
-            plot(best_rows, os.path.join(d, "recall"))
+            try:
+                plot(best_rows, os.path.join(d, "recall"))
+            except ImportError:
+                print("matplotlib is not installed: no plots (pip install 'seqmix[bench]')")
     return best_rows
 
 
-def resume(path: str, jobs: list[tuple], lrs: list[float]) -> tuple[list[dict], list[tuple]]:
-    """The finished runs of an earlier recall.json (no error, not cut by a deadline) and the
-    jobs of ``jobs`` that still lack a finished run at some rate of ``lrs``."""
+def resume(
+    path: str, jobs: list[tuple], lrs: list[float]
+) -> tuple[list[dict], list[tuple[tuple, float]]]:
+    """The finished runs of an earlier recall.json (no error, not cut) and the entries
+    ``(job, lr)`` of ``jobs`` x ``lrs`` that still lack one."""
     with open(path) as f:
         earlier = json.load(f)["runs"]
     kept = [r for r in earlier if "error" not in r and not r.get("cut")]
     done = {(r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"]) for r in kept}
-    left = [j for j in jobs if any((*j, lr) not in done for lr in lrs)]
-    rerun = set(left)  # a job runs again at every rate: drop its earlier rows
+    left = [(job, lr) for job in jobs for lr in lrs if (*job, lr) not in done]
+    wanted = {(*job, lr) for job in jobs for lr in lrs}
     kept = [
-        r for r in kept if (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"]) not in rerun
+        r
+        for r in kept
+        if (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"]) in wanted
     ]
     return kept, left
 
@@ -389,14 +436,13 @@ def _setting(item: str) -> tuple[int, int]:
     try:
         T, n = (int(x) for x in item.split(":"))
     except ValueError:
-        raise ValueError(
-            f"--settings items are seq_len:pairs (e.g. 256:16), got {item!r}"
-        ) from None
+        cli.fail(f"--settings items are seq_len:pairs (e.g. 256:16), got {item!r}")
     return T, n
 
 
-def main(argv):
-    del argv
+def main(args: cli.Args):
+    if len(args.argv) > 1 or args.overrides:
+        cli.fail(f"unexpected arguments: {args.argv[1:]} {args.overrides or ''}".strip())
     # SIGINT (the device stage's time limit) must raise KeyboardInterrupt even when this
     # process started with it ignored (children of pytest-xdist workers, background jobs)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -408,26 +454,27 @@ def main(argv):
     settings = [_setting(s) for s in _SETTINGS.value] if _SETTINGS.value else list(recall.SETTINGS)
     lrs = [float(x) for x in (_LRS.value or recall.LRS)]
     if _WORKERS.value < 1:
-        raise ValueError(f"--workers must be >= 1, got {_WORKERS.value}")
+        cli.fail(f"--workers must be >= 1, got {_WORKERS.value}")
     if _RESUME.value and not os.path.exists(_RESUME.value):
-        raise ValueError(
-            f"--resume={_RESUME.value}: no such file (a recall.json of an earlier call)"
-        )
+        cli.fail(f"--resume={_RESUME.value}: no such file (a recall.json of an earlier call)")
     jobs = [(m, d, T, n) for (T, n) in settings for d in d_models for m in mixers]
     jobs.sort(key=lambda j: -j[1] * j[2])  # longest first
-    rows, skipped = [], []
+    rows: list[dict] = []
+    skipped: list[tuple] = []
+    queue = [(job, lr) for job in jobs for lr in lrs]  # one job per point and rate
     if _RESUME.value:
-        rows, jobs = resume(_RESUME.value, jobs, lrs)
+        rows, queue = resume(_RESUME.value, jobs, lrs)
         if not _COMPILE_ONLY.value:
             print(
-                f"resumed {len(rows)} runs from {_RESUME.value}; {len(jobs)} jobs left", flush=True
+                f"resumed {len(rows)} runs from {_RESUME.value}; {len(queue)} jobs left",
+                flush=True,
             )
     if _COMPILE_ONLY.value:
-        _compile_shard(_COMPILE_ONLY.value, jobs, lrs)
+        _compile_shard(_COMPILE_ONLY.value, [(*job, lr) for job, lr in queue])
         return
     start = time.time()
     deadline = None if _DEADLINE.value is None else start + _DEADLINE.value
-    if _COMPILE_WORKERS.value > 0 and jobs:
+    if _COMPILE_WORKERS.value > 0 and queue:
         seconds = precompile.run_workers(
             "seqmix.experiments.recall_sweep",
             [
@@ -438,7 +485,6 @@ def main(argv):
                 f"--steps={_STEPS.value}",
                 f"--batch_size={_BATCH.value}",
                 f"--seed={_SEED.value}",
-                f"--vmap_rates={_VMAP.value}",
                 *([f"--resume={_RESUME.value}"] if _RESUME.value else []),
             ],
             _COMPILE_WORKERS.value,
@@ -446,61 +492,52 @@ def main(argv):
         )
         print(f"parallel compile: {seconds:.0f}s", flush=True)
     precompile.setup_cache()
-    in_progress = lambda: [r for job_rows in list(_PROGRESS.values()) for r in job_rows]
+    in_progress = lambda: list(_PROGRESS.values())
     pool = cf.ThreadPoolExecutor(_WORKERS.value)
-    # a queue entry: a grid point and the rates it trains (all at once, or one per entry)
-    queue = (
-        [(job, tuple(lrs)) for job in jobs]
-        if _VMAP.value
-        else [(job, (lr,)) for job in jobs for lr in lrs]
-    )
     pending, interrupted = {}, None
     while queue or pending:
         while queue and len(pending) < _WORKERS.value:
             if time.time() - start > _BUDGET.value:
-                skipped.extend(job for job, _ in queue)
+                skipped.extend(queue)
                 queue = []
                 break
-            job, job_lrs = queue.pop(0)
-            pending[
-                pool.submit(
-                    run_job,
-                    *job,
-                    list(job_lrs),
-                    _STEPS.value,
-                    _BATCH.value,
-                    _SEED.value,
-                    deadline,
-                    _VMAP.value,
-                )
-            ] = (job, job_lrs)
+            job, lr = queue.pop(0)
+            future = pool.submit(
+                run_job,
+                *job,
+                lr,
+                _STEPS.value,
+                _BATCH.value,
+                _SEED.value,
+                deadline,
+                _RUNS_DIR.value,
+            )
+            pending[future] = (job, lr)
         if not pending:
             break
         try:
             done, _ = cf.wait(pending, timeout=30, return_when=cf.FIRST_COMPLETED)
         except KeyboardInterrupt:  # the time limit: keep what the running jobs reached
-            print("interrupted: running jobs stop at their next step", flush=True)
+            print("interrupted: running jobs evaluate, save and stop", flush=True)
             _STOP.set()
-            skipped.extend(job for job, _ in queue)
+            skipped.extend(queue)
             queue, interrupted = [], time.time()
             continue
         for fut in done:
-            job, job_lrs = pending.pop(fut)
+            job, lr = pending.pop(fut)
             try:
-                for r in fut.result():
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
+                rows.append(fut.result())
             except Exception as e:  # noqa: BLE001 - one failing job must not stop the sweep
                 rows.append(
                     dict(
                         zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), job),
-                        **({"lr": job_lrs[0]} if len(job_lrs) == 1 else {}),
+                        lr=lr,
                         error=f"{type(e).__name__}: {str(e)[:300]}",
                     )
                 )
-                print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1], default=float), flush=True)
         # every 30 s and after every job: what a time limit or a kill would otherwise lose
-        _write(rows + in_progress(), skipped + [job for job, _ in queue], lrs, start, plots=False)
+        _write(rows + in_progress(), skipped + queue, lrs, start, plots=False)
         if interrupted is not None and time.time() - interrupted > 30:
             print(
                 f"{len(pending)} jobs did not stop within 30 s (compiling?): left behind",
@@ -532,5 +569,10 @@ def main(argv):
     pool.shutdown()
 
 
+def run() -> None:
+    """The ``seqmix-recall-sweep`` command."""
+    cli.run(main, __doc__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,12 +1,21 @@
-"""Argument checks shared by the op families: errors name the argument and what was expected."""
+"""Argument checks shared by the op families: errors name the argument and what was expected.
+
+Scalar arguments go through ``seqmix.checks`` (``as_int``: Python, NumPy and JAX integer
+scalars accepted, booleans refused; ``as_float``: finite numbers). Empty inputs: a batch or
+a sequence of size 0 is computed by every op as ``jnp`` computes an empty reduction (an
+empty output; a final state equal to the initial state, or zeros), in the api layer before
+dispatch, so that every implementation behaves the same (``empty``); heads and feature
+sizes of 0 are refused (``check_sizes``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from seqmix.checks import as_float, as_int, is_concrete, optional_int  # noqa: F401
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
@@ -54,23 +63,57 @@ def check_heads(big_name: str, big: int, small_name: str, small: int) -> int:
     return big // small
 
 
-def is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def check_nonpositive(name: str, x) -> None:
+def check_nonpositive(name: str, x, why: str = "it is a log decay") -> None:
     """Raises when a concrete ``x`` has an element > 0 (skipped under tracing)."""
-    if x is None or not is_concrete(x):
+    if x is None or not is_concrete(x) or x.size == 0:
         return
-    if bool(np.any(np.asarray(x, dtype=np.float32) > 0)):
+    values = np.asarray(x, dtype=np.float32)
+    if bool(np.any(values > 0)):
         raise ValueError(
-            f"{name} must be <= 0 everywhere (it is a log decay), got a maximum of "
-            f"{float(np.max(np.asarray(x, dtype=np.float32)))}"
+            f"{name} must be <= 0 everywhere ({why}), got a maximum of {float(np.max(values))}"
         )
 
 
+def check_sizes(name: str, x, layout: str, axes: Sequence[int]) -> None:
+    """Raises when an axis of ``x`` in ``axes`` (heads, feature sizes) is 0."""
+    names = [a.strip() for a in layout.strip("[]").split(",")]
+    for axis in axes:
+        if x.shape[axis] < 1:
+            raise ValueError(
+                f"{name} must have {names[axis]} >= 1 ({name} is {layout}), got shape "
+                f"{tuple(x.shape)}"
+            )
+
+
+def empty(*sizes: int) -> bool:
+    """True when a batch or sequence size is 0: the op returns its empty result."""
+    return any(s == 0 for s in sizes)
+
+
+def check_lengths(name: str, lengths, high: int) -> None:
+    """Raises when concrete ``lengths`` hold a value outside ``[0, high]`` (skipped under
+    tracing: no host sync inside ``jit``)."""
+    if not is_concrete(lengths) or lengths.size == 0:
+        return
+    values = np.asarray(lengths)
+    bad = np.flatnonzero((values < 0) | (values > high))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{name} must lie in [0, {high}] (the cache size), got {name}[{i}] = {int(values[i])}"
+        )
+
+
+def check_softcap(softcap) -> float | None:
+    """None, or a finite number > 0."""
+    if softcap is None:
+        return None
+    return as_float(softcap, "softcap", minimum=0.0, strict=True)
+
+
 def default_scale(scale: float | None, dim: int) -> float:
-    return float(dim) ** -0.5 if scale is None else float(scale)
+    """``dim ** -0.5`` when ``scale`` is None, else ``scale`` as a finite float."""
+    return float(dim) ** -0.5 if scale is None else as_float(scale, "scale")
 
 
 def accum_dtype(dtype) -> jnp.dtype:

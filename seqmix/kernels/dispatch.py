@@ -11,6 +11,17 @@ Pallas implementations run natively on their platform (``pallas_triton`` and
 is on when the environment variable ``SEQMIX_INTERPRET=1`` is set or inside
 ``with interpret():``. Interpret mode makes Pallas kernels *askable by name* on a CPU; auto
 dispatch never picks an interpreted kernel.
+
+Every public op also takes ``config=``: the tuning Config of one backend (see
+``seqmix.kernels.tune``). It is passed to that backend's implementation, which is called as
+``impl(<normalised arrays>, *, <keyword args>, config=<Config or None>)``; implementations
+without a Config class (naive, xla, cudnn) are called without it. A Config given with
+``implementation=None`` selects its backend; a Config of another backend than the one named
+is a ValueError.
+
+A new backend registers its name here (``IMPLEMENTATIONS``, and its platform in
+``PALLAS_PLATFORMS``), its interpret parameters in ``common.INTERPRET_PARAMS``, and its
+implementation and Config class in each op's ``Op(impls=..., configs=...)``.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ IMPLEMENTATIONS = (
     "cudnn",
 )
 
-_PALLAS_PLATFORM = {"pallas_triton": "gpu", "pallas_mosaic_gpu": "gpu", "pallas_tpu": "tpu"}
+PALLAS_PLATFORMS = {"pallas_triton": "gpu", "pallas_mosaic_gpu": "gpu", "pallas_tpu": "tpu"}
 
 _local = threading.local()
 
@@ -82,7 +93,7 @@ def platform() -> str:
 
 def available(name: str) -> bool:
     """Whether implementation ``name`` can run here (natively or in interpret mode)."""
-    native = _PALLAS_PLATFORM.get(name)
+    native = PALLAS_PLATFORMS.get(name)
     if native is not None:
         return platform() == native or interpret_mode()
     if name == "cudnn":
@@ -90,20 +101,59 @@ def available(name: str) -> bool:
     return True
 
 
+_OPS: dict[str, Op] = {}
+
+
+def registered_ops() -> dict[str, Op]:
+    """Public op name -> its ``Op``, for every op constructed so far (all of seqmix's once
+    ``seqmix.kernels`` is imported)."""
+    return dict(_OPS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
-    """An op family's implementations and its auto-dispatch order per platform.
+    """An op's implementations, their tuning Configs and its auto-dispatch order.
 
     Attributes:
       name: the op's public name, used in error messages.
       impls: implementation name -> callable, or ``"module:attribute"`` imported on first use
         (so that importing seqmix never imports a kernel backend).
       auto: platform -> implementation names in order of preference.
+      configs: implementation name -> its Config class (the backends that are tuned).
     """
 
     name: str
     impls: Mapping[str, Callable[..., Any] | str]
     auto: Mapping[str, Sequence[str]]
+    configs: Mapping[str, type] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _OPS[self.name] = self
+
+    def _backend_of(self, config, implementation: str | None) -> str | None:
+        """The implementation ``config`` belongs to; checks it against a named one."""
+        if config is None:
+            return implementation
+        owners = [name for name, cls in self.configs.items() if isinstance(config, cls)]
+        if not owners:
+            expected = ", ".join(f"{n}: {c.__qualname__}" for n, c in self.configs.items())
+            raise ValueError(
+                f"{self.name}: config must be the Config of one of its backends "
+                f"({expected or 'none'}), got {type(config).__name__}"
+            )
+        if implementation is None:
+            return owners[0]
+        if implementation not in owners:
+            raise ValueError(
+                f"{self.name}: config is a {type(config).__qualname__} (for {owners[0]!r}) "
+                f"but implementation={implementation!r}"
+            )
+        return implementation
+
+    def _call(self, name: str, args, kwargs, config):
+        if name in self.configs:
+            kwargs = dict(kwargs, config=config)
+        return self.resolve(name)(*args, **kwargs)
 
     def resolve(self, implementation: str) -> Callable[..., Any]:
         fn = self.impls[implementation]
@@ -112,36 +162,85 @@ class Op:
             fn = getattr(importlib.import_module(module), attr)
         return fn
 
-    def __call__(self, implementation: str | None, *args: Any, **kwargs: Any) -> Any:
+    def validate(self, implementation: str | None, config: Any = None) -> str | None:
+        """The implementation a call would use (None: auto), after the checks a call makes
+        before running one: a known name, a Config of that backend, an implementation this
+        op has and that runs here. Ops call it directly for inputs they answer without an
+        implementation (an empty batch), so that those fail for the same arguments."""
+        if implementation is not None and (
+            not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS
+        ):
+            raise ValueError(
+                f"{self.name}: unknown implementation={implementation!r}; expected None or one "
+                f"of {IMPLEMENTATIONS}"
+            )
+        implementation = self._backend_of(config, implementation)
+        if implementation is None:
+            return None
+        if implementation not in self.impls:
+            raise NotImplementedError(
+                f"{self.name} has no {implementation!r} implementation; it has {tuple(self.impls)}"
+            )
+        if not available(implementation):
+            native = PALLAS_PLATFORMS.get(implementation, "gpu")
+            raise NotImplementedError(
+                f"{self.name}: implementation={implementation!r} needs a {native.upper()} "
+                f"(this is {platform()}); set SEQMIX_INTERPRET=1 to run Pallas kernels in "
+                f"interpret mode"
+                if implementation in PALLAS_PLATFORMS
+                else f"{self.name}: implementation={implementation!r} needs a GPU"
+            )
+        return implementation
+
+    def __call__(
+        self, implementation: str | None, *args: Any, config: Any = None, **kwargs: Any
+    ) -> Any:
+        implementation = self.validate(implementation, config)
         if implementation is None:
             reasons = []
             for name in self.auto.get(platform(), self.auto.get("cpu", ("xla",))):
                 if name not in self.impls:
                     continue
                 try:
-                    return self.resolve(name)(*args, **kwargs)
+                    return self._call(name, args, kwargs, None)
                 except NotImplementedError as e:
                     reasons.append(f"{name}: {e}")
             raise NotImplementedError(
                 f"{self.name}: no implementation supports these arguments on "
                 f"{platform()}: " + "; ".join(reasons)
             )
-        if implementation not in IMPLEMENTATIONS:
+        return self._call(implementation, args, kwargs, config)
+
+
+def check_implementation(value: Any, name: str = "implementation") -> Any:
+    """Validates an ``implementation`` setting of a layer or model config: None (auto), a
+    name of ``IMPLEMENTATIONS``, or a mapping op name -> None or a name. Every key must be
+    a registered op (``registered_ops()``: all of seqmix's once ``seqmix.kernels`` is
+    imported) and every name one of that op's implementations; the ValueError names the
+    key and lists the valid ones. Returns ``value`` unchanged."""
+    if value is None:
+        return value
+    if isinstance(value, str):
+        if value not in IMPLEMENTATIONS:
             raise ValueError(
-                f"{self.name}: unknown implementation={implementation!r}; expected None or one "
-                f"of {IMPLEMENTATIONS}"
+                f"{name}: unknown implementation {value!r}; expected None, one of "
+                f"{IMPLEMENTATIONS} or a mapping op name -> implementation"
             )
-        if implementation not in self.impls:
-            raise NotImplementedError(
-                f"{self.name} has no {implementation!r} implementation; it has {tuple(self.impls)}"
+        return value
+    items = value.items() if hasattr(value, "items") else None
+    if items is None:
+        raise ValueError(
+            f"{name} must be None, an implementation name or a mapping op name -> "
+            f"implementation, got {value!r}"
+        )
+    for op, impl in items:
+        if op not in _OPS:
+            raise ValueError(
+                f"{name}: unknown op {op!r} in the mapping; the ops are {sorted(_OPS)}"
             )
-        if not available(implementation):
-            native = _PALLAS_PLATFORM.get(implementation, "gpu")
-            raise NotImplementedError(
-                f"{self.name}: implementation={implementation!r} needs a {native.upper()} "
-                f"(this is {platform()}); set SEQMIX_INTERPRET=1 to run Pallas kernels in "
-                f"interpret mode"
-                if implementation in _PALLAS_PLATFORM
-                else f"{self.name}: implementation={implementation!r} needs a GPU"
+        if impl is not None and (not isinstance(impl, str) or impl not in _OPS[op].impls):
+            raise ValueError(
+                f"{name}[{op!r}]: {impl!r} is not an implementation of {op}; it has "
+                f"{tuple(_OPS[op].impls)} (or None: auto)"
             )
-        return self.resolve(implementation)(*args, **kwargs)
+    return value

@@ -32,6 +32,10 @@ logical-to-mesh rules such as ``[("embed", "fsdp"), ...]``:
   GLA's gate rank, Mamba-1's ``x_proj`` output and ``dt_proj`` input, classifier classes).
 
 Linen interop: ``seqmix.layers.as_linen(mixer_cls, config)`` (see ``seqmix.layers.interop``).
+
+Long sequences: the mixers call ``seqmix.parallel``'s ops for a whole sequence, which are the
+kernel ops unless the active mesh (``jax.set_mesh``) splits the sequence over a ``seq`` axis;
+then they run context-parallel (docs/sequence_parallel.md).
 """
 
 from seqmix.layers.attention import Attention

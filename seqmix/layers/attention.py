@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from seqmix import kernels
+from seqmix import checks, kernels, parallel
+from seqmix.kernels.attention.api import normalize_window
 from seqmix.layers import segments
-from seqmix.layers.base import Mixer, divide
+from seqmix.layers.base import Mixer, cache_sizes, divide, optional_size, size
 from seqmix.layers.norms import RMSNorm
 from seqmix.layers.params import Dense
 from seqmix.layers.rotary import apply_rotary, rope_scaling_spec
@@ -101,32 +102,29 @@ class Attention(Mixer):
 
     def __init__(self, config, *, rngs: nnx.Rngs, project_output: bool = True):
         self._common(config)
-        H = int(config.num_heads)
-        if H < 1:
-            raise ValueError(f"num_heads must be >= 1, got {H}")
-        Hkv = H if config.num_kv_heads is None else int(config.num_kv_heads)
-        if Hkv < 1 or H % Hkv:
+        H = size(config, "num_heads")
+        Hkv = size(config, "num_kv_heads", default=H)
+        if H % Hkv:
             raise ValueError(f"num_heads ({H}) must be divisible by num_kv_heads ({Hkv})")
-        D = (
-            divide(self.d_model, H, "d_model", "num_heads")
-            if config.head_dim is None
-            else int(config.head_dim)
-        )
+        D = optional_size(config, "head_dim")
+        if D is None:
+            D = divide(self.d_model, H, "d_model", "num_heads")
         if config.rope and D % 2:
             raise ValueError(f"head_dim ({D}) must be even for rope")
         w = config.local_window_size
         if w is not None:
-            w = tuple(int(s) for s in w) if isinstance(w, (tuple, list)) else int(w)
-            if min(w if isinstance(w, tuple) else (w,)) < 0:
-                raise ValueError(f"local_window_size must be >= 0, got {w}")
-        if config.softcap is not None and not config.softcap > 0:
-            raise ValueError(f"softcap must be > 0 or None, got {config.softcap}")
+            left, right = normalize_window(w, causal=False)
+            w = (left, right) if isinstance(w, (tuple, list)) else left
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
         self.rope = bool(config.rope)
-        self.rope_theta = float(config.rope_theta)
+        self.rope_theta = checks.positive_float(config.rope_theta, "rope_theta")
         self.rope_scaling = rope_scaling_spec(config.get("rope_scaling"))
         self.local_window_size = w
-        self.softcap = None if config.softcap is None else float(config.softcap)
+        self.softcap = (
+            None
+            if config.softcap is None
+            else checks.as_float(config.softcap, "softcap", minimum=0.0, strict=True)
+        )
         self.scale = D**-0.5
         kw = dict(rngs=rngs, dtype=self.dtype)
         o_bias = bool(config.use_bias)
@@ -155,8 +153,9 @@ class Attention(Mixer):
         return w[0] if isinstance(w, tuple) else w
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
+        batch_size, max_length = cache_sizes(batch_size, max_length)
         left = self._window_left()
-        S = int(max_length) if left is None else min(int(max_length), left + 1)
+        S = max_length if left is None else min(max_length, left + 1)
         shape = (batch_size, S, self.num_kv_heads, self.head_dim)
         return {
             "k": jnp.zeros(shape, self.dtype),
@@ -179,7 +178,7 @@ class Attention(Mixer):
             q = apply_rotary(q, pos, theta=self.rope_theta, scaling=self.rope_scaling)
             k = apply_rotary(k, pos, theta=self.rope_theta, scaling=self.rope_scaling)
         if cache is None:
-            o = kernels.attention(
+            o = parallel.attention(
                 q,
                 k,
                 v,

@@ -16,13 +16,15 @@ is absent takes its default from ``COMMON``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+
+from seqmix import checks
+from seqmix.kernels import dispatch
 
 Array = jax.Array
 
@@ -37,25 +39,45 @@ COMMON: dict[str, Any] = {
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def compute_dtype(name) -> str:
+def compute_dtype(name, key: str = "dtype") -> str:
     """Validates the config's ``dtype`` key and returns the dtype's name."""
-    dtype = jnp.dtype(name).name
+    try:
+        dtype = jnp.dtype(name).name
+    except TypeError:
+        dtype = None
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+        raise ValueError(f"{key} must be one of {DTYPES}, got {name!r}")
     return dtype
 
 
-def freeze_implementation(implementation) -> str | tuple[tuple[str, str], ...] | None:
-    """The ``implementation`` key as a hashable value (modules keep only hashable statics)."""
-    if implementation is None or isinstance(implementation, str):
-        return implementation
+def freeze_implementation(
+    implementation, key: str = "implementation"
+) -> str | tuple[tuple[str, str], ...] | None:
+    """The ``implementation`` key as a hashable value (modules keep only hashable statics),
+    validated by ``seqmix.kernels.dispatch.check_implementation``: a misspelt op name or
+    implementation is a ValueError naming it and listing the valid ones."""
     if isinstance(implementation, tuple):  # already frozen: ((op, name), ...)
         implementation = dict(implementation)
-    if isinstance(implementation, Mapping) or hasattr(implementation, "items"):
-        return tuple(sorted((str(k), v) for k, v in implementation.items()))
-    raise ValueError(
-        f"implementation must be None, a name or a mapping op name -> name, got {implementation!r}"
-    )
+    dispatch.check_implementation(implementation, key)
+    if implementation is None or isinstance(implementation, str):
+        return implementation
+    return tuple(sorted((str(k), v) for k, v in implementation.items()))
+
+
+def size(config, key: str, *, minimum: int = 1, default: Any = None) -> int:
+    """``config[key]`` as a whole number >= ``minimum`` (``seqmix.checks.as_int``): NumPy
+    and JAX integer scalars accepted, booleans and fractions refused, naming ``key``. A key
+    that is None takes ``default`` (when that is not None)."""
+    value = config[key]
+    if value is None and default is not None:
+        return default
+    return checks.as_int(value, key, minimum=minimum)
+
+
+def optional_size(config, key: str, *, minimum: int = 1) -> int | None:
+    """None, or ``size(config, key, minimum=minimum)``."""
+    value = config[key]
+    return None if value is None else checks.as_int(value, key, minimum=minimum)
 
 
 def implementation_for(implementation, op: str) -> str | None:
@@ -81,6 +103,15 @@ def divide(numerator: int, denominator: int, num_key: str, den_key: str) -> int:
     return numerator // denominator
 
 
+def cache_sizes(batch_size, max_length) -> tuple[int, int]:
+    """``init_cache``'s arguments checked: ``batch_size`` a whole number >= 0,
+    ``max_length`` >= 1 (a cache must hold at least the token being decoded)."""
+    return (
+        checks.as_int(batch_size, "batch_size", minimum=0),
+        checks.positive_int(max_length, "max_length"),
+    )
+
+
 class Mixer(nnx.Module):
     """Base class of the sequence mixers.
 
@@ -100,11 +131,9 @@ class Mixer(nnx.Module):
         raise NotImplementedError
 
     def _common(self, config) -> None:
-        self.d_model = int(common_key(config, "d_model"))
-        if self.d_model < 1:
-            raise ValueError(f"d_model must be >= 1, got {self.d_model}")
+        self.d_model = checks.positive_int(common_key(config, "d_model"), "d_model")
         self.dtype = compute_dtype(common_key(config, "dtype"))
-        self.norm_eps = float(common_key(config, "norm_eps"))
+        self.norm_eps = checks.positive_float(common_key(config, "norm_eps"), "norm_eps")
         self.causal = bool(common_key(config, "causal"))
         self.implementation = freeze_implementation(common_key(config, "implementation"))
 

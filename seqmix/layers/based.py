@@ -8,7 +8,7 @@ import ml_collections
 from flax import nnx
 
 from seqmix.layers.attention import Attention
-from seqmix.layers.base import COMMON, Mixer, common_key
+from seqmix.layers.base import COMMON, Mixer, common_key, optional_size, size
 from seqmix.layers.linear_attention import LinearAttention
 from seqmix.layers.params import Dense
 
@@ -50,8 +50,9 @@ class Based(Mixer):
         self._common(config)
         if config.combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {config.combine!r}")
-        if int(config.window_size) < 0:
-            raise ValueError(f"window_size must be >= 0, got {config.window_size}")
+        window_size = size(config, "window_size", minimum=0)
+        size(config, "feature_dim")
+        optional_size(config, "window_heads")
         self.combine = str(config.combine)
         common = {key: common_key(config, key) for key in COMMON}
         linear = LinearAttention.default_config()
@@ -75,7 +76,7 @@ class Based(Mixer):
                 "num_heads": config.num_heads
                 if config.window_heads is None
                 else config.window_heads,
-                "local_window_size": int(config.window_size),
+                "local_window_size": window_size,
             }
         )
         project = self.combine == "sum"

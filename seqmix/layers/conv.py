@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqmix import kernels
+from seqmix import checks, kernels, parallel
 from seqmix.layers import segments
 from seqmix.layers.base import implementation_for
 from seqmix.layers.params import param
@@ -40,10 +40,10 @@ class ShortConv(nnx.Module):
         axis: str | None = "heads",
         rngs: nnx.Rngs,
     ):
-        if width < 1:
-            raise ValueError(f"conv width must be >= 1, got {width}")
-        self.channels = int(channels)
-        self.width = int(width)
+        width = checks.positive_int(width, "conv width")
+        channels = checks.positive_int(channels, "conv channels")
+        self.channels = channels
+        self.width = width
         self.activation = activation
         self.dtype = jnp.dtype(dtype).name
         self.implementation = implementation
@@ -74,7 +74,7 @@ class ShortConv(nnx.Module):
         if segment_ids is None:
             w, b = self._weights(x.dtype)
             if state is None:
-                return kernels.causal_conv1d(
+                return parallel.causal_conv1d(
                     x, w, b, activation=self.activation, implementation=impl
                 )
             return kernels.causal_conv1d(
@@ -90,7 +90,7 @@ class ShortConv(nnx.Module):
             raise ValueError("segment_ids cannot be combined with a conv state (decoding)")
         xf = x.astype(jnp.float32)
         w, b = self._weights(jnp.float32)
-        y = kernels.causal_conv1d(xf, w, None, implementation=impl)
+        y = parallel.causal_conv1d(xf, w, None, implementation=impl)
         pos = segments.positions(x.shape[0], x.shape[1], segment_ids)[..., None]
         T = x.shape[1]
         for s in range(1, min(self.width, T)):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seqmix import checks
 from seqmix.layers.params import lecun_normal, param
 
 Array = jax.Array
@@ -16,9 +17,9 @@ class Embedding(nnx.Module):
     deviation ``d_model^-0.5`` so that a tied head gives unit-variance logits."""
 
     def __init__(self, vocab_size: int, d_model: int, *, dtype="float32", rngs: nnx.Rngs):
-        if vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-        self.vocab_size = int(vocab_size)
+        vocab_size = checks.positive_int(vocab_size, "vocab_size")
+        d_model = checks.positive_int(d_model, "d_model")
+        self.vocab_size = vocab_size
         self.dtype = jnp.dtype(dtype).name
         self.embedding = param(
             rngs,
@@ -28,9 +29,15 @@ class Embedding(nnx.Module):
         )
 
     def __call__(self, tokens: Array) -> Array:
-        """int ``[B, T]`` -> ``[B, T, d_model]`` in the compute dtype."""
+        """int ``[B, T]`` -> ``[B, T, d_model]`` in the compute dtype.
+
+        Token ids must lie in ``[0, vocab_size)``: checked when ``tokens`` are concrete (a
+        ValueError naming the first bad position); traced under ``jit`` they are checked only
+        inside ``seqmix.checks.traced_checks()`` with ``checkify`` (an id out of range would
+        otherwise read a NaN row, or wrap around when negative)."""
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an integer array, got {tokens.dtype}")
+        checks.token_range(tokens, self.vocab_size)
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from seqmix import kernels
-from seqmix.layers.base import Mixer, divide
+from seqmix import checks, kernels, parallel
+from seqmix.layers.base import Mixer, cache_sizes, divide, optional_size, size
 from seqmix.layers.conv import ShortConv
 from seqmix.layers.mamba2 import dt_bias_init
 from seqmix.layers.norms import GatedRMSNorm, l2_normalize
@@ -67,17 +67,13 @@ class GatedDeltaNet(Mixer):
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         self._common(config)
-        H = int(config.num_heads)
-        if H < 1:
-            raise ValueError(f"num_heads must be >= 1, got {H}")
-        Hv = H if config.num_v_heads is None else int(config.num_v_heads)
+        H = size(config, "num_heads")
+        Hv = size(config, "num_v_heads", default=H)
         divide(Hv, H, "num_v_heads", "num_heads")
-        Dk = (
-            divide(self.d_model, H, "d_model", "num_heads")
-            if config.head_dim is None
-            else int(config.head_dim)
-        )
-        Dv = float(config.expand_v) * Dk
+        Dk = optional_size(config, "head_dim")
+        if Dk is None:
+            Dk = divide(self.d_model, H, "d_model", "num_heads")
+        Dv = checks.positive_float(config.expand_v, "expand_v") * Dk
         if Dv < 1 or Dv != int(Dv):
             raise ValueError(
                 f"expand_v ({config.expand_v}) * head_dim ({Dk}) must be a positive integer"
@@ -85,9 +81,11 @@ class GatedDeltaNet(Mixer):
         Dv = int(Dv)
         self.num_heads, self.num_v_heads, self.key_dim, self.value_dim = H, Hv, Dk, Dv
         self.decay = bool(config.decay)
-        self.qk_norm_eps = float(config.qk_norm_eps)
-        self.scale = float(Dk**-0.5 if config.scale is None else config.scale)
-        self.chunk_size = int(config.chunk_size)
+        self.qk_norm_eps = checks.positive_float(config.qk_norm_eps, "qk_norm_eps")
+        self.scale = float(
+            Dk**-0.5 if config.scale is None else checks.as_float(config.scale, "scale")
+        )
+        self.chunk_size = size(config, "chunk_size")
         kw = dict(rngs=rngs, dtype=self.dtype)
         self.q_proj = Dense(self.d_model, H * Dk, ("embed", "heads"), **kw)
         self.k_proj = Dense(self.d_model, H * Dk, ("embed", "heads"), **kw)
@@ -96,7 +94,7 @@ class GatedDeltaNet(Mixer):
         self.g_proj = Dense(self.d_model, Hv * Dv, ("embed", "heads"), **kw)
         self.conv = ShortConv(
             2 * H * Dk + Hv * Dv,
-            int(config.conv_size),
+            size(config, "conv_size"),
             use_bias=bool(config.conv_bias),
             dtype=self.dtype,
             implementation=self.implementation,
@@ -124,7 +122,7 @@ class GatedDeltaNet(Mixer):
         self.o_proj = Dense(Hv * Dv, self.d_model, ("heads", "embed"), **kw)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
-        del max_length  # a recurrent state has a fixed size
+        batch_size, _ = cache_sizes(batch_size, max_length)  # a recurrent state: fixed size
         return {
             "state": jnp.zeros(
                 (batch_size, self.num_v_heads, self.key_dim, self.value_dim), jnp.float32
@@ -160,7 +158,7 @@ class GatedDeltaNet(Mixer):
         beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         g = self._log_decay(x)
         if cache is None:
-            o = kernels.gated_delta_rule(
+            o = parallel.gated_delta_rule(
                 q,
                 k,
                 v,

@@ -14,9 +14,15 @@ Example (a mixer inside a Linen model)::
     variables = Encoder().init(jax.random.key(0), x)   # params under "params"
     y = Encoder().apply(variables, x)
 
-With a registered name and a model config, ``seqmix.models.as_linen("mamba2", config)``.
-The wrapped mixer is called as ``module(x, segment_ids=...)``; decoding caches are an NNX
-feature (use the NNX module for ``generate``).
+With a registered name and a model config, ``seqmix.models.as_linen("mamba2", config)``;
+both take the Linen module's name as ``name=``. The wrapped mixer is called as
+``module(x, segment_ids=...)``; decoding caches are an NNX feature (use the NNX module for
+``generate``).
+
+The parameters keep their logical axes as Linen partitioning metadata (``nn.Partitioned``
+boxes): ``init``, ``apply`` and ``jax.grad`` of ``apply`` take the variables as they are;
+``nn.unbox(variables["params"])`` gives plain arrays where code reads the leaves themselves
+(counting parameters, an optax update of the raw tree, saving).
 """
 
 from __future__ import annotations

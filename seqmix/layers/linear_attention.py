@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from seqmix import kernels
+from seqmix import checks, kernels, parallel
 from seqmix.layers import segments
-from seqmix.layers.base import Mixer, divide
+from seqmix.layers.base import Mixer, cache_sizes, divide, optional_size, size
 from seqmix.layers.conv import ShortConv
 from seqmix.layers.norms import RMSNorm
 from seqmix.layers.params import Dense
@@ -108,15 +108,11 @@ class LinearAttention(Mixer):
 
     def __init__(self, config, *, rngs: nnx.Rngs, project_output: bool = True):
         self._common(config)
-        H = int(config.num_heads)
-        if H < 1:
-            raise ValueError(f"num_heads must be >= 1, got {H}")
-        Dv = (
-            divide(self.d_model, H, "d_model", "num_heads")
-            if config.head_dim is None
-            else int(config.head_dim)
-        )
-        Dk = Dv if config.key_dim is None else int(config.key_dim)
+        H = size(config, "num_heads")
+        Dv = optional_size(config, "head_dim")
+        if Dv is None:
+            Dv = divide(self.d_model, H, "d_model", "num_heads")
+        Dk = size(config, "key_dim", default=Dv)
         if config.feature_map not in FEATURE_MAPS:
             raise ValueError(
                 f"feature_map must be one of {FEATURE_MAPS}, got {config.feature_map!r}"
@@ -130,15 +126,15 @@ class LinearAttention(Mixer):
         self.feature_dim = feature_dim(self.feature_map, Dk)
         self.normalize = bool(config.normalize)
         self.decay = str(config.decay)
-        self.gate_normalizer = float(config.gate_normalizer)
+        self.gate_normalizer = checks.positive_float(config.gate_normalizer, "gate_normalizer")
         self.rope = bool(config.rope)
-        self.rope_theta = float(config.rope_theta)
-        self.scale = float(
-            config.scale
+        self.rope_theta = checks.positive_float(config.rope_theta, "rope_theta")
+        self.scale = (
+            checks.as_float(config.scale, "scale")
             if config.scale is not None
             else (1.0 if self.feature_map == "taylor" else Dk**-0.5)
         )
-        self.chunk_size = int(config.chunk_size)
+        self.chunk_size = size(config, "chunk_size")
         kw = dict(rngs=rngs, dtype=self.dtype)
         bias = bool(config.get("use_bias", False))
         self.q_proj = Dense(self.d_model, H * Dk, ("embed", "heads"), use_bias=bias, **kw)
@@ -147,7 +143,7 @@ class LinearAttention(Mixer):
         self.conv = (
             ShortConv(
                 H * (2 * Dk + Dv),
-                int(config.conv_width),
+                size(config, "conv_width"),
                 dtype=self.dtype,
                 implementation=self.implementation,
                 rngs=rngs,
@@ -156,7 +152,7 @@ class LinearAttention(Mixer):
             else None
         )
         if self.decay == "data":
-            r = int(config.gate_low_rank_dim)
+            r = size(config, "gate_low_rank_dim")
             self.gate_down = Dense(self.d_model, r, ("embed", None), **kw)
             self.gate_up = Dense(r, H * self.feature_dim, (None, "heads"), use_bias=True, **kw)
         else:
@@ -180,7 +176,7 @@ class LinearAttention(Mixer):
         return self.num_heads * self.head_dim
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
-        del max_length  # a recurrent state has a fixed size
+        batch_size, _ = cache_sizes(batch_size, max_length)  # a recurrent state: fixed size
         V = self.head_dim + (1 if self.normalize else 0)
         cache = {
             "state": jnp.zeros((batch_size, self.num_heads, self.feature_dim, V), jnp.float32),
@@ -226,7 +222,7 @@ class LinearAttention(Mixer):
         k = apply_feature_map(k, self.feature_map)
         g = self._log_decay(x)
         if cache is None:
-            o = kernels.linear_attention(
+            o = parallel.linear_attention(
                 q,
                 k,
                 v,

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from seqmix import kernels
+from seqmix import checks, kernels, parallel
 from seqmix.layers import segments
-from seqmix.layers.base import Mixer
+from seqmix.layers.base import Mixer, cache_sizes, optional_size, size
 from seqmix.layers.conv import ShortConv
 from seqmix.layers.mamba2 import dt_bias_init
 from seqmix.layers.params import Dense, param
@@ -59,26 +59,24 @@ class Mamba(Mixer):
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         self._common(config)
-        d_inner = int(config.expand) * self.d_model
-        N = int(config.d_state)
-        R = math.ceil(self.d_model / 16) if config.dt_rank is None else int(config.dt_rank)
-        if min(d_inner, N, R) < 1:
-            raise ValueError(
-                f"expand, d_state and dt_rank must be >= 1, got {config.expand}, {N}, {R}"
-            )
+        d_inner = size(config, "expand") * self.d_model
+        N = size(config, "d_state")
+        R = optional_size(config, "dt_rank")
+        if R is None:
+            R = math.ceil(self.d_model / 16)
         self.d_inner, self.d_state, self.dt_rank = d_inner, N, R
         kw = dict(rngs=rngs, dtype=self.dtype)
         self.in_proj = Dense(self.d_model, 2 * d_inner, ("embed", "heads"), **kw)
         self.conv = ShortConv(
             d_inner,
-            int(config.d_conv),
+            size(config, "d_conv"),
             use_bias=bool(config.conv_bias),
             dtype=self.dtype,
             implementation=self.implementation,
             rngs=rngs,
         )
         self.x_proj = Dense(d_inner, R + 2 * N, ("heads", None), **kw)
-        bound = float(config.dt_scale) * R**-0.5
+        bound = checks.positive_float(config.dt_scale, "dt_scale") * R**-0.5
         uniform = jax.nn.initializers.uniform(2 * bound)
         self.dt_proj = Dense(
             R, d_inner, (None, "heads"), **kw, init=lambda k, s, d: uniform(k, s, d) - bound
@@ -95,7 +93,7 @@ class Mamba(Mixer):
         self.out_proj = Dense(d_inner, self.d_model, ("heads", "embed"), **kw)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
-        del max_length
+        batch_size, _ = cache_sizes(batch_size, max_length)  # a recurrent state: fixed size
         return {
             "state": jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32),
             "conv": self.conv.init_state(batch_size),
@@ -121,7 +119,7 @@ class Mamba(Mixer):
         if segment_ids is not None:
             y = self._scan_segments(xs, delta, A, b, c, z, segment_ids, impl)
         elif cache is None:
-            y = kernels.selective_scan(
+            y = parallel.selective_scan(
                 xs,
                 delta,
                 A,
@@ -160,6 +158,6 @@ class Mamba(Mixer):
         start = segments.segment_starts(segment_ids)[..., None]
         xf = xs.astype(jnp.float32)
         u = jnp.where(start, xf * (dt / dt_reset), xf).astype(xs.dtype)
-        y = kernels.selective_scan(u, jnp.where(start, dt_reset, dt), A, b, c, implementation=impl)
+        y = parallel.selective_scan(u, jnp.where(start, dt_reset, dt), A, b, c, implementation=impl)
         y = y.astype(jnp.float32) + self.D[...] * xf
         return (y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)

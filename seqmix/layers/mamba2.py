@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from seqmix import kernels
-from seqmix.layers.base import Mixer, divide
+from seqmix import kernels, parallel
+from seqmix.layers.base import Mixer, cache_sizes, divide, size
 from seqmix.layers.conv import ShortConv
 from seqmix.layers.norms import GatedRMSNorm
 from seqmix.layers.params import Dense, param
@@ -83,12 +83,12 @@ class Mamba2(Mixer):
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         self._common(config)
-        d_inner = int(config.expand) * self.d_model
-        P = int(config.headdim)
+        d_inner = size(config, "expand") * self.d_model
+        P = size(config, "headdim")
         H = divide(d_inner, P, "expand * d_model", "headdim")
-        G = int(config.ngroups)
+        G = size(config, "ngroups")
         divide(H, G, "the number of heads (expand * d_model / headdim)", "ngroups")
-        N = int(config.d_state)
+        N = size(config, "d_state")
         activation = config.get("conv_activation", "silu")
         if activation not in ("silu", None):
             raise ValueError(f"conv_activation must be 'silu' or None, got {activation!r}")
@@ -101,7 +101,7 @@ class Mamba2(Mixer):
             G,
             N,
         )
-        self.chunk_size = int(config.chunk_size)
+        self.chunk_size = size(config, "chunk_size")
         self.conv_dim = d_inner + 2 * G * N
         kw = dict(rngs=rngs, dtype=self.dtype, use_bias=use_bias)
         z_dim = d_inner if self.gated_norm else 0
@@ -110,7 +110,7 @@ class Mamba2(Mixer):
         )
         self.conv = ShortConv(
             self.conv_dim,
-            int(config.d_conv),
+            size(config, "d_conv"),
             use_bias=bool(config.conv_bias),
             activation=activation,
             dtype=self.dtype,
@@ -137,7 +137,7 @@ class Mamba2(Mixer):
         self.out_proj = Dense(d_inner, self.d_model, ("heads", "embed"), **kw)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, Array]:
-        del max_length
+        batch_size, _ = cache_sizes(batch_size, max_length)  # a recurrent state: fixed size
         return {
             "state": jnp.zeros(
                 (batch_size, self.num_heads, self.d_state, self.headdim), jnp.float32
@@ -170,7 +170,7 @@ class Mamba2(Mixer):
         v = (xs.astype(jnp.float32) * dt[..., None]).astype(self.dtype)
         g = A * dt
         if cache is None:
-            y = kernels.linear_attention(
+            y = parallel.linear_attention(
                 c,
                 b,
                 v,

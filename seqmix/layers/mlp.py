@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from seqmix import checks
 from seqmix.layers.params import Dense
 
 Array = jax.Array
@@ -42,15 +43,14 @@ class MLP(nnx.Module):
     ):
         if mlp_type not in MLP_TYPES:
             raise ValueError(f"mlp.type must be one of {MLP_TYPES} or None, got {mlp_type!r}")
-        if not expansion > 0:
-            raise ValueError(f"mlp.expansion must be > 0, got {expansion!r}")
+        d_model = checks.positive_int(d_model, "d_model")
+        expansion = checks.positive_float(expansion, "mlp.expansion")
+        multiple_of = checks.positive_int(multiple_of, "mlp.multiple_of")
         self.mlp_type = mlp_type
         if hidden_features is None:
             hidden = hidden_size(d_model, mlp_type, expansion, multiple_of)
-        elif int(hidden_features) < 1:
-            raise ValueError(f"mlp.hidden_size must be >= 1 or None, got {hidden_features!r}")
         else:
-            hidden = int(hidden_features)
+            hidden = checks.positive_int(hidden_features, "mlp.hidden_size")
         self.hidden = hidden
         self.up = Dense(d_model, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.gate = (

@@ -67,7 +67,9 @@ class GatedRMSNorm(nnx.Module):
     def __call__(self, y: Array, z: Array) -> Array:
         h = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
         shape = h.shape
-        h = rms_normalize(h.reshape(shape[:-1] + (self.groups, -1)), self.eps).reshape(shape)
+        group_size = shape[-1] // self.groups  # explicit: -1 is ambiguous for an empty batch
+        h = rms_normalize(h.reshape(shape[:-1] + (self.groups, group_size)), self.eps)
+        h = h.reshape(shape)
         return (h * self.scale[...]).astype(self.dtype)
 
 

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seqmix import checks
+from seqmix.kernels import dispatch
 from seqmix.layers import Block, Embedding, RMSNorm
-from seqmix.layers.base import compute_dtype
+from seqmix.layers.base import cache_sizes, compute_dtype
 from seqmix.models.config import layer_names
 from seqmix.models.registry import build_mixer
 
@@ -21,14 +23,15 @@ class Backbone(nnx.Module):
 
     def __init__(self, config, *, causal: bool, rngs: nnx.Rngs):
         names = layer_names(config)
-        d_model = int(config.d_model)
-        if d_model < 1:
-            raise ValueError(f"d_model must be >= 1, got {config.d_model}")
+        d_model = checks.positive_int(config.d_model, "d_model")
+        vocab_size = checks.positive_int(config.vocab_size, "vocab_size")
         dtype = compute_dtype(config.dtype)
+        norm_eps = checks.positive_float(config.norm_eps, "norm_eps")
+        dispatch.check_implementation(config.get("implementation"), "implementation")
         mlp = config.mlp
         self.layer_names = names
         self.d_model = d_model
-        self.embed = Embedding(int(config.vocab_size), d_model, dtype=dtype, rngs=rngs)
+        self.embed = Embedding(vocab_size, d_model, dtype=dtype, rngs=rngs)
         blocks = []
         for i, name in enumerate(names):
             try:
@@ -40,16 +43,16 @@ class Backbone(nnx.Module):
                     mixer,
                     d_model,
                     mlp_type=mlp.type,
-                    expansion=float(mlp.expansion),
-                    multiple_of=int(mlp.get("multiple_of", 8)),
+                    expansion=mlp.expansion,
+                    multiple_of=mlp.get("multiple_of", 8),
                     hidden_features=mlp.get("hidden_size"),
-                    norm_eps=float(config.norm_eps),
+                    norm_eps=norm_eps,
                     dtype=dtype,
                     rngs=rngs,
                 )
             )
         self.layers = nnx.List(blocks)
-        self.final_norm = RMSNorm(d_model, eps=float(config.norm_eps), dtype="float32", rngs=rngs)
+        self.final_norm = RMSNorm(d_model, eps=norm_eps, dtype="float32", rngs=rngs)
 
     def __call__(self, tokens: Array, *, segment_ids: Array | None = None, cache=None):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -77,4 +80,5 @@ class Backbone(nnx.Module):
         return x if cache is None else (x, tuple(new_cache))
 
     def init_cache(self, batch_size: int, max_length: int) -> tuple:
+        batch_size, max_length = cache_sizes(batch_size, max_length)
         return tuple(layer.init_cache(batch_size, max_length) for layer in self.layers)

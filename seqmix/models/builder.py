@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from seqmix import checks
 from seqmix.models.causal_lm import CausalLM
 from seqmix.models.classifier import SequenceClassifier
 from seqmix.models.config import KINDS
@@ -26,8 +27,7 @@ def build_model(config, *, rngs: nnx.Rngs) -> CausalLM | SequenceClassifier:
     kind = config.kind
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if int(config.vocab_size) < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {config.vocab_size}")
+    checks.positive_int(config.vocab_size, "vocab_size")
     if kind == "causal_lm":
         return CausalLM(config, rngs=rngs)
     return SequenceClassifier(config, rngs=rngs)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seqmix import checks
 from seqmix.layers import Head
 from seqmix.layers.base import compute_dtype
 from seqmix.models.backbone import Backbone
@@ -28,12 +29,11 @@ class SequenceClassifier(nnx.Module):
     """
 
     def __init__(self, config, *, rngs: nnx.Rngs):
-        num_classes = int(config.num_classes)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {config.num_classes}")
+        num_classes = checks.positive_int(config.num_classes, "num_classes")
+        pad_id = checks.optional_int(config.pad_id, "pad_id", minimum=0)
         self.backbone = Backbone(config, causal=False, rngs=rngs)
         self.num_classes = num_classes
-        self.pad_id = None if config.pad_id is None else int(config.pad_id)
+        self.pad_id = pad_id
         self.head = Head(
             int(config.d_model),
             num_classes,

@@ -130,6 +130,11 @@ def layer_names(config) -> tuple[str, ...]:
     """The mixer name of every layer: ``config.layers`` as a list of names, or a pattern
     string read through ``config.legend``. Raises ValueError for an unknown letter or name."""
     layers = config.layers
+    if not isinstance(layers, (str, list, tuple)):
+        raise ValueError(
+            f"layers must be a pattern string (e.g. 'MMMA', read through legend) or a list of "
+            f"mixer names, got {layers!r} ({type(layers).__name__})"
+        )
     if isinstance(layers, str):
         legend = dict(_plain(config.legend))
         names = []

@@ -9,10 +9,12 @@
   (None: the batch size), ``eval_every``/``checkpoint_every`` (steps; 0: only at the end),
   ``keep`` (the last K checkpoints; the best by the evaluation metric is kept as well),
   ``log_every``, ``compute_dtype`` (None: the model's ``dtype``; ``"bfloat16"`` computes in
-  bf16 with float32 parameters), ``async_checkpoints``.
+  bf16 with float32 parameters), ``async_checkpoints``, ``init_on_host`` (initialise the
+  parameters on the host CPU, then copy them to the devices).
 - ``optimizer``: ``lr``, ``warmup_steps``, ``schedule`` ("cosine" | "linear" | "constant"),
   ``weight_decay``, ``b1``, ``b2``, ``eps``, ``clip_norm`` (see ``seqmix.train.optimizer``).
-- ``mesh``: ``data`` (-1: every device not used by fsdp), ``fsdp``.
+- ``mesh``: ``data`` (-1: every device not used by fsdp and seq), ``fsdp``, ``seq`` (devices
+  that split one sequence: context parallelism; the sequence length must divide by it).
 
 ``validate`` raises a ValueError naming the offending key before anything is compiled.
 """
@@ -45,6 +47,7 @@ def base_config(*, model=None, data=None) -> ml_collections.ConfigDict:
             log_every=50,
             compute_dtype=placeholder(str),
             async_checkpoints=True,
+            init_on_host=True,
         )
     )
     config.optimizer = ml_collections.ConfigDict(
@@ -59,7 +62,7 @@ def base_config(*, model=None, data=None) -> ml_collections.ConfigDict:
             clip_norm=1.0,
         )
     )
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
     return config
 
 
@@ -102,7 +105,13 @@ def validate(config, *, task=None, num_devices: int | None = None) -> None:
     if num_devices is not None:
         from seqmix.train import sharding  # local: keeps this module free of device state
 
-        data, fsdp = sharding.mesh_shape(config.mesh, num_devices)
+        data, fsdp, seq = sharding.mesh_dims(config.mesh, num_devices)
+        seq_len = getattr(task, "seq_len", None)
+        if seq_len is not None and seq_len % seq:
+            raise ValueError(
+                f"mesh.seq={seq} does not divide the sequence length {seq_len} of "
+                f"data.task={task.name!r}"
+            )
         for key, size in (
             ("train.batch_size", batch_size),
             ("train.eval_batch_size", eval_batch_size),

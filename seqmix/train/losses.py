@@ -3,7 +3,8 @@
 Every function returns ``{"loss_sum", "correct", "count"}`` (float32 scalars): the summed
 cross-entropy in nats, the number of argmax hits and the number of counted positions.
 ``finish`` turns accumulated sums into ``loss``, ``accuracy`` and, for byte-level tasks,
-``bits_per_byte = loss / ln 2``.
+``bits_per_byte = loss / ln 2``; any other ``<name>_sum`` (a sum over the same counted
+positions, e.g. a distillation objective's ``kl_sum``) becomes its mean ``<name>``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def finish(sums: dict, *, bits_per_byte: bool = False) -> dict:
     """Means from (accumulated) sums."""
     count = max(float(sums["count"]), 1.0)
     out = {"loss": float(sums["loss_sum"]) / count, "accuracy": float(sums["correct"]) / count}
+    for key, value in sums.items():  # other per-position sums: their means
+        if key.endswith("_sum") and key != "loss_sum":
+            out[key[: -len("_sum")]] = float(value) / count
     if bits_per_byte:
         out["bits_per_byte"] = out["loss"] / math.log(2.0)
     return out

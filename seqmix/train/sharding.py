@@ -1,8 +1,13 @@
-"""Device mesh and sharding rules: batch over ``("data", "fsdp")``, parameters over ``fsdp``.
+"""Device mesh and sharding rules: batch over ``("data", "fsdp")``, parameters over ``fsdp``,
+tokens over ``seq``.
 
-The mesh has two named axes, ``data`` and ``fsdp`` (``config.mesh.data`` x ``config.mesh.fsdp``
-devices; ``data=-1`` takes every device left over). A batch is split over both axes, so every
-device sees a different slice of it (FSDP is data parallel too). Parameters keep a full copy
+The mesh has three named axes, ``data``, ``fsdp`` and ``seq`` (``config.mesh.data`` x
+``config.mesh.fsdp`` x ``config.mesh.seq`` devices; ``data=-1`` takes every device left over;
+``seq`` is the innermost axis, so a sequence's devices are neighbours). A batch is split over
+``data`` and ``fsdp``, so every device group sees a different slice of it (FSDP is data
+parallel too). With ``seq > 1`` the token dimension of activations is split over ``seq``
+(context parallelism): ``sequence_parallel(mesh, fn)`` runs ``fn`` with the mesh active, and
+the mixers then take their context-parallel forms (``seqmix.parallel``). Parameters keep a full copy
 per ``data`` group and are split over ``fsdp`` along one dimension chosen by their logical axis
 names (the ``out_sharding`` metadata the layers put on every ``nnx.Param``) through
 ``LOGICAL_RULES``: the first rule whose logical name the parameter carries, whose mesh axis is
@@ -21,7 +26,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "fsdp")
+from seqmix.parallel.mesh import SEQ_AXIS
+
+AXES = ("data", "fsdp", SEQ_AXIS)
 BATCH_AXES = ("data", "fsdp")
 
 # (logical axis name, mesh axis), in priority order: d_model ("embed") first, as in MaxText's
@@ -37,39 +44,83 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
-    """``(data, fsdp)`` from ``config.mesh``; ValueError naming ``mesh.data``/``mesh.fsdp``."""
+def mesh_dims(mesh_config, num_devices: int) -> tuple[int, int, int]:
+    """``(data, fsdp, seq)`` from ``config.mesh``; ValueError naming ``mesh.data``,
+    ``mesh.fsdp`` or ``mesh.seq``."""
     data = mesh_config.get("data", -1)
     fsdp = mesh_config.get("fsdp", 1)
-    for key, value in (("mesh.fsdp", fsdp), ("mesh.data", data)):
+    seq = mesh_config.get("seq", 1)
+    for key, value in (("mesh.seq", seq), ("mesh.fsdp", fsdp), ("mesh.data", data)):
         if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
             raise ValueError(
                 f"{key} must be a positive integer or -1 (all devices left), got {value!r}"
             )
+    if seq == -1:
+        raise ValueError("mesh.seq must be a positive integer (the devices of one sequence)")
     if fsdp == -1 and data == -1:
         raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+    if num_devices % seq:
+        raise ValueError(f"mesh.seq={seq} does not divide the {num_devices} devices")
+    per_seq = num_devices // seq  # device groups left for data x fsdp
     if fsdp == -1:
-        fsdp, rest = divmod(num_devices, data)
+        fsdp, rest = divmod(per_seq, data)
         if rest or fsdp < 1:
-            raise ValueError(f"mesh.data={data} does not divide the {num_devices} devices")
+            raise ValueError(
+                f"mesh.data={data} does not divide the {per_seq} device groups of "
+                f"mesh.seq={seq} ({num_devices} devices)"
+            )
     if data == -1:
-        data, rest = divmod(num_devices, fsdp)
+        data, rest = divmod(per_seq, fsdp)
         if rest or data < 1:
-            raise ValueError(f"mesh.fsdp={fsdp} does not divide the {num_devices} devices")
-    if data * fsdp > num_devices:
+            raise ValueError(
+                f"mesh.fsdp={fsdp} does not divide the {per_seq} device groups of "
+                f"mesh.seq={seq} ({num_devices} devices)"
+            )
+    if data * fsdp * seq > num_devices:
         raise ValueError(
-            f"mesh.data x mesh.fsdp = {data} x {fsdp} = {data * fsdp} devices, but only "
-            f"{num_devices} are available"
+            f"mesh.data x mesh.fsdp x mesh.seq = {data} x {fsdp} x {seq} = "
+            f"{data * fsdp * seq} devices, but only {num_devices} are available"
         )
-    return data, fsdp
+    return data, fsdp, seq
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
+    """``(data, fsdp)`` from ``config.mesh`` (see ``mesh_dims``)."""
+    return mesh_dims(mesh_config, num_devices)[:2]
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-    """A ``Mesh(("data", "fsdp"))`` over the first ``data * fsdp`` devices."""
+    """A ``Mesh(("data", "fsdp", "seq"))`` over the first ``data * fsdp * seq`` devices."""
     devices = list(devices if devices is not None else jax.devices())
-    data, fsdp = mesh_shape(mesh_config, len(devices))
-    grid = np.asarray(devices[: data * fsdp], dtype=object).reshape(data, fsdp)
+    data, fsdp, seq = mesh_dims(mesh_config, len(devices))
+    grid = np.asarray(devices[: data * fsdp * seq], dtype=object).reshape(data, fsdp, seq)
     return Mesh(grid, AXES)
+
+
+def sequence_parallel(mesh: Mesh, fn):
+    """``fn`` called with ``mesh`` active (``jax.set_mesh``) when the mesh splits the sequence
+    (``seq > 1``), so that the layers trace their context-parallel forms; ``fn`` itself
+    otherwise. Wrap jitted steps: the active mesh is part of the trace, so a step compiles
+    once per mesh. The wrapper keeps ``fn.lower`` (ahead-of-time compilation) under the mesh
+    too."""
+    if mesh.shape.get(SEQ_AXIS, 1) == 1:
+        return fn
+    return _WithMesh(mesh, fn)
+
+
+class _WithMesh:
+    """A jitted function whose calls and lowerings trace with ``mesh`` active."""
+
+    def __init__(self, mesh: Mesh, fn):
+        self.mesh, self.fn = mesh, fn
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args, **kwargs)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

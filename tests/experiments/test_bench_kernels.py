@@ -7,7 +7,7 @@ from seqmix.experiments.bench import common
 
 
 def test_an_interrupted_run_writes_the_rows_measured_so_far(tmp_path, monkeypatch):
-    def run(op, quick, ceilings):
+    def run(quick, ceilings):
         rows = common.new_rows()
         rows.append({"label": "first", "impl": "xla", "us": 1.0})
         rows.append({"label": "second", "impl": "xla", "us": 2.0})

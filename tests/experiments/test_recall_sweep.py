@@ -1,4 +1,6 @@
-"""The recall sweep's bookkeeping: resuming across device calls and the per-run deadline."""
+"""The recall sweep: jobs trained by the one loop (its evaluation, early stop at 0.99,
+deadline and interrupt), resuming across invocations, compile workers that fill the cache
+the jobs hit."""
 
 import json
 import os
@@ -18,52 +20,72 @@ def _run(mixer, d, T, n, lr, **extra):
 
 def test_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path):
     lrs = [1e-3, 3e-3]
+    error = dict(mixer="mamba2", d_model=64, seq_len=64, num_kv_pairs=4, lr=1e-3, error="OOM")
     earlier = [
         _run("attention", 64, 64, 4, 1e-3),
         _run("attention", 64, 64, 4, 3e-3),  # done
-        _run("gla", 64, 64, 4, 1e-3),  # one rate missing: rerun, its row dropped
-        _run("based", 64, 64, 4, 1e-3, cut=True),
-        _run("based", 64, 64, 4, 3e-3),  # cut
-        {"mixer": "mamba2", "d_model": 64, "seq_len": 64, "num_kv_pairs": 4, "error": "OOM"},
+        _run("gla", 64, 64, 4, 1e-3),  # done; its other rate is missing
+        _run("based", 64, 64, 4, 1e-3, cut=True),  # cut: runs again
+        _run("based", 64, 64, 4, 3e-3),
+        error,
+        _run("attention", 128, 64, 4, 1e-3),  # not in this grid
     ]
     path = tmp_path / "recall.json"
     path.write_text(json.dumps({"runs": earlier}))
-    jobs = [(m, 64, 64, 4) for m in ("attention", "gla", "based", "mamba2", "linear_attention")]
+    jobs = [(m, 64, 64, 4) for m in ("attention", "gla", "based", "mamba2")]
     kept, left = recall_sweep.resume(str(path), jobs, lrs)
-    assert left == [(m, 64, 64, 4) for m in ("gla", "based", "mamba2", "linear_attention")]
-    assert [(r["mixer"], r["lr"]) for r in kept] == [("attention", 1e-3), ("attention", 3e-3)]
+    assert left == [
+        (("gla", 64, 64, 4), 3e-3),
+        (("based", 64, 64, 4), 1e-3),
+        (("mamba2", 64, 64, 4), 1e-3),
+        (("mamba2", 64, 64, 4), 3e-3),
+    ]
+    assert [(r["mixer"], r["lr"]) for r in kept] == [
+        ("attention", 1e-3),
+        ("attention", 3e-3),
+        ("gla", 1e-3),
+        ("based", 3e-3),
+    ]
 
 
-def test_run_job_stops_at_the_deadline_and_says_so():
+def test_run_job_is_the_loop_and_stops_at_the_deadline_saying_so():
     past = time.time() - 1.0
-    rows = recall_sweep.run_job(
-        "attention", 64, 64, 4, [1e-3, 3e-3], steps=500, batch_size=4, seed=0, deadline=past
-    )
-    # the deadline had passed: both rates (trained together) stop at the first evaluation
-    assert [r["lr"] for r in rows] == [1e-3, 3e-3]
-    for r in rows:
-        assert r["cut"] and r["steps"] == 50
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["state_size"] > 0
+    row = recall_sweep.run_job("attention", 64, 64, 4, 1e-3, 500, 4, 0, deadline=past)
+    # the deadline had passed: the loop stopped after its first steps, evaluated and saved
+    assert row["cut"] and row["steps"] <= 2 and row["lr"] == 1e-3
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["state_size"] > 0 and row["params"] > 0
+    assert row["compute_dtype"] == "bfloat16"  # the recall configs' mixed precision
 
 
-def test_vmapped_rates_match_separate_runs():
-    """The rate axis is only a batch axis: training at [lr] alone gives the same model as the
-    same rate inside a vmapped pair (compared through the evaluation loss). 100 steps: the
-    batched and unbatched matmuls round differently, and Adam amplifies that over hundreds of
-    steps (1e-7 relative at step 100, 2e-3 at step 250 on the CPU)."""
-    pair = recall_sweep.run_job("mamba2", 64, 64, 4, [1e-3, 1e-2], steps=100, batch_size=4, seed=0)
-    alone = recall_sweep.run_job("mamba2", 64, 64, 4, [1e-2], steps=100, batch_size=4, seed=0)
-    assert pair[1]["lr"] == alone[0]["lr"] == 1e-2
-    assert pair[1]["steps"] == alone[0]["steps"] == 100
-    assert abs(pair[1]["eval_loss"] - alone[0]["eval_loss"]) < 1e-4 * alone[0]["eval_loss"]
-    # the sweep's --novmap_rates job: the same rate, an ordinary step without the rate axis
-    plain = recall_sweep.run_job(
-        "mamba2", 64, 64, 4, [1e-2], steps=100, batch_size=4, seed=0, vmap=False
-    )
-    assert plain[0]["lr"] == 1e-2 and plain[0]["steps"] == 100
-    assert abs(plain[0]["eval_loss"] - alone[0]["eval_loss"]) < 1e-4 * alone[0]["eval_loss"]
-    # and the other rate trained a different model
-    assert abs(pair[0]["eval_loss"] - pair[1]["eval_loss"]) > 1e-3
+def test_a_job_stops_early_at_the_target_accuracy(monkeypatch):
+    monkeypatch.setattr(recall_sweep, "TARGET_ACCURACY", 0.0)  # any evaluation reaches it
+    row = recall_sweep.run_job("attention", 64, 64, 4, 1e-3, 600, 4, 0)
+    assert row["steps"] == 250 and not row["cut"]  # the first evaluation, not step 600
+
+
+def test_the_probe_programs_train_what_the_loop_trains():
+    """The profiling programs (a rate axis in the optimizer state, vmapped) follow the
+    loop's run at the same rate: the same evaluation loss after 20 steps."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from seqmix.train import losses
+
+    steps, lr = 20, 1e-2
+    row = recall_sweep.run_job("attention", 64, 64, 4, lr, steps, 4, 0)
+    b = recall_sweep.probe_programs("attention", 64, 64, 4, [1e-3, lr], steps, 4, 0)
+    train, evaluate = recall_sweep.compile_job(b)
+    state, rngs = b["init"]()
+    for step in range(1, steps + 1):
+        batch = {k: jnp.asarray(v) for k, v in b["task"].train_batch(step).items()}
+        state, _ = train(state, rngs, batch, jnp.asarray(step, jnp.int32))
+    sums = None
+    for e in b["task"].eval_batches():
+        s = evaluate(state.params, rngs, state.other, {k: jnp.asarray(v) for k, v in e.items()})
+        sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+    loss = losses.finish(jax.tree.map(lambda x: np.asarray(x)[1], jax.device_get(sums)))["loss"]
+    assert abs(loss - row["eval_loss"]) < 1e-3 * row["eval_loss"], (loss, row["eval_loss"])
 
 
 def test_plots_accuracy_against_width_and_state(tmp_path):
@@ -80,8 +102,8 @@ def test_plots_accuracy_against_width_and_state(tmp_path):
 
 
 def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
-    # The device stage's time limit sends SIGINT: the running job must stop within a step,
-    # be written as cut, and the process exit (a hung sweep lost a whole device call).
+    # A caller's time limit sends SIGINT: the running job must stop within a step,
+    # be written as cut, and the process exit (a hung sweep would lose the whole run).
     # started with SIGINT ignored, as under a pytest-xdist worker or in a background job
     # (by the shell: a preexec_fn would run Python in a forked child of this JAX process)
     cmd = [
@@ -114,14 +136,14 @@ def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
 
 def test_compile_workers_fill_the_cache_that_the_jobs_hit(tmp_path):
     # A compile worker (--compile_only) writes both programs of a job into the persistent
-    # cache; a later process building the same job compiles nothing (two cache hits).
+    # cache; the training loop of the same job, in another process, finds both there.
     env = dict(os.environ, TMPDIR=str(tmp_path), OUT="")
     flags = [
         "--mixers=gla",
         "--d_models=64",
         "--settings=64:4",
-        "--lrs=1e-3,3e-3",
-        "--steps=100",
+        "--lrs=1e-3",
+        "--steps=3",
         "--batch_size=4",
     ]
     subprocess.run(
@@ -134,22 +156,28 @@ def test_compile_workers_fill_the_cache_that_the_jobs_hit(tmp_path):
     cached = (tmp_path / "seqmix_jax_cache").iterdir()
     assert any(p.name.startswith("jit_train_step") for p in cached)
     check = (
-        "import sys, jax\n"
+        "import logging, sys\n"
         "from absl import flags\n"
         "from seqmix.experiments import recall_sweep as rs\n"
         "from seqmix.experiments.bench import precompile\n"
         "flags.FLAGS(sys.argv[:1])\n"
         "hits = []\n"
-        "jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e)"
-        " if e == '/jax/compilation_cache/cache_hits' else None)\n"
+        "class H(logging.Handler):\n"
+        "    def emit(self, r):\n"
+        "        m = r.getMessage()\n"
+        "        if m.startswith('Persistent compilation cache hit'): hits.append(m)\n"
+        "log = logging.getLogger('jax._src.compiler')\n"
+        "log.setLevel(logging.DEBUG); log.addHandler(H())\n"
         "precompile.setup_cache()\n"
-        "rs.compile_job(rs._build('gla', 64, 64, 4, [1e-3, 3e-3], 100, 4, 0))\n"
-        "print('HITS', len(hits))\n"
+        "rs.run_job('gla', 64, 64, 4, 1e-3, 3, 4, 0)\n"
+        "print('HITS', sorted({m.split(chr(39))[1] for m in hits}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300
     )
-    assert "HITS 2" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]
+    assert "'jit_train_step'" in out.stdout and "'jit_eval_step'" in out.stdout, (
+        out.stdout[-1000:] + out.stderr[-2000:]
+    )
 
 
 def test_bad_flags_name_the_flag(tmp_path):
@@ -194,7 +222,6 @@ def test_a_failing_job_is_a_row_naming_its_rate(tmp_path):
         "--d_models=64",
         "--settings=64:4",
         "--lrs=1e-3,3e-3",
-        "--novmap_rates",
         "--steps=2",
         "--batch_size=2",
         f"--out_dir={tmp_path}",

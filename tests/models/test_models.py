@@ -49,7 +49,7 @@ def tokens(seed, shape, vocab=50, low=0):
     return jax.random.randint(jax.random.key(seed), shape, low, vocab)
 
 
-def test_issue_example_verbatim():
+def test_a_two_layer_hybrid_builds_and_runs():
     model = build_model(
         model_config(layers=["mamba2", "attention"], d_model=64, vocab_size=100), rngs=nnx.Rngs(0)
     )

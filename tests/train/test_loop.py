@@ -19,15 +19,25 @@ from flax import nnx
 from train_helpers import tiny_config
 
 from seqmix import data as data_lib
+from seqmix.configs.loader import stock_names
 from seqmix.models import MIXERS, build_model, model_config
-from seqmix.train import loop, losses, optimizer, read_metrics, restore_model, train_and_evaluate
+from seqmix.train import (
+    apply_model,
+    load_config,
+    losses,
+    optimizer,
+    read_metrics,
+    restore_model,
+    split_model,
+    train_and_evaluate,
+)
 from seqmix.train import validate as validate_config
 
 REPO = pathlib.Path(__file__).parents[2]
-CONFIGS = sorted(p for p in (REPO / "seqmix" / "configs").glob("*.py") if p.stem != "__init__")
+CONFIGS = [REPO / "seqmix" / "configs" / f"{name}.py" for name in stock_names("train")]
 
 
-def load_config(path: pathlib.Path, arg: str | None = None):
+def load_config_file(path: pathlib.Path, arg: str | None = None):
     spec = importlib.util.spec_from_file_location(f"cfg_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -49,18 +59,18 @@ SHRINK_DATA = {
 
 
 def test_config_files_exist_and_document_their_command():
-    assert {p.stem for p in CONFIGS} >= {"mqar", "lm_bytes", "listops", "copying"}
+    assert {p.stem for p in CONFIGS} >= {"mqar", "lm_bytes", "listops", "copying", "recall"}
     for path in CONFIGS:
-        module, _ = load_config(path)
-        assert (
-            f"python -m seqmix.experiments.train --config=seqmix/configs/{path.stem}.py"
-            in module.__doc__
-        )
+        module, _ = load_config_file(path)
+        assert f"seqmix-train --config={path.stem}" in module.__doc__, path.stem
+    assert stock_names("distill") == ["distill"]
+    module, _ = load_config_file(REPO / "seqmix" / "configs" / "distill.py")
+    assert "python -m seqmix.experiments.distill --config=distill" in module.__doc__
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_builds_and_trains_a_few_steps(path, tmp_path):
-    _, config = load_config(path)
+    _, config = load_config_file(path)
     config.model.d_model = 32
     # One layer per distinct mixer of the config (compiling stays cheap; the kinds stay).
     config.model.layers = list(dict.fromkeys(_names(config.model)))
@@ -80,9 +90,11 @@ def test_every_config_builds_and_trains_a_few_steps(path, tmp_path):
 
 @pytest.mark.parametrize("mixer", sorted(MIXERS))
 def test_mqar_variant_for_every_mixer(mixer):
-    _, config = load_config(REPO / "seqmix" / "configs" / "mqar.py", f"mixer={mixer},d_model=32")
+    _, config = load_config_file(
+        REPO / "seqmix" / "configs" / "mqar.py", f"mixer={mixer},d_model=32"
+    )
     assert list(config.model.layers) == [mixer, mixer]
-    parts = loop.split_model(config.model, 0)  # abstract build: nothing compiled
+    parts = split_model(config.model, 0)  # abstract build: nothing compiled
     assert jax.tree.leaves(parts.params)
     validate_config(config, task=data_lib.make_task(config), num_devices=1)
 
@@ -90,7 +102,9 @@ def test_mqar_variant_for_every_mixer(mixer):
 def test_loss_at_positions_equals_the_masked_full_loss():
     """MQAR batches carry ``positions``: the step computes logits there only; its sums and
     gradients must equal the full-sequence masked loss."""
-    _, config = load_config(REPO / "seqmix" / "configs" / "mqar.py", "mixer=attention,d_model=32")
+    _, config = load_config_file(
+        REPO / "seqmix" / "configs" / "mqar.py", "mixer=attention,d_model=32"
+    )
     task = data_lib.make_task(config)
     batch = {k: jnp.asarray(v) for k, v in task.train_batch(0).items()}
     assert batch["positions"].shape == (batch["inputs"].shape[0], config.data.num_kv_pairs)
@@ -98,11 +112,11 @@ def test_loss_at_positions_equals_the_masked_full_loss():
     full = {k: v for k, v in batch.items() if k != "positions"}
 
     def sums(model, b):
-        return losses.batch_sums("causal_lm", loop._call(model, b), b)
+        return losses.batch_sums("causal_lm", apply_model(model, b), b)
 
     grad = lambda b: nnx.grad(lambda m: sums(m, b)["loss_sum"])(model)
     a, f = sums(model, batch), sums(model, full)
-    assert loop._call(model, batch).shape[1] == config.data.num_kv_pairs
+    assert apply_model(model, batch).shape[1] == config.data.num_kv_pairs
     for key in ("loss_sum", "correct", "count"):
         np.testing.assert_allclose(a[key], f[key], rtol=1e-5)
     assert float(a["count"]) == batch["inputs"].shape[0] * config.data.num_kv_pairs
@@ -122,14 +136,17 @@ def finished_run(tmp_path_factory):
 
 def test_workdir_has_config_metrics_tensorboard_and_checkpoints(finished_run):
     workdir, config, result = finished_run
-    saved = loop.load_config(workdir)
+    saved = load_config(workdir)
     assert saved.train.num_steps == 8 and list(saved.model.layers) == ["attention"]
     assert saved.data.to_dict() == config.data.to_dict()
     train = read_metrics(workdir, "train")
     assert [r["step"] for r in train] == list(range(1, 9))
-    assert all(
-        {"loss", "accuracy", "grad_norm", "lr", "tokens_per_second"} <= r.keys() for r in train
-    )
+    assert all({"loss", "accuracy", "grad_norm", "lr"} <= r.keys() for r in train)
+    # Step 1 compiles: its record says how long that took and has no throughput; the others
+    # report tokens/s and ms per step of training alone.
+    assert train[0]["compile_seconds"] > 0 and "tokens_per_second" not in train[0]
+    for r in train[1:]:
+        assert r["tokens_per_second"] > 0 and r["ms_per_step"] > 0 and "compile_seconds" not in r
     evals = read_metrics(workdir, "eval")
     assert [r["step"] for r in evals] == [4, 8]
     assert result["eval"]["accuracy"] == pytest.approx(evals[-1]["accuracy"])
@@ -261,15 +278,23 @@ def test_weight_decay_skips_norms_biases_and_vectors():
     assert sum(mask.values()) >= 6
 
 
-def test_absl_launcher_overrides_and_prints_the_final_metric(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def test_launcher_runs_from_any_directory_with_a_stock_config_by_name(tmp_path, monkeypatch):
+    """Run where the checkout is not: the config by name, overrides of any key (the hybrid
+    pattern included), the default workdir under $SEQMIX_RUNS, the log's compile window,
+    ms/step and parameters per layer."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SEQMIX_RUNS=str(tmp_path / "runs"))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [
         sys.executable,
         "-m",
         "seqmix.experiments.train",
-        "--config=seqmix/configs/mqar.py:mixer=attention",
-        f"--workdir={tmp_path / 'run'}",
+        "--config=mqar:mixer=attention",
         "--config.model.d_model=16",
+        "--config.model.layers=MA",
+        "--config.model.mixers.mamba2.headdim=8",
+        "--config.model.mixers.mamba2.d_state=8",
         "--config.data.seq_len=32",
         "--config.data.num_kv_pairs=4",
         "--config.train.num_steps=3",
@@ -277,16 +302,40 @@ def test_absl_launcher_overrides_and_prints_the_final_metric(tmp_path):
         "--config.optimizer.warmup_steps=1",
         "--config.data.num_eval_batches=1",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FINAL eval at step 3: accuracy = " in proc.stdout
-    assert loop.load_config(str(tmp_path / "run")).model.d_model == 16
+    workdir = tmp_path / "runs" / "mqar-mixer=attention"
+    saved = load_config(str(workdir))
+    assert saved.model.d_model == 16 and list(saved.model.layers) == ["mamba2", "attention"]
+    assert list(elsewhere.iterdir()) == []  # nothing written where the command ran
+    log = proc.stderr
+    assert "step 1 (compile and run) took" in log and "ms/step" in log
+    assert "layer 0 (mamba2) mixer" in log and "layer 1 (attention) mixer" in log
     from seqmix.experiments.train import default_workdir
 
-    assert default_workdir("seqmix/configs/mqar.py") == os.path.join("runs", "mqar")
+    monkeypatch.setenv("SEQMIX_RUNS", "/somewhere")
+    assert default_workdir("mqar") == os.path.join("/somewhere", "mqar")
     assert default_workdir("seqmix/configs/mqar.py:mixer=gla") == os.path.join(
-        "runs", "mqar-mixer=gla"
+        "/somewhere", "mqar-mixer=gla"
     )
+    monkeypatch.delenv("SEQMIX_RUNS")
+    assert default_workdir("lm_bytes") == os.path.join(
+        os.path.expanduser("~"), "seqmix-runs", "lm_bytes"
+    )
+
+
+def test_launcher_help_states_the_default_workdir():
+    proc = subprocess.run(
+        [sys.executable, "-m", "seqmix.experiments.train", "--helpshort"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    text = proc.stdout + proc.stderr
+    assert "~/seqmix-runs/<config name>" in text and "$SEQMIX_RUNS" in text
+    assert "lm_bytes" in text and "--config.model.layers=GGGA" in text
 
 
 def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
@@ -297,3 +346,30 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     assert saved.train.compute_dtype == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype("float32")}
     assert model.backbone.embed.dtype == "bfloat16"  # the compute dtype reached the layers
+
+
+def test_recall_configs_train_in_bfloat16_with_float32_state_reproducibly(tmp_path):
+    """The study's mixed precision: bf16 compute, float32 parameters and optimizer state,
+    and two runs from the same seed end bit-identical."""
+    from train_helpers import assert_identical, checkpoint_arrays
+
+    from seqmix.configs import loader
+
+    config = loader.load("recall:mixer=gla,d_model=32,seq_len=32,num_kv_pairs=4,steps=3")
+    loader.apply_overrides(
+        config,
+        [
+            "model.vocab_size=64",
+            "data.vocab_size=64",
+            "train.batch_size=4",
+            "data.num_eval_batches=1",
+        ],
+    )
+    assert config.train.compute_dtype == "bfloat16"
+    for name in ("a", "b"):
+        result = train_and_evaluate(config, str(tmp_path / name))
+        assert result["step"] == 3 and np.isfinite(result["eval"]["loss"])
+    a, b = (checkpoint_arrays(str(tmp_path / n), 3) for n in ("a", "b"))
+    assert {x.dtype for k, x in a.items() if "count" not in k} == {np.dtype("float32")}
+    assert any("/mu/" in k or "mu" in k.split("/") for k in a)  # Adam's moments are there
+    assert_identical(a, b)

@@ -74,7 +74,7 @@ def test_restore_onto_other_meshes_and_resume(mesh_run):
 
 
 def test_spec_for_follows_rules_and_divisibility():
-    devices = np.asarray(jax.devices() * 1)[:1].reshape(1, 1)
+    devices = np.asarray(jax.devices() * 1)[:1].reshape(1, 1, 1)
     mesh = jax.sharding.Mesh(devices, sharding.AXES)
     assert sharding.spec_for(("vocab", "embed"), (16, 8), mesh) == P()  # fsdp of size 1
 
@@ -96,3 +96,32 @@ def test_mesh_shape_errors_name_the_key():
     with pytest.raises(ValueError, match="16 devices"):
         sharding.mesh_shape(ml_collections.ConfigDict({"data": 8, "fsdp": 2}), 8)
     assert sharding.mesh_shape(ml_collections.ConfigDict({"data": -1, "fsdp": 2}), 8) == (4, 2)
+
+
+def test_mesh_seq_axis_composes_with_data_and_fsdp():
+    dims = sharding.mesh_dims
+    assert dims(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "seq": 4}), 8) == (2, 1, 4)
+    assert dims(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "seq": 2}), 8) == (1, 4, 2)
+    assert dims(ml_collections.ConfigDict({"data": -1, "fsdp": 1}), 8) == (8, 1, 1)  # default
+    assert sharding.AXES == ("data", "fsdp", "seq")
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"mesh\.seq"):
+            dims(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "seq": bad}), 8)
+    with pytest.raises(ValueError, match=r"mesh\.seq=3 does not divide the 8 devices"):
+        dims(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "seq": 3}), 8)
+    with pytest.raises(ValueError, match=r"mesh\.data=4 does not divide the 2 device groups"):
+        dims(ml_collections.ConfigDict({"data": 4, "fsdp": -1, "seq": 4}), 8)
+    with pytest.raises(ValueError, match="16 devices"):
+        dims(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "seq": 4}), 8)
+
+
+def test_validate_names_mesh_seq_when_it_does_not_divide_the_sequence():
+    from train_helpers import tiny_config
+
+    from seqmix import data
+    from seqmix.train import config as config_lib
+
+    config = tiny_config()  # seq_len 16
+    config.mesh.seq = 3
+    with pytest.raises(ValueError, match=r"mesh\.seq=3 does not divide the sequence length 16"):
+        config_lib.validate(config, task=data.make_task(config), num_devices=3)

@@ -3,15 +3,21 @@
 Also a script, run in a subprocess by the tests:
 
     python tests/train/train_helpers.py CONFIG_JSON WORKDIR [--sigkill-at N] [--sigterm-at N]
+        [--break-checkpoints-at N] [--limit-file-size-at N] [--on-config-change POLICY]
 
-trains the config (with ``seqmix.train.train_and_evaluate``) and sends itself SIGKILL or
-SIGTERM from a callback once step N's metrics have been read.
+trains the config (with ``seqmix.train.train_and_evaluate``) and, from a callback once step
+N's metrics have been read, sends itself SIGKILL or SIGTERM, replaces the checkpoint
+directory by a file, or limits the size of every file it writes to 4 kB (what a full disk
+does to a write). A checkpoint that cannot be written ends the process as the launcher
+does: ``SAVE FAILED <message>`` on stdout and exit status 3, without waiting for orbax.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
 import signal
 import sys
 
@@ -86,26 +92,53 @@ def assert_identical(a: dict, b: dict) -> None:
         )
 
 
+FILE_SIZE_LIMIT = 4096
+
+
 def main(argv) -> int:
     config_path, workdir, *rest = argv
-    kill_at = {"--sigkill-at": None, "--sigterm-at": None}
+    at = {
+        "--sigkill-at": None,
+        "--sigterm-at": None,
+        "--break-checkpoints-at": None,
+        "--limit-file-size-at": None,
+    }
+    policy = "refuse"
     while rest:
         flag, value, *rest = rest
-        kill_at[flag] = int(value)
+        if flag == "--on-config-change":
+            policy = value
+        else:
+            at[flag] = int(value)
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
 
     def callback(step, metrics):
         del metrics
-        if step == kill_at["--sigkill-at"]:
+        if step == at["--sigkill-at"]:
             os.kill(os.getpid(), signal.SIGKILL)
-        if step == kill_at["--sigterm-at"]:
+        if step == at["--sigterm-at"]:
             os.kill(os.getpid(), signal.SIGTERM)
+        if step == at["--break-checkpoints-at"]:
+            path = os.path.join(workdir, "checkpoints")
+            shutil.rmtree(path)
+            with open(path, "w") as f:
+                f.write("a file where the checkpoint directory should be\n")
+        if step == at["--limit-file-size-at"]:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write fails instead (EFBIG)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, resource.RLIM_INFINITY))
 
-    from seqmix.train import train_and_evaluate
+    from seqmix.train import CheckpointSaveError, train_and_evaluate
 
-    result = train_and_evaluate(config, workdir, callbacks=[callback])
-    print("RESULT " + json.dumps({k: result[k] for k in ("step", "stopped_by")}), flush=True)
+    try:
+        result = train_and_evaluate(config, workdir, callbacks=[callback], on_config_change=policy)
+    except CheckpointSaveError as e:
+        print(f"SAVE FAILED {e}", flush=True)
+        os._exit(3)
+    print(
+        "RESULT " + json.dumps({k: result[k] for k in ("step", "stopped_by", "event")}),
+        flush=True,
+    )
     return 0
 
 

@@ -1,7 +1,7 @@
-"""Softmax attention and KV-cache decoding: every implementation side by side, one run.
+"""Softmax attention: every implementation side by side, one run.
 
     python -m seqmix.experiments.bench_kernels --op=attention [--quick]
-    python -m seqmix.experiments.bench_kernels --op=decode_attention [--quick]
+    python -m seqmix.experiments.bench_kernels --op=attention --tune --tuning_out=tuning.json
 
 ``attention``: seqmix ``pallas_triton``, ``cudnn``, ``xla`` and jax's own Pallas Triton
 ``mha`` (``jax.experimental.pallas.ops.gpu.attention``; forward blocks 128 x 128, backward
@@ -14,21 +14,16 @@ window; forward+backward counts 3.5x that. ``mem_mb``: XLA's account of the comp
 forward+backward; ``err_o`` / ``err_grad``: relative error of o / the worst of dq, dk, dv
 against ``xla`` at the same shape.
 
-``decode_attention``: one query per row over a full KV cache, B = 4, 32 query heads, 8 KV
-heads, D = 128, bf16, cache 128k (and 8k, 1M unless quick): seqmix ``pallas_triton``,
-``cudnn``, ``xla`` and jax's Pallas ``gqa`` decoder, reporting KV-cache bytes read per second.
+``--tune`` runs the autotuner (``seqmix.kernels.tune``) over the Triton tiles of
+``attention.tuning.SEARCH`` at ``[4, 8192, 16, D]`` causal, D = 64 and 128, and writes the
+winners to the tuning file.
 
-``tune_blocks`` (below) times candidate tiles of the Triton kernels to retune
-``seqmix/kernels/attention/tuning.py``.
-
-``SEQMIX_BENCH_FILTER=<substring>`` keeps only the shapes whose label contains it (to fit a
-run into the device's per-command limit, e.g. ``d64`` or ``d128``).
+``SEQMIX_BENCH_FILTER=<substring>`` keeps only the shapes whose label contains it (a shorter
+run, e.g. ``d64`` or ``d128``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 
 import jax
@@ -39,18 +34,6 @@ from seqmix.experiments.bench import common
 TOKENS = 32768
 HEADS = 16
 DTYPE = jnp.bfloat16
-
-
-def run(op: str, quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
-    """Rows and the columns to print, for ``op`` in {"attention", "decode_attention"}."""
-    if op == "attention":
-        return run_attention(quick, ceilings)
-    if op == "decode_attention":
-        return run_decode(quick, ceilings)
-    raise ValueError(f"op must be 'attention' or 'decode_attention', got {op!r}")
-
-
-# --- attention ---------------------------------------------------------------------------------
 
 
 def attention_shapes(quick: bool) -> list[dict]:
@@ -88,7 +71,7 @@ def visible_pairs(T: int, S: int, causal: bool, window: int | None) -> float:
     return T * S / 2 if causal else float(T * S)
 
 
-def _seqmix(impl):
+def seqmix_impl(impl):
     from seqmix.kernels import attention
 
     def f(q, k, v, *, causal, window):
@@ -99,9 +82,9 @@ def _seqmix(impl):
     return f
 
 
-def _jax_mha(default_blocks: bool):
-    """jax's own Pallas Triton ``mha``: with its default blocks (as ../shared/peers measured
-    it, 32 x 32 backward tiles) or with 64 x 64 backward tiles (faster on the H200)."""
+def jax_mha(default_blocks: bool):
+    """jax's own Pallas Triton ``mha``: with its default blocks (32 x 32 backward
+    tiles, as jax ships it) or with 64 x 64 backward tiles (faster on the H200)."""
 
     def f(q, k, v, *, causal, window):
         import warnings
@@ -134,15 +117,15 @@ def _jax_mha(default_blocks: bool):
 XLA_MAX_T = 8192
 
 ATTENTION_IMPLS = {
-    "xla": _seqmix("xla"),  # first: the reference of every row's error (cudnn beyond XLA_MAX_T)
-    "cudnn": _seqmix("cudnn"),
-    "pallas_triton": _seqmix("pallas_triton"),
-    "jax_mha": _jax_mha(default_blocks=True),
-    "jax_mha_bwd64": _jax_mha(default_blocks=False),
+    "xla": seqmix_impl("xla"),  # first: the reference of every row's error (cudnn beyond XLA_MAX_T)
+    "cudnn": seqmix_impl("cudnn"),
+    "pallas_triton": seqmix_impl("pallas_triton"),
+    "jax_mha": jax_mha(default_blocks=True),
+    "jax_mha_bwd64": jax_mha(default_blocks=False),
 }
 
 
-def _attention_inputs(s: dict):
+def attention_inputs(s: dict):
     kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(kq, (s["B"], s["T"], s["H"], s["D"]), DTYPE)
     k = jax.random.normal(kk, (s["B"], s["T"], s["Hkv"], s["D"]), DTYPE)
@@ -151,11 +134,12 @@ def _attention_inputs(s: dict):
     return q, k, v, do
 
 
-def run_attention(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
+def run(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
+    """Rows and the columns to print."""
     rows = common.new_rows()
     peak = ceilings.get("bf16_matmul_tflops")
     for s in attention_shapes(quick):
-        q, k, v, do = _attention_inputs(s)
+        q, k, v, do = attention_inputs(s)
         flops = (
             4.0 * s["B"] * s["H"] * s["D"] * visible_pairs(s["T"], s["T"], s["causal"], s["window"])
         )
@@ -166,7 +150,7 @@ def run_attention(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
                 **{key: s[key] for key in ("label", "D", "T", "B", "H", "Hkv", "causal", "window")},
             }
             if name == "xla" and s["T"] > XLA_MAX_T:
-                row["error"] = f"not timed above T={XLA_MAX_T} (device-time budget)"
+                row["error"] = f"not timed above T={XLA_MAX_T} (seconds per call)"
                 rows.append(row)
                 continue
             kk, vv = k, v
@@ -257,171 +241,25 @@ def _plots(rows: list[dict]) -> None:
                 print(f"plot {name} failed: {common.short_error(e)}")
 
 
-# --- decoding ----------------------------------------------------------------------------------
+def tune(quick: bool, out: str | None) -> list:
+    """Autotunes the Triton tiles at ``[4, 8192, 16, D]`` causal for D = 64 and 128 (D = 128
+    only when quick); returns the ``tune.Result`` of each."""
+    from seqmix.kernels import attention
 
-DECODE = dict(B=4, H=32, Hkv=8, D=128)
-
-
-def decode_shapes(quick: bool) -> list[dict]:
-    lengths = (131072,) if quick else (8192, 131072, 1048576)
-    return common.filtered(
-        [
-            dict(
-                label=f"{DECODE['B']}x{S} h{DECODE['H']}/{DECODE['Hkv']} d{DECODE['D']}",
-                S=S,
-                **DECODE,
+    results = []
+    for D in (128,) if quick else (64, 128):
+        s = dict(label=f"d{D} 4x8192x16 causal", D=D, T=8192, B=4, H=HEADS, Hkv=HEADS)
+        if not common.filtered([s]):
+            continue
+        q, k, v, _ = attention_inputs(s)
+        results.append(
+            common.autotune(
+                attention,
+                (q, k, v),
+                implementation="pallas_triton",
+                kwargs=dict(causal=True),
+                out=out,
+                shape=s["label"],
             )
-            for S in lengths
-        ]
-    )
-
-
-def _seqmix_decode(impl):
-    from seqmix.kernels import decode_attention
-
-    return lambda q, k, v, lengths: decode_attention(q, k, v, lengths, implementation=impl)
-
-
-def _jax_gqa(q, k, v, lengths):
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
-    return jax_decode.gqa(q, k, v, kv_seq_len=lengths, sm_scale=q.shape[-1] ** -0.5)
-
-
-DECODE_IMPLS = {
-    "xla": _seqmix_decode("xla"),
-    "pallas_triton": _seqmix_decode("pallas_triton"),
-    "cudnn": _seqmix_decode("cudnn"),
-    "jax_gqa": _jax_gqa,
-}
-
-
-def run_decode(quick: bool, ceilings: dict) -> tuple[list[dict], list[str]]:
-    rows = common.new_rows()
-    copy = ceilings.get("copy_tbps")
-    for s in decode_shapes(quick):
-        B, S, H, Hkv, D = s["B"], s["S"], s["H"], s["Hkv"], s["D"]
-        kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-        q = jax.random.normal(kq, (B, H, D), DTYPE)
-        k = jax.random.normal(kk, (B, S, Hkv, D), DTYPE)
-        v = jax.random.normal(kv, (B, S, Hkv, D), DTYPE)
-        lengths = jnp.full((B,), S, jnp.int32)
-        kv_bytes = 2 * B * S * Hkv * D * jnp.dtype(DTYPE).itemsize
-        ref = None
-        for name, impl in DECODE_IMPLS.items():
-            row = {"impl": name, **s, "kv_gb": kv_bytes / 1e9}
-            fn = jax.jit(impl)
-            out = common.attempt(row, "decode", lambda: fn(q, k, v, lengths))
-            if out is not None:
-                t = common.attempt(row, "decode", lambda: common.time_jax(fn, q, k, v, lengths))
-                if t is not None:
-                    row.update(ms=t * 1e3, kv_tbps=kv_bytes / t / 1e12)
-                    if copy:
-                        row["of_copy"] = row["kv_tbps"] / copy
-                if name == "xla":
-                    ref = out
-                elif ref is not None:
-                    row["err_o"] = common.rel_err(out, ref)
-            print({key: row.get(key) for key in DECODE_COLUMNS}, flush=True)
-            rows.append(row)
-            del out
-        k = v = None  # free the caches before the next shape allocates
-    return rows, DECODE_COLUMNS
-
-
-DECODE_COLUMNS = ["label", "impl", "ms", "kv_tbps", "of_copy", "err_o", "error"]
-
-
-# --- retuning the tile table (not part of bench_kernels) ------------------------------------
-
-FWD_CANDIDATES = [
-    (128, 64, 4, 3),
-    (128, 64, 8, 3),
-    (128, 128, 8, 2),
-    (128, 128, 8, 3),
-    (128, 32, 4, 4),
-    (64, 64, 4, 3),
-    (64, 128, 4, 3),
-    (128, 64, 8, 2),
-]
-BWD_CANDIDATES = [
-    (64, 128, 8, 2),
-    (32, 128, 4, 3),
-    (64, 128, 4, 2),
-    (64, 64, 4, 3),
-    (32, 64, 4, 4),
-    (128, 128, 8, 1),
-    (64, 64, 8, 2),
-    (16, 128, 4, 4),
-]
-DQ_CANDIDATES = [
-    (128, 64, 8, 2),
-    (128, 32, 4, 3),
-    (64, 64, 4, 3),
-    (128, 64, 4, 3),
-    (128, 128, 8, 2),
-    (64, 32, 4, 4),
-    (128, 32, 8, 3),
-]
-
-
-def tune_blocks(
-    D: int = 128, T: int = 8192, causal: bool = True, Hkv: int | None = None, out: str | None = None
-) -> dict:
-    """Times seqmix's Triton kernels over candidate tiles at one bf16 shape ``[32k/T, T, 16,
-    D]`` and prints the best ``tuning.Blocks`` per kind (forward alone; then dK/dV and dQ
-    inside forward+backward with the other backward tile at its best so far). Copy the
-    winners into ``seqmix/kernels/attention/tuning.py``; with ``out`` they are also written
-    (merged into the file if it exists) as a tuning JSON that ``SEQMIX_ATTENTION_TUNING``
-    applies without editing the table.
-
-        python -c "from seqmix.experiments.bench.attention import tune_blocks; tune_blocks(128)"
-    """
-    from seqmix.kernels.attention import triton, tuning
-
-    s = dict(D=D, T=T, B=max(1, TOKENS // T), H=HEADS, Hkv=Hkv or HEADS)
-    q, k, v, do = _attention_inputs(s)
-    window = (None, 0) if causal else (None, None)
-    best = {}
-    for kind, cands in (
-        ("fwd", FWD_CANDIDATES),
-        ("bwd", BWD_CANDIDATES),
-        ("bwd_dq", DQ_CANDIDATES),
-    ):
-        results = []
-        for c in cands:
-            blocks = {**best, kind: tuning.Blocks(*c)}
-            f = lambda q, k, v, blocks=blocks: triton.flash_attention(
-                q, k, v, window=window, blocks=blocks
-            )[0]
-            fn = (
-                jax.jit(f)
-                if kind == "fwd"
-                else jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
-            )
-            args = (q, k, v) if kind == "fwd" else (q, k, v, do)
-            try:
-                t = common.time_jax(fn, *args)
-            except Exception as e:  # noqa: BLE001 - a tile that does not compile is skipped
-                print(f"{kind} {c}: {common.short_error(e)}", flush=True)
-                continue
-            results.append((t, c))
-            print(f"{kind} {c}: {t * 1e3:.3f} ms", flush=True)
-        if results:
-            best[kind] = tuning.Blocks(*min(results)[1])
-            print(f"best {kind} for D={D}, T={T}, causal={causal}: {best[kind]}", flush=True)
-    if out:
-        table = {}
-        if os.path.exists(out):
-            with open(out) as f:
-                table = json.load(f)
-        bucket = str(tuning.head_dim_bucket(D))
-        for kind, b in best.items():
-            table.setdefault(kind, {})[bucket] = list(dataclasses.astuple(b))
-        with open(out, "w") as f:
-            json.dump(table, f, indent=1)
-        print(f"wrote {out}", flush=True)
-    return best
+        )
+    return results

@@ -1,6 +1,6 @@
 """Timing, ceilings and result files shared by the kernel benchmarks.
 
-Protocol (DESIGN.md): compile first, warm up, enqueue ``n`` calls back to back and block
+Protocol (docs/benchmarking.md): compile first, warm up, enqueue ``n`` calls back to back and block
 once, median of several repetitions; report beside the bf16 matmul and copy ceilings
 measured in the same run. Memory is XLA's own account of the compiled call (arguments,
 outputs and temporaries), which is exact and needs no allocator reset.
@@ -13,8 +13,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -23,26 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqmix.kernels import tune
+
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
 
 
-def time_jax(fn: Callable, *args, reps: int = 5, target_s: float = 0.2, max_n: int = 200) -> float:
-    """Median seconds per call of a jitted ``fn(*args)``: n calls enqueued, one block."""
-    jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))  # warm up
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = max(time.perf_counter() - t0, 1e-6)
-    n = int(min(max_n, max(3, target_s / one)))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
+# Median seconds per call of a jitted fn(*args): n calls enqueued, one block (the autotuner's).
+time_jax = tune.time_call
 
 
 def time_torch(fn: Callable, reps: int = 5) -> float:
@@ -129,11 +114,11 @@ def live_rows() -> list[dict]:
 
 
 def run_op(module, op: str, quick: bool, ceilings: dict, out_dir: str | None):
-    """``(rows, columns, json path)`` of ``module.run(op, ...)``, written as JSON. When a time
-    limit interrupts it (SIGINT), the rows measured so far (``live_rows``) are written,
-    with ``interrupted`` among the ceilings."""
+    """``(rows, columns, json path)`` of ``module.run(quick=..., ceilings=...)``, written as
+    JSON. When a time limit interrupts it (SIGINT), the rows measured so far (``live_rows``)
+    are written, with ``interrupted`` among the ceilings."""
     try:
-        rows, columns = module.run(op, quick=quick, ceilings=ceilings)
+        rows, columns = module.run(quick=quick, ceilings=ceilings)
     except KeyboardInterrupt:
         rows, columns = live_rows(), ["label", "impl", "error"]
         for r in rows:
@@ -225,3 +210,175 @@ def filtered(shapes: list[dict]) -> list[dict]:
     its ``|``-separated parts (``d64|/4``)."""
     needles = [n for n in os.environ.get("SEQMIX_BENCH_FILTER", "").split("|") if n]
     return [s for s in shapes if not needles or any(n in s["label"] for n in needles)]
+
+
+# --- forward and forward+backward rows against a reference implementation ---------------------
+
+
+def nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def fwd_and_fb(f):
+    """``(jit(f), jit(fb))`` where ``fb(*args, ct)`` returns ``(f(*args), vjp(ct))``."""
+    fwd = jax.jit(f)
+
+    def fb(*args):
+        *args, ct = args
+        y, vjp = jax.vjp(f, *args)
+        return y, vjp(ct)
+
+    return fwd, jax.jit(fb)
+
+
+def measure(row: dict, fwd, fb, args, ct, copy_tbps: float | None):
+    """Times ``fwd(*args)`` and ``fb(*args, ct)`` into ``row``: ms, GB/s of reading every
+    input and writing every output once, and that read-once-write-once time at the copy
+    ceiling (``*_x_rowo``); returns their outputs."""
+    out = attempt(row, "fwd", lambda: jax.block_until_ready(fwd(*args)))
+    if out is not None:
+        t = attempt(row, "fwd", lambda: time_jax(fwd, *args))
+        if t is not None:
+            rowo = nbytes(args) + nbytes(out)
+            row.update(fwd_ms=t * 1e3, fwd_gbs=rowo / t / 1e9)
+            if copy_tbps:
+                row["fwd_x_rowo"] = t / (rowo / (copy_tbps * 1e12))
+    got = attempt(row, "fwd+bwd", lambda: jax.block_until_ready(fb(*args, ct)))
+    if got is not None:
+        t = attempt(row, "fwd+bwd", lambda: time_jax(fb, *args, ct))
+        if t is not None:
+            rowo = nbytes(args) + nbytes(ct) + nbytes(got)  # got = (y, grads)
+            row.update(fb_ms=t * 1e3, fb_gbs=rowo / t / 1e9)
+            if copy_tbps:
+                row["fb_x_rowo"] = t / (rowo / (copy_tbps * 1e12))
+        mem = compiled_bytes(fb, *args, ct)
+        row["mem_mb"] = None if mem is None else mem / 2**20
+    return out, got
+
+
+def compare(row: dict, out, got, ref_out, ref_got, ref_row: dict | None):
+    """Relative errors of y and the worst gradient against the reference row's, and its
+    forward+backward time over this one's (``fb_vs_xla``)."""
+    if out is not None and ref_out is not None:
+        row["err_y"] = rel_err(out, ref_out)
+    if got is not None and ref_got is not None:
+        row["err_grad"] = max(
+            rel_err(a, b) for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref_got[1]))
+        )
+    if ref_row is not None and row.get("fb_ms") and ref_row.get("fb_ms"):
+        row["fb_vs_xla"] = ref_row["fb_ms"] / row["fb_ms"]
+
+
+def iter_shapes(shapes, inputs, impls_for, columns, copy):
+    """Times ``impls_for(shape)`` (name -> f) at every shape, yielding each row as it is
+    measured; output and gradient errors against the first implementation (``xla`` when
+    timed)."""
+    for s in shapes:
+        args, dy = inputs(s)
+        ref = None
+        for name, f in impls_for(s).items():
+            row = {"impl": name, **s}
+            fwd, fb = fwd_and_fb(f)
+            out, got = measure(row, fwd, fb, args, dy, copy)
+            if ref is None:
+                ref = (out, got, row)
+            else:
+                compare(row, out, got, *ref)
+            print({k: row.get(k) for k in columns}, flush=True)
+            yield row
+            del out, got
+        del ref, args, dy
+
+
+ROWO_COLUMNS = [
+    "label",
+    "impl",
+    "fwd_ms",
+    "fwd_gbs",
+    "fwd_x_rowo",
+    "fb_ms",
+    "fb_gbs",
+    "fb_x_rowo",
+    "fb_vs_xla",
+    "mem_mb",
+    "err_y",
+    "err_grad",
+    "error",
+]
+
+
+def plots(rows: list[dict], op: str, title: str) -> None:
+    """Time against T per implementation (variant rows, ``impl[...]``, left out)."""
+    dirs = [d for d in (os.environ.get("OUT"), RESULTS_DIR) if d and os.path.isdir(d)]
+    for key, what in (("fwd_ms", "forward"), ("fb_ms", "forward+backward")):
+        sel = [r for r in rows if r.get(key) and "[" not in r["impl"]]
+        if len({r["T"] for r in sel}) < 2:
+            continue
+        name = f"{op}_{key[:-3]}.png"
+        for d in dirs:
+            try:
+                plot_time_vs_length(
+                    sel,
+                    os.path.join(d, name),
+                    x="T",
+                    y=key,
+                    group="impl",
+                    title=f"{op} {what}, {title}",
+                )
+            except Exception as e:  # noqa: BLE001 - a plot must not lose the results
+                print(f"plot {name} failed: {short_error(e)}")
+
+
+def config_label(config) -> str:
+    """A Config's set fields, compact (``{}`` for the table's)."""
+    return json.dumps(tune.to_dict(config), sort_keys=True, separators=(",", ":"))
+
+
+def autotune(
+    fn, args, *, implementation: str, kwargs: dict | None = None, out: str | None, shape: str
+):
+    """``tune.autotune`` with the family's search axes, printing its trials."""
+    print(f"tuning {fn.__name__} {implementation} at {shape}", flush=True)
+    result = tune.autotune(
+        fn, args, implementation=implementation, kwargs=kwargs, out=out, shape=shape
+    )
+    print(
+        f"best {fn.__name__} {implementation} {result.key}: {config_label(result.best)}", flush=True
+    )
+    return result
+
+
+# --- decoding steps ------------------------------------------------------------------------
+
+STEP_IMPLS = ("xla", "pallas_triton")
+STEP_BATCHES = (1, 16, 64, 256)
+STEP_QUICK_BATCHES = (4,)
+STEP_COLUMNS = ["label", "impl", "us", "gbs", "of_copy", "err", "error"]
+
+
+def run_steps(op: str, case, quick: bool, ceilings: dict | None):
+    """Rows of one decoding-step op: for each batch size B, ``case(B)`` gives ``(label,
+    make(impl) -> jitted fn, args, bytes)``; every implementation of ``STEP_IMPLS`` is timed
+    (microseconds, GB/s, the fraction of the copy ceiling) and compared with ``xla``."""
+    copy = (ceilings or {}).get("copy_tbps")
+    rows = new_rows()
+    for B in STEP_QUICK_BATCHES if quick else STEP_BATCHES:
+        label, make, args, nbytes = case(B)
+        ref = None
+        for impl in STEP_IMPLS:
+            row = {"op": op, "impl": impl, "label": label, "B": B, "bytes": nbytes}
+            fn = make(impl)
+            out = attempt(row, "step", lambda fn=fn: fn(*args))
+            if out is not None:
+                t = attempt(row, "step", lambda fn=fn: time_jax(fn, *args))
+                if t is not None:
+                    row.update(us=t * 1e6, gbs=nbytes / t / 1e9)
+                    if copy:
+                        row["of_copy"] = row["gbs"] / (copy * 1e3)
+                if impl == "xla":
+                    ref = out
+                elif ref is not None:
+                    row["err"] = max(rel_err(a, r) for a, r in zip(out, ref))
+            print({key: row.get(key) for key in STEP_COLUMNS}, flush=True)
+            rows.append(row)
+    return rows, STEP_COLUMNS

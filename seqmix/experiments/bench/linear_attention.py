@@ -1,6 +1,7 @@
 """Chunked gated linear attention: seqmix pallas_triton and xla beside flash-linear-attention.
 
     python -m seqmix.experiments.bench_kernels --op=linear_attention [--quick]
+    python -m seqmix.experiments.bench_kernels --op=linear_attention --tune --tuning_out=t.json
 
 Rows ("series" = "shapes"): [B, T, H, D] in ``SHAPES``, bf16, scalar decay (Mamba-2 SSD /
 simple GLA; peer ``fla.ops.simple_gla.chunk_simple_gla``) and per-channel decay (GLA; peer
@@ -13,12 +14,14 @@ seqmix pallas_triton, against flash-linear-attention's output (an independent ch
 flash-linear-attention's backward refuses to run on Hopper with Triton 3.6: its row records
 the error it raises.
 
-Tuning: ``SEQMIX_BENCH_LA_CONFIGS='[{"split_scores": false}, {"block_v": 128}]'`` (JSON list
-of ``seqmix.kernels.linear_attention.triton.TUNING`` overrides; per-kernel dicts such as
-``num_warps`` merge key by key; a ``chunk_size`` entry is passed as the chunk size) adds one
-pallas_triton row per entry, called directly with that ``config``. Unset, ``DEFAULT_CONFIGS``
-are timed (the single-pass state, FLA's tiling, the fused forward); ``'[]'`` times none. Every
-pallas_triton row records its relative error against flash-linear-attention's output.
+Variants: ``SEQMIX_BENCH_LA_CONFIGS='[{"split_scores": false}, {"block_v": 128}]'`` (a JSON
+list of ``seqmix.kernels.linear_attention.tuning.TritonConfig`` fields, ``num_warps`` as a
+``PerKernel`` object; a ``chunk_size`` entry is passed as the chunk size) adds one
+pallas_triton row per entry, the public op called with that ``config=``. Unset,
+``DEFAULT_CONFIGS`` are timed (the single-pass state, FLA's tiling); ``'[]'`` times none.
+Every pallas_triton row records its relative error against flash-linear-attention's output.
+``--tune`` runs the autotuner (``seqmix.kernels.tune``) over ``tuning.SEARCH`` at
+``[8, 4096, 16, 128]`` for the scalar and per-channel decays.
 
 Rows ("series" = "scaling"): B * T = 65536 tokens at T = 4k ... 64k, H = 16, D = 128, scalar
 decay, forward: time per token should be flat; a log-log plot of time against T is written
@@ -38,21 +41,20 @@ import numpy as np
 
 from seqmix.experiments.bench import common
 from seqmix.kernels import linear_attention
-from seqmix.kernels.linear_attention import triton as la_triton
+from seqmix.kernels import tune as kernel_tune
+from seqmix.kernels.linear_attention import tuning
 
 SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128), (1, 65536, 16, 128), (8, 4096, 16, 64)]
 QUICK_SHAPES = [(2, 4096, 16, 128)]
 SCALING_T = [4096, 8192, 16384, 32768, 65536]
 QUICK_SCALING_T = [4096, 16384]
 SCALING_TOKENS = 65536
-# Variants timed beside the default (measured on the H200 on 2026-11-28, BENCHMARKS.md): the
-# single-level state pass (the default before that run); FLA's output tiling (one value
-# block of 128, 8 warps, score matmuls in one bf16 part); the fused forward (no chunk states
-# in HBM). The default is the two-level state pass ("auto").
+# Variants timed beside the default (the two-level state pass, "auto"): the single-level
+# state pass; FLA's output tiling (one value block of 128, 8 warps, score matmuls in one bf16
+# part).
 DEFAULT_CONFIGS = [
-    {"state_segments": None},
+    {"state_segments": 1},
     {"block_v": 128, "split_scores": False, "num_warps": {"output": 8, "dv": 8, "dqk": 8}},
-    {"fused_forward": True},
 ]
 FLA_OPS = {
     "scalar": ("fla.ops.simple_gla", "chunk_simple_gla"),
@@ -63,7 +65,7 @@ COLUMNS = [
     "series",
     "decay",
     "impl",
-    "blocks",
+    "config",
     "B",
     "T",
     "H",
@@ -107,27 +109,20 @@ def _configs() -> list[dict]:
     return DEFAULT_CONFIGS if env is None else json.loads(env)
 
 
-def _split_chunk(config: dict) -> tuple[int, dict]:
-    """(chunk size, TUNING overrides) of one bench config entry."""
-    config = dict(config)
-    return config.pop("chunk_size", 64), config
+def _split_chunk(entry: dict) -> tuple[int, tuning.TritonConfig]:
+    """(chunk size, TritonConfig) of one bench config entry."""
+    entry = dict(entry)
+    chunk = entry.pop("chunk_size", 64)
+    return chunk, kernel_tune.from_dict(tuning.TritonConfig, entry, where="SEQMIX_BENCH_LA_CONFIGS")
 
 
-def _seqmix_fns(impl, config=None):
+def _seqmix_fns(impl, entry=None):
     def fwd(q, k, v, g):
-        if config is not None:  # the kernel itself, with tuning overrides
-            chunk, tuning = _split_chunk(config)
-            return la_triton.linear_attention(
-                q,
-                k,
-                v,
-                g,
-                scale=q.shape[-1] ** -0.5,
-                initial_state=None,
-                runs=None,
-                chunk_size=chunk,
-                config=tuning,
-            )[0]
+        if entry is not None:  # the Triton backend with a tuning Config
+            chunk, config = _split_chunk(entry)
+            return linear_attention(
+                q, k, v, g, chunk_size=chunk, implementation="pallas_triton", config=config
+            )
         return linear_attention(q, k, v, g, implementation=impl)
 
     def fwd_bwd(q, k, v, g, do):
@@ -223,20 +218,8 @@ def _measure_shape(series, B, T, H, D, decay, ceilings, *, backward=True, with_x
         name = f"seqmix_pallas_triton{impl}" if config is not None else f"seqmix_{impl}"
         row = _row(series, decay, name, B, T, H, D)
         try:
-            if impl != "xla":
-                chunk, tuning = _split_chunk(config or {})
-                plan = la_triton.make_plan(
-                    q, v, g, None, None, scale=1.0, chunk_size=chunk, config=tuning
-                )
-                row["blocks"] = (
-                    f"{plan.block_k}x{plan.block_v} state {plan.state_block_k}x{plan.state_block_v}"
-                )
-                if plan.segments > 1:
-                    row["blocks"] += f" seg {plan.segments}x{plan.segment_chunks}"
-                if chunk != 64:
-                    row["blocks"] += f" chunk {chunk}"
-                if plan.fused:
-                    row["blocks"] += " fused"
+            if config is not None:
+                row["config"] = json.dumps(config, sort_keys=True)
             fwd, fwd_bwd = _seqmix_fns(impl, config)
             outs[impl] = fwd(q, k, v, g)
             _fill_speed(row, common.time_jax(fwd, q, k, v, g) * 1e3, nbytes, ceilings, tokens)
@@ -277,9 +260,8 @@ def _measure_shape(series, B, T, H, D, decay, ceilings, *, backward=True, with_x
     return rows
 
 
-def run(op: str, quick: bool = False, ceilings: dict | None = None):
+def run(quick: bool = False, ceilings: dict | None = None):
     """Benchmark rows and the table's columns (see the module docstring)."""
-    del op
     ceilings = ceilings or {}
     rows = []  # the per-shape lists are the registered ones (common.new_rows)
     for B, T, H, D in QUICK_SHAPES if quick else SHAPES:
@@ -309,3 +291,22 @@ def run(op: str, quick: bool = False, ceilings: dict | None = None):
         except Exception:  # noqa: BLE001 - the plot is optional
             traceback.print_exc()
     return rows, COLUMNS
+
+
+def tune(quick: bool, out: str | None) -> list:
+    """Autotunes the Triton kernels at ``[8, 4096, 16, 128]`` (``[2, 4096, 16, 128]`` when
+    quick) for the scalar and the per-channel decay; returns the ``tune.Result`` of each."""
+    B, T, H, D = QUICK_SHAPES[0] if quick else SHAPES[0]
+    results = []
+    for decay in ("scalar", "channel"):
+        q, k, v, g, _ = _inputs(B, T, H, D, decay)
+        results.append(
+            common.autotune(
+                linear_attention,
+                (q, k, v, g),
+                implementation="pallas_triton",
+                out=out,
+                shape=f"{B}x{T}x{H}x{D} {decay}",
+            )
+        )
+    return results

@@ -1,11 +1,11 @@
 """Compile many programs in parallel processes into JAX's persistent cache, before timing.
 
-A device call that runs many distinct programs (bench_model's 20 models, the recall sweep's
-grid) spends most of its time compiling, and one process compiles one program at a time.
+A GPU run of many distinct programs (bench_model's 20 models, the recall sweep's grid)
+spends most of its time compiling, and one process compiles one program at a time.
 ``run_workers`` starts N copies of a script with ``--compile_only=i/N``; each compiles its
 share (``shard``) into ``CACHE_DIR`` and exits; the driver then runs everything, and each of
-its compiles is a cache hit (seconds instead of tens of seconds on the H200, 2026-11-28).
-Workers neither preallocate device memory nor run anything; they are killed at the budget.
+its compiles is a cache hit (seconds instead of tens of seconds). Workers neither
+preallocate device memory nor run anything; they are killed at ``budget_s``.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def run_workers(module: str, args: list[str], n: int, budget_s: float) -> float:
     ``budget_s`` seconds (then kills what still runs); returns the seconds taken."""
     os.makedirs(CACHE_DIR, exist_ok=True)
     # each process gets an equal share of the device memory: with the caller's fraction each
-    # (0.9 under run.sh), 8 processes' autotuning ran the device out of memory (session 4:
-    # hundreds of allocator retries), and XLA may then time fewer candidate kernels
+    # (0.9 under run.sh), 8 processes' autotuning runs the device out of memory (hundreds of
+    # allocator retries), and XLA may then time fewer candidate kernels
     share = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")) / max(n, 1)
     env = dict(
         os.environ,

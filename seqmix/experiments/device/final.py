@@ -1,10 +1,10 @@
-"""The kernel targets of issues 5-7 in one short device call, most important first.
+"""The kernels' headline shapes on a GPU machine in one short run, most important first.
 
-    python -m seqmix.experiments.device.final [--deadline_s=500] [--sections=targets|variants|missing]
+    python -m seqmix.experiments.device.final [--deadline_s=500] [--sections=targets|variants]
 
-Reuses the benchmark modules' measuring functions on the issues' target shapes only (the
-full sweeps of bench_kernels do not fit the session's device time), writes every row to
-$OUT/final.json as it goes, and skips what the deadline leaves no time for.
+Reuses the benchmark modules' measuring functions on the headline shapes only (a shorter
+run than the full sweeps of bench_kernels), writes every row to $OUT/final.json as it goes,
+and skips the sections that the deadline leaves no time for.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ _DEADLINE = flags.DEFINE_float("deadline_s", 500.0, "Stop starting sections afte
 _SECTIONS = flags.DEFINE_string(
     "sections",
     "targets",
-    "'targets' (the issues' shapes) or 'variants' (the opt-in "
-    "kernel variants beside the defaults, and the shapes run 3 "
-    "skipped) or 'missing' (what no run has measured yet).",
+    "'targets' (the headline shapes) or 'variants' (the tuning "
+    "variants of the benchmarks beside the defaults).",
 )
 
 ROWS: list[dict] = []
@@ -38,7 +37,7 @@ def _save():
 
 def _section(name, fn):
     if time.time() - START > _DEADLINE.value:
-        ROWS.append({"section": name, "error": "skipped: device-time deadline"})
+        ROWS.append({"section": name, "error": "skipped: past --deadline_s"})
         print(f"skip {name}", flush=True)
         return
     t0 = time.time()
@@ -57,46 +56,42 @@ def _section(name, fn):
 
 def scan(B, T, ceilings, *, with_xla=True, variants=False):
     """xla (the reference of the error columns when timed) and pallas_triton; with
-    ``variants`` also the lanes variants and the blocked kernels of the bench."""
+    ``variants`` also the tile variants of the bench."""
+    from seqmix.experiments.bench import common
     from seqmix.experiments.bench import selective_scan as S
 
     def impls_for(s):
-        impls = {"xla": S._scan_fn("xla")} if with_xla else {}
-        impls["pallas_triton"] = S._scan_fn("pallas_triton")
+        impls = {"xla": S.scan_fn("xla")} if with_xla else {}
+        impls["pallas_triton"] = S.scan_fn("pallas_triton")
         if variants:
-            impls.update(
-                {
-                    k: S._scan_fn("pallas_triton", b)
-                    for k, b in S.scan_variants(T).items()
-                    if "lanes" in k or k.endswith("[blocked]")
-                }
-            )
+            impls.update({k: S.scan_fn("pallas_triton", c) for k, c in S.variants(T).items()})
         return impls
 
     shape = dict(label=f"{B}x{T}x1536x16", B=B, T=T, **S.SCAN)
     return lambda: (
         dict(row, op="selective_scan")
-        for row in S.iter_shapes(
+        for row in common.iter_shapes(
             [shape],
-            lambda s: S.scan_inputs(B, T, s["Dm"], s["N"]),
+            lambda s: S.inputs(B, T, s["Dm"], s["N"]),
             impls_for,
-            S.SCAN_COLUMNS,
+            S.COLUMNS,
             ceilings["copy_tbps"],
         )
     )
 
 
 def conv(ceilings):
-    from seqmix.experiments.bench import selective_scan as S
+    from seqmix.experiments.bench import causal_conv1d as C
+    from seqmix.experiments.bench import common
 
-    shape = dict(label="8x4096x3072 w4", B=8, T=4096, **S.CONV)
+    shape = dict(label="8x4096x3072 w4", B=8, T=4096, **C.CONV)
     return lambda: (
         dict(row, op="causal_conv1d")
-        for row in S.iter_shapes(
+        for row in common.iter_shapes(
             [shape],
-            lambda s: S.conv_inputs(8, 4096, s["C"], s["W"]),
-            lambda s: {"xla": S._conv_fn("xla"), "pallas_triton": S._conv_fn("pallas_triton")},
-            S.CONV_COLUMNS,
+            lambda s: C.inputs(8, 4096, s["C"], s["W"]),
+            lambda s: {"xla": C.conv_fn("xla"), "pallas_triton": C.conv_fn("pallas_triton")},
+            C.COLUMNS,
             ceilings["copy_tbps"],
         )
     )
@@ -122,7 +117,7 @@ def _attention_rows(label, s, impls):
     from seqmix.experiments.bench import attention as A
     from seqmix.experiments.bench import common
 
-    q, k, v, do = A._attention_inputs(s)
+    q, k, v, do = A.attention_inputs(s)
     flops = (
         4.0 * s["B"] * s["H"] * s["D"] * A.visible_pairs(s["T"], s["T"], s["causal"], s["window"])
     )
@@ -146,7 +141,7 @@ def window(ceilings):
     from seqmix.experiments.bench import attention as A
 
     def run():
-        impls = {name: A._seqmix(name) for name in ("pallas_triton", "cudnn")}
+        impls = {name: A.seqmix_impl(name) for name in ("pallas_triton", "cudnn")}
         for label, win in (("full causal", None), ("window 1024", 1024)):
             s = dict(D=128, T=32768, B=1, H=16, Hkv=16, causal=True, window=win)
             yield from _attention_rows(f"d128 1x32768 {label}", s, impls)
@@ -159,10 +154,10 @@ def attention_d64(ceilings):
 
     def run():
         impls = {
-            "pallas_triton": A._seqmix("pallas_triton"),
-            "cudnn": A._seqmix("cudnn"),
-            "jax_mha": A._jax_mha(True),
-            "jax_mha_bwd64": A._jax_mha(False),
+            "pallas_triton": A.seqmix_impl("pallas_triton"),
+            "cudnn": A.seqmix_impl("cudnn"),
+            "jax_mha": A.jax_mha(True),
+            "jax_mha_bwd64": A.jax_mha(False),
         }
         for causal in (True, False):
             s = dict(D=64, T=16384, B=2, H=16, Hkv=16, causal=causal, window=None)
@@ -185,30 +180,18 @@ def targets(ceilings):
 
 
 def variants(ceilings):
-    """Session 2: the opt-in variants (linear attention's two-level state pass, tiling and
-    fused forward: experiments/bench/linear_attention.DEFAULT_CONFIGS, timed beside the
-    default and flash-linear-attention; the scan's lanes kernels) and what run 3 skipped."""
+    """The tuning variants of the benchmarks beside the defaults: linear attention's
+    (``bench.linear_attention.DEFAULT_CONFIGS``, beside flash-linear-attention) and the
+    selective scan's tile choices."""
     _section("linear 8x4096 scalar", linear(8, 4096, 16, 128, "scalar", ceilings, True, False))
     _section("linear 2x16384 scalar", linear(2, 16384, 16, 128, "scalar", ceilings, True, False))
     _section("linear 1x65536 scalar", linear(1, 65536, 16, 128, "scalar", ceilings, False, False))
     _section("scan 8x4096", scan(8, 4096, ceilings, with_xla=False, variants=True))
     _section("scan 2x16384", scan(2, 16384, ceilings, variants=True))
     _section("attention d64", attention_d64(ceilings))
-    _section("linear 8x4096x64 scalar", linear(8, 4096, 16, 64, "scalar", ceilings, False, False))
-    _section("linear 8x4096 channel", linear(8, 4096, 16, 128, "channel", ceilings, True, False))
 
 
-def missing(ceilings):
-    """Session 4: what no run has measured yet, cheapest to compile first (the scan's lanes
-    variants compile for minutes each and cut two stages, so they come last)."""
-    _section("scan 2x16384", scan(2, 16384, ceilings))
-    _section("linear 8x4096x64 scalar", linear(8, 4096, 16, 64, "scalar", ceilings, True, False))
-    _section("linear 8x4096 channel", linear(8, 4096, 16, 128, "channel", ceilings, True, False))
-    _section("linear 1x65536 scalar", linear(1, 65536, 16, 128, "scalar", ceilings, True, False))
-    _section("scan 8x4096", scan(8, 4096, ceilings, with_xla=False, variants=True))
-
-
-SECTIONS = {"targets": targets, "variants": variants, "missing": missing}
+SECTIONS = {"targets": targets, "variants": variants}
 
 
 def main(argv):

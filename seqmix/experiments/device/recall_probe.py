@@ -1,11 +1,9 @@
-"""Where a recall-sweep step spends its time, in one short device call (2-4 minutes).
+"""Where a recall-sweep step spends its time, in one short run on a GPU machine.
 
     python -m seqmix.experiments.device.recall_probe [--probe_mixers=attention,mamba2]
 
-Session 4's two recall calls (H200, 2026-11-28) trained 2-layer d_model 256 models at
-about one step a second per job with five jobs sharing the GPU (~200 ms of device time a
-step), where the FLOP count (~1.6 TFLOP for both rates) predicts a few ms; logits at the
-answer positions only (16 of 256) did not change it. This probe times, for each mixer at
+A recall sweep of small models (2 layers, d_model 256) with several jobs sharing the GPU can
+run far slower per step than its FLOP count predicts. This probe times, for each mixer at
 one setting, with every call blocked on:
 
 - ``vmapped``: the sweep's step (both learning rates vmapped), as the sweep runs it;
@@ -165,7 +163,7 @@ def main(argv):
     del argv
     from seqmix.experiments.bench import precompile
 
-    precompile.setup_cache()  # a sweep stage after this one in the call starts from its hits
+    precompile.setup_cache()  # a later sweep stage of the same run starts from its hits
     seq_len, pairs = (int(x) for x in _SETTING.value.split(":"))
     out = os.environ.get("OUT")
     rows = []

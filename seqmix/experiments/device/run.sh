@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# One device session: install the carried wheels, then run the named stages in order,
-# each stage's log under $OUT. Usage: experiments/device/run.sh check bench:attention ...
-# Stages: check[:op,op] | bench:<op> | bench_quick:<op> | tune:<D> | final[:sections]
-#         | model[:flags] | recall[:flags] | recall_probe[:flags]
+# Runs seqmix's GPU work on a GPU machine, stage by stage, each stage's log under $OUT.
+# Run it from the repository root; wheels in .whl/ (if any) are installed first.
+#
+#   seqmix/experiments/device/run.sh test peers bench:attention tune:attention ...
+#
+# Stages: test[:pytest args] | peers[:op,op] | bench:<op> | bench_quick:<op> | tune:<op>
+#         | final[:sections] | model[:flags] | recall[:flags] | recall_probe[:flags]
+#         | mgpu[:sections] | profile[:op,op]
 #         (flags separated by spaces, the stage quoted)
-# A stage may be given a time limit in seconds after '@': bench:attention@240.
+#   test   every kernel's cases natively on the GPU against the float32 oracle:
+#          python -m pytest -m gpu tests (args default: -n 8 -q; needs pytest, pytest-xdist)
+#   peers  comparisons with PyTorch SDPA and flash-linear-attention (experiments/gpu_check.py)
+#   tune   the autotuner's winners for <op> go to $OUT/tuning.json, which every later stage
+#          applies through SEQMIX_TUNING (the tables themselves are unchanged)
+# A stage may be given a time limit in seconds after '@' (default 600): bench:attention@240.
 set -u
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
+# Results go to $OUT (default runs/device/ under the repository root), read by every stage.
+export OUT=${OUT:-$PWD/runs/device}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -27,28 +37,30 @@ for stage in "$@"; do
   echo "=== $stage" | tee -a "$OUT/summary.txt"
   start=$(date +%s)
   case $name in
-    check) $T python3 -m seqmix.experiments.gpu_check ${arg:+--only=$arg} > "$log" 2>&1 ;;
+    test) $T python3 -m pytest -m gpu ${arg:--n 8 -q} tests > "$log" 2>&1 ;;
+    peers) $T python3 -m seqmix.experiments.gpu_check ${arg:+--only=$arg} > "$log" 2>&1 ;;
     bench) $T python3 -m seqmix.experiments.bench_kernels --op="$arg" --out_dir="$OUT" > "$log" 2>&1 ;;
     bench_quick) $T python3 -m seqmix.experiments.bench_kernels --op="$arg" --quick --out_dir="$OUT" > "$log" 2>&1 ;;
+    tune) $T python3 -m seqmix.experiments.bench_kernels --op="$arg" --tune \
+            --tuning_out="$OUT/tuning.json" > "$log" 2>&1
+          [ -f "$OUT/tuning.json" ] && export SEQMIX_TUNING=$OUT/tuning.json ;;
     model) $T python3 -m seqmix.experiments.bench_model ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
     recall_probe) $T python3 -m seqmix.experiments.device.recall_probe ${arg:+$arg} > "$log" 2>&1 ;;
     recall) $T python3 -m seqmix.experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    profile) $T python3 -m seqmix.experiments.device.profile_ops ${arg:+--ops=$arg} > "$log" 2>&1 ;;
+    mgpu) $T python3 -m seqmix.experiments.device.mgpu_linear_attention ${arg:+--sections=$arg} \
+            --deadline_s=$((limit - 90)) > "$log" 2>&1 ;;
     final) $T python3 -m seqmix.experiments.device.final --sections="${arg:-targets}" \
              --deadline_s=$((limit - 100)) > "$log" 2>&1 ;;
-    # tune:<args of tune_blocks>: the winners go to $OUT/tuning.json, which every later stage
-    # of this call applies through SEQMIX_ATTENTION_TUNING (the table itself is unchanged)
-    tune) $T python3 -c "from seqmix.experiments.bench.attention import tune_blocks
-tune_blocks($arg, out='$OUT/tuning.json')" > "$log" 2>&1
-          [ -f "$OUT/tuning.json" ] && export SEQMIX_ATTENTION_TUNING=$OUT/tuning.json ;;
     *) echo "unknown stage $stage"; continue ;;
   esac
   rc=$?
   echo "rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
-  # the table printed last by each stage
-  awk '/^\| |^best /' "$log" | tail -60 | tee -a "$OUT/summary.txt"
+  # the table printed last by each stage (pytest: its summary lines)
+  awk '/^\| |^best |^(FAILED|ERROR|SKIPPED) |passed|failed/' "$log" | tail -60 | tee -a "$OUT/summary.txt"
   [ $rc -ne 0 ] && tail -30 "$log" | tee -a "$OUT/summary.txt"
 done
-# At most 8 files come back from $OUT: bundle everything but the summary.
+# Everything but the summary in one archive, so the results travel as two files.
 cd "$OUT" && tar czf bundle.tgz --exclude=bundle.tgz --exclude=summary.txt . && \
   find . -mindepth 1 ! -name bundle.tgz ! -name summary.txt -delete
 ls -la "$OUT"

@@ -47,7 +47,8 @@ def visible(
     return mask
 
 
-def _softcap(s: jax.Array, softcap: float | None) -> jax.Array:
+def cap_logits(s: jax.Array, softcap: float | None) -> jax.Array:
+    """``softcap * tanh(s / softcap)``, or ``s`` without a softcap."""
     return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
@@ -59,7 +60,7 @@ def attention_naive(q, k, v, *, causal, window, segment_ids, softcap, scale):
     G = H // Hkv
     qf = q.astype(acc).reshape(B, T, Hkv, G, D)
     s = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(acc)) * scale
-    s = _softcap(s, softcap)
+    s = cap_logits(s, softcap)
     mask = visible(
         jnp.arange(T),
         jnp.arange(S),
@@ -103,7 +104,7 @@ def _key_positions(S, block):
 def _block_logits(qf, kb, kpos, qpos, q_seg, kseg, *, causal, window, softcap, scale, S):
     """Scaled, capped logits of one key block and its mask: s [B,Hkv,G,T,bk], mask."""
     s_raw = jnp.einsum("btkgd,bskd->bkgts", qf, kb.astype(qf.dtype)) * scale
-    s = _softcap(s_raw, softcap)
+    s = cap_logits(s_raw, softcap)
     mask = visible(
         qpos, kpos, causal=causal, window=window, q_segment_ids=q_seg, k_segment_ids=kseg
     )
@@ -247,7 +248,7 @@ def decode_attention_naive(q, k_cache, v_cache, lengths, *, scale, softcap):
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     qf = q.astype(acc).reshape(B, Hkv, H // Hkv, D)
-    s = _softcap(jnp.einsum("bkgd,bskd->bkgs", qf, k_cache.astype(acc)) * scale, softcap)
+    s = cap_logits(jnp.einsum("bkgd,bskd->bkgs", qf, k_cache.astype(acc)) * scale, softcap)
     mask = (jnp.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
     s = jnp.where(mask, s, -jnp.inf)
     m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
@@ -263,13 +264,19 @@ def decode_attention_xla(q, k_cache, v_cache, lengths, *, scale, softcap):
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(B, Hkv, H // Hkv, D)
+    # float32: full-precision products (a GPU's default would take TF32), here and in the VJP
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     s = (
         jnp.einsum(
-            "bkgd,bskd->bkgs", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
+            "bkgd,bskd->bkgs",
+            qg,
+            k_cache.astype(q.dtype),
+            preferred_element_type=jnp.float32,
+            precision=precision,
         )
         * scale
     )
-    s = _softcap(s, softcap)
+    s = cap_logits(s, softcap)
     mask = (jnp.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
     s = jnp.where(mask, s, -jnp.inf)
     m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
@@ -277,6 +284,48 @@ def decode_attention_xla(q, k_cache, v_cache, lengths, *, scale, softcap):
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
     o = jnp.einsum(
-        "bkgs,bskd->bkgd", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32
+        "bkgs,bskd->bkgd",
+        p.astype(v_cache.dtype),
+        v_cache,
+        preferred_element_type=jnp.float32,
+        precision=precision,
     ) / jnp.where(l > 0, l, 1.0)
     return o.reshape(B, H, D).astype(q.dtype)
+
+
+def combine_splits(o, m, l, out_dtype):
+    """Log-sum-exp merge of split partials along axis 0: o [n, ..., D], m, l [n, ...]."""
+    m_max = jnp.max(m, axis=0)
+    m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)  # all splits empty (length 0)
+    w = jnp.exp(m - m_max[None])  # empty split: exp(-inf) = 0
+    l_tot = jnp.sum(w * l, axis=0)
+    o_tot = jnp.sum(w[..., None] * o, axis=0)
+    return (o_tot / jnp.where(l_tot > 0, l_tot, 1.0)[..., None]).astype(out_dtype)
+
+
+def with_reference_vjp(kernel_fn):
+    """Wraps a forward-only decode kernel ``kernel_fn(q, k_cache, v_cache, lengths, *, scale,
+    softcap, config)`` so that jax.grad uses the XLA reference's VJP; the wrapper takes
+    ``(q, k_cache, v_cache, lengths, scale, softcap, config)``, the last three static."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+    def f(q, k_cache, v_cache, lengths, scale, softcap, config):
+        return kernel_fn(q, k_cache, v_cache, lengths, scale=scale, softcap=softcap, config=config)
+
+    def fwd(q, k_cache, v_cache, lengths, scale, softcap, config):
+        out = f(q, k_cache, v_cache, lengths, scale, softcap, config)
+        return out, (q, k_cache, v_cache, lengths)
+
+    def bwd(scale, softcap, config, res, do):
+        del config
+        q, k_cache, v_cache, lengths = res
+        _, vjp = jax.vjp(
+            lambda q, k, v: decode_attention_xla(q, k, v, lengths, scale=scale, softcap=softcap),
+            q,
+            k_cache,
+            v_cache,
+        )
+        return (*vjp(do), None)
+
+    f.defvjp(fwd, bwd)
+    return f

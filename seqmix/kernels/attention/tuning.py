@@ -1,11 +1,8 @@
-"""The one table of attention tile sizes, warps and pipeline stages (Pallas Triton kernels).
+"""Tuning of the attention kernels: the Configs of the Pallas backends and their tables.
 
-Every Triton attention kernel of seqmix (the flash forward, its two backward kernels and the
-split-K decoder) takes its blocks from ``attention_blocks``; no kernel holds a literal.
-
-The table is keyed by GPU generation, kernel kind and head dim (the next power of two of
-``D``, at least 16). To retune, edit ``_TABLE`` below: one row per (generation, kind), one
-entry per head dim. Rows read as ``Blocks(block_q, block_k, num_warps, num_stages)``:
+Triton (``TritonConfig``, ``TritonDecodeConfig``). The table is keyed by GPU generation,
+kernel kind and head dim (the next power of two of ``D``, at least 16; the tuning key is
+``"d<bucket>"``). Rows read as ``Blocks(block_q, block_k, num_warps, num_stages)``:
 
 - ``fwd``: the forward. ``block_q`` query rows per program, ``block_k`` keys per step of its
   loop (FlashAttention-2: the query tile stays in registers, K/V tiles stream through).
@@ -14,28 +11,32 @@ entry per head dim. Rows read as ``Blocks(block_q, block_k, num_warps, num_stage
 - ``bwd_dq``: the dQ kernel, shaped like the forward (``block_q`` resident, ``block_k`` steps).
 - ``decode``: split-K decoding. ``block_q`` is the padded number of query heads read together
   per KV head (a dot needs >= 16 rows), ``block_k`` the cache entries per loop step; the
-  split count is the decoder's own choice (it depends on batch and cache length).
+  split count is the decoder's own choice unless ``TritonDecodeConfig.num_splits`` is set.
 
-float32 inputs take half the ``block_k`` (twice the bytes per element); interpret mode
-(CPU tests) takes 16 x 16 tiles so that the interpreter stays fast.
+float32 inputs take half the table's ``block_k`` (twice the bytes per element; a Config's
+own blocks are used as given); interpret mode (CPU tests) takes 16 x 16 tiles so that the
+interpreter stays fast.
 
-To try tiles on a new GPU without editing the table, point ``SEQMIX_ATTENTION_TUNING`` at a
-JSON file ``{"<kind>": {"<head dim bucket>": [block_q, block_k, num_warps, num_stages]}}``
-(``seqmix.experiments.bench.attention.tune_blocks(..., out=path)`` writes one): its entries replace
-the table's for every generation while the variable is set.
+TPU (``TpuConfig``, ``TpuDecodeConfig``): the flash kernels' (block_q, block_k) per padded
+head dim, multiples of 128; the decoder's keys per slab, parallel splits and KV heads per
+program.
+
+To retune, time candidates with ``seqmix.kernels.tune.autotune`` (``SEARCH`` holds the
+Triton candidates) and point ``SEQMIX_TUNING`` at the file it writes, or edit the tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import os
 
-import jax
 import jax.numpy as jnp
 
+from seqmix.kernels import tune
+from seqmix.kernels.common import current_device_kind, generation
+from seqmix.kernels.tune import Axis
+
 KINDS = ("fwd", "bwd", "bwd_dq", "decode")
+FLASH_KINDS = ("fwd", "bwd", "bwd_dq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,18 +49,54 @@ class Blocks:
     num_stages: int
 
 
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    """``pallas_triton`` attention: the tile of each kernel (None: the table's)."""
+
+    fwd: Blocks | None = None
+    bwd: Blocks | None = None
+    bwd_dq: Blocks | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonDecodeConfig:
+    """``pallas_triton`` decode_attention: cache entries per loop step, warps, stages (None:
+    the table's) and splits per row (None: from the cache length and the SM count)."""
+
+    block_k: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    num_splits: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuConfig:
+    """``pallas_tpu`` attention: query and key block, multiples of 128 (None: the table's,
+    shrunk to the sequence so that padding stays under 1/8)."""
+
+    block_q: int | None = None
+    block_k: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuDecodeConfig:
+    """``pallas_tpu`` decode_attention: keys per slab, a multiple of 128 (None: ~1 MiB of K
+    per slab), parallel splits and KV heads per program (None: the fewest forming a legal,
+    >= 512-byte lane tile)."""
+
+    block_k: int | None = None
+    num_splits: int | None = None
+    heads_per_block: int | None = None
+
+
 B = Blocks
 
 # generation -> kind -> head dim -> Blocks. Hopper (sm90: H100/H200, 228 KB shared memory per
 # SM) is the measured target; "ampere" (sm80, 164 KB) and "ada" (sm86/89, 100 KB) are safe
 # scalings of it; "blackwell" starts from Hopper's row.
 _HOPPER = {
-    # D = 64 rows from `tune_blocks(64)` (H200, 2026-11-28, T = 8192 causal, ms fwd / fwd+bwd):
-    # forward 128x64 8 warps 1.58 (128x128 4 warps, the old row, was not a candidate; 128x64
-    # 4 warps 1.65); dK/dV 32x128 4 warps 3 stages 6.09 (the old row 64x128 4 warps 2
-    # stages: 16.8, its spill made the backward 9x the forward; 64x128 8 warps 6.64); dQ
-    # 128x64 4 warps 5.87 (7 candidates within 8%). With them the benchmark's D = 64
-    # fwd+bwd went from 97-138 to 240-362 TFLOP/s (BENCHMARKS.md).
+    # D = 64 rows: the autotuner's winners at T = 8192 causal (tune.autotune with SEARCH
+    # below; the timings are in BENCHMARKS.md).
     "fwd": {
         16: B(128, 64, 4, 3),
         32: B(128, 64, 4, 3),
@@ -153,89 +190,70 @@ _TABLE = {"hopper": _HOPPER, "blackwell": _HOPPER, "ampere": _AMPERE, "ada": _AD
 
 _INTERPRET = Blocks(16, 16, 4, 1)
 
-# device_kind substrings -> generation, first match wins (jax.Device.device_kind strings).
-_GENERATIONS = (
-    (("GB200", "GB300", "B200", "B300", "B100", "RTX PRO 6000", "5090", "5080"), "blackwell"),
-    (("H100", "H200", "H800", "H20", "GH200"), "hopper"),
-    (("A100", "A800", "A30"), "ampere"),
-    (
-        (
-            "A10",
-            "A16",
-            "A40",
-            "A6000",
-            "A5000",
-            "A4000",
-            "L4",
-            "L40",
-            "RTX 30",
-            "RTX 40",
-            "3090",
-            "3080",
-            "4090",
-            "4080",
-            "Ada",
+# TPU: (query block, key block) per padded head dim, the same for fwd, dQ and dK/dV so that
+# one padding serves all three kernels. Power-of-two multiples of 128 (lane width), chosen
+# for arithmetic intensity >= the v5e/v5p ridge within the 16 MiB default scoped VMEM (the
+# dK/dV kernel at D = 256 holds ~9 MiB); Dp > 256 takes the large-head row; interpret mode
+# the smallest legal blocks (many grid steps on tiny test shapes).
+TPU_BLOCKS = {128: TpuConfig(512, 512), 256: TpuConfig(512, 256)}
+TPU_LARGE_HEAD = TpuConfig(256, 256)
+TPU_INTERPRET = TpuConfig(128, 128)
+# TPU decoding: two splits keep both TensorCores of a megacore (v4, v5p) busy at B = 1.
+TPU_DECODE = TpuDecodeConfig(block_k=None, num_splits=2, heads_per_block=None)
+TPU_DECODE_INTERPRET = TpuDecodeConfig(block_k=128, num_splits=2, heads_per_block=None)
+TPU_LANES = 128
+
+# The autotuner's search for the Triton flash kernels: the forward alone, then dK/dV and dQ
+# inside forward + backward (each with the other kernels at their best so far).
+SEARCH = {
+    ("attention", "pallas_triton"): (
+        Axis(
+            "fwd",
+            [
+                B(128, 64, 4, 3),
+                B(128, 64, 8, 3),
+                B(128, 128, 8, 2),
+                B(128, 128, 8, 3),
+                B(128, 32, 4, 4),
+                B(64, 64, 4, 3),
+                B(64, 128, 4, 3),
+                B(128, 64, 8, 2),
+            ],
         ),
-        "ada",
+        Axis(
+            "bwd",
+            [
+                B(64, 128, 8, 2),
+                B(32, 128, 4, 3),
+                B(64, 128, 4, 2),
+                B(64, 64, 4, 3),
+                B(32, 64, 4, 4),
+                B(128, 128, 8, 1),
+                B(64, 64, 8, 2),
+                B(16, 128, 4, 4),
+            ],
+            backward=True,
+        ),
+        Axis(
+            "bwd_dq",
+            [
+                B(128, 64, 8, 2),
+                B(128, 32, 4, 3),
+                B(64, 64, 4, 3),
+                B(128, 64, 4, 3),
+                B(128, 128, 8, 2),
+                B(64, 32, 4, 4),
+                B(128, 32, 8, 3),
+            ],
+            backward=True,
+        ),
     ),
-)
-DEFAULT_GENERATION = "hopper"  # the project's measured target (lowering checks on a CPU)
-
-
-def generation(device_kind: str | None) -> str:
-    """GPU generation of a ``jax.Device.device_kind`` string; ``None`` or an unknown kind
-    gives ``DEFAULT_GENERATION`` for ``None`` and ``"ampere"`` (conservative) otherwise."""
-    if device_kind is None:
-        return DEFAULT_GENERATION
-    for needles, gen in _GENERATIONS:
-        if any(n.lower() in device_kind.lower() for n in needles):
-            return gen
-    return "ampere"
-
-
-@functools.cache
-def current_device_kind() -> str | None:
-    """The first GPU's device kind, or ``None`` when this process has no GPU."""
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    return gpus[0].device_kind if gpus else None
-
-
-OVERRIDE_ENV = "SEQMIX_ATTENTION_TUNING"
-
-
-def overrides(path: str) -> dict[str, dict[int, Blocks]]:
-    """The entries of a tuning JSON file (see the module doc); ``""`` gives none. Read again
-    when the file changes (a notebook may retune and rewrite it)."""
-    if not path:
-        return {}
-    try:
-        stamp = os.stat(path).st_mtime_ns
-    except OSError as e:
-        raise ValueError(f"{OVERRIDE_ENV}={path!r}: not a readable tuning JSON file ({e})") from e
-    return _read_overrides(path, stamp)
-
-
-@functools.lru_cache(maxsize=8)
-def _read_overrides(path: str, stamp: int) -> dict[str, dict[int, Blocks]]:
-    del stamp  # part of the cache key only
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-        table = {
-            kind: {int(d): Blocks(*map(int, b)) for d, b in rows.items()}
-            for kind, rows in raw.items()
-        }
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"{OVERRIDE_ENV}={path!r}: not a readable tuning JSON file ({e})") from e
-    unknown = set(table) - set(KINDS)
-    if unknown:
-        raise ValueError(
-            f"{OVERRIDE_ENV}={path!r}: unknown kinds {sorted(unknown)}; expected some of {KINDS}"
-        )
-    return table
+    ("decode_attention", "pallas_triton"): (
+        Axis("block_k", [32, 64, 128, 256]),
+        Axis("num_warps", [2, 4, 8]),
+        Axis("num_stages", [1, 2, 3, 4]),
+    ),
+}
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -243,6 +261,12 @@ def head_dim_bucket(head_dim: int) -> int:
     if head_dim < 1:
         raise ValueError(f"head_dim must be >= 1, got {head_dim}")
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _halve_for_float32(blocks: Blocks, dtype) -> Blocks:
+    if jnp.dtype(dtype).itemsize >= 4:
+        return dataclasses.replace(blocks, block_k=max(16, blocks.block_k // 2))
+    return blocks
 
 
 def attention_blocks(
@@ -253,11 +277,11 @@ def attention_blocks(
     *,
     interpret: bool = False,
 ) -> Blocks:
-    """Tile sizes, warps and stages of attention kernel ``kind`` (one of ``KINDS``).
+    """The table's tile, warps and stages of attention kernel ``kind`` (one of ``KINDS``).
 
     Args:
       head_dim: the head dim ``D`` (rounded up to a power of two >= 16 for the lookup).
-      dtype: the input dtype; float32 halves ``block_k``.
+      dtype: the input dtype; float32 halves ``block_k`` (not for ``decode``).
       device_kind: ``jax.Device.device_kind`` of the target GPU; ``None`` means the current
         GPU if there is one, else the default generation (Hopper).
       kind: ``"fwd"``, ``"bwd"`` (dK/dV kernel), ``"bwd_dq"`` or ``"decode"``.
@@ -272,9 +296,95 @@ def attention_blocks(
         raise NotImplementedError(f"no attention tile for head_dim={head_dim} (> 256)")
     if device_kind is None:
         device_kind = current_device_kind()
-    blocks = overrides(os.environ.get(OVERRIDE_ENV, "")).get(kind, {}).get(bucket)
-    if blocks is None:
-        blocks = _TABLE[generation(device_kind)][kind][bucket]
-    if jnp.dtype(dtype).itemsize >= 4 and kind != "decode":
-        blocks = dataclasses.replace(blocks, block_k=max(16, blocks.block_k // 2))
-    return blocks
+    blocks = _TABLE[generation(device_kind)][kind][bucket]
+    return blocks if kind == "decode" else _halve_for_float32(blocks, dtype)
+
+
+def triton_config(
+    config: TritonConfig | None,
+    head_dim: int,
+    dtype,
+    *,
+    interpret: bool,
+    device_kind: str | None = None,
+) -> TritonConfig:
+    """The ``TritonConfig`` a flash-attention call runs with (``tune.resolve``): the table's
+    tiles of this GPU (float32 halves the table's and the tuning file's ``block_k``), then
+    ``config``'s."""
+    table = {
+        kind: attention_blocks(head_dim, jnp.bfloat16, device_kind, kind, interpret=interpret)
+        for kind in FLASH_KINDS
+    }
+
+    def halve(c: TritonConfig) -> TritonConfig:
+        if interpret:
+            return c
+        return TritonConfig(**{k: _halve_for_float32(getattr(c, k), dtype) for k in FLASH_KINDS})
+
+    return tune.resolve(
+        "attention",
+        "pallas_triton",
+        f"d{head_dim_bucket(head_dim)}",
+        TritonConfig(**table),
+        config,
+        interpret=interpret,
+        adjust=halve,
+    )
+
+
+def triton_decode_config(
+    config: TritonDecodeConfig | None, head_dim: int, dtype, *, interpret: bool
+) -> TritonDecodeConfig:
+    """The ``TritonDecodeConfig`` a decoding call runs with (``tune.resolve``)."""
+    row = attention_blocks(head_dim, dtype, kind="decode", interpret=interpret)
+    default = TritonDecodeConfig(
+        block_k=row.block_k, num_warps=row.num_warps, num_stages=row.num_stages
+    )
+    return tune.resolve(
+        "decode_attention",
+        "pallas_triton",
+        f"d{head_dim_bucket(head_dim)}",
+        default,
+        config,
+        interpret=interpret,
+    )
+
+
+def tpu_config(
+    config: TpuConfig | None, padded_head_dim: int, *, interpret: bool, adjust=None
+) -> TpuConfig:
+    """The ``TpuConfig`` a flash-attention call on a TPU runs with; ``adjust`` fits the
+    table's (and the tuning file's) blocks to the sequence."""
+    if interpret:
+        default = TPU_INTERPRET
+    else:
+        default = TPU_BLOCKS.get(padded_head_dim, TPU_LARGE_HEAD)
+    cfg = tune.resolve(
+        "attention",
+        "pallas_tpu",
+        f"d{padded_head_dim}",
+        default,
+        config,
+        interpret=interpret,
+        adjust=None if interpret else adjust,
+    )
+    if cfg.block_q % TPU_LANES or cfg.block_k % TPU_LANES:
+        raise ValueError(f"TpuConfig blocks must be multiples of {TPU_LANES}, got {cfg}")
+    return cfg
+
+
+def tpu_decode_config(
+    config: TpuDecodeConfig | None, head_dim: int, *, interpret: bool
+) -> TpuDecodeConfig:
+    """The ``TpuDecodeConfig`` a decoding call on a TPU runs with."""
+    cfg = tune.resolve(
+        "decode_attention",
+        "pallas_tpu",
+        f"d{head_dim_bucket(head_dim)}",
+        TPU_DECODE_INTERPRET if interpret else TPU_DECODE,
+        config,
+        interpret=interpret,
+    )
+    if cfg.block_k is not None and cfg.block_k % TPU_LANES:
+        raise ValueError(f"TpuDecodeConfig.block_k must be a multiple of {TPU_LANES}, got {cfg}")
+    return cfg

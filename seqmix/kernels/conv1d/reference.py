@@ -67,3 +67,16 @@ def causal_conv1d_step_reference(x, state, weight, bias, *, activation):
         x[:, None], weight, bias, activation=activation, initial_state=state
     )
     return y[:, 0], new_state
+
+
+def final_state(x, initial_state, W):
+    """The last W - 1 rows of ``[initial_state; x]`` in x's dtype (plain XLA slicing)."""
+    B, T, C = x.shape
+    if T >= W - 1:
+        return x[:, T - (W - 1) :]
+    prev = (
+        jnp.zeros((B, W - 1, C), x.dtype)
+        if initial_state is None
+        else initial_state.astype(x.dtype)
+    )
+    return jnp.concatenate([prev[:, T:], x], axis=1)

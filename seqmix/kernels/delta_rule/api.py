@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqmix.kernels import checks
-from seqmix.kernels.delta_rule import reference
+from seqmix.kernels.delta_rule import reference, tuning
 from seqmix.kernels.dispatch import IMPLEMENTATIONS, Op
 from seqmix.kernels.linear_attention.api import segment_runs
 
@@ -40,15 +40,32 @@ def _step(q, k, v, beta, state, g, *, scale, config=None):
 # ``auto`` ahead of "xla" on their platform.
 GATED_DELTA_RULE = Op(
     "gated_delta_rule",
-    impls={"naive": _naive, "xla": _xla},
-    auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    impls={
+        "naive": _naive,
+        "xla": _xla,
+        "pallas_triton": "seqmix.kernels.delta_rule.triton:gated_delta_rule",
+        "pallas_tpu": "seqmix.kernels.delta_rule.tpu:gated_delta_rule",
+    },
+    # GPU: the Triton kernels ahead of XLA (as the linear-attention engine they build on; not
+    # yet measured for the delta rule). TPU: XLA until the TPU kernels (the WY transform in
+    # Pallas, the passes in XLA) are measured on a TPU.
+    auto={"cpu": ("xla",), "gpu": ("pallas_triton", "xla"), "tpu": ("xla",)},
+    configs={"pallas_triton": tuning.TritonConfig, "pallas_tpu": tuning.TpuConfig},
 )
 
 # Called as impl(q, k, v, beta, state, g, *, scale, config); returns (o, new_state).
 GATED_DELTA_RULE_STEP = Op(
     "gated_delta_rule_step",
-    impls={"naive": _step, "xla": _step},
+    impls={
+        "naive": _step,
+        "xla": _step,
+        "pallas_triton": "seqmix.kernels.delta_rule.triton:gated_delta_rule_step",
+        "pallas_tpu": "seqmix.kernels.delta_rule.tpu:gated_delta_rule_step",
+    },
+    # XLA everywhere until the kernels are measured (the linear-attention step's XLA form is
+    # as fast as its kernel on GPU).
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    configs={"pallas_triton": tuning.TritonStepConfig, "pallas_tpu": tuning.TpuStepConfig},
 )
 
 
@@ -125,26 +142,35 @@ def gated_delta_rule(
       return_final_state: also return the state after the last token.
       segment_ids: ``[B, T]`` ints; the state restarts from zero wherever the id changes.
       chunk_size: tokens per chunk of the chunked implementations.
-      implementation: None (auto), ``"naive"`` (the token-by-token oracle) or ``"xla"``
-        (the chunked WY form).
-      config: the backend's tuning Config (None: its default); unused by naive and xla.
+      implementation: None (auto), ``"naive"`` (the token-by-token oracle), ``"xla"`` (the
+        chunked WY form), ``"pallas_triton"`` or ``"pallas_tpu"`` (see
+        ``seqmix.kernels.dispatch``).
+      config: ``tuning.TritonConfig`` (pallas_triton) or ``tuning.TpuConfig`` (pallas_tpu);
+        None: the table's. With ``implementation=None`` a config selects its backend.
+
+    Empty inputs: ``B`` or ``T`` may be 0: an empty ``o`` and the final state equals the
+    initial state (zeros when None), computed without an implementation (the same for every
+    one). Heads and ``K``, ``V`` must be >= 1; ``scale`` finite; ``chunk_size`` a whole
+    number >= 1.
 
     Returns:
       ``o [B, T, Hv, V]`` in q's dtype, or ``(o, final_state float32 [B, Hv, K, V])``.
     """
     _check_implementation(GATED_DELTA_RULE, implementation)
     checks.check_array("q", q, 4, "[batch, time, qk_heads, key_dim]")
+    checks.check_sizes("q", q, "[batch, time, qk_heads, key_dim]", (2, 3))
     B, T, Hqk, K = q.shape
     checks.check_array("k", k, 4, "[batch, time, qk_heads, key_dim]", shape=(B, T, Hqk, K))
     checks.check_array("v", v, 4, "[batch, time, v_heads, value_dim]", shape=(B, T, None, None))
+    checks.check_sizes("v", v, "[batch, time, v_heads, value_dim]", (2, 3))
     Hv, V = v.shape[2], v.shape[3]
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     checks.check_heads("v", Hv, "q/k", Hqk)
     beta = _check_beta(beta, (B, T, Hv), "[batch, time, v_heads]")
     g = _check_decay(log_decay, (B, T, Hv), "[batch, time, v_heads]")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = checks.as_int(chunk_size, "chunk_size", minimum=1)
+    scale = checks.default_scale(scale, K)
     if initial_state is not None:
         initial_state = _check_state(
             "initial_state", initial_state, (B, Hv, K, V), "[batch, v_heads, key_dim, value_dim]"
@@ -152,6 +178,16 @@ def gated_delta_rule(
     runs = None
     if segment_ids is not None:
         checks.check_int_array("segment_ids", segment_ids, 2, "[batch, time]", shape=(B, T))
+    if checks.empty(B, T):
+        GATED_DELTA_RULE.validate(implementation, config)
+        o = jnp.zeros((B, T, Hv, V), q.dtype)
+        final = (
+            jnp.zeros((B, Hv, K, V), checks.accum_dtype(q.dtype))
+            if initial_state is None
+            else initial_state
+        )
+        return (o, final) if return_final_state else o
+    if segment_ids is not None:
         runs = segment_runs(segment_ids)
     o, final = GATED_DELTA_RULE(
         implementation,
@@ -160,7 +196,7 @@ def gated_delta_rule(
         v,
         beta,
         g,
-        scale=checks.default_scale(scale, K),
+        scale=scale,
         initial_state=initial_state,
         runs=runs,
         chunk_size=chunk_size,
@@ -185,16 +221,21 @@ def gated_delta_rule_step(
 
     Args:
       q, k: ``[B, Hqk, K]``; v: ``[B, Hv, V]``; beta: ``[B, Hv]`` in [0, 1]; state: float32
-        ``[B, Hv, K, V]``; log_decay: None or ``[B, Hv]`` (<= 0).
+        ``[B, Hv, K, V]``; log_decay: None or ``[B, Hv]`` (<= 0); config:
+        ``tuning.TritonStepConfig`` or ``tuning.TpuStepConfig`` (None: the table's).
+
+    ``B == 0`` gives empty results, computed without an implementation.
 
     Returns:
       ``(o [B, Hv, V] in q's dtype, new_state float32 [B, Hv, K, V])``.
     """
     _check_implementation(GATED_DELTA_RULE_STEP, implementation)
     checks.check_array("q", q, 3, "[batch, qk_heads, key_dim]")
+    checks.check_sizes("q", q, "[batch, qk_heads, key_dim]", (1, 2))
     B, Hqk, K = q.shape
     checks.check_array("k", k, 3, "[batch, qk_heads, key_dim]", shape=(B, Hqk, K))
     checks.check_array("v", v, 3, "[batch, v_heads, value_dim]", shape=(B, None, None))
+    checks.check_sizes("v", v, "[batch, v_heads, value_dim]", (1, 2))
     Hv, V = v.shape[1], v.shape[2]
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -202,6 +243,10 @@ def gated_delta_rule_step(
     beta = _check_beta(beta, (B, Hv), "[batch, v_heads]")
     state = _check_state("state", state, (B, Hv, K, V), "[batch, v_heads, key_dim, value_dim]")
     g = _check_decay(log_decay, (B, Hv), "[batch, v_heads]")
+    scale = checks.default_scale(scale, K)
+    if checks.empty(B):
+        GATED_DELTA_RULE_STEP.validate(implementation, config)
+        return jnp.zeros((B, Hv, V), q.dtype), state
     return GATED_DELTA_RULE_STEP(
         implementation,
         q,
@@ -210,6 +255,6 @@ def gated_delta_rule_step(
         beta,
         state,
         g,
-        scale=checks.default_scale(scale, K),
+        scale=scale,
         config=config,
     )

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from seqmix.kernels import checks
 from seqmix.kernels.dispatch import Op
-from seqmix.kernels.linear_attention import reference
+from seqmix.kernels.linear_attention import reference, tuning
 
 Array = jax.Array
 
@@ -23,17 +23,26 @@ def _naive(q, k, v, g, *, scale, initial_state, runs, chunk_size):
 
 
 # Every implementation is called as impl(q, k, v, g, *, scale, initial_state, runs,
-# chunk_size) with normalised arguments (reference.py's docstring) and returns
-# (o, final_state); it raises NotImplementedError for arguments it cannot serve.
+# chunk_size[, config]) with normalised arguments (reference.py's docstring) and returns
+# (o, final_state); it raises NotImplementedError for arguments it cannot serve. The Pallas
+# backends take config= (their Config in tuning.py, or None).
 LINEAR_ATTENTION = Op(
     "linear_attention",
     impls={
         "naive": _naive,
         "xla": reference.linear_attention_xla,
         "pallas_triton": "seqmix.kernels.linear_attention.triton:linear_attention",
+        "pallas_mosaic_gpu": "seqmix.kernels.linear_attention.mosaic_gpu:linear_attention",
         "pallas_tpu": "seqmix.kernels.linear_attention.tpu:linear_attention",
     },
+    # pallas_mosaic_gpu (Hopper) is asked for by name; it enters the GPU order where the
+    # benchmark measures it faster than pallas_triton.
     auto={"cpu": ("xla",), "gpu": ("pallas_triton", "xla"), "tpu": ("xla",)},
+    configs={
+        "pallas_triton": tuning.TritonConfig,
+        "pallas_mosaic_gpu": tuning.MosaicGpuConfig,
+        "pallas_tpu": tuning.TpuConfig,
+    },
 )
 
 LINEAR_ATTENTION_STEP = Op(
@@ -41,12 +50,13 @@ LINEAR_ATTENTION_STEP = Op(
     impls={
         "naive": reference.linear_attention_step_reference,
         "xla": reference.linear_attention_step_reference,
-        "pallas_triton": "seqmix.kernels.linear_attention.step:linear_attention_step_triton",
-        "pallas_tpu": "seqmix.kernels.linear_attention.step_tpu:linear_attention_step_tpu",
+        "pallas_triton": "seqmix.kernels.linear_attention.triton:linear_attention_step",
+        "pallas_tpu": "seqmix.kernels.linear_attention.tpu:linear_attention_step",
     },
-    # XLA on GPU by measurement (H200, 2026-11-28, [B, 16, 128, 128] states): equal at B = 1
-    # (43 us), faster from B = 16 (B = 256: 143 us against the kernel's 282; BENCHMARKS.md)
+    # XLA on GPU: as fast as the kernel at B = 1 and faster from B = 16 (BENCHMARKS.md,
+    # linear_attention_step)
     auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    configs={"pallas_triton": tuning.TritonStepConfig, "pallas_tpu": tuning.TpuStepConfig},
 )
 
 
@@ -83,6 +93,14 @@ def _check_decay(log_decay, B, T, Hv, K, layout_prefix):
     return log_decay.astype(jnp.promote_types(log_decay.dtype, jnp.float32))
 
 
+def _empty_final(initial_state, shape, dtype):
+    """The state after no token: the initial state, or zeros (float32, float64 for float64
+    inputs)."""
+    if initial_state is not None:
+        return initial_state
+    return jnp.zeros(shape, checks.accum_dtype(dtype))
+
+
 def _normalized_v(v):
     """v with a column of ones appended: its output column is the normaliser q^T z."""
     return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
@@ -107,6 +125,7 @@ def linear_attention(
     normalize: bool = False,
     chunk_size: int = 64,
     implementation: str | None = None,
+    config: tuning.TritonConfig | tuning.MosaicGpuConfig | tuning.TpuConfig | None = None,
 ) -> Array | tuple[Array, Array]:
     """Causal gated linear attention, chunked.
 
@@ -130,21 +149,34 @@ def linear_attention(
         answer, where every other gradient stays under 5e-3 (measured in the tests); pass
         float32 inputs where that matters.
       chunk_size: tokens per chunk of the chunked implementations.
+      implementation: see ``seqmix.kernels.dispatch``. ``"pallas_mosaic_gpu"`` (Hopper) serves
+        bf16/fp16 inputs with ``chunk_size=64`` and key dims up to 128.
+      config: the tuning of a Pallas backend, ``tuning.TritonConfig`` (pallas_triton),
+        ``tuning.MosaicGpuConfig`` (pallas_mosaic_gpu) or ``tuning.TpuConfig`` (pallas_tpu);
+        None: the table's for this GPU generation. With ``implementation=None`` a config
+        selects its backend.
+
+    Empty inputs: ``B`` or ``T`` may be 0: an empty ``o`` and the final state equals the
+    initial state (zeros when None), computed without an implementation (the same for every
+    one). Heads and ``K``, ``V`` must be >= 1; ``scale`` finite; ``chunk_size`` a whole
+    number >= 1.
 
     Returns:
       ``o [B, T, Hv, V]`` in q's dtype, or ``(o, final_state)``.
     """
     checks.check_array("q", q, 4, "[batch, time, qk_heads, key_dim]")
+    checks.check_sizes("q", q, "[batch, time, qk_heads, key_dim]", (2, 3))
     B, T, Hqk, K = q.shape
     checks.check_array("k", k, 4, "[batch, time, qk_heads, key_dim]", shape=(B, T, Hqk, K))
     checks.check_array("v", v, 4, "[batch, time, v_heads, value_dim]", shape=(B, T, None, None))
+    checks.check_sizes("v", v, "[batch, time, v_heads, value_dim]", (2, 3))
     Hv, V = v.shape[2], v.shape[3]
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     checks.check_heads("v", Hv, "q/k", Hqk)
     g = _check_decay(log_decay, B, T, Hv, K, ("batch", "time"))
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = checks.as_int(chunk_size, "chunk_size", minimum=1)
+    scale = checks.default_scale(scale, K)
     Vs = V + 1 if normalize else V
     if initial_state is not None:
         checks.check_array(
@@ -158,6 +190,12 @@ def linear_attention(
     runs = None
     if segment_ids is not None:
         checks.check_int_array("segment_ids", segment_ids, 2, "[batch, time]", shape=(B, T))
+    if checks.empty(B, T):
+        LINEAR_ATTENTION.validate(implementation, config)
+        o = jnp.zeros((B, T, Hv, V), q.dtype)
+        final = _empty_final(initial_state, (B, Hv, K, Vs), q.dtype)
+        return (o, final) if return_final_state else o
+    if segment_ids is not None:
         runs = segment_runs(segment_ids)
     o, final = LINEAR_ATTENTION(
         implementation,
@@ -165,10 +203,11 @@ def linear_attention(
         k,
         _normalized_v(v) if normalize else v,
         g,
-        scale=checks.default_scale(scale, K),
+        scale=scale,
         initial_state=initial_state,
         runs=runs,
         chunk_size=chunk_size,
+        config=config,
     )
     if normalize:
         o = _divide(o, q.dtype)
@@ -185,21 +224,27 @@ def linear_attention_step(
     scale: float | None = None,
     normalize: bool = False,
     implementation: str | None = None,
+    config: tuning.TritonStepConfig | tuning.TpuStepConfig | None = None,
 ) -> tuple[Array, Array]:
     """One token of ``linear_attention`` for a batch of rows (decoding).
 
     Args:
       q, k: ``[B, Hqk, K]``; v: ``[B, Hv, V]``; state: float32 ``[B, Hv, K, V]``
         (``V + 1`` columns when ``normalize``); log_decay: None, ``[B, Hv]`` or
-        ``[B, Hv, K]``.
+        ``[B, Hv, K]``; config: ``tuning.TritonStepConfig`` or ``tuning.TpuStepConfig``
+        (None: the table's).
+
+    ``B == 0`` gives empty results, computed without an implementation.
 
     Returns:
       ``(o [B, Hv, V], new_state)``.
     """
     checks.check_array("q", q, 3, "[batch, qk_heads, key_dim]")
+    checks.check_sizes("q", q, "[batch, qk_heads, key_dim]", (1, 2))
     B, Hqk, K = q.shape
     checks.check_array("k", k, 3, "[batch, qk_heads, key_dim]", shape=(B, Hqk, K))
     checks.check_array("v", v, 3, "[batch, v_heads, value_dim]", shape=(B, None, None))
+    checks.check_sizes("v", v, "[batch, v_heads, value_dim]", (1, 2))
     Hv, V = v.shape[1], v.shape[2]
     checks.check_heads("v", Hv, "q/k", Hqk)
     Vs = V + 1 if normalize else V
@@ -211,14 +256,20 @@ def linear_attention_step(
         shape=(B, Hv, K, Vs),
     )
     g = _check_decay(log_decay, B, None, Hv, K, ("batch",))
+    scale = checks.default_scale(scale, K)
+    state = state.astype(jnp.promote_types(state.dtype, jnp.float32))
+    if checks.empty(B):
+        LINEAR_ATTENTION_STEP.validate(implementation, config)
+        return jnp.zeros((B, Hv, V), q.dtype), state
     o, new_state = LINEAR_ATTENTION_STEP(
         implementation,
         q,
         k,
         _normalized_v(v) if normalize else v,
-        state.astype(jnp.promote_types(state.dtype, jnp.float32)),
+        state,
         g,
-        scale=checks.default_scale(scale, K),
+        scale=scale,
+        config=config,
     )
     if normalize:
         o = _divide(o, q.dtype)

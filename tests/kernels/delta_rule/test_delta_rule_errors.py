@@ -48,7 +48,10 @@ beta = jnp.full((B, T, 4), 0.5)
         ),
         (lambda: gated_delta_rule(q, q, v, beta, segment_ids=jnp.zeros((B, T))), "segment_ids"),
         (lambda: gated_delta_rule(q, q, v, beta, chunk_size=0), "chunk_size"),
-        (lambda: gated_delta_rule(q, q, v, beta, implementation="cuda"), r"has \('naive', 'xla'"),
+        (
+            lambda: gated_delta_rule(q, q, v, beta, implementation="cuda"),
+            r"has \('naive', 'xla', 'pallas_triton', 'pallas_tpu'\)",
+        ),
         (
             lambda: gated_delta_rule_step(
                 q[:, 0], q[:, 0], v[:, 0], beta[:, 0], jnp.zeros((B, 4, K, 8))
@@ -85,8 +88,13 @@ def test_bad_input_raises_value_error_naming_the_argument(call, match):
         call()
 
 
-def test_a_known_implementation_without_a_kernel_here_says_what_exists():
-    with pytest.raises(NotImplementedError, match=r"has \('naive', 'xla'\)"):
+def test_a_known_implementation_without_a_kernel_says_what_exists():
+    with pytest.raises(NotImplementedError, match=r"has \('naive', 'xla', 'pallas_triton'"):
+        gated_delta_rule(q, q, v, beta, implementation="pallas_mosaic_gpu")
+
+
+def test_a_kernel_off_its_platform_says_how_to_run_it():
+    with pytest.raises(NotImplementedError, match="needs a TPU"):
         gated_delta_rule(q, q, v, beta, implementation="pallas_tpu")
 
 

@@ -1,0 +1,354 @@
+"""Context-parallel softmax attention.
+
+The sequence is split over the devices of the mesh's sequence axis; device ``r`` holds
+tokens ``[r L, (r + 1) L)`` of q, k and v. Two schemes, chosen by the mask:
+
+**Sliding windows** (every side that matters bounded: causal with a left window, or both
+sides of a bidirectional window): a query sees only the ``left`` keys before it and the
+``right`` after it, so each device takes a halo of that many keys, values and segment ids
+from its neighbours (``ppermute``) and runs ``seqmix.kernels.attention`` once over
+``[halo | block | halo]`` with the same window: the op's positions inside that call are the
+global positions shifted, so its window mask is the global one. Halo rows get zero queries
+and are dropped; halo positions outside the sequence get a segment id no query of the block
+has. Work grows by ``(left + right) / L``.
+
+**Full attention**: K, V (and segment ids) are all-gathered over the axis, and every device
+computes its queries against the key blocks they can see, merging the partial results
+with their log-sum-exp (``return_lse=True`` of the op). Causal attention is load-balanced
+by the zig-zag order: the sequence is cut into ``2 n`` chunks and device ``r`` computes the
+queries of chunks ``r`` and ``2 n - 1 - r`` (moved there and back by two ``ppermute`` s each
+way), i.e. two diagonal (causal) chunk pairs and ``2 n - 1`` full ones on every device.
+A bidirectional full attention is one call of the op over all keys.
+
+Why the all-gather and not a ring of ``ppermute`` s: the per-device computation is the same
+block-pair list either way; the gathered K/V of one layer is ``T x Hkv x D`` (small for GQA
+and MQA, and for MHA at the sequence lengths that fit, a few GB at 1M tokens), one
+collective that XLA overlaps with the diagonal blocks, and JAX's autodiff turns it into one
+reduce-scatter of dK, dV in the backward. A ring would keep only two K/V blocks per device
+but needs a hand-written recomputing backward to realise that saving (autodiff through the
+ring saves every received block anyway). ``bench_sequence_parallel --mode=scaling``
+measures the time in collectives (docs/sequence_parallel.md).
+
+Packed segments: within the diagonal chunks the op masks them itself; for a key chunk
+before the query chunk the mask compares a query id array with a key id array, which the
+op's self-attention ``segment_ids`` cannot express, so those blocks run
+``seqmix.parallel.segment_attention`` (flash-style, in XLA). Without segments every block
+is the op.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqmix import kernels
+from seqmix.kernels.attention.api import normalize_window
+from seqmix.parallel import exchange
+from seqmix.parallel.mesh import (
+    SEQ_AXIS,
+    AnyMesh,
+    axis_position,
+    batch_axes,
+    check_length,
+    sequence_mesh,
+    shard_over_sequence,
+    token_spec,
+)
+from seqmix.parallel.segment_attention import segment_attention
+
+Array = jax.Array
+
+
+def window_sides(local_window_size, causal: bool) -> tuple[int | None, int | None]:
+    """``local_window_size`` as ``(left, right)`` keys visible before and after a query
+    (None: unbounded), as ``seqmix.kernels.attention`` reads it; ``right = 0`` when causal."""
+    return normalize_window(local_window_size, causal)
+
+
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+    segment_ids: Array | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    mesh: AnyMesh | None = None,
+    axis: str = SEQ_AXIS,
+    **op_kwargs,
+) -> Array | tuple[Array, Array]:
+    """``seqmix.kernels.attention`` (self-attention) with the sequence split over ``axis``.
+
+    Same arguments and results as the op: q ``[B, T, H, D]``, k and v ``[B, T, Hkv, D]``;
+    ``op_kwargs`` such as ``implementation`` go to the op on every device. ``mesh``: a mesh
+    with an ``axis`` of size > 1 (None: the active mesh); without one this is the op
+    itself. T must be divisible by the devices of ``axis``. A bidirectional window bounded
+    on one side only is not supported (NotImplementedError).
+    """
+    found = sequence_mesh(mesh, axis)
+    if found is None:
+        return kernels.attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            local_window_size=local_window_size,
+            segment_ids=segment_ids,
+            softcap=softcap,
+            scale=scale,
+            return_lse=return_lse,
+            **op_kwargs,
+        )
+    if q.ndim != 4 or k.ndim != 4 or k.shape[1] != q.shape[1]:
+        raise ValueError(
+            "context-parallel attention is self-attention: q [batch, time, heads, head_dim] "
+            f"and k, v [batch, time, kv_heads, head_dim], got q {q.shape} and k {k.shape}"
+        )
+    B, T, _, D = q.shape
+    check_length("q", T, found, axis)
+    left, right = window_sides(local_window_size, bool(causal))
+    common = dict(
+        axis=axis,
+        softcap=None if softcap is None else float(softcap),
+        scale=D**-0.5 if scale is None else float(scale),
+        **op_kwargs,
+    )
+    if left is not None and right is not None:
+        local = functools.partial(
+            windowed_attention_local, left=left, right=right, causal=bool(causal), **common
+        )
+    elif causal:
+        local = functools.partial(causal_attention_local, **common)
+    elif left is None and right is None:
+        local = functools.partial(full_attention_local, **common)
+    else:
+        raise NotImplementedError(
+            "context-parallel attention: a bidirectional window bounded on one side only "
+            f"(local_window_size={local_window_size!r}) is not supported"
+        )
+    tok = token_spec(batch_axes(found, axis, B), axis)
+    o, lse = shard_over_sequence(
+        lambda q, k, v, seg: local(q, k, v, segment_ids=seg),
+        found,
+        (tok, tok, tok, tok),
+        (tok, tok),
+    )(q, k, v, segment_ids)
+    return (o, lse) if return_lse else o
+
+
+# --- merging partial attentions ---------------------------------------------------------------
+
+
+def merge(o1: Array, lse1: Array, o2: Array, lse2: Array) -> tuple[Array, Array]:
+    """Attention over the union of two disjoint key sets from the parts over each:
+    ``o = (o1 e^lse1 + o2 e^lse2) / (e^lse1 + e^lse2)`` (float32), ``lse = log(e^lse1 +
+    e^lse2)``; ``-inf`` marks a part that saw no key (both: ``o = 0``, ``lse = -inf``)."""
+    m = lax.stop_gradient(jnp.maximum(lse1, lse2))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w1, w2 = jnp.exp(lse1 - m), jnp.exp(lse2 - m)
+    total = w1 + w2
+    seen = total > 0
+    total_safe = jnp.where(seen, total, 1.0)
+    o = (o1.astype(jnp.float32) * w1[..., None] + o2.astype(jnp.float32) * w2[..., None]) / (
+        total_safe[..., None]
+    )
+    return o, jnp.where(seen, m + jnp.log(total_safe), -jnp.inf)
+
+
+def merge_stacked(o_parts: Array, lse_parts: Array) -> tuple[Array, Array]:
+    """``merge`` of ``M`` parts stacked on a leading axis: ``o_parts [M, ..., D]``,
+    ``lse_parts [M, ...]`` (``-inf``: a part that does not count)."""
+    m = lax.stop_gradient(jnp.max(lse_parts, axis=0))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse_parts - m)
+    total = jnp.sum(w, axis=0)
+    seen = total > 0
+    total_safe = jnp.where(seen, total, 1.0)
+    o = jnp.sum(w[..., None] * o_parts.astype(jnp.float32), axis=0) / total_safe[..., None]
+    return o, jnp.where(seen, m + jnp.log(total_safe), -jnp.inf)
+
+
+# --- per-device programs (inside shard_map over ``axis``) ------------------------------------
+
+
+def _op(q, k, v, *, causal=False, window=None, segment_ids=None, softcap, scale, **op_kwargs):
+    return kernels.attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        local_window_size=window,
+        segment_ids=segment_ids,
+        softcap=softcap,
+        scale=scale,
+        return_lse=True,
+        **op_kwargs,
+    )
+
+
+def _full_block(q, k, v, q_ids, kv_ids, *, softcap, scale, **op_kwargs):
+    """Queries against a key block they see entirely (apart from segments)."""
+    if q_ids is None:
+        return _op(q, k, v, softcap=softcap, scale=scale, **op_kwargs)
+    return segment_attention(q, k, v, q_ids, kv_ids, scale=scale, softcap=softcap)
+
+
+def _sentinel(segment_ids):
+    """Per row, an id that no token of the row has (``min - 1``, or ``max + 1`` at the
+    bottom of the integer range)."""
+    lo, hi = jnp.min(segment_ids, axis=1), jnp.max(segment_ids, axis=1)
+    return jnp.where(lo > jnp.iinfo(segment_ids.dtype).min, lo - 1, hi + 1)
+
+
+def windowed_attention_local(
+    q, k, v, *, segment_ids=None, axis, left, right, causal, softcap, scale, **op_kwargs
+):
+    """Sliding-window attention of this device's block with halos from its neighbours."""
+    B, L, H, D = q.shape
+    ids = jnp.zeros((B, L), jnp.int32) if segment_ids is None else segment_ids
+    sentinel = _sentinel(ids)[:, None]
+    k_before, exists_before = exchange.previous_tokens(k, left, axis)
+    v_before, _ = exchange.previous_tokens(v, left, axis)
+    id_before, _ = exchange.previous_tokens(ids, left, axis)
+    k_after, exists_after = exchange.next_tokens(k, right, axis)
+    v_after, _ = exchange.next_tokens(v, right, axis)
+    id_after, _ = exchange.next_tokens(ids, right, axis)
+    ids_all = jnp.concatenate(
+        [
+            jnp.where(exists_before[None], id_before, sentinel),
+            ids,
+            jnp.where(exists_after[None], id_after, sentinel),
+        ],
+        axis=1,
+    )
+    q_all = jnp.concatenate(
+        [jnp.zeros((B, left, H, D), q.dtype), q, jnp.zeros((B, right, H, D), q.dtype)], axis=1
+    )
+    o, lse = _op(
+        q_all,
+        jnp.concatenate([k_before, k, k_after], axis=1),
+        jnp.concatenate([v_before, v, v_after], axis=1),
+        causal=causal,
+        window=(left, right),
+        segment_ids=ids_all,
+        softcap=softcap,
+        scale=scale,
+        **op_kwargs,
+    )
+    return o[:, left : left + L], lse[:, left : left + L]
+
+
+def full_attention_local(q, k, v, *, segment_ids=None, axis, softcap, scale, **op_kwargs):
+    """Bidirectional attention of this device's queries over the all-gathered keys."""
+    k_all = lax.all_gather(k, axis, axis=1, tiled=True)
+    v_all = lax.all_gather(v, axis, axis=1, tiled=True)
+    ids_all = None if segment_ids is None else lax.all_gather(segment_ids, axis, axis=1, tiled=True)
+    return _full_block(
+        q, k_all, v_all, segment_ids, ids_all, softcap=softcap, scale=scale, **op_kwargs
+    )
+
+
+def _zigzag_perms(n: int):
+    """``ppermute`` pairs moving the halves of contiguous blocks (chunks ``2 j`` and
+    ``2 j + 1`` of device ``j``) to their zig-zag owners (chunk ``c`` to device ``c`` if
+    ``c < n``, else ``2 n - 1 - c``), and back."""
+    owner = lambda c: c if c < n else 2 * n - 1 - c
+    to_first = [(j, owner(2 * j)) for j in range(n)]
+    to_second = [(j, owner(2 * j + 1)) for j in range(n)]
+    even_chunk = lambda d: d if d % 2 == 0 else 2 * n - 1 - d
+    odd_chunk = lambda d: 2 * n - 1 - d if d % 2 == 0 else d
+    back_even = [(d, even_chunk(d) // 2) for d in range(n)]
+    back_odd = [(d, odd_chunk(d) // 2) for d in range(n)]
+    return to_first, to_second, back_even, back_odd
+
+
+def _to_zigzag(x, axis, r, n):
+    """Contiguous block -> (chunk r, chunk 2n - 1 - r) of this device."""
+    to_first, to_second, _, _ = _zigzag_perms(n)
+    half = x.shape[1] // 2
+    even = lax.ppermute(x[:, :half], axis, to_first)  # receives the even one of its chunks
+    odd = lax.ppermute(x[:, half:], axis, to_second)
+    r_even = r % 2 == 0
+    return jnp.where(r_even, even, odd), jnp.where(r_even, odd, even)
+
+
+def _from_zigzag(xa, xb, axis, r, n):
+    """(chunk r, chunk 2n - 1 - r) -> this device's contiguous block."""
+    _, _, back_even, back_odd = _zigzag_perms(n)
+    r_even = r % 2 == 0
+    first = lax.ppermute(jnp.where(r_even, xa, xb), axis, back_even)
+    second = lax.ppermute(jnp.where(r_even, xb, xa), axis, back_odd)
+    return jnp.concatenate([first, second], axis=1)
+
+
+def causal_attention_local(q, k, v, *, segment_ids=None, axis, softcap, scale, **op_kwargs):
+    """Causal attention of this device's block over all keys before it (all-gathered)."""
+    r, n = axis_position(axis)
+    L = q.shape[1]
+    k_all = lax.all_gather(k, axis, axis=1, tiled=True)
+    v_all = lax.all_gather(v, axis, axis=1, tiled=True)
+    ids_all = None if segment_ids is None else lax.all_gather(segment_ids, axis, axis=1, tiled=True)
+    kw = dict(softcap=softcap, scale=scale, **op_kwargs)
+    if L % 2:
+        return _causal_contiguous(q, k, v, segment_ids, k_all, v_all, ids_all, r, n, **kw)
+
+    C = L // 2
+
+    def chunk(x, c):
+        return None if x is None else lax.dynamic_slice_in_dim(x, c * C, C, axis=1)
+
+    a, b = r, 2 * n - 1 - r
+    qa, qb = _to_zigzag(q, axis, r, n)
+    ids_a, ids_b = chunk(ids_all, a), chunk(ids_all, b)
+    oa, la = _op(qa, chunk(k_all, a), chunk(v_all, a), causal=True, segment_ids=ids_a, **kw)
+    ob, lb = _op(qb, chunk(k_all, b), chunk(v_all, b), causal=True, segment_ids=ids_b, **kw)
+
+    # 2n - 1 full chunk pairs: chunk a against chunks 0 .. a - 1, chunk b against 0 .. b - 1.
+    # The partial results are merged once at the end (not carried through the loop), so the
+    # backward keeps each pair's bf16 output rather than a float32 accumulator per step.
+    def body(_, m):
+        use_a = m < a
+        c = jnp.where(use_a, m, m - a)
+        q_m = jnp.where(use_a, qa, qb)
+        ids_m = None if ids_all is None else jnp.where(use_a, ids_a, ids_b)
+        o_m, l_m = _full_block(
+            q_m, chunk(k_all, c), chunk(v_all, c), ids_m, chunk(ids_all, c), **kw
+        )
+        return None, (o_m, l_m)
+
+    steps = jnp.arange(2 * n - 1)
+    _, (o_parts, l_parts) = lax.scan(body, None, steps)
+    for_a = (steps < a)[:, None, None, None]
+    oa, la = merge(oa, la, *merge_stacked(o_parts, jnp.where(for_a, l_parts, -jnp.inf)))
+    ob, lb = merge(ob, lb, *merge_stacked(o_parts, jnp.where(for_a, -jnp.inf, l_parts)))
+    o = _from_zigzag(oa.astype(q.dtype), ob.astype(q.dtype), axis, r, n)
+    return o, _from_zigzag(la, lb, axis, r, n)
+
+
+def _causal_contiguous(q, k, v, ids, k_all, v_all, ids_all, r, n, **kw):
+    """Odd block length (no zig-zag halves): the diagonal block, then blocks 0 .. r - 1
+    (a device skips the blocks after its own, so later devices do more)."""
+    L = q.shape[1]
+    o, lse = _op(q, k, v, causal=True, segment_ids=ids, **kw)
+    o = o.astype(jnp.float32)
+
+    def block(x, c):
+        return None if x is None else lax.dynamic_slice_in_dim(x, c * L, L, axis=1)
+
+    def body(carry, m):
+        def add(carry):
+            o_m, l_m = _full_block(
+                q, block(k_all, m), block(v_all, m), ids, block(ids_all, m), **kw
+            )
+            return merge(*carry, o_m, l_m)
+
+        return lax.cond(m < r, add, lambda c: c, carry), None
+
+    (o, lse), _ = lax.scan(body, (o, lse), jnp.arange(n - 1))
+    return o.astype(q.dtype), lse
