@@ -4,7 +4,8 @@ from seqmix.experiments.device import compare_revisions as cr
 
 
 def rows(**times):
-    return {("8x4096", "pallas"): {"label": "8x4096", "impl": "pallas", "params_m": 3.0, **times}}
+    row = {"label": "8x4096", "impl": "pallas", "params_m": 3.0, **times}
+    return {cr.row_key(row): row}
 
 
 def test_slower_only_beyond_the_repeat_noise():
@@ -18,3 +19,23 @@ def test_slower_only_beyond_the_repeat_noise():
     # faster, or a row missing from one run: not slower, not compared
     assert not cr.compare(rows(ms=0.5), rows(ms=1.0), rows(ms=0.5), 0.03)[0]["slower"]
     assert cr.compare(rows(ms=0.5), {}, rows(ms=0.5), 0.03) == []
+
+
+def test_rows_without_a_label_are_named_by_their_shape():
+    row = {
+        "series": "shapes",
+        "decay": "scalar",
+        "impl": "pallas",
+        "B": 2,
+        "T": 4096,
+        "blocks": "x",
+    }
+    other = dict(row, blocks="y", config="{}")  # what a tree adds or renames is not in the key
+    assert cr.row_key(row) == cr.row_key(other)
+    out = cr.compare(
+        {cr.row_key(row): dict(row, fwd_ms=1.0)},
+        {cr.row_key(other): dict(other, fwd_ms=1.0)},
+        {cr.row_key(row): dict(row, fwd_ms=1.0)},
+        0.03,
+    )
+    assert out[0]["label"] == "series=shapes decay=scalar B=2 T=4096" and out[0]["impl"] == "pallas"

@@ -1,9 +1,10 @@
 """Times the kernel benchmark of this tree beside another tree of seqmix, in one run.
 
     python -m seqmix.experiments.device.compare_revisions --other=/path/to/old/tree \
-        --ops=attention,linear_attention,selective_scan,causal_conv1d,decode_attention
+        --ops=attention,linear_attention,decode_attention,scan_op,conv_op
 
-For each op it runs ``bench_kernels --quick`` three times, in separate processes: this tree,
+For each op it runs ``bench_kernels --quick`` (for ``scan_op`` and ``conv_op``: time_ops.py,
+which times the public op at fixed shapes) three times, in separate processes: this tree,
 the other tree, this tree again (A B A), each with its own tree first on ``PYTHONPATH``. Rows
 are matched by (label, impl); every time column (``*ms``, ``*us``) is compared. The two runs
 of this tree give the run-to-run noise of each row; a row counts as slower only when the
@@ -24,20 +25,37 @@ import time
 
 from absl import app, flags
 
-_OTHER = flags.DEFINE_string("other", None, "Root of the other seqmix tree (the baseline).")
-_OPS = flags.DEFINE_list(
-    "ops",
-    ["attention", "linear_attention", "selective_scan", "causal_conv1d", "decode_attention"],
-    "Ops of bench_kernels to compare.",
-)
-_MIN_NOISE = flags.DEFINE_float(
-    "min_noise", 0.03, "Relative differences below this are noise whatever the repeat says."
-)
-_LIMIT = flags.DEFINE_integer("limit_s", 200, "Time limit of each benchmark process.")
-_DEADLINE = flags.DEFINE_integer("deadline_s", 0, "Start no new process after this (0: none).")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where results go (default $OUT or runs/).")
-
 HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _define_flags():
+    """The launcher's flags, defined only when it runs (importing ``compare`` defines none,
+    so tests can import it beside other launchers with the same flag names)."""
+    global _OTHER, _OPS, _MIN_NOISE, _LIMIT, _DEADLINE, _OUT_DIR
+    _OTHER = flags.DEFINE_string("other", None, "Root of the other seqmix tree (the baseline).")
+    _OPS = flags.DEFINE_list(
+        "ops",
+        ["attention", "linear_attention", "decode_attention", "scan_op", "conv_op"],
+        "Ops of bench_kernels to compare.",
+    )
+    _MIN_NOISE = flags.DEFINE_float(
+        "min_noise", 0.03, "Relative differences below this are noise whatever the repeat says."
+    )
+    _LIMIT = flags.DEFINE_integer("limit_s", 200, "Time limit of each benchmark process.")
+    _DEADLINE = flags.DEFINE_integer("deadline_s", 0, "Start no new process after this (0: none).")
+    _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where results go (default $OUT or runs/).")
+
+
+# Ops timed by time_ops.py (the public op at fixed shapes, the same in both trees) instead of
+# bench_kernels --quick, whose shapes a tree may have changed.
+DIRECT = {"scan_op": "selective_scan", "conv_op": "causal_conv1d"}
+
+# What names a row (the measured columns aside): present in some benchmarks, not in others.
+KEY_FIELDS = ("label", "series", "decay", "impl", "B", "T", "H", "Hkv", "D", "Dm", "N", "C", "W")
+
+
+def row_key(row: dict) -> tuple:
+    return tuple((k, str(row[k])) for k in KEY_FIELDS if k in row)
 
 
 def time_keys(row: dict) -> list[str]:
@@ -55,8 +73,13 @@ def bench(tree: str, op: str, out_dir: str) -> dict[tuple, dict]:
     env.pop("OUT", None)  # results go to out_dir only
     extra = [p for p in env.get("PYTHONPATH", "").split(":") if p and os.path.abspath(p) != HERE]
     env["PYTHONPATH"] = ":".join([tree, *extra])
-    cmd = [sys.executable, "-m", "seqmix.experiments.bench_kernels", f"--op={op}", "--quick"]
-    cmd.append(f"--out_dir={out_dir}")
+    if op in DIRECT:
+        script = os.path.join(HERE, "seqmix", "experiments", "device", "time_ops.py")
+        cmd = [sys.executable, script, f"--op={DIRECT[op]}"]
+        cmd.append(f"--out={os.path.join(out_dir, op + '_direct.json')}")
+    else:
+        cmd = [sys.executable, "-m", "seqmix.experiments.bench_kernels", f"--op={op}", "--quick"]
+        cmd.append(f"--out_dir={out_dir}")
     start = time.time()
     with open(os.path.join(out_dir, "log.txt"), "w") as log:
         proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -76,7 +99,7 @@ def bench(tree: str, op: str, out_dir: str) -> dict[tuple, dict]:
     for path in glob.glob(os.path.join(out_dir, f"{op}_*.json")):
         with open(path) as f:
             for r in json.load(f).get("rows", []):
-                rows[(str(r.get("label")), str(r.get("impl")))] = r
+                rows[row_key(r)] = r
     return rows
 
 
@@ -92,10 +115,14 @@ def compare(new_a: dict, old: dict, new_b: dict, min_noise: float) -> list[dict]
                 continue
             noise = max(abs(a - b) / min(a, b), min_noise)
             best = min(a, b)
+            named = dict(key)
+            label = named.get("label") or " ".join(
+                f"{k}={v}" for k, v in key if k not in ("impl", "label")
+            )
             out.append(
                 {
-                    "label": key[0],
-                    "impl": key[1],
+                    "label": label,
+                    "impl": named.get("impl", ""),
                     "column": col,
                     "new": best,
                     "old": o,
@@ -140,4 +167,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -1,0 +1,107 @@
+"""Times public ops at fixed shapes through nothing but their public signatures.
+
+    PYTHONPATH=/path/to/tree python seqmix/experiments/device/time_ops.py --op=selective_scan \
+        --out=/tmp/scan.json
+
+The ops are imported from whichever seqmix is first on ``PYTHONPATH``, so the same script
+times two trees of seqmix (``compare_revisions`` runs it for ``scan_op`` and ``conv_op``)
+whatever their benchmark modules look like. It imports only ``selective_scan`` and
+``causal_conv1d`` from ``seqmix.kernels``, with the arguments both have always taken. Each
+row: forward and forward+backward milliseconds (median of ``--iters`` after warm-up) of
+``pallas_triton`` and ``xla`` at Mamba's headline shapes, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+SCAN_SHAPES = [(8, 4096, 1536, 16), (2, 16384, 1536, 16)]
+CONV_SHAPES = [(8, 4096, 1536, 4), (2, 16384, 1536, 4)]
+
+
+def median_ms(fn, args, iters: int) -> float:
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(1e3 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
+def scan_case(B, T, Dm, N, impl):
+    from seqmix.kernels import selective_scan
+
+    ks = jax.random.split(jax.random.key(0), 9)
+    bf = jnp.bfloat16
+    args = (
+        jax.random.normal(ks[0], (B, T, Dm), bf),
+        (0.5 * jax.random.normal(ks[1], (B, T, Dm)) - 1.0).astype(bf),
+        -jnp.exp(jax.random.uniform(ks[2], (Dm, N), jnp.float32, 0.0, 2.5)),
+        jax.random.normal(ks[3], (B, T, 1, N), bf),
+        jax.random.normal(ks[4], (B, T, 1, N), bf),
+        jax.random.normal(ks[5], (Dm,), jnp.float32),
+        jax.random.normal(ks[6], (B, T, Dm), bf),
+        0.5 * jax.random.normal(ks[7], (Dm,), jnp.float32),
+    )
+    dy = jax.random.normal(ks[8], (B, T, Dm), bf)
+
+    def f(u, delta, A, Bm, Cm, D, z, bias):
+        return selective_scan(
+            u, delta, A, Bm, Cm, D, z, delta_bias=bias, delta_softplus=True, implementation=impl
+        )
+
+    return f"{B}x{T}x{Dm}x{N}", f, args, dy
+
+
+def conv_case(B, T, C, W, impl):
+    from seqmix.kernels import causal_conv1d
+
+    ks = jax.random.split(jax.random.key(0), 4)
+    args = (
+        jax.random.normal(ks[0], (B, T, C), jnp.bfloat16),
+        0.5 * jax.random.normal(ks[1], (W, C), jnp.float32),
+        jax.random.normal(ks[2], (C,), jnp.float32),
+    )
+    dy = jax.random.normal(ks[3], (B, T, C), jnp.bfloat16)
+
+    def f(x, w, b):
+        return causal_conv1d(x, w, b, activation="silu", implementation=impl)
+
+    return f"{B}x{T}x{C} w{W}", f, args, dy
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--op", choices=["selective_scan", "causal_conv1d"], required=True)
+    parser.add_argument("--out", required=True, help="JSON file for the rows")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--impls", default="pallas_triton,xla")
+    a = parser.parse_args()
+    shapes, case = (
+        (SCAN_SHAPES, scan_case) if a.op == "selective_scan" else (CONV_SHAPES, conv_case)
+    )
+    rows = []
+    for shape in shapes:
+        for impl in a.impls.split(","):
+            label, f, args, dy = case(*shape, impl)
+            fwd = jax.jit(f)
+            floats = tuple(range(len(args)))
+            fb = jax.jit(jax.grad(lambda *xs: jnp.sum((f(*xs) * dy).astype(jnp.float32)), floats))
+            row = {"label": label, "impl": impl}
+            row["fwd_ms"] = median_ms(fwd, args, a.iters)
+            row["fb_ms"] = median_ms(fb, args, a.iters)
+            rows.append(row)
+            print(row, flush=True)
+            with open(a.out, "w") as fh:  # after every row: a time limit keeps what was measured
+                json.dump({"op": a.op, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
