@@ -19,11 +19,14 @@ DEFAULT_KEY = "default"
 class TritonConfig:
     """``pallas_triton`` causal_conv1d and causal_conv1d_step (None: the table's):
     ``block_c`` (power of 2) channels per program, ``block_t`` (power of 2) steps per
-    program of causal_conv1d (its tile, loaded with the W - 1 row halo), ``num_warps``."""
+    program of causal_conv1d's forward (its tile, loaded with the W - 1 row halo),
+    ``bwd_block_t`` (power of 2) steps per program of its backward (a sequential sweep),
+    ``num_warps``."""
 
     block_c: int | None = None
     block_t: int | None = None
     num_warps: int | None = None
+    bwd_block_t: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +38,12 @@ class TpuConfig:
     block_c: int | None = None
 
 
-# [16, 256] tiles: 32 float32 a thread per view at 4 warps; 256 channels a decoding program.
-_HOPPER = TritonConfig(block_c=256, block_t=16, num_warps=4)
+# [16, 256] tiles: 32 float32 a thread per view at 4 warps; 256 channels a decoding program;
+# the backward sweeps 256 steps a program.
+_HOPPER = TritonConfig(block_c=256, block_t=16, num_warps=4, bwd_block_t=256)
 # generation -> TritonConfig. Hopper is the target; the others start from its row.
 TRITON = {"hopper": _HOPPER, "blackwell": _HOPPER, "ampere": _HOPPER, "ada": _HOPPER}
-TRITON_INTERPRET = TritonConfig(block_c=16, block_t=4, num_warps=1)
+TRITON_INTERPRET = TritonConfig(block_c=16, block_t=4, num_warps=1, bwd_block_t=4)
 TPU = TpuConfig(block_t=256, block_c=512)
 TPU_INTERPRET = TpuConfig(block_t=16, block_c=128)
 
@@ -48,7 +52,8 @@ SEARCH = {
     ("causal_conv1d", "pallas_triton"): (
         Axis("block_c", [64, 128, 256], backward=True),
         Axis("num_warps", [1, 2, 4, 8], backward=True),
-        Axis("block_t", [16, 32, 64, 128], backward=True),
+        Axis("block_t", [16, 32, 64, 128]),
+        Axis("bwd_block_t", [64, 128, 256, 512], backward=True),
     ),
     ("causal_conv1d_step", "pallas_triton"): (
         Axis("block_c", [128, 256, 512, 1024]),
@@ -66,7 +71,7 @@ def triton_config(
         TRITON_INTERPRET if interpret else TRITON[generation(device_kind or current_device_kind())]
     )
     cfg = tune.resolve(op, "pallas_triton", DEFAULT_KEY, default, config, interpret=interpret)
-    for name in ("block_c", "block_t"):
+    for name in ("block_c", "block_t", "bwd_block_t"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise ValueError(f"TritonConfig.{name} must be a power of 2, got {v!r}")

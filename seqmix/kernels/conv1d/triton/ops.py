@@ -66,6 +66,7 @@ def causal_conv1d(
         silu=activation == "silu",
         block_c=blocks.block_c,
         block_t=min(blocks.block_t, pl.next_power_of_2(T)),
+        bwd_block_t=min(blocks.bwd_block_t, max(8, pl.next_power_of_2(T))),
         num_warps=blocks.num_warps,
         interpret=interpret_mode(),
     )

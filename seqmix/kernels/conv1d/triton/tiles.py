@@ -26,6 +26,7 @@ class Static:
     silu: bool
     block_c: int
     block_t: int
+    bwd_block_t: int
     num_warps: int
     interpret: bool
 
