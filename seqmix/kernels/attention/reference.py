@@ -242,8 +242,18 @@ def attention_xla(q, k, v, *, causal, window, segment_ids, softcap, scale, block
 # --- decoding --------------------------------------------------------------------------------
 
 
+def live_cache(cache, lengths):
+    """``cache [B, S, Hkv, D]`` with the slots at and past ``lengths[b]`` zeroed. Those slots
+    get probability 0, but 0 times a NaN or Inf left there (a real cache holds stale values)
+    is NaN, in the output and in dq; the one query of a row masks the same slots for every
+    head, so zeroing them changes no live result."""
+    live = jnp.arange(cache.shape[1])[None, :] < lengths[:, None]
+    return jnp.where(live[:, :, None, None], cache, jnp.zeros((), cache.dtype))
+
+
 def decode_attention_naive(q, k_cache, v_cache, lengths, *, scale, softcap):
     """One query per row over its first ``lengths[b]`` cache entries (dense, float32)."""
+    k_cache, v_cache = live_cache(k_cache, lengths), live_cache(v_cache, lengths)
     acc = accum_dtype(q.dtype)
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -261,6 +271,7 @@ def decode_attention_naive(q, k_cache, v_cache, lengths, *, scale, softcap):
 
 def decode_attention_xla(q, k_cache, v_cache, lengths, *, scale, softcap):
     """Decoding in XLA: the cache is read in its own dtype, logits and sums in float32."""
+    k_cache, v_cache = live_cache(k_cache, lengths), live_cache(v_cache, lengths)
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(B, Hkv, H // Hkv, D)
