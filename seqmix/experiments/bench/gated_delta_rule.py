@@ -31,6 +31,7 @@ import numpy as np
 from seqmix.experiments.bench import common
 from seqmix.kernels import dispatch, gated_delta_rule
 from seqmix.kernels.delta_rule.api import GATED_DELTA_RULE
+from seqmix.kernels.delta_rule.tuning import TritonConfig
 
 SHAPES = [(8, 4096, 16, 128), (8, 4096, 16, 64), (2, 16384, 16, 128)]
 QUICK_SHAPES = [(8, 4096, 16, 128)]
@@ -62,6 +63,8 @@ def implementations(platform: str) -> list[str]:
     """The seqmix implementations timed on ``platform``: every one available there but the
     oracle, which joins only on the CPU (the dry run's check of the chunked form)."""
     names = [n for n in GATED_DELTA_RULE.impls if n != "naive" and dispatch.available(n)]
+    if platform == "gpu" and "pallas_triton" in names:
+        names += list(VARIANTS)
     return names + (["naive"] if platform == "cpu" else [])
 
 
@@ -90,9 +93,21 @@ def forward_flops(B, T, H, D, C=CHUNK) -> float:
     return float(B * H * n * per_chunk)
 
 
+# Other settings of the Triton kernels timed beside the table's on a GPU: the UT inverse by
+# blocks of 16 and 32 rows instead of column-by-column elimination.
+VARIANTS = {
+    "pallas_triton[inverse 16]": ("pallas_triton", TritonConfig(inverse_block=16)),
+    "pallas_triton[inverse 32]": ("pallas_triton", TritonConfig(inverse_block=32)),
+}
+
+
 def seqmix_fns(impl: str):
+    impl, config = VARIANTS.get(impl, (impl, None))
+
     def fwd(q, k, v, beta, g):
-        return gated_delta_rule(q, k, v, beta, g, chunk_size=CHUNK, implementation=impl)
+        return gated_delta_rule(
+            q, k, v, beta, g, chunk_size=CHUNK, implementation=impl, config=config
+        )
 
     def fwd_bwd(q, k, v, beta, g, do):
         o, vjp = jax.vjp(fwd, q, k, v, beta, g)

@@ -60,6 +60,38 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
     return lax.fori_loop(0, C, body, jnp.where(rows == cols, 1.0, 0.0).astype(a.dtype))
 
 
+def unit_lower_inverse_blocked(a: jax.Array, dot32: Callable, block: int = 16) -> jax.Array:
+    """``(I + a)^{-1}`` as ``unit_lower_inverse``, by blocks: the ``block x block`` diagonal
+    blocks all at once by the same elimination (``block`` steps instead of ``C``), then block
+    forward substitution, one block row at a time, with matmuls:
+    ``M_i = D_i (E_i - sum_{j<i} A_ij M_j)`` where ``D_i`` is diagonal block ``i``'s inverse
+    (as stable as substitution: no power of ``a`` is formed). Every array stays ``[C, C]``
+    (masks pick the blocks), so the code needs no slicing of register tiles."""
+    C = a.shape[0]
+    if block >= C:
+        return unit_lower_inverse(a)
+    if C % block:
+        raise ValueError(f"the chunk ({C}) must be a multiple of the inverse's block ({block})")
+    rows, cols = iota((C, C), 0), iota((C, C), 1)
+    rb, cb = rows // block, cols // block
+    same = rb == cb
+    a_diag = jnp.where(same, a, 0.0)
+
+    def body(j, n):  # step j of every diagonal block's elimination
+        a_j = jnp.sum(jnp.where(cols == rb * block + j, a_diag, 0.0), axis=1, keepdims=True)
+        n_j = jnp.sum(jnp.where(rows == cb * block + j, n, 0.0), axis=0, keepdims=True)
+        return n - jnp.where(same, a_j * n_j, 0.0)
+
+    eye = jnp.where(rows == cols, 1.0, 0.0).astype(a.dtype)
+    d = lax.fori_loop(0, block, body, eye)  # block-diagonal: the blocks' inverses
+    lower = jnp.where(rb > cb, a, 0.0)  # the blocks below the diagonal
+    m = jnp.where(rb == 0, d, 0.0)
+    for i in range(1, C // block):  # block rows < i of m are final, the others 0
+        r = jnp.where(rb == i, eye - dot32(lower, m), 0.0)
+        m = m + dot32(d, r)
+    return m
+
+
 def scores(dot: Callable, k, beta_c, b_c, b_r, pair):
     """``(A, gamma, kk)``: the strictly lower ``A`` above, ``gamma = exp(b_t - b_s)`` over
     ``pair`` (0 elsewhere) and ``kk = k k^T``."""
@@ -76,16 +108,36 @@ def decayed_keys(k, beta_c, b_c, keep_c):
     return f * _float(k)
 
 
-def wy_forward(dot: Callable, dot32: Callable, k, v, beta_c, b_c, b_r, pair, keep_c):
+def inverse(a, dot32: Callable, block: int = 0):
+    """``(I + a)^{-1}``: by elimination (``block`` 0) or by blocks of ``block`` rows."""
+    return unit_lower_inverse_blocked(a, dot32, block) if block else unit_lower_inverse(a)
+
+
+def wy_forward(
+    dot: Callable, dot32: Callable, k, v, beta_c, b_c, b_r, pair, keep_c, inverse_block: int = 0
+):
     """``(w [C, K], u [C, V])`` float32 of one chunk (module docstring)."""
     a, _, _ = scores(dot, k, beta_c, b_c, b_r, pair)
-    m = unit_lower_inverse(a)
+    m = inverse(a, dot32, inverse_block)
     w = dot32(m, decayed_keys(k, beta_c, b_c, keep_c))
     u = dot32(m, beta_c * _float(v))
     return w, u
 
 
-def wy_backward(dot: Callable, dot32: Callable, k, v, beta_c, b_c, b_r, pair, keep_c, du, dw):
+def wy_backward(
+    dot: Callable,
+    dot32: Callable,
+    k,
+    v,
+    beta_c,
+    b_c,
+    b_r,
+    pair,
+    keep_c,
+    du,
+    dw,
+    inverse_block: int = 0,
+):
     """Gradients of one chunk's ``(w, u)`` given ``dw [C, K]`` and ``du [C, V]``:
     ``(dk [C, K], dv [C, V], dbeta [C, 1], db_c [C, 1], db_r [1, C])`` float32, where the
     gradient of ``b`` is ``db_c + db_r^T`` (the row part comes from the key side ``b_s``).
@@ -94,7 +146,7 @@ def wy_backward(dot: Callable, dot32: Callable, k, v, beta_c, b_c, b_r, pair, ke
     ``dE = M^T dw``, ``dM = du D^T + dw E^T``, ``dA = -M^T dM M^T`` on ``pair``.
     """
     a, gamma, kk = scores(dot, k, beta_c, b_c, b_r, pair)
-    m = unit_lower_inverse(a)
+    m = inverse(a, dot32, inverse_block)
     kf, vf = _float(k), _float(v)
     e = decayed_keys(k, beta_c, b_c, keep_c)
     d_vals = dot32(m, du, trans_a=True)  # M^T du

@@ -47,6 +47,10 @@ class TritonConfig:
         precision parts (hi + lo) for half-precision inputs.
       mma, state_mma: matmul operand dtypes; None: derived from the input dtype (float32
         inputs use exact IEEE float32 matmuls).
+      inverse_block: the UT inverse ``(I + A)^{-1}`` of each chunk: 0 by elimination, one
+        column per step (``C`` steps of masked reductions); 16 (a power of two below the
+        chunk) by blocks: the diagonal blocks' elimination at once (16 steps), then block
+        forward substitution by matmuls.
       num_warps, num_stages: per kernel (``PerKernel``).
     """
 
@@ -59,6 +63,7 @@ class TritonConfig:
     state_mma: str | None = None
     num_warps: PerKernel | None = None
     num_stages: PerKernel | None = None
+    inverse_block: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,7 @@ _HOPPER = TritonConfig(
     state_mma=None,
     num_warps=PerKernel(wy=4, state=4, output=4, dstate=4, dqk=4, dwy=4),
     num_stages=PerKernel(wy=2, state=2, output=2, dstate=2, dqk=2, dwy=2),
+    inverse_block=0,
 )
 _HOPPER_ROWS = {"none": _HOPPER, "scalar": _HOPPER}
 
@@ -118,6 +124,7 @@ SEARCH = {
         Axis("block_v", [32, 64, 128], backward=True),
         Axis("block_k", [32, 64], backward=True),
         Axis("split_scores", [True, False], backward=True),
+        Axis("inverse_block", [0, 16, 32], backward=True),
         Axis(
             "num_warps",
             [

@@ -108,6 +108,35 @@ CASES = [
         dtype=BF16,
         cpu=(TRITON,),
     ),
+    # the UT inverse by blocks of 16 rows: 2 and 4 blocks a chunk, beta near 1 (the hardest
+    # systems to invert), decay, segments
+    C(
+        "inverse-blocks-of-16-chunk-32-beta-near-1-T70",
+        1,
+        70,
+        1,
+        2,
+        16,
+        16,
+        32,
+        -2.0,
+        NEAR_1,
+        segments=True,
+        configs={TRITON: TritonConfig(inverse_block=16)},
+        cpu=(TRITON,),
+    ),
+    C(
+        "inverse-blocks-of-16-chunk-64-T64",
+        1,
+        64,
+        1,
+        1,
+        16,
+        16,
+        64,
+        configs={TRITON: TritonConfig(inverse_block=16)},
+        cpu=(TRITON,),
+    ),
     # --- the TPU kernels (two chunks per grid step: the loop inside a step)
     C("decay-groups-segments-T37", 1, 37, 1, 2, 16, 16, 16, segments=True, cpu=(TPU,)),
     C(

@@ -8,6 +8,7 @@ import pytest
 
 from seqmix import testing
 from seqmix.kernels import gated_delta_rule, gated_delta_rule_step, interpret
+from seqmix.kernels.delta_rule.tuning import TritonConfig
 
 TRITON_KERNELS = (
     "wy",
@@ -19,10 +20,19 @@ TRITON_KERNELS = (
 )
 
 
-@pytest.mark.parametrize("implementation", ["pallas_triton", "pallas_tpu"])
+@pytest.mark.parametrize(
+    "implementation, config",
+    [
+        ("pallas_triton", None),
+        ("pallas_triton", TritonConfig(inverse_block=16)),
+        ("pallas_tpu", None),
+    ],
+    ids=["pallas_triton", "pallas_triton-inverse-blocks", "pallas_tpu"],
+)
 @pytest.mark.parametrize("decay", [True, False], ids=["decay", "no-decay"])
-def test_forward_and_backward_lower(implementation, decay):
-    """[2, 2048, 4 v heads over 2 q/k heads, 128] bf16 with every optional argument."""
+def test_forward_and_backward_lower(implementation, config, decay):
+    """[2, 2048, 4 v heads over 2 q/k heads, 128] bf16 with every optional argument (and
+    the UT inverse by blocks)."""
     B, T, H, D = 2, 2048, 4, 128
     platform = "cuda" if implementation == "pallas_triton" else "tpu"
     qk = jnp.zeros((B, T, H // 2, D), jnp.bfloat16)
@@ -44,6 +54,7 @@ def test_forward_and_backward_lower(implementation, decay):
                 segment_ids=seg,
                 return_final_state=True,
                 implementation=implementation,
+                config=config,
             )
 
         out, vjp = jax.vjp(f, q, k, v, beta, g, s0)

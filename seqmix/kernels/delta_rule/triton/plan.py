@@ -28,9 +28,11 @@ _WY_MMA = {"bfloat16": "tfloat32", "float16": "tfloat32", "float32": "float32"}
 @dataclasses.dataclass(frozen=True)
 class DeltaPlan(Plan):
     """``Plan`` plus ``wy_mma``: the operand dtype of the matmuls on float32 intermediates
-    of the WY transform (the inverse ``M``, ``w``, ``u`` and their gradients)."""
+    of the WY transform (the inverse ``M``, ``w``, ``u`` and their gradients), and
+    ``inverse_block``: the UT inverse by elimination (0) or by blocks of that many rows."""
 
     wy_mma: str = "float32"
+    inverse_block: int = 0
 
 
 def make_plan(
@@ -59,6 +61,9 @@ def make_plan(
         return max(16, min(want, pow2_at_least(dim)))
 
     bk, bv, sbv = block(cfg.block_k, K), block(cfg.block_v, V), block(cfg.state_block_v, V)
+    ib = cfg.inverse_block or 0
+    if ib and (ib < 16 or ib & (ib - 1)):
+        raise ValueError(f"TritonConfig.inverse_block must be 0 or a power of two >= 16, got {ib}")
     Kp = round_up(K, bk)
     half = dtype == "bfloat16" and cfg.state_dtype == "input"
     return DeltaPlan(
@@ -91,4 +96,5 @@ def make_plan(
         wy_mma="float32"
         if _MMA[dtype] == "float32" and cfg.mma in (None, "float32")
         else _WY_MMA[dtype],
+        inverse_block=ib if ib < C else 0,
     )

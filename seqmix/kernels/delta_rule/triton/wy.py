@@ -70,7 +70,9 @@ def _forward_kernel(*refs, plan: DeltaPlan):
     beta_c = beta_ref[...].astype(f32)[:, None]
     keep_c = None if keep is None else keep[:, None]
     dot, dot32 = dots(plan)
-    w, u = wy_math.wy_forward(dot, dot32, k_ref[...], v_ref[...], beta_c, b_c, b_r, pair, keep_c)
+    w, u = wy_math.wy_forward(
+        dot, dot32, k_ref[...], v_ref[...], beta_c, b_c, b_r, pair, keep_c, plan.inverse_block
+    )
     w_ref[...] = w.astype(w_ref.dtype)
     u_ref[...] = u.astype(u_ref.dtype)
 
@@ -92,7 +94,18 @@ def _backward_kernel(*refs, plan: DeltaPlan):
     dw = -tc.dot(du, s_ref[...], plan.state_mma, trans_b=True)  # -dv_new S_c^T [C, K]
     dot, dot32 = dots(plan)
     dk, dv, dbeta, db_c, db_r = wy_math.wy_backward(
-        dot, dot32, k_ref[...], v_ref[...], beta_c, b_c, b_r, pair, keep_c, du, dw
+        dot,
+        dot32,
+        k_ref[...],
+        v_ref[...],
+        beta_c,
+        b_c,
+        b_r,
+        pair,
+        keep_c,
+        du,
+        dw,
+        plan.inverse_block,
     )
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
