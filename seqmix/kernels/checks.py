@@ -74,6 +74,19 @@ def check_nonpositive(name: str, x, why: str = "it is a log decay") -> None:
         )
 
 
+# The log decay below which a step is a hard reset. exp(-110) is 0 in float32 (and in the
+# exp2 of every kernel), so a state carried across such a step contributes exactly 0, as with
+# -inf; but -inf itself would make the chunked forms' differences of cumulative log decays
+# -inf - (-inf) = NaN. Decays are floored at this value; the gradient below it is 0.
+LOG_DECAY_FLOOR = -110.0
+
+
+def floor_log_decay(g):
+    """``max(g, LOG_DECAY_FLOOR)``: ``-inf`` (a hard reset) and any log decay below the floor
+    act as a reset in every implementation; NaN stays NaN."""
+    return jnp.maximum(g, jnp.asarray(LOG_DECAY_FLOOR, g.dtype))
+
+
 def check_sizes(name: str, x, layout: str, axes: Sequence[int]) -> None:
     """Raises when an axis of ``x`` in ``axes`` (heads, feature sizes) is 0."""
     names = [a.strip() for a in layout.strip("[]").split(",")]

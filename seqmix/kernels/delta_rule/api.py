@@ -101,7 +101,7 @@ def _check_decay(log_decay, shape, layout: str):
         )
     checks.check_array("log_decay", log_decay, len(shape), layout, shape=shape)
     checks.check_nonpositive("log_decay", log_decay)
-    return log_decay.astype(jnp.promote_types(log_decay.dtype, jnp.float32))
+    return checks.floor_log_decay(log_decay.astype(jnp.promote_types(log_decay.dtype, jnp.float32)))
 
 
 def _check_state(name, state, shape, layout: str):
@@ -137,6 +137,8 @@ def gated_delta_rule(
         ``h // (Hv // Hqk)`` (grouped value heads, as ``linear_attention``).
       beta: ``[B, T, Hv]`` writing strengths in [0, 1]; float32 inside.
       log_decay: None or ``[B, T, Hv]``, <= 0 (one scalar per v head); float32 inside.
+        ``-inf`` is a hard reset of that head (decays below -110 act as -110, whose
+        exponential is 0 in float32).
       scale: default ``K ** -0.5``.
       initial_state: float32 ``[B, Hv, K, V]``.
       return_final_state: also return the state after the last token.

@@ -90,7 +90,7 @@ def _check_decay(log_decay, B, T, Hv, K, layout_prefix):
         shape=want,
     )
     checks.check_nonpositive("log_decay", log_decay)
-    return log_decay.astype(jnp.promote_types(log_decay.dtype, jnp.float32))
+    return checks.floor_log_decay(log_decay.astype(jnp.promote_types(log_decay.dtype, jnp.float32)))
 
 
 def _empty_final(initial_state, shape, dtype):
@@ -138,6 +138,9 @@ def linear_attention(
         ``h // (Hv // Hqk)`` (Mamba-2 groups).
       log_decay: None (no decay), ``[B, T, Hv]`` (a scalar per head: RetNet, Mamba-2 SSD,
         simple GLA) or ``[B, T, Hv, K]`` (per key channel: GLA); <= 0, float32 inside.
+        ``-inf`` is a hard reset of that head (or channel): the state before it is dropped
+        exactly; decays below ``checks.LOG_DECAY_FLOOR`` (-110) act as -110, whose
+        exponential is 0 in float32.
       scale: default ``K ** -0.5``.
       initial_state: float32 ``[B, Hv, K, V]`` (``[B, Hv, K, V + 1]`` when ``normalize``).
       return_final_state: also return the state after the last token (same shape).
