@@ -52,6 +52,15 @@ def cap_logits(s: jax.Array, softcap: float | None) -> jax.Array:
     return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
+def nonfinite_keys(v):
+    """``(bad [..., S, Hkv], v with those keys' rows zeroed)``: a key whose value row holds a
+    NaN or Inf. A masked key's probability is 0, but 0 times NaN is NaN in ``p @ v``, so
+    every implementation multiplies by the zeroed rows and marks the queries that attend a
+    bad key (their output is NaN): a value at a masked key never reaches an output."""
+    bad = jnp.logical_not(jnp.all(jnp.isfinite(v), axis=-1))
+    return bad, jnp.where(bad[..., None], jnp.zeros((), v.dtype), v)
+
+
 def attention_naive(q, k, v, *, causal, window, segment_ids, softcap, scale):
     """Dense masked softmax attention, float32 (float64 for float64 inputs) inside."""
     acc = accum_dtype(q.dtype)
@@ -75,7 +84,10 @@ def attention_naive(q, k, v, *, causal, window, segment_ids, softcap, scale):
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
+    bad, v = nonfinite_keys(v)
+    hit = jnp.any(mask & jnp.transpose(bad, (0, 2, 1))[:, :, None, None, :], axis=-1)
     o = jnp.einsum("bkgts,bskd->btkgd", p / jnp.where(l > 0, l, 1.0), v.astype(acc))
+    o = jnp.where(jnp.transpose(hit, (0, 3, 1, 2))[..., None], jnp.nan, o)
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, H)
     return o.reshape(B, T, H, D).astype(q.dtype), lse.astype(acc)
@@ -130,7 +142,7 @@ def _attention_xla_fwd(q, k, v, segment_ids, causal, window, softcap, scale, blo
     seg_blocks = None if segment_ids is None else _blocks(segment_ids, bk)
 
     def body(carry, xs):
-        o, m, l = carry
+        o, m, l, hit = carry
         kb, vb, kpos, kseg = xs
         s, _, mask = _block_logits(
             qf,
@@ -151,17 +163,20 @@ def _attention_xla_fwd(q, k, v, segment_ids, causal, window, softcap, scale, blo
         corr = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[..., None])
         l = l * corr + jnp.sum(p, axis=-1)
+        bad, vb = nonfinite_keys(vb)
+        hit = hit | jnp.any(mask & jnp.transpose(bad, (0, 2, 1))[:, :, None, None, :], axis=-1)
         o = o * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, vb.astype(acc))
-        return (o, m_new, l), None
+        return (o, m_new, l, hit), None
 
     init = (
         jnp.zeros((B, Hkv, G, T, D), acc),
         jnp.full((B, Hkv, G, T), -jnp.inf, acc),
         jnp.zeros((B, Hkv, G, T), acc),
+        jnp.zeros((B, Hkv, G, T), bool),
     )
     xs = (_blocks(k, bk), _blocks(v, bk), kpos_blocks, seg_blocks)
-    (o, m, l), _ = lax.scan(body, init, xs)
-    o = o / jnp.where(l > 0, l, 1.0)[..., None]
+    (o, m, l, hit), _ = lax.scan(body, init, xs)
+    o = jnp.where(hit[..., None], jnp.nan, o / jnp.where(l > 0, l, 1.0)[..., None])
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
     o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, H, D).astype(q.dtype)
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, H)

@@ -35,9 +35,9 @@ from seqmix.kernels.attention.tpu.blocks import (
 
 def _fwd_kernel(*refs, c: Cfg, nkv: int):
     if c.has_seg:
-        q_ref, k_ref, v_ref, sq_ref, sk_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+        q_ref, k_ref, v_ref, sq_ref, sk_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, hit_sc = refs
     else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+        q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, hit_sc = refs
     i, jj = pl.program_id(2), pl.program_id(3)
     j, run = kv_block(i, jj, c)
 
@@ -46,6 +46,7 @@ def _fwd_kernel(*refs, c: Cfg, nkv: int):
         m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        hit_sc[...] = jnp.zeros(hit_sc.shape, jnp.float32)
 
     def step(masked: bool):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
@@ -57,6 +58,16 @@ def _fwd_kernel(*refs, c: Cfg, nkv: int):
                 seg = dict(q_seg=jnp.tile(sq_ref[...], (1, c.bk // LANES)), k_seg=sk_ref[0:1, :])
             mask = visible(i * c.bq, j * c.bk, s.shape, c, keys_on_rows=False, **seg)
             s = jnp.where(mask, s, -jnp.inf)
+            # a value that is not finite at a key masked for some rows: p = 0 times it is
+            # NaN, so it is zeroed, and the rows that attend it are marked (their output is
+            # NaN); only the blocks that need a mask pay for this
+            bad = jnp.where(jnp.abs(v.astype(jnp.float32)) < jnp.inf, 0.0, 1.0)  # [bk, Dp]
+            v = jnp.where(bad > 0, jnp.zeros_like(v), v)
+            seen_bad = lax.dot_general(
+                jnp.where(mask, 1.0, 0.0), bad, NN, preferred_element_type=jnp.float32
+            )  # [bq, Dp]
+            hit = jnp.max(seen_bad, axis=1, keepdims=True)
+            hit_sc[...] = jnp.maximum(hit_sc[...], jnp.broadcast_to(hit, hit_sc.shape))
         m_prev, l_prev = m_sc[...], l_sc[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1)[:, None])  # [bq, 128]
         # a fully masked row keeps m = -inf: shift by 0 so exp gives 0, not NaN
@@ -76,7 +87,9 @@ def _fwd_kernel(*refs, c: Cfg, nkv: int):
     def _finish():
         l, m = l_sc[...], m_sc[...]
         inv = jnp.where(l == 0.0, 0.0, 1.0 / l)
-        o_ref[...] = (acc_sc[...] * jnp.tile(inv, (1, c.Dp // LANES))).astype(o_ref.dtype)
+        o = acc_sc[...] * jnp.tile(inv, (1, c.Dp // LANES))
+        o = jnp.where(jnp.tile(hit_sc[...], (1, c.Dp // LANES)) > 0, jnp.nan, o)
+        o_ref[...] = o.astype(o_ref.dtype)
         lse = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(l))  # [bq, 128], equal lanes
         lse_ref[...] = lse.T[0:1, :]  # lane-dense [1, bq]
 
@@ -134,6 +147,7 @@ def forward(qk, kk, vk, seg, c: Cfg):
             pltpu.VMEM((c.bq, LANES), jnp.float32),
             pltpu.VMEM((c.bq, LANES), jnp.float32),
             pltpu.VMEM((c.bq, c.Dp), jnp.float32),
+            pltpu.VMEM((c.bq, LANES), jnp.float32),
         ],
         compiler_params=compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(

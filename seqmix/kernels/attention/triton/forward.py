@@ -32,7 +32,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st, nq, nk):
     qseg = qseg_ref[...][:, None] if st.segments else None
 
     def step(j, carry, masked):
-        acc, m, l = carry
+        acc, m, l, hit = carry
         k0 = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(k0, bk), :]
         v = v_ref[pl.ds(k0, bk), :]
@@ -42,6 +42,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st, nq, nk):
             kseg = kseg_ref[pl.ds(k0, bk)][None, :] if st.segments else None
             vis = st.mask(qpos[:, None] - kpos[None, :], kpos[None, :], qseg, kseg)
             s = jnp.where(vis, s, -jnp.inf)
+            # a key masked for some rows of this tile may hold NaN / Inf in v, and p = 0
+            # times it is NaN: zero such keys' rows, and mark the rows that do attend one
+            # (only boundary tiles pay for this; in the others every row attends every key)
+            bad = jnp.max(jnp.where(jnp.abs(v.astype(jnp.float32)) < jnp.inf, 0.0, 1.0), axis=1)
+            v = jnp.where(bad[:, None] > 0, jnp.zeros_like(v), v)
+            hit = jnp.maximum(hit, jnp.max(jnp.where(vis, bad[None, :], 0.0), axis=1))
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # a row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -49,7 +55,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st, nq, nk):
         p = jnp.exp2(s - m_use[:, None])
         l = l * corr + jnp.sum(p, axis=1)
         acc = acc * corr[:, None] + st.dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return acc, m_new, l, hit
 
     lo, hi, flo, fhi = key_blocks(q0, bq, bk, nk, st)
     if st.segments:
@@ -58,11 +64,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st, nq, nk):
         jnp.zeros((bq, q.shape[-1]), jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
+        jnp.zeros((bq,), jnp.float32),  # 1 where a row attended a key whose value is not finite
     )
-    acc, m, l = loops(lo, hi, flo, fhi, step, init, st, head=st.left is not None)
+    acc, m, l, hit = loops(lo, hi, flo, fhi, step, init, st, head=st.left is not None)
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
-    plgpu.store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype))
+    o = jnp.where(hit[:, None] > 0, jnp.nan, acc / l_safe[:, None])
+    plgpu.store(o_ref, o.astype(o_ref.dtype))
     # log2-domain lse; +inf marks a row that sees no key (its p is 0 in the backward)
     plgpu.store(lse_ref, jnp.where(seen, m + jnp.log2(l_safe), jnp.inf))
 
