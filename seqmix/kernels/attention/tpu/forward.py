@@ -61,11 +61,15 @@ def _fwd_kernel(*refs, c: Cfg, nkv: int):
             # a value that is not finite at a key masked for some rows: p = 0 times it is
             # NaN, so it is zeroed, and the rows that attend it are marked (their output is
             # NaN); only the blocks that need a mask pay for this
-            bad = jnp.where(jnp.abs(v.astype(jnp.float32)) < jnp.inf, 0.0, 1.0)  # [bk, Dp]
-            v = jnp.where(bad > 0, jnp.zeros_like(v), v)
+            finite = jnp.abs(v.astype(jnp.float32)) < jnp.inf  # [bk, Dp]
+            v = jnp.where(finite, v, jnp.zeros_like(v))
+            bf = jnp.bfloat16  # 0/1 operands are exact in bf16: one MXU pass, as p @ v
             seen_bad = lax.dot_general(
-                jnp.where(mask, 1.0, 0.0), bad, NN, preferred_element_type=jnp.float32
-            )  # [bq, Dp]
+                jnp.where(mask, 1.0, 0.0).astype(bf),
+                jnp.where(finite, 0.0, 1.0).astype(bf),
+                NN,
+                preferred_element_type=jnp.float32,
+            )  # [bq, Dp]: > 0 where a row attends a non-finite value
             hit = jnp.max(seen_bad, axis=1, keepdims=True)
             hit_sc[...] = jnp.maximum(hit_sc[...], jnp.broadcast_to(hit, hit_sc.shape))
         m_prev, l_prev = m_sc[...], l_sc[...]
