@@ -36,6 +36,25 @@ def expand(q, k, v, g, initial_state):
     return q, k, v, g, s0
 
 
+def nonfinite_tokens(k, v, runs):
+    """``(k, v, hit)`` for the chunked form: the rows of tokens whose key or value holds a NaN
+    or Inf zeroed, and ``hit [B, T, H]``, true from such a token to the end of its run. The
+    chunked products weigh a later token or one of another run by 0, and 0 times NaN is NaN;
+    with the zeroed rows they are exact, and ``hit`` marks the outputs that the token does
+    reach (NaN, as in the recurrence)."""
+    bad = jnp.logical_not(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
+    zero = jnp.zeros((), k.dtype)
+    k, v = jnp.where(bad[..., None], zero, k), jnp.where(bad[..., None], zero, v)
+    count = jnp.cumsum(bad.astype(jnp.int32), axis=1)  # [B, T, H], bad tokens up to t
+    if runs is None:
+        return k, v, count > 0
+    first = jnp.concatenate(
+        [jnp.ones_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], axis=1
+    )[..., None]
+    before = jnp.where(first, count - bad.astype(jnp.int32), -1)  # bad tokens before the run
+    return k, v, count - lax.cummax(before, axis=1) > 0
+
+
 def linear_attention_naive(q, k, v, g, *, scale, initial_state, runs):
     """The recurrence token by token (``lax.scan`` over time)."""
     out_dtype = q.dtype
@@ -115,7 +134,8 @@ def output_pass(q, k, v, b, s_in, runs, r_prev, *, scale, max_chunk_bytes=1 << 2
     def chunk_output(xs):
         qc, kc, vc, bc, sc, rc, rp = xs  # [B, C, H, *], sc [B, H, K, V], rc [B, C], rp [B]
         keep_q = (rc == rp[:, None])[..., None, None]
-        o = jnp.einsum("bchk,bhkv->bchv", jnp.where(keep_q, qc * jnp.exp(bc), 0.0), sc)
+        # where, not a 0 factor: a state of another run never reaches these rows
+        o = jnp.where(keep_q, jnp.einsum("bchk,bhkv->bchv", qc * jnp.exp(bc), sc), 0.0)
         mask = causal[None] & (rc[:, :, None] == rc[:, None, :])  # [B, t, s]
         if Kg == 1:
             bh = bc[..., 0]  # [B, C, H]
@@ -150,6 +170,7 @@ def linear_attention_xla(
     out_dtype = q.dtype
     B, T = q.shape[:2]
     q, k, v, g, s0 = expand(q, k, v, g, initial_state)
+    k, v, hit = nonfinite_tokens(k, v, runs)
     H, V = v.shape[2], v.shape[3]
     C = chunk_size
     n = -(-T // C)
@@ -163,16 +184,18 @@ def linear_attention_xla(
     keep_k = (runs == r_last[:, :, None])[..., None, None]
     w_k = jnp.where(keep_k, jnp.exp(b_last[:, :, None] - b), 0.0)
     h = jnp.einsum("bnchk,bnchv->bnhkv", k * w_k, v)
-    carry = jnp.where((r_last == r_prev)[:, :, None, None], jnp.exp(b_last), 0.0)
+    same_run = r_last == r_prev  # [B, n]: the state entering chunk c reaches its end
 
-    # 2. Inter-chunk state pass.
+    # 2. Inter-chunk state pass (a new run starts from h_c alone, whatever the state held).
     def step(state, xs):
-        a_c, h_c = xs
-        return a_c[..., None] * state + h_c, state
+        a_c, h_c, same = xs
+        return jnp.where(same[:, None, None, None], a_c[..., None] * state, 0.0) + h_c, state
 
-    final, s_in = lax.scan(step, s0, (jnp.moveaxis(carry, 1, 0), jnp.moveaxis(h, 1, 0)))
+    xs = (jnp.moveaxis(jnp.exp(b_last), 1, 0), jnp.moveaxis(h, 1, 0), jnp.moveaxis(same_run, 1, 0))
+    final, s_in = lax.scan(step, s0, xs)
 
     # 3. Per-chunk outputs.
     o = output_pass(q, k, v, b, s_in, runs, r_prev, scale=scale, max_chunk_bytes=max_chunk_bytes)
-    o = o.reshape(B, n * C, H, V)[:, :T]
+    o = jnp.where(hit[..., None], jnp.nan, o.reshape(B, n * C, H, V)[:, :T])
+    final = jnp.where(hit[:, -1, :, None, None], jnp.nan, final)
     return o.astype(out_dtype), final
