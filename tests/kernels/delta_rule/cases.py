@@ -126,7 +126,7 @@ CASES = [
         cpu=(TRITON,),
     ),
     C(
-        "inverse-blocks-of-16-chunk-64-T64",
+        "inverse-blocks-of-16-chunk-64-weak-decay-T64",
         1,
         64,
         1,
@@ -134,6 +134,7 @@ CASES = [
         16,
         16,
         64,
+        -0.1,
         configs={TRITON: TritonConfig(inverse_block=16)},
         cpu=(TRITON,),
     ),
