@@ -51,9 +51,15 @@ class Case:
 
 
 # With log decays down to -20 the log-decay gradient is a sum of large terms that nearly
-# cancel (as in linear_attention's cases): the float32 kernels land up to ~5e-5 from the
-# float32 oracle there on some seeds, so that one gradient gets this tolerance.
-STRONG_DECAY_DG_TOL = 2e-4
+# cancel (as in linear_attention's cases), and the chunked forms (the XLA one and the
+# kernels) have a heavy tail there against the float32 oracle. Measured on the Triton
+# kernels, strong-decay-beta-near-0-blocks-T20 over 170 seeds: 3.8e-6 median, 2.5e-5 at the
+# 90th percentile, 3.9e-4 at the 99th, 1.3e-3 max (2.5e-4 had failed a CI run under 2e-4);
+# on the seed of that maximum the XLA chunked form is 5.1e-4 off, while the float32 oracle
+# is 1.3e-6 from a float64 one: the error is the chunked forms' cancellation, not the
+# oracle's. So that one gradient gets this tolerance in those cases, on every chunked form;
+# a wrong gradient is off by O(1).
+STRONG_DECAY_DG_TOL = 1e-2
 
 # bf16: the pseudo-values v_new enter the output and state matmuls rounded to bf16 (as the
 # inputs do), which puts the Triton kernels' outputs and gradients 1e-3 to 3e-3 from the
@@ -188,7 +194,7 @@ def inputs(case: Case, seed: int):
 def strong_decay_tols(case: Case, implementation: str) -> dict[str, float]:
     """The measured exception (``STRONG_DECAY_DG_TOL``) where it applies."""
     strong = case.g_min is not None and case.g_min <= -20 and case.dtype == F32
-    return {"log_decay": STRONG_DECAY_DG_TOL} if strong and implementation != XLA else {}
+    return {"log_decay": STRONG_DECAY_DG_TOL} if strong else {}
 
 
 def check(case: Case, implementation: str) -> None:

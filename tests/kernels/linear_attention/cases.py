@@ -3,8 +3,8 @@ their check against the float32 oracle (``implementation="naive"``), run over ev
 implementation by ``test_linear_attention.py`` and ``test_linear_attention_step.py``.
 
 Every check compares outputs, final states and all gradients (dq, dk, dv, d log_decay,
-d initial_state); float32 under 1e-5, bf16/fp16 under 5e-3, with two measured exceptions:
-``STRONG_DECAY_DG_TOL`` and ``testing.NORMALIZE_GRAD_TOL``.
+d initial_state); float32 under 1e-5, bf16/fp16 under 5e-3, with measured exceptions:
+``STRONG_DECAY_DG_TOL``, ``STRONG_DECAY_F32_TOL`` and ``testing.NORMALIZE_GRAD_TOL``.
 """
 
 from __future__ import annotations
@@ -71,6 +71,16 @@ class Case:
 # too.
 STRONG_DECAY_DG_TOL = {"float32": 2e-4, "bfloat16": 4e-2, "float16": 4e-2}
 STRONG_DECAY_IMPLEMENTATIONS = (TRITON, MOSAIC)
+
+# Every other output and gradient of those float32 cases: the Triton and Mosaic GPU engines
+# take decay factors as exp(b_t - b_s) of within-chunk cumsums, which reach -20 * 64 = -1280
+# over a chunk of 64, where a float32 ulp is 1.2e-4: the factors of the last few tokens of a
+# chunk (those that dominate the state when the decays are strong) carry that absolute error
+# in their exponent. Measured on the Triton kernels, scalar-strong-decay-blocks-T64 over 51
+# seeds: the final state's error 2.3e-7 median, 1.4e-5 max (1.3e-5 had failed a CI run under
+# 1e-5); dk 1.3e-6 median, 8.8e-6 max; the chunk-32 case stays under 2.1e-6. The float32
+# oracle, sequential, has no such cumsum.
+STRONG_DECAY_F32_TOL = 5e-5
 
 # With a single step the log-decay gradient of each head is one difference of the state path
 # (through the float32 initial state, which the kernels' bf16/fp16 products round) and the
@@ -609,6 +619,14 @@ def grad_tols(case: Case, implementation: str) -> dict[str, float]:
     return tols
 
 
+def output_tol(case: Case, implementation: str) -> float:
+    """The outputs' tolerance (and the gradients' where ``grad_tols`` names none)."""
+    strong = case.log_decay_min <= -20 and implementation in STRONG_DECAY_IMPLEMENTATIONS
+    if strong and case.dtype == F32:
+        return STRONG_DECAY_F32_TOL
+    return testing.tolerance(case.dtype)
+
+
 def check(case: Case, implementation: str) -> None:
     """Outputs, final state and every gradient of ``implementation`` against the float32
     oracle on fresh inputs."""
@@ -637,7 +655,7 @@ def check(case: Case, implementation: str) -> None:
         args,
         argnums=argnums,
         names=[names[i] for i in argnums],
-        tol=testing.tolerance(case.dtype),
+        tol=output_tol(case, implementation),
         grad_tol=grad_tols(case, implementation),
         seed=seed,
         fast_compile=implementation in (TPU, MOSAIC),
