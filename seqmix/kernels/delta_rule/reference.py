@@ -174,7 +174,9 @@ def state_pass(k, w, u, b, s0, runs, r_last, r_prev):
         w_c, u_c, kw_c, a_c = xs
         v_new = u_c - jnp.einsum("bchk,bhkv->bchv", w_c, state)
         update = jnp.einsum("bchk,bchv->bhkv", kw_c, v_new)
-        return a_c[..., None, None] * state + update, (v_new, state)
+        # where, not a 0 factor: a new run starts from its own tokens whatever the state held
+        kept = jnp.where(a_c[..., None, None] > 0, a_c[..., None, None] * state, 0.0)
+        return kept + update, (v_new, state)
 
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (w, u, kw, carry))
     final, (v_new, s_in) = lax.scan(step, s0, xs)
@@ -206,6 +208,10 @@ def gated_delta_rule_xla(
     B, T = q.shape[:2]
     q, k, v, g, s0 = la.expand(q, k, v, g, initial_state)  # g [B, T, Hv, 1]
     beta = beta.astype(s0.dtype)
+    # a token with a NaN or Inf in k, v or beta becomes a no-op here and marks the rows it
+    # reaches (its own and the later ones of its run) NaN at the end, as in the recurrence
+    k, v, hit = la.nonfinite_tokens(k, v, runs, also=jnp.logical_not(jnp.isfinite(beta)))
+    beta = jnp.where(jnp.isfinite(beta), beta, 0.0)
     H, V = v.shape[2], v.shape[3]
     C = chunk_size
     n = -(-T // C)
@@ -218,5 +224,6 @@ def gated_delta_rule_xla(
     o = la.output_pass(
         q, k, v_new, b[..., None], s_in, runs, r_prev, scale=scale, max_chunk_bytes=max_chunk_bytes
     )
-    o = o.reshape(B, n * C, H, V)[:, :T]
+    o = jnp.where(hit[..., None], jnp.nan, o.reshape(B, n * C, H, V)[:, :T])
+    final = jnp.where(hit[:, -1, :, None, None], jnp.nan, final)
     return o.astype(out_dtype), final

@@ -36,13 +36,15 @@ def expand(q, k, v, g, initial_state):
     return q, k, v, g, s0
 
 
-def nonfinite_tokens(k, v, runs):
+def nonfinite_tokens(k, v, runs, also=None):
     """``(k, v, hit)`` for the chunked form: the rows of tokens whose key or value holds a NaN
-    or Inf zeroed, and ``hit [B, T, H]``, true from such a token to the end of its run. The
-    chunked products weigh a later token or one of another run by 0, and 0 times NaN is NaN;
-    with the zeroed rows they are exact, and ``hit`` marks the outputs that the token does
-    reach (NaN, as in the recurrence)."""
+    or Inf (or where ``also [B, T, H]`` is true) zeroed, and ``hit [B, T, H]``, true from such
+    a token to the end of its run. The chunked products weigh a later token or one of another
+    run by 0, and 0 times NaN is NaN; with the zeroed rows they are exact, and ``hit`` marks
+    the outputs that the token does reach (NaN, as in the recurrence)."""
     bad = jnp.logical_not(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
+    if also is not None:
+        bad = bad | also
     zero = jnp.zeros((), k.dtype)
     k, v = jnp.where(bad[..., None], zero, k), jnp.where(bad[..., None], zero, v)
     count = jnp.cumsum(bad.astype(jnp.int32), axis=1)  # [B, T, H], bad tokens up to t
