@@ -180,17 +180,23 @@ def _attention_xla_fwd(q, k, v, segment_ids, causal, window, softcap, scale, blo
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
     o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, H, D).astype(q.dtype)
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, H)
-    return (o, lse), (q, k, v, segment_ids, o, lse)
+    return (o, lse), (q, k, v, segment_ids, o, lse, hit)
 
 
 def _attention_xla_bwd(causal, window, softcap, scale, block_k, res, cts):
-    q, k, v, segment_ids, o, lse = res
+    q, k, v, segment_ids, o, lse, hit = res
     do, dlse = cts
     acc = accum_dtype(q.dtype)
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     bk = min(block_k, S)
+    # The rows that attend a non-finite value are NaN by a where (as in the naive form): no
+    # gradient flows through them, and the bad values are zeroed as in the forward, so a
+    # value at a masked key reaches no gradient either.
+    hit = jnp.transpose(hit, (0, 3, 1, 2)).reshape(B, T, H, 1)
+    do = jnp.where(hit, jnp.zeros((), do.dtype), do)
+    o = jnp.where(hit, jnp.zeros((), o.dtype), o)
     to_bkgt = lambda x: jnp.transpose(
         x.reshape(B, T, Hkv, G, *x.shape[3:]), (0, 2, 3, 1) + tuple(range(4, x.ndim + 1))
     )
@@ -218,6 +224,7 @@ def _attention_xla_bwd(causal, window, softcap, scale, block_k, res, cts):
             S=S,
         )
         p = jnp.where(mask, jnp.exp(s - lse_safe[..., None]), 0.0)
+        vb = nonfinite_keys(vb)[1]
         dv = jnp.einsum("bkgts,btkgd->bskd", p, dof)
         dp = jnp.einsum("btkgd,bskd->bkgts", dof, vb.astype(acc))
         ds = p * (dp - delta[..., None] + dlse_k[..., None])

@@ -55,3 +55,41 @@ def test_values_at_masked_keys_never_reach_an_output(impl, mask):
     assert hit.any() and (~hit).any()
     testing.assert_close(out[~hit], ref[~hit], 1e-5, f"{impl} rows that attend no bad key")
     assert np.all(np.isnan(out[hit])), f"{impl}: a row that attends a non-finite value"
+
+
+@pytest.mark.parametrize("impl", ["naive", "xla"])
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_values_at_masked_keys_never_reach_a_gradient(impl, mask):
+    """The gradients of a loss on the rows that attend no bad key are those of clean inputs
+    (finite): neither the bad values nor the NaN rows reach dq, dk or dv."""
+    kw = dict(MASKS[mask])
+    B, T, H, Hkv, D = 1, 40, 2, 1, 8
+    ks = jax.random.split(jax.random.key(testing.fresh_seed()), 3)
+    q = jax.random.normal(ks[0], (B, T, H, D))
+    k = jax.random.normal(ks[1], (B, T, Hkv, D))
+    v = jax.random.normal(ks[2], (B, T, Hkv, D))
+    seg = None
+    if kw.pop("segments", False):
+        seg = jnp.broadcast_to(jnp.array([0] * 10 + [1] * 5 + [2] * 25), (B, T))
+        kw["segment_ids"] = seg
+    bad_v = v.at[:, 7].set(jnp.nan).at[:, 23, :, 3].set(jnp.inf)
+    window = kw.get("local_window_size")
+    sees = visible(
+        jnp.arange(T),
+        jnp.arange(T),
+        causal=kw.get("causal", False),
+        window=(None, None) if window is None else window,
+        q_segment_ids=seg,
+        k_segment_ids=seg,
+    )
+    sees = jnp.broadcast_to(sees, (B, T, T))
+    clean_rows = ~jnp.any(sees[:, :, jnp.array([7, 23])], axis=-1)  # [B, T]
+
+    def loss(q, k, v):
+        o = attention(q, k, v, implementation=impl, **kw)
+        return jnp.sum(jnp.where(clean_rows[..., None, None], o, 0.0) ** 2)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, bad_v)
+    ref = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", grads, ref):
+        testing.assert_close(g, r, 1e-5, f"{impl} d{name}")

@@ -50,3 +50,29 @@ def test_values_at_masked_positions_never_reach_an_output(impl, decay, segments)
     else:
         assert not np.all(np.isfinite(final[:, 0])), f"{impl}: final state of the NaN's head"
         testing.assert_close(final[:, 1], ref_final[:, 1], 1e-5, f"{impl}: other head's state")
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["one-sequence", "segments"])
+def test_values_at_masked_positions_never_reach_a_gradient(segments):
+    """xla: the gradients of a loss on the rows a bad token cannot reach are those of clean
+    inputs. (The recurrence gives NaN gradients at and after the bad token, 0 times NaN in
+    its backward scan; the rows before it stay finite there too.)"""
+    B, T, H, K, V = 1, 40, 2, 8, 8
+    ks = jax.random.split(jax.random.key(testing.fresh_seed()), 4)
+    q = jax.random.normal(ks[0], (B, T, H, K))
+    k = jax.random.normal(ks[1], (B, T, H, K))
+    v = jax.random.normal(ks[2], (B, T, H, V))
+    g = jax.random.uniform(ks[3], (B, T, H), jnp.float32, -1.0, 0.0)
+    seg = jnp.broadcast_to(jnp.array([0] * 10 + [1] * 15 + [2] * 15), (B, T)) if segments else None
+    bad_v = v.at[:, 13, 0, 2].set(jnp.nan)
+    t = jnp.arange(T)
+    clean = ~((t >= 13) & (t < 25)) if segments else t < 13
+
+    def loss(q, k, v, g):
+        o = linear_attention(q, k, v, g, segment_ids=seg, chunk_size=16, implementation="xla")
+        return jnp.sum(jnp.where(clean[None, :, None, None], o, 0.0) ** 2)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, bad_v, g)
+    ref = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, g)
+    for name, d, r in zip(("q", "k", "v", "log_decay"), grads, ref):
+        testing.assert_close(d, r, 1e-5, f"xla d{name}")
