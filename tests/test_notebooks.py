@@ -21,7 +21,7 @@ nbformat = pytest.importorskip("nbformat")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-NAMES = ("01_kernels.ipynb", "02_recall.ipynb", "03_hybrids.ipynb")
+NAMES = ("01_kernels.ipynb", "02_recall.ipynb", "03_hybrids.ipynb", "04_distill.ipynb")
 CELL_TIMEOUT_S = 300  # each notebook takes under a minute on 2 CPU cores
 
 
