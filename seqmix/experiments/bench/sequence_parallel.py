@@ -26,6 +26,7 @@ from seqmix.layers import block as block_lib
 from seqmix.models import layer_names
 from seqmix.parallel.attention import causal_attention_local, windowed_attention_local
 from seqmix.parallel.conv1d import causal_conv1d_local
+from seqmix.parallel.delta_rule import gated_delta_rule_local
 from seqmix.parallel.linear_attention import linear_attention_local
 from seqmix.parallel.mesh import SEQ_AXIS, shard_over_sequence
 from seqmix.parallel.selective_scan import selective_scan_local
@@ -280,6 +281,17 @@ def overhead_cases(T: int, d_model: int = 768) -> dict[str, tuple[Callable, Call
             u, d, A, b, c, None, None, axis=SEQ_AXIS, delta_softplus=True
         )[0],
         scan_args,
+    )
+    # Gated DeltaNet: H heads of 64, L2-normalised q and k, beta in (0, 1).
+    unit = lambda x: (x / jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)).astype(bf)
+    beta = jax.nn.sigmoid(normal(1, T, H, dtype=jnp.float32))
+    gd = -jax.nn.softplus(normal(1, T, H, dtype=jnp.float32)) * 0.1
+    cases["gated_delta_rule"] = (
+        lambda q, k, v, b, g: kernels.gated_delta_rule(q, k, v, b, g),
+        lambda q, k, v, b, g: gated_delta_rule_local(q, k, v, b, g, axis=SEQ_AXIS, scale=D**-0.5)[
+            0
+        ],
+        (unit(normal(1, T, H, D)), unit(normal(1, T, H, D)), normal(1, T, H, D), beta, gd),
     )
     return cases
 

@@ -6,13 +6,14 @@
 #
 # Stages: test[:pytest args] | peers[:op,op] | bench:<op> | bench_quick:<op> | tune:<op>
 #         | final[:sections] | model[:flags] | recall[:flags] | recall_probe[:flags]
-#         | mgpu[:sections] | profile[:op,op] | compare[:op,op]
+#         | mgpu[:sections] | profile[:op,op] | compare[:op,op] | sp[:flags]
 #         (flags separated by spaces, the stage quoted)
 #   test   every kernel's cases natively on the GPU against the float32 oracle:
 #          python -m pytest -m gpu tests (args default: -n 8 -q; needs pytest, pytest-xdist)
 #   peers  comparisons with PyTorch SDPA and flash-linear-attention (experiments/gpu_check.py)
 #   compare  bench_kernels --quick of this tree beside the tree in .old/ (or $COMPARE_OTHER),
 #          A B A in separate processes (experiments/device/compare_revisions.py)
+#   sp     bench_sequence_parallel (flags default: --mode=overhead, one GPU)
 #   tune   the autotuner's winners for <op> go to $OUT/tuning.json, which every later stage
 #          applies through SEQMIX_TUNING (the tables themselves are unchanged)
 # A stage may be given a time limit in seconds after '@' (default 600): bench:attention@240.
@@ -47,6 +48,8 @@ for stage in "$@"; do
             --tuning_out="$OUT/tuning.json" > "$log" 2>&1
           [ -f "$OUT/tuning.json" ] && export SEQMIX_TUNING=$OUT/tuning.json ;;
     model) $T python3 -m seqmix.experiments.bench_model ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    sp) $T python3 -m seqmix.experiments.bench_sequence_parallel ${arg:---mode=overhead} \
+          --out_dir="$OUT" > "$log" 2>&1 ;;
     recall_probe) $T python3 -m seqmix.experiments.device.recall_probe ${arg:+$arg} > "$log" 2>&1 ;;
     recall) $T python3 -m seqmix.experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
     profile) $T python3 -m seqmix.experiments.device.profile_ops ${arg:+--ops=$arg} > "$log" 2>&1 ;;

@@ -13,8 +13,9 @@ kernel kind and head dim (the next power of two of ``D``, at least 16; the tunin
   per KV head (a dot needs >= 16 rows), ``block_k`` the cache entries per loop step; the
   split count is the decoder's own choice unless ``TritonDecodeConfig.num_splits`` is set.
 
-float32 inputs take half the table's ``block_k`` (twice the bytes per element; a Config's
-own blocks are used as given); interpret mode (CPU tests) takes 16 x 16 tiles so that the
+float32 inputs take half the table's ``block_k`` (twice the bytes per element), and fewer
+stages or a smaller ``block_q`` where the tiles would not fit shared memory (a Config's own
+blocks are used as given); interpret mode (CPU tests) takes 16 x 16 tiles so that the
 interpreter stays fast.
 
 TPU (``TpuConfig``, ``TpuDecodeConfig``): the flash kernels' (block_q, block_k) per padded
@@ -263,9 +264,42 @@ def head_dim_bucket(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def _halve_for_float32(blocks: Blocks, dtype) -> Blocks:
-    if jnp.dtype(dtype).itemsize >= 4:
-        return dataclasses.replace(blocks, block_k=max(16, blocks.block_k // 2))
+# Shared memory per block a kernel may take, by generation (the opt-in maximum less a margin
+# for Triton's own scratch: an H100 grants 232448 bytes).
+SMEM_BYTES = {"hopper": 224 * 1024, "blackwell": 224 * 1024, "ampere": 160 * 1024, "ada": 96 * 1024}
+
+
+def smem_bytes(blocks: Blocks, kind: str, head_dim: int, itemsize: int) -> int:
+    """Shared memory a flash kernel's pipelined tiles take: the resident tile(s) plus
+    ``num_stages`` copies of the two streamed ones (K and V for ``fwd`` and ``bwd_dq``, which
+    also holds dO; Q and dO for ``bwd``, whose K and V stay resident)."""
+    row = head_dim_bucket(head_dim) * itemsize
+    if kind == "bwd":
+        resident, streamed = 2 * blocks.block_k * row, 2 * blocks.block_q * row
+    else:
+        resident = (2 if kind == "bwd_dq" else 1) * blocks.block_q * row
+        streamed = 2 * blocks.block_k * row
+    return resident + blocks.num_stages * streamed
+
+
+def _fit_float32(blocks: Blocks, dtype, kind: str, head_dim: int, gen: str) -> Blocks:
+    """float32 inputs: half the table's ``block_k`` (twice the bytes per element), then fewer
+    pipeline stages, then half ``block_q``, until the tiles fit the generation's shared
+    memory (float32 at D = 128 on three stages asks an H100 for 257 KB)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    if itemsize < 4:
+        return blocks
+    blocks = dataclasses.replace(blocks, block_k=max(16, blocks.block_k // 2))
+    budget = SMEM_BYTES.get(gen, SMEM_BYTES["ampere"])
+    while smem_bytes(blocks, kind, head_dim, itemsize) > budget:
+        if blocks.num_stages > 2:
+            blocks = dataclasses.replace(blocks, num_stages=blocks.num_stages - 1)
+        elif blocks.block_q > 16:
+            blocks = dataclasses.replace(blocks, block_q=blocks.block_q // 2)
+        elif blocks.block_k > 16:
+            blocks = dataclasses.replace(blocks, block_k=blocks.block_k // 2)
+        else:
+            break
     return blocks
 
 
@@ -296,8 +330,9 @@ def attention_blocks(
         raise NotImplementedError(f"no attention tile for head_dim={head_dim} (> 256)")
     if device_kind is None:
         device_kind = current_device_kind()
-    blocks = _TABLE[generation(device_kind)][kind][bucket]
-    return blocks if kind == "decode" else _halve_for_float32(blocks, dtype)
+    gen = generation(device_kind)
+    blocks = _TABLE[gen][kind][bucket]
+    return blocks if kind == "decode" else _fit_float32(blocks, dtype, kind, head_dim, gen)
 
 
 def triton_config(
@@ -319,7 +354,10 @@ def triton_config(
     def halve(c: TritonConfig) -> TritonConfig:
         if interpret:
             return c
-        return TritonConfig(**{k: _halve_for_float32(getattr(c, k), dtype) for k in FLASH_KINDS})
+        gen = generation(device_kind or current_device_kind())
+        return TritonConfig(
+            **{k: _fit_float32(getattr(c, k), dtype, k, head_dim, gen) for k in FLASH_KINDS}
+        )
 
     return tune.resolve(
         "attention",

@@ -188,6 +188,24 @@ def test_block_table():
         tuning.attention_blocks(128, kind="sideways")
 
 
+def test_float32_tiles_fit_shared_memory():
+    """float32 tiles fit each generation's shared memory: the halved table row at D = 128 on
+    three stages (128 x 64 keys) would take 256 KB, which an H100 refuses (it grants 227)."""
+    halved = tuning.Blocks(128, 64, 8, 3)
+    assert tuning.smem_bytes(halved, "fwd", 128, 4) > 232448
+    for device in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L4"):
+        budget = tuning.SMEM_BYTES[tuning.generation(device)]
+        for kind in tuning.FLASH_KINDS:
+            for d in (16, 64, 128, 256):
+                for dtype in (jnp.float32, jnp.bfloat16):
+                    b = tuning.attention_blocks(d, dtype, device, kind)
+                    itemsize = jnp.dtype(dtype).itemsize
+                    assert tuning.smem_bytes(b, kind, d, itemsize) <= budget, (device, kind, d, b)
+                    assert min(b.block_q, b.block_k) >= 16
+    f32 = tuning.attention_blocks(128, jnp.float32, "NVIDIA H100 80GB HBM3", "fwd")
+    assert (f32.block_q, f32.block_k, f32.num_stages) == (128, 64, 2)
+
+
 def test_tuning_file_overrides_the_table(tmp_path, monkeypatch):
     from seqmix.kernels import tune
 

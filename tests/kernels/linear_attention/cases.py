@@ -428,7 +428,9 @@ CASES = [
         F16,
         SEG,
         log_decay_min=STRONG,
-        cpu=(MOSAIC,),
+        # Triton too: its backward state pass flushed d initial_state to zero here (the
+        # decays to the chunk start under fp16's range in the matmul operand)
+        cpu=(MOSAIC, TRITON),
     ),
     C(
         "channel-bf16-groups-segments-T130",

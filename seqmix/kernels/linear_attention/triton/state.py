@@ -49,6 +49,12 @@ def _decays(plan: Plan, g_ref, rows):
     return b, bl, carry
 
 
+def _top_decay(b):
+    """The largest of a chunk's cumulative log decays (its first row's), floored so that a
+    chunk decayed to zero throughout (``-inf``) gives weights ``exp(-inf - top) = 0``."""
+    return jnp.maximum(jnp.max(b, axis=0), -1e30)
+
+
 def _segment(plan: Plan):
     """``(first chunk, number of chunks)`` this program walks: its segment (grid axis 2) in
     the two-level pass, every chunk otherwise."""
@@ -180,15 +186,26 @@ def _dstate_kernel(*refs, plan: Plan):
             dS = jnp.where(runs.carries(), dS, 0.0)
         if f_ref is not None:
             F = _effective_carry(plan, bl, runs) * F
+        # The decays to the chunk's start enter the matmul relative to the largest (its
+        # first row's), which is applied to the float32 result: a half-precision operand
+        # would flush weights under ~6e-8 to zero, and with them d initial_state after a
+        # strong first decay.
         if plan.decay == "scalar":
-            u = jnp.exp(b)
+            top = _top_decay(b)
+            u = jnp.exp(b - top)
             if keep is not None:
                 u = jnp.where(keep, u, 0.0)
-            update = tc.dot(q, do.astype(jnp.float32) * u[:, None], plan.mma, trans_a=True)
-        else:
-            qs = q.astype(jnp.float32) * jnp.exp(b) if plan.decay == "channel" else q
+            update = jnp.exp(top) * tc.dot(
+                q, do.astype(jnp.float32) * u[:, None], plan.mma, trans_a=True
+            )
+        elif plan.decay == "channel":
+            top = _top_decay(b)
+            qs = q.astype(jnp.float32) * jnp.exp(b - top[None, :])
             if keep is not None:
                 qs = jnp.where(keep[:, None], qs, jnp.zeros_like(qs))
+            update = jnp.exp(top)[:, None] * tc.dot(qs, do, plan.mma, trans_a=True)
+        else:
+            qs = q if keep is None else jnp.where(keep[:, None], q, jnp.zeros_like(q))
             update = tc.dot(qs, do, plan.mma, trans_a=True)
         dS = dS + plan.scale * update
         return (dS, F) if plan.segmented else dS
