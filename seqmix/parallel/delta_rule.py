@@ -7,18 +7,19 @@ affine in ``S`` but not diagonal: a block of tokens maps an incoming state to
 over the devices of the mesh's sequence axis (device ``r`` holds tokens
 ``[r L, (r + 1) L)``), every device:
 
-1. runs ``seqmix.kernels.gated_delta_rule`` on its block from a zero state (``o^0`` and
-   ``S^0``);
-2. runs it again on zero values from the identity (``v`` of width K, initial state ``I``):
-   its final state is ``M``, by the op's own kernels and VJP;
-3. all-gathers the pairs ``(S^0, M)`` and folds those of the devices before it into
+1. runs ``seqmix.kernels.gated_delta_rule`` once on its block over ``V + K`` value
+   columns, ``[v | 0]`` from the state ``[0 | I]``: the state's columns evolve
+   independently, so the first ``V`` give the block's own output and state from zero
+   (``o^0``, ``S^0``) and the last ``K`` its transition (final state ``M``) and
+   ``p_t = scale * M_{<=t}^T q_t`` (outputs), by the op's own kernels and VJP;
+2. all-gathers the pairs ``(S^0, M)`` and folds those of the devices before it into
    ``S_in`` (``exchange.carried_states`` with ``M @ S``);
-4. adds the correction ``o_t - o_t^0 = scale * (M_{<=t} S_in)^T q_t``, which is the op run
-   on zero values from ``S_in``.
+3. adds the correction ``o_t - o_t^0 = scale * (M_{<=t} S_in)^T q_t = S_in^T p_t``.
 
-Three calls of the op per block against one on a single device: the price of a transition
-that is a matrix rather than a decay; the collective moves ``n`` states and ``n``
-transitions per layer. Packed rows reset the state where the id changes: the op's segment
+One call of the op on ``V + K`` columns against one on ``V``: the price of a transition
+that is a matrix rather than a decay (the chunk's UT transform, which depends on the keys
+only, is computed once); the collective moves ``n`` states and ``n`` transitions per
+layer. Packed rows reset the state where the id changes: the op's segment
 handling gives ``M = 0`` for a block with a reset inside and stops the correction at the
 first reset; a reset on the boundary between two devices is seen by comparing the previous
 device's last id, and then no state enters the block.
@@ -133,16 +134,20 @@ def gated_delta_rule_local(
     """The per-device program (inside ``shard_map`` over ``axis``): this device's block ->
     ``(o, final state of the whole sequence)``."""
     B, L, _, K = q.shape
-    Hv = v.shape[2]
+    Hv, V = v.shape[2], v.shape[3]
     r, n = axis_position(axis)
     kw = dict(scale=scale, segment_ids=segment_ids, **op_kwargs)
-    op = kernels.gated_delta_rule
-    o, local_final = op(q, k, v, beta, log_decay, return_final_state=True, **kw)
+    # One call over V + K value columns: [v | 0] from the state [0 | I]. The columns evolve
+    # independently, so the first V are the block's own (o^0, S^0) and the last K give the
+    # transition M (final state) and scale * M_{<=t}^T q_t (outputs).
     eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (B, Hv, K, K))
-    zeros_k = jnp.zeros((B, L, Hv, K), v.dtype)
-    _, transition = op(
-        q, k, zeros_k, beta, log_decay, initial_state=eye, return_final_state=True, **kw
+    v_ext = jnp.concatenate([v, jnp.zeros((B, L, Hv, K), v.dtype)], axis=-1)
+    s_ext = jnp.concatenate([jnp.zeros((B, Hv, K, V), jnp.float32), eye], axis=-1)
+    o_ext, final_ext = kernels.gated_delta_rule(
+        q, k, v_ext, beta, log_decay, initial_state=s_ext, return_final_state=True, **kw
     )
+    o, qm = o_ext[..., :V], o_ext[..., V:]
+    local_final, transition = final_ext[..., :V], final_ext[..., V:]
     if segment_ids is not None:  # a reset on the boundary: no state enters this block
         prev_last = lax.ppermute(segment_ids[:, -1], axis, shift_perm(n, 1))
         enters = ~((r > 0) & (segment_ids[:, 0] != prev_last))
@@ -153,5 +158,7 @@ def gated_delta_rule_local(
         local_final, transition, axis, initial_state, apply=_transition_times_state
     )
     s_in = jnp.where(enters[:, None, None, None], s_in, 0.0)
-    fix = op(q, k, jnp.zeros_like(v), beta, log_decay, initial_state=s_in, **kw)
-    return (o.astype(jnp.float32) + fix.astype(jnp.float32)).astype(o.dtype), final
+    fix = jnp.einsum(
+        "blhk,bhkv->blhv", qm.astype(jnp.float32), s_in, precision=lax.Precision.HIGHEST
+    )
+    return (o.astype(jnp.float32) + fix).astype(o.dtype), final

@@ -101,8 +101,10 @@ def scan_fn(impl: str, config: TritonConfig | None = None):
 
 def variants(T: int) -> dict[str, TritonConfig]:
     """Other tiles of the chunked Triton kernels, timed at T = 4k and 16k: chunks of 16 and
-    64 steps, 4 and 16 channels a program, and 2 / 8 warps."""
+    64 steps, 4 and 16 channels a program, and 2 / 8 warps; and the lanes kernels for the
+    training path (the forward row is the chunked forward either way)."""
     return {
+        "pallas_triton[lanes]": TritonConfig(algorithm="lanes"),
         "pallas_triton[c16]": TritonConfig(chunk=16),
         "pallas_triton[c64]": TritonConfig(chunk=64),
         "pallas_triton[d4]": TritonConfig(block_d=4),

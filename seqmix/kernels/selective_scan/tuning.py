@@ -22,6 +22,12 @@ class TritonConfig:
       chunk: time steps scanned at once (a power of 2), and between the states the
         forward saves for the backward.
       num_warps, bwd_num_warps, num_stages: of the forward and backward kernels.
+      algorithm: the kernels of the training path (``jax.vjp`` / ``jax.grad``: the forward
+        that saves residuals, and the backward): "chunked" (the chunked two-level scan;
+        None means it) or "lanes" (one channel per lane, ``triton/lanes.py``, with tiles
+        of its own: ``lanes_tiles.GPU_TILES``; the fields above then tune only the
+        primal-only call). The primal-only call (no gradient) always runs the chunked
+        forward.
     """
 
     block_d: int | None = None
@@ -29,6 +35,11 @@ class TritonConfig:
     num_warps: int | None = None
     bwd_num_warps: int | None = None
     num_stages: int | None = None
+    algorithm: str | None = None
+
+
+# The values of ``TritonConfig.algorithm`` (None: "chunked").
+TRITON_ALGORITHMS = ("chunked", "lanes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +73,7 @@ TPU_INTERPRET = TpuConfig(chunk=8, block_c=128)
 # The autotuner's search for the Triton kernels (forward + backward).
 SEARCH = {
     ("selective_scan", "pallas_triton"): (
+        Axis("algorithm", ["chunked", "lanes"], backward=True),
         Axis("chunk", [16, 32, 64], backward=True),
         Axis("block_d", [4, 8, 16, 32], backward=True),
         Axis("num_warps", [2, 4, 8], backward=True),

@@ -61,6 +61,12 @@ class Case:
 # a wrong gradient is off by O(1).
 STRONG_DECAY_DG_TOL = 1e-2
 
+# bf16 on the Triton kernels: the log-decay gradient sums the same cancelling terms from
+# operands rounded to bf16, and its tail is heavier than the XLA form's. bf16-segments, 60
+# seeds in interpret mode: 4.1e-3 max (the other gradients 3.0e-3); one native H100 run gave
+# 5.5e-3 against the plain 5e-3; the XLA form stayed under 1.9e-3 over 40 seeds.
+BF16_TRITON_DG_TOL = 1e-2
+
 # bf16: the pseudo-values v_new enter the output and state matmuls rounded to bf16 (as the
 # inputs do), which puts the Triton kernels' outputs and gradients 1e-3 to 3e-3 from the
 # float32 oracle, inside the bf16 tolerance.
@@ -192,9 +198,14 @@ def inputs(case: Case, seed: int):
 
 
 def strong_decay_tols(case: Case, implementation: str) -> dict[str, float]:
-    """The measured exception (``STRONG_DECAY_DG_TOL``) where it applies."""
+    """The measured exceptions (``STRONG_DECAY_DG_TOL``, ``BF16_TRITON_DG_TOL``) where they
+    apply."""
     strong = case.g_min is not None and case.g_min <= -20 and case.dtype == F32
-    return {"log_decay": STRONG_DECAY_DG_TOL} if strong else {}
+    if strong:
+        return {"log_decay": STRONG_DECAY_DG_TOL}
+    if case.dtype == BF16 and implementation == TRITON and case.g_min is not None:
+        return {"log_decay": BF16_TRITON_DG_TOL}
+    return {}
 
 
 def check(case: Case, implementation: str) -> None:

@@ -49,6 +49,7 @@ class Case:
 
 C = Case
 BOTH = (TRITON, TPU)
+LANES = TritonConfig(algorithm="lanes")
 CASES = [
     C("groups-odd-T-all-args", 2, 13, 24, 4, 2, cpu=BOTH),
     C("T1-BTN-form-no-optional", 1, 1, 8, 3, 1, use=(), softplus=False, squeeze=True, cpu=BOTH),
@@ -120,6 +121,46 @@ CASES = [
         for z in (False, True)
     ),
     C("bf16-strong-decay-no-optional", 2, 33, 8, 4, 2, "bfloat16", (), strong=True),
+    # The lanes kernels on the training path (outputs and gradients from their forward with
+    # checkpoints and their backward). T = 37: 2 time segments of 5 chunks of 4 (chained
+    # start states and end adjoints), the last one ragged; 2 channel blocks per group.
+    C(
+        "lanes-segments-groups-ragged-T-all-args",
+        1,
+        37,
+        32,
+        4,
+        2,
+        configs={TRITON: LANES},
+        cpu=(TRITON,),
+    ),
+    # bf16, the [B, T, N] form with N = 3 (padded to 4), decays near exp(-60) a step
+    C(
+        "lanes-bf16-strong-decay-z-D-state",
+        2,
+        11,
+        16,
+        3,
+        1,
+        "bfloat16",
+        ("D", "z", "initial_state"),
+        strong=True,
+        squeeze=True,
+        configs={TRITON: LANES},
+        cpu=(TRITON,),
+    ),
+    C(
+        "lanes-T1-no-optional",
+        1,
+        1,
+        8,
+        2,
+        1,
+        use=(),
+        softplus=False,
+        configs={TRITON: LANES},
+        cpu=(TRITON,),
+    ),
 ]
 
 

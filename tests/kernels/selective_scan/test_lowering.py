@@ -1,6 +1,7 @@
 """selective_scan: lowering of forward and backward at [2, 2048, 1536, 16] bf16 with every
 optional argument, through the public op: the chunked Triton kernels (their ``tt.scan``
-included) for an H200 and the Mosaic kernels for a TPU (nothing runs)."""
+included) and the lanes kernels of ``TritonConfig(algorithm="lanes")`` for an H200, and the
+Mosaic kernels for a TPU (nothing runs)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,19 @@ import pytest
 
 from seqmix import testing
 from seqmix.kernels import selective_scan
+from seqmix.kernels.selective_scan.tuning import TritonConfig
 
-IMPLS = ["pallas_triton", "pallas_tpu"]
+# (implementation, config, the kernels of the training forward and the backward)
+IMPLS = [
+    pytest.param("pallas_triton", None, "selective_scan_chunked_", id="pallas_triton"),
+    pytest.param(
+        "pallas_triton",
+        TritonConfig(algorithm="lanes"),
+        "selective_scan_lanes_",
+        id="pallas_triton-lanes",
+    ),
+    pytest.param("pallas_tpu", None, None, id="pallas_tpu"),
+]
 
 
 _BF, _F32, _SD = jnp.bfloat16, jnp.float32, jax.ShapeDtypeStruct
@@ -27,11 +39,12 @@ _LOWERING_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("implementation", IMPLS)
-def test_lowers_forward_and_backward(implementation):
+@pytest.mark.parametrize("implementation, config, prefix", IMPLS)
+def test_lowers_forward_and_backward(implementation, config, prefix):
     """[2, 2048, 1536, 16] bf16 with every optional argument, through the public op: the
-    chunked Triton kernels lower for an H200 and the Mosaic kernels for a TPU (nothing
-    runs)."""
+    chunked Triton kernels, and the lanes kernels on the training path (4 time segments at
+    this shape: their local and adjoint passes too), lower for an H200 and the Mosaic
+    kernels for a TPU (nothing runs)."""
     platform = "cuda" if implementation == "pallas_triton" else "tpu"
     f32 = jnp.float32
 
@@ -49,6 +62,7 @@ def test_lowers_forward_and_backward(implementation):
             initial_state=h0,
             return_final_state=True,
             implementation=implementation,
+            config=config,
         )
         return jnp.sum(y.astype(f32) * y.astype(f32)) + jnp.sum(h)
 
@@ -63,6 +77,8 @@ def test_lowers_forward_and_backward(implementation):
     )
     if platform == "cuda":
         for name in ("fwd", "bwd"):
-            assert f"selective_scan_chunked_{name}" in text, (
-                f"kernel {name} missing from the module"
-            )
+            assert f"{prefix}{name}" in text, f"kernel {prefix}{name} missing from the module"
+        if config is not None:  # the lanes backward, not the chunked one
+            assert "selective_scan_chunked_bwd" not in text
+            for name in ("local", "adjoint"):
+                assert f"{prefix}{name}" in text, f"kernel {prefix}{name} missing"

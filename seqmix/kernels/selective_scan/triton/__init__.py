@@ -16,6 +16,9 @@ chunk's end is carried to the next (``forward.py``). Discretisation (bias, softp
 skip and the z gate are fused, and nothing of size ``[B, T, Dm, N]`` touches memory. The
 training forward saves the state at each chunk start; the backward (``backward.py``)
 recomputes each chunk's states from it and runs the adjoint as a reverse scan.
+``TritonConfig(algorithm="lanes")`` runs the training path (the forward that saves states,
+and the backward) on the earlier one-channel-per-lane kernels instead (``lanes.py``); the
+primal-only call runs the chunked forward either way.
 
 Why Triton, not Mosaic GPU: the scan is elementwise work and tree shuffles, with no matrix
 product for Hopper's wgmma to take; Triton's scan lowering and its per-thread layouts of

@@ -12,16 +12,8 @@ from jax.experimental import pallas as pl
 from seqmix.kernels.common import no_float64
 from seqmix.kernels.dispatch import interpret_mode
 from seqmix.kernels.selective_scan import tuning
-from seqmix.kernels.selective_scan.triton import backward, forward
-from seqmix.kernels.selective_scan.triton.tiles import Static
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    """The largest power of 2 that divides n and is <= cap."""
-    b = 1
-    while b * 2 <= cap and n % (b * 2) == 0:
-        b *= 2
-    return b
+from seqmix.kernels.selective_scan.triton import backward, forward, lanes, lanes_tiles
+from seqmix.kernels.selective_scan.triton.tiles import Static, pow2_divisor
 
 
 def _state_t(h):  # [B, Dm, N] <-> [B, N, Dm]
@@ -32,23 +24,31 @@ def _time_minor(x):  # [B, Tp, G, N] -> [B, G, N, Tp]
     return jnp.transpose(x, (0, 2, 3, 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(st, u, delta, A, B, C, D, z, bias, h0):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan(st, lanes_st, u, delta, A, B, C, D, z, bias, h0):
     """``(y [B, Tp, Dm], final state [B, Dm, N] float32)`` on padded arguments (T a multiple
-    of the chunk, N a power of 2); ``st`` a ``tiles.Static``."""
+    of the chunk, N a power of 2); ``st`` a ``tiles.Static``. The primal-only call runs the
+    chunked forward; the training path (``_scan_fwd``, ``_scan_bwd``) the chunked kernels
+    when ``lanes_st`` is None, else the lanes kernels (``lanes.scan_fwd``, ``lanes.scan_bwd``
+    on their own residuals), ``lanes_st`` a ``lanes_tiles.Static`` of the same padded
+    length."""
     y, hT, _ = forward.forward(
         st, u, delta, A.T, _time_minor(B), _time_minor(C), D, z, bias, _state_t(h0), save=False
     )
     return y, _state_t(hT)
 
 
-def _scan_fwd(st, u, delta, A, B, C, D, z, bias, h0):
+def _scan_fwd(st, lanes_st, u, delta, A, B, C, D, z, bias, h0):
+    if lanes_st is not None:
+        return lanes.scan_fwd(lanes_st, u, delta, A, B, C, D, z, bias, h0)
     Bt, Ct = _time_minor(B), _time_minor(C)
     y, hT, ckpt = forward.forward(st, u, delta, A.T, Bt, Ct, D, z, bias, _state_t(h0), save=True)
     return (y, _state_t(hT)), (u, delta, A, Bt, Ct, D, z, bias, h0, ckpt)
 
 
-def _scan_bwd(st, res, cts):
+def _scan_bwd(st, lanes_st, res, cts):
+    if lanes_st is not None:
+        return lanes.scan_bwd(lanes_st, res, cts)
     u, delta, A, Bt, Ct, D, z, bias, h0, ckpt = res
     dy, dhT = cts
     g, nJ = backward.backward(
@@ -95,7 +95,8 @@ def selective_scan(
     """The ``pallas_triton`` implementation (arguments as ``reference.selective_scan_naive``).
 
     Returns ``(y [B, T, Dm] in u's dtype, final_state [B, Dm, N] float32)``; differentiable
-    in every array argument. ``config``: ``tuning.TritonConfig`` (None: the table's).
+    in every array argument. ``config``: ``tuning.TritonConfig`` (None: the table's); its
+    ``algorithm`` picks the kernels of the training path.
     """
     no_float64(u, delta, A, B, C, D, z, delta_bias, initial_state)
     interpret = interpret_mode()
@@ -104,13 +105,31 @@ def selective_scan(
         v = getattr(blocks, name)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise ValueError(f"TritonConfig.{name} must be a power of 2, got {v!r}")
-    _, T, Dm = u.shape
+    algorithm = "chunked" if blocks.algorithm is None else blocks.algorithm
+    if algorithm not in tuning.TRITON_ALGORITHMS:
+        raise ValueError(
+            f"TritonConfig.algorithm must be one of {tuning.TRITON_ALGORITHMS} (None: "
+            f"'chunked'), got {blocks.algorithm!r}"
+        )
+    Bsz, T, Dm = u.shape
     N = A.shape[1]
     G = B.shape[2]
     Dg = Dm // G
-    bd = _pow2_divisor(Dg, blocks.block_d)
+    bd = pow2_divisor(Dg, blocks.block_d)
     K = blocks.chunk
     Tp = -(-T // K) * K
+    lanes_st = None
+    if algorithm == "lanes":  # one padded length for both kernels
+        lanes_st, Tp = lanes_tiles.plan(
+            lanes_tiles.INTERPRET_TILES if interpret else lanes_tiles.GPU_TILES,
+            Bsz=Bsz,
+            T=T,
+            Dm=Dm,
+            G=G,
+            softplus=bool(delta_softplus),
+            interpret=interpret,
+            multiple=K,
+        )
     st = Static(
         T=T,
         padded=Tp != T,
@@ -137,6 +156,7 @@ def selective_scan(
 
     y, hT = _scan(
         st,
+        lanes_st,
         pad_t(u),
         pad_t(delta),
         pad_n(A),

@@ -39,6 +39,14 @@ class Static:
     interpret: bool
 
 
+def pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of 2 that divides n and is <= cap."""
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
 class Refs:
     """Named access to the kernel's refs; absent (or not passed) operands are None."""
 
