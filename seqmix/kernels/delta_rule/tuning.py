@@ -101,7 +101,9 @@ _HOPPER = TritonConfig(
     state_mma=None,
     num_warps=PerKernel(wy=4, state=4, output=4, dstate=4, dqk=4, dwy=4),
     num_stages=PerKernel(wy=2, state=2, output=2, dstate=2, dqk=2, dwy=2),
-    inverse_block=0,
+    # H100, [8, 4096, 16, 128] bf16: forward 1.86 ms by blocks of 16 against 2.53 ms by
+    # elimination and 2.07 ms by blocks of 32; forward + backward 11.1 against 11.8 ms.
+    inverse_block=16,
 )
 _HOPPER_ROWS = {"none": _HOPPER, "scalar": _HOPPER}
 

@@ -61,12 +61,20 @@ class TpuConfig:
 # [8, 4096, 1536] and 384 at [2, 16384, 1536]. The backward holds about twice the forward's
 # tiles (two scans of 4 operands). Warps: the autotuner's choice on an H100 at
 # [8, 4096, 1536, 16] (forward + backward 14.6 ms against 15.5 ms with 4 and 8 warps; chunks
-# of 16 or 64 and 4 to 32 channels a program were no faster).
-_HOPPER = TritonConfig(block_d=8, chunk=32, num_warps=2, bwd_num_warps=4, num_stages=1)
+# of 16 or 64 and 4 to 32 channels a program were no faster: the chunked backward's figures).
+# The training path on the lanes kernels: on an H100 (2026-12-06, bf16), forward + backward
+# 12.0 ms at [8, 4096, 1536, 16] and 16.1 ms at [2, 16384, 1536, 16], against 15.2 and
+# 19.8 ms with the chunked backward; a call without gradient keeps the chunked forward
+# (2.6 ms against the lanes forward's 3.2 ms).
+_HOPPER = TritonConfig(
+    block_d=8, chunk=32, num_warps=2, bwd_num_warps=4, num_stages=1, algorithm="lanes"
+)
 # generation -> TritonConfig. Hopper is the target; the others start from its row.
 TRITON = {"hopper": _HOPPER, "blackwell": _HOPPER, "ampere": _HOPPER, "ada": _HOPPER}
 # Interpret mode: short chunks, so the tests' odd lengths span several chunks.
-TRITON_INTERPRET = dataclasses.replace(_HOPPER, block_d=8, chunk=8)
+# The chunked backward in interpret mode, so that most cases test it; the lanes cases set
+# ``algorithm="lanes"``.
+TRITON_INTERPRET = dataclasses.replace(_HOPPER, block_d=8, chunk=8, algorithm="chunked")
 TPU = TpuConfig(chunk=32, block_c=512)
 TPU_INTERPRET = TpuConfig(chunk=8, block_c=128)
 

@@ -120,8 +120,8 @@ CASES = [
         dtype=BF16,
         cpu=(TRITON,),
     ),
-    # the UT inverse by blocks of 16 rows: 2 and 4 blocks a chunk, beta near 1 (the hardest
-    # systems to invert), decay, segments
+    # the UT inverse by blocks of 16 rows (the table's): 2 blocks a chunk, beta near 1 (the
+    # hardest systems to invert), decay, segments; and by elimination, one column a step
     C(
         "inverse-blocks-of-16-chunk-32-beta-near-1-T70",
         1,
@@ -134,11 +134,10 @@ CASES = [
         -2.0,
         NEAR_1,
         segments=True,
-        configs={TRITON: TritonConfig(inverse_block=16)},
         cpu=(TRITON,),
     ),
     C(
-        "inverse-blocks-of-16-chunk-64-weak-decay-T64",
+        "inverse-by-elimination-chunk-64-weak-decay-T64",
         1,
         64,
         1,
@@ -147,7 +146,7 @@ CASES = [
         16,
         64,
         -0.1,
-        configs={TRITON: TritonConfig(inverse_block=16)},
+        configs={TRITON: TritonConfig(inverse_block=0)},
         cpu=(TRITON,),
     ),
     # --- the TPU kernels (two chunks per grid step: the loop inside a step)

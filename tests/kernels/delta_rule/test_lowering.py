@@ -24,15 +24,15 @@ TRITON_KERNELS = (
     "implementation, config",
     [
         ("pallas_triton", None),
-        ("pallas_triton", TritonConfig(inverse_block=16)),
+        ("pallas_triton", TritonConfig(inverse_block=0)),
         ("pallas_tpu", None),
     ],
-    ids=["pallas_triton", "pallas_triton-inverse-blocks", "pallas_tpu"],
+    ids=["pallas_triton", "pallas_triton-inverse-elimination", "pallas_tpu"],
 )
 @pytest.mark.parametrize("decay", [True, False], ids=["decay", "no-decay"])
 def test_forward_and_backward_lower(implementation, config, decay):
     """[2, 2048, 4 v heads over 2 q/k heads, 128] bf16 with every optional argument (and
-    the UT inverse by blocks)."""
+    the UT inverse by elimination)."""
     B, T, H, D = 2, 2048, 4, 128
     platform = "cuda" if implementation == "pallas_triton" else "tpu"
     qk = jnp.zeros((B, T, H // 2, D), jnp.bfloat16)
