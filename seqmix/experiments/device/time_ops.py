@@ -7,7 +7,8 @@ The ops are imported from whichever seqmix is first on ``PYTHONPATH``, so the sa
 times two trees of seqmix (``compare_revisions`` runs it for ``scan_op`` and ``conv_op``)
 whatever their benchmark modules look like. It imports only ``selective_scan`` and
 ``causal_conv1d`` from ``seqmix.kernels``, with the arguments both have always taken. Each
-row: forward and forward+backward milliseconds (median of ``--iters`` after warm-up) of
+row: forward and forward+backward milliseconds (``median_ms``: median of ``--iters``
+repetitions of enqueued calls, after warm-up) of
 ``pallas_triton`` and ``xla`` at Mamba's headline shapes, bf16.
 """
 
@@ -24,14 +25,22 @@ SCAN_SHAPES = [(8, 4096, 1536, 16), (2, 16384, 1536, 16)]
 CONV_SHAPES = [(8, 4096, 1536, 4), (2, 16384, 1536, 4)]
 
 
-def median_ms(fn, args, iters: int) -> float:
+def median_ms(fn, args, iters: int, target_s: float = 0.1) -> float:
+    """Median over ``iters`` repetitions of the time per call of ``n`` calls enqueued back to
+    back and waited for once (``n``: enough calls for ~``target_s``, 1 to 200), so that
+    launch and synchronisation costs do not swamp sub-millisecond ops."""
     jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    n = max(1, min(200, int(target_s / max(time.perf_counter() - start, 1e-6))))
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(1e3 * (time.perf_counter() - start))
+        out = None
+        for _ in range(n):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append(1e3 * (time.perf_counter() - start) / n)
     return sorted(times)[len(times) // 2]
 
 
