@@ -18,16 +18,14 @@ adjoints the same way, in reverse.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from seqmix.kernels.selective_scan.triton.tiles import pow2_divisor
+from seqmix.kernels.selective_scan.triton.tiles import named_call, pow2_divisor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,23 +181,8 @@ class Call:
 
     def __call__(self, kernel, name, ins, outs, num_warps):
         """``ins``: (name, array or None, spec kind); ``outs``: (name, shape or None, kind)."""
-        names = tuple((n, x is not None) for n, x, _ in ins) + tuple(
-            (n, s is not None) for n, s, _ in outs
-        )
-        got = pl.pallas_call(
-            functools.partial(kernel, st=self.st, names=names),
-            grid=(self.Bsz, self.nJ, self.S),
-            in_specs=[self.spec[k] for _, x, k in ins if x is not None],
-            out_specs=[self.spec[k] for _, s, k in outs if s is not None],
-            out_shape=[s for _, s, _ in outs if s is not None],
-            interpret=self.st.interpret,
-            compiler_params=plgpu.CompilerParams(
-                num_warps=num_warps, num_stages=self.st.num_stages
-            ),
-            name=name,
-        )(*[x for _, x, _ in ins if x is not None])
-        it = iter(got)
-        return {n: (next(it) if s is not None else None) for n, s, _ in outs}
+        grid = (self.Bsz, self.nJ, self.S)
+        return named_call(kernel, name, ins, outs, self.spec, grid, self.st, num_warps)
 
 
 def chain(decay, local, first, reverse):

@@ -59,6 +59,28 @@ class Refs:
         return None
 
 
+def named_call(kernel, name, ins, outs, spec, grid, st, num_warps):
+    """One ``pallas_call`` on named operands, ``None`` where absent: ``ins`` (name, array or
+    None, spec kind), ``outs`` (name, shape or None, spec kind), ``spec`` the BlockSpec of
+    each kind. The kernel gets ``names`` (each name with whether it is present) to unpack
+    its refs; returns the outputs by name (None where absent)."""
+    names = tuple((n, x is not None) for n, x, _ in ins) + tuple(
+        (n, s is not None) for n, s, _ in outs
+    )
+    got = pl.pallas_call(
+        functools.partial(kernel, st=st, names=names),
+        grid=grid,
+        in_specs=[spec[k] for _, x, k in ins if x is not None],
+        out_specs=[spec[k] for _, s, k in outs if s is not None],
+        out_shape=[s for _, s, _ in outs if s is not None],
+        interpret=st.interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=st.num_stages),
+        name=name,
+    )(*[x for _, x, _ in ins if x is not None])
+    it = iter(got)
+    return {n: (next(it) if s is not None else None) for n, s, _ in outs}
+
+
 class Call:
     """Block specs and the pallas_call plumbing shared by the kernels; grid (B, Dm /
     block_d). Every time-indexed operand is one block over all of (padded) time; the kernels
@@ -95,23 +117,8 @@ class Call:
 
     def __call__(self, kernel, name, ins, outs, num_warps):
         """``ins``: (name, array or None, spec kind); ``outs``: (name, shape or None, kind)."""
-        names = tuple((n, x is not None) for n, x, _ in ins) + tuple(
-            (n, s is not None) for n, s, _ in outs
-        )
-        got = pl.pallas_call(
-            functools.partial(kernel, st=self.st, names=names),
-            grid=(self.Bsz, self.nJ),
-            in_specs=[self.spec[k] for _, x, k in ins if x is not None],
-            out_specs=[self.spec[k] for _, s, k in outs if s is not None],
-            out_shape=[s for _, s, _ in outs if s is not None],
-            interpret=self.st.interpret,
-            compiler_params=plgpu.CompilerParams(
-                num_warps=num_warps, num_stages=self.st.num_stages
-            ),
-            name=name,
-        )(*[x for _, x, _ in ins if x is not None])
-        it = iter(got)
-        return {n: (next(it) if s is not None else None) for n, s, _ in outs}
+        grid = (self.Bsz, self.nJ)
+        return named_call(kernel, name, ins, outs, self.spec, grid, self.st, num_warps)
 
 
 class Chunk:
