@@ -27,14 +27,24 @@ from seqmix.kernels.attention.triton.blocks import (
 )
 
 
+def _finite(x):
+    """``x`` with its non-finite entries zeroed."""
+    return jnp.where(jnp.abs(x.astype(jnp.float32)) < jnp.inf, x, jnp.zeros_like(x))
+
+
 def _delta_kernel(o_ref, do_ref, dlse_ref, delta_ref):
     o = o_ref[...].astype(jnp.float32)
     do = do_ref[...].astype(jnp.float32)
-    plgpu.store(delta_ref, jnp.sum(o * do, axis=1) - dlse_ref[...])
+    ok = jnp.min(jnp.where(jnp.abs(o) < jnp.inf, 1.0, 0.0), axis=1) > 0
+    plgpu.store(delta_ref, jnp.where(ok, jnp.sum(o * do, axis=1) - dlse_ref[...], jnp.inf))
 
 
 def delta(o, do, dlse, st):
-    """``sum(dO * O) - dlse`` per row, ``[B, H, T]`` float32."""
+    """``sum(dO * O) - dlse`` per row, ``[B, H, T]`` float32; ``+inf`` marks a row whose
+    output is not finite (it attended a non-finite key or value): such a row passes no
+    gradient (as ``where`` would), and the dK/dV and dQ kernels zero its ``dO``, ``p`` and
+    ``delta``, and every non-finite entry of q, k and v, so that a NaN or Inf at a masked
+    position reaches no gradient (a few selects per tile, no extra pass over memory)."""
     B, T, H, D = o.shape
     bq = st.bwd_dq.block_q
     spec = pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, i, h, 0))
@@ -61,25 +71,28 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq)
     bq, bk = st.bwd.block_q, st.bwd.block_k
     j = pl.program_id(0)
     k0 = j * bk
-    k = k_ref[...]
-    v = v_ref[...]
+    k = _finite(k_ref[...])
+    v = _finite(v_ref[...])
     kpos = k0 + jnp.arange(bk, dtype=jnp.int32)
     kseg = seg_ref[pl.ds(k0, bk)][:, None] if st.segments else None
 
     def step(i, carry, g, masked):
         dk, dv = carry
         q0 = pl.multiple_of(i * bq, bq)
-        q = q_ref[pl.ds(q0, bq), g, :]
+        q = _finite(q_ref[pl.ds(q0, bq), g, :])
         do = do_ref[pl.ds(q0, bq), g, :]
         lse = lse_ref[g, pl.ds(q0, bq)]
         delta = delta_ref[g, pl.ds(q0, bq)]
+        dead = delta == jnp.inf  # rows whose output is not finite pass no gradient
+        do = jnp.where(dead[:, None], jnp.zeros_like(do), do)
+        delta = jnp.where(dead, 0.0, delta)
         s, t = st.logits2(st.dot(k, q, trans_b=True))  # transposed logits [bk, bq]
         if masked:
             qpos = q0 + jnp.arange(bq, dtype=jnp.int32)
             qseg = seg_ref[pl.ds(q0, bq)][None, :] if st.segments else None
             vis = st.mask(qpos[None, :] - kpos[:, None], kpos[:, None], qseg, kseg)
             s = jnp.where(vis, s, -jnp.inf)
-        p = jnp.exp2(s - lse[None, :])
+        p = jnp.where(dead[None, :], 0.0, jnp.exp2(s - lse[None, :]))
         dv = dv + st.dot(p.astype(do.dtype), do)
         ds = p * (st.dot(v, do, trans_b=True) - delta[None, :])
         if t is not None:
@@ -145,24 +158,27 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq, n
     i = pl.program_id(0)
     i = nq - 1 - i if st.reversed_q() else i
     q0 = i * bq
-    q = q_ref[...]
-    do = do_ref[...]
+    q = _finite(q_ref[...])
     lse = lse_ref[...]
     delta = delta_ref[...]
+    dead = delta == jnp.inf  # rows whose output is not finite pass no gradient
+    do = do_ref[...]
+    do = jnp.where(dead[:, None], jnp.zeros_like(do), do)
+    delta = jnp.where(dead, 0.0, delta)
     qpos = q0 + jnp.arange(bq, dtype=jnp.int32)
     qseg = qseg_ref[...][:, None] if st.segments else None
 
     def step(j, dq, masked):
         k0 = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(k0, bk), :]
-        v = v_ref[pl.ds(k0, bk), :]
+        k = _finite(k_ref[pl.ds(k0, bk), :])
+        v = _finite(v_ref[pl.ds(k0, bk), :])
         s, t = st.logits2(st.dot(q, k, trans_b=True))
         if masked:
             kpos = k0 + jnp.arange(bk, dtype=jnp.int32)
             kseg = kseg_ref[pl.ds(k0, bk)][None, :] if st.segments else None
             vis = st.mask(qpos[:, None] - kpos[None, :], kpos[None, :], qseg, kseg)
             s = jnp.where(vis, s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])
+        p = jnp.where(dead[:, None], 0.0, jnp.exp2(s - lse[:, None]))
         ds = p * (st.dot(do, v, trans_b=True) - delta[:, None])
         if t is not None:
             ds = ds * (1.0 - t * t)
