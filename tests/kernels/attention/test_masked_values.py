@@ -57,7 +57,7 @@ def test_values_at_masked_keys_never_reach_an_output(impl, mask):
     assert np.all(np.isnan(out[hit])), f"{impl}: a row that attends a non-finite value"
 
 
-@pytest.mark.parametrize("impl", ["naive", "xla", "pallas_triton"])
+@pytest.mark.parametrize("impl", ["naive", "xla", "pallas_triton", "pallas_tpu"])
 @pytest.mark.parametrize("mask", list(MASKS))
 def test_values_at_masked_keys_never_reach_a_gradient(impl, mask):
     """The gradients of a loss on the rows that attend no bad key are those of clean inputs

@@ -36,6 +36,12 @@ from seqmix.kernels.attention.tpu.blocks import (
 )
 
 
+def finite(x):
+    """``x`` with its non-finite entries zeroed: a NaN or Inf at a masked position (and the
+    entries of rows that pass no gradient) must not meet a zero weight in a matmul."""
+    return jnp.where(jnp.abs(x.astype(jnp.float32)) < jnp.inf, x, jnp.zeros_like(x))
+
+
 def _dq_kernel(*refs, c: Cfg, nkv: int):
     if c.has_seg:
         q_ref, k_ref, v_ref, sq_ref, sk_ref, do_ref, lse_ref, dc_ref, dq_ref, acc = refs
@@ -49,7 +55,7 @@ def _dq_kernel(*refs, c: Cfg, nkv: int):
         acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
     def step(masked: bool):
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        q, k, v, do = finite(q_ref[...]), finite(k_ref[...]), finite(v_ref[...]), do_ref[...]
         s_raw = (
             lax.dot_general(q, k, NT, precision=c.precision, preferred_element_type=jnp.float32)
             * c.scale
@@ -109,7 +115,7 @@ def _dkv_kernel(*refs, c: Cfg, nq_steps: int):
     def step(masked: bool):
         # transposed tile: rows are keys, columns queries, so the per-query lse and dc rows
         # broadcast along sublanes and dV/dK are plain (NN) matmuls
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        q, k, v, do = finite(q_ref[...]), finite(k_ref[...]), finite(v_ref[...]), do_ref[...]
         st_raw = (
             lax.dot_general(k, q, NT, precision=c.precision, preferred_element_type=jnp.float32)
             * c.scale

@@ -84,11 +84,16 @@ def _flash_fwd(q, k, v, segment_ids, c: Cfg):
 def _flash_bwd(c: Cfg, res, cts):
     qk, kk, vk, seg, o, lse_k = res
     do, dlse = cts
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, T, H]
-    dc = _rows_to_kernel(dlse.astype(jnp.float32) - delta, c, 0.0)
+    # a row whose output is not finite (it attended a non-finite key or value) passes no
+    # gradient, as through ``where``: its dO and delta are zeroed and its lse made +inf
+    dead = ~jnp.all(jnp.isfinite(o), axis=-1)  # [B, T, H]
+    do = jnp.where(dead[..., None], jnp.zeros_like(do), do)
+    delta = jnp.sum(do.astype(jnp.float32) * jnp.where(dead[..., None], 0, o), axis=-1)
+    dc = _rows_to_kernel(jnp.where(dead, 0.0, dlse.astype(jnp.float32)) - delta, c, 0.0)
     # rows without keys (lse = -inf) and padded rows get lse = +inf: exp(s - lse) = 0, no NaN
     t = jnp.arange(c.Tp)
-    lse_b = jnp.where(jnp.isfinite(lse_k) & (t < c.T), lse_k, jnp.inf)
+    alive = ~_rows_to_kernel(dead, c, True)
+    lse_b = jnp.where(jnp.isfinite(lse_k) & (t < c.T) & alive, lse_k, jnp.inf)
     dok = _to_kernel(do, c.Tp, c)
     dqk, dkk, dvk = backward.backward(qk, kk, vk, seg, dok, lse_b, dc, c)
     dt = jnp.dtype(c.dtype)
