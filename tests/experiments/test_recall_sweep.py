@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from seqmix.experiments import recall_sweep
@@ -58,9 +59,13 @@ def test_run_job_is_the_loop_and_stops_at_the_deadline_saying_so():
 
 
 def test_a_job_stops_early_at_the_target_accuracy(monkeypatch):
+    config = recall_sweep.job_config("attention", 64, 64, 4, 1e-3, 500, 4, 0)
+    assert config.train.eval_every == 250  # the sweep's cadence
     monkeypatch.setattr(recall_sweep, "TARGET_ACCURACY", 0.0)  # any evaluation reaches it
-    row = recall_sweep.run_job("attention", 64, 64, 4, 1e-3, 600, 4, 0)
-    assert row["steps"] == 250 and not row["cut"]  # the first evaluation, not step 600
+    monkeypatch.setattr(recall_sweep, "_EVAL_EVERY", 5)  # its first evaluation comes sooner
+    # the deadline test's job (the same programs)
+    row = recall_sweep.run_job("attention", 64, 64, 4, 1e-3, 500, 4, 0)
+    assert row["steps"] == 5 and not row["cut"]  # the first evaluation, not step 500
 
 
 def test_the_probe_programs_train_what_the_loop_trains():
@@ -126,9 +131,20 @@ def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    time.sleep(20)  # compiling or training
+    # SIGINT once the job trains (its first step compiled and ran)
+    watchdog = threading.Timer(300, proc.kill)  # a sweep that never trains fails below
+    watchdog.start()
+    head = []
+    try:
+        for line in proc.stdout:
+            head.append(line)
+            if "(compile and run) took" in line:
+                break
+    finally:
+        watchdog.cancel()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
+    out = "".join(head) + out
     assert proc.returncode == 0, out[-2000:]
     runs = json.loads((tmp_path / "recall.json").read_text())["runs"]
     assert len(runs) == 1 and runs[0]["cut"] and runs[0]["steps"] < 1000000, runs

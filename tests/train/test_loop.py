@@ -103,7 +103,7 @@ def test_loss_at_positions_equals_the_masked_full_loss():
     """MQAR batches carry ``positions``: the step computes logits there only; its sums and
     gradients must equal the full-sequence masked loss."""
     _, config = load_config_file(
-        REPO / "seqmix" / "configs" / "mqar.py", "mixer=attention,d_model=32"
+        REPO / "seqmix" / "configs" / "mqar.py", "mixer=attention,d_model=32,batch_size=8"
     )
     task = data_lib.make_task(config)
     batch = {k: jnp.asarray(v) for k, v in task.train_batch(0).items()}
@@ -114,15 +114,19 @@ def test_loss_at_positions_equals_the_masked_full_loss():
     def sums(model, b):
         return losses.batch_sums("causal_lm", apply_model(model, b), b)
 
-    grad = lambda b: nnx.grad(lambda m: sums(m, b)["loss_sum"])(model)
-    a, f = sums(model, batch), sums(model, full)
-    assert apply_model(model, batch).shape[1] == config.data.num_kv_pairs
+    def sums_and_grads(model, b):
+        return sums(model, b), nnx.grad(lambda m: sums(m, b)["loss_sum"])(model)
+
+    # one program for both batches, jitted as the training step is
+    (a, grad_a), (f, grad_f) = nnx.jit(
+        lambda m, b, full: (sums_and_grads(m, b), sums_and_grads(m, full))
+    )(model, batch, full)
+    logits = jax.eval_shape(lambda: apply_model(model, batch))
+    assert logits.shape[1] == config.data.num_kv_pairs
     for key in ("loss_sum", "correct", "count"):
         np.testing.assert_allclose(a[key], f[key], rtol=1e-5)
     assert float(a["count"]) == batch["inputs"].shape[0] * config.data.num_kv_pairs
-    for x, y in zip(
-        jax.tree.leaves(nnx.state(grad(batch))), jax.tree.leaves(nnx.state(grad(full)))
-    ):
+    for x, y in zip(jax.tree.leaves(nnx.state(grad_a)), jax.tree.leaves(nnx.state(grad_f))):
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)
 
 

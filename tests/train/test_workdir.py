@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,11 +55,18 @@ def reference(tmp_path_factory):
     return checkpoint_arrays(workdir, NUM_STEPS)
 
 
-@pytest.fixture
-def trained(tmp_path):
-    """A finished 8-step run (checkpoints at 4 and 8)."""
-    workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
     train_and_evaluate(tiny_config(num_steps=8), workdir)
+    return workdir
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A finished 8-step run (checkpoints at 4 and 8): a test's own copy of one run."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained_once, workdir)
     return workdir
 
 
