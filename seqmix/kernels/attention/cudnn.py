@@ -13,6 +13,12 @@ what these wrappers accept; anything else raises ``NotImplementedError`` with th
   and without a derivative).
 
 GQA/MQA is native. Gradients are cuDNN's own backward.
+
+Masking is exact around cuDNN (whose masked probabilities of 0 times a NaN value would be
+NaN): the NaN and Inf entries of k and v (and of the cache slots past ``lengths``) are
+zeroed before the call, and the rows that attend a bad key are set to NaN after it
+(``_bad_keys``, ``_reached``). Elementwise, so XLA fuses the zeroing into what produces k
+and v; what it costs is in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -56,6 +62,44 @@ def _check_common(op: str, dtype, head_dim: int, softcap) -> None:
         raise NotImplementedError(f"cudnn {op} has no softcap (got softcap={softcap})")
 
 
+def _bad_keys(k, v, valid=None):
+    """``(k, v, bad)``: k and v ``[B, S, Hkv, D]`` with their NaN and Inf entries zeroed (and
+    every entry of a slot where ``valid [B, S]`` is false), and ``bad [B, S, Hkv]``: a valid
+    key whose key or value held one."""
+    fin_k, fin_v = jnp.isfinite(k), jnp.isfinite(v)
+    bad = jnp.logical_not(jnp.all(fin_k, axis=-1) & jnp.all(fin_v, axis=-1))
+    if valid is not None:
+        fin_k = fin_k & valid[:, :, None, None]
+        fin_v = fin_v & valid[:, :, None, None]
+        bad = bad & valid[:, :, None]
+    zero = jnp.zeros((), k.dtype)
+    return jnp.where(fin_k, k, zero), jnp.where(fin_v, v, zero), bad
+
+
+def _reached(o, hit):
+    """``o [B, T, Hq, D]`` NaN where ``hit [B, T, Hkv]`` (a query head reads kv head
+    ``h // (Hq // Hkv)``)."""
+    B, T, Hq, D = o.shape
+    Hkv = hit.shape[2]
+    o = o.reshape(B, T, Hkv, Hq // Hkv, D)
+    o = jnp.where(hit[..., None, None], jnp.asarray(jnp.nan, o.dtype), o)
+    return o.reshape(B, T, Hq, D)
+
+
+def _rows_reached(bad, T, is_causal, left):
+    """``[B, T, Hkv]``: the query rows that see a bad key (``bad [B, S, Hkv]``): any key for
+    full attention, keys ``t - left .. t`` for a causal (window) mask (``T == S``)."""
+    if not is_causal:
+        return jnp.broadcast_to(
+            jnp.any(bad, axis=1, keepdims=True), (bad.shape[0], T, bad.shape[2])
+        )
+    count = jnp.cumsum(bad.astype(jnp.int32), axis=1)  # bad keys at or before t
+    if left is None or left + 1 >= T:
+        return count > 0
+    before = jnp.pad(count, ((0, 0), (left + 1, 0), (0, 0)))[:, :T]  # ... before t - left
+    return count - before > 0
+
+
 def attention(q, k, v, *, causal, window, segment_ids, softcap, scale, return_lse):
     """The ``cudnn`` implementation of ``seqmix.kernels.attention`` (normalised arguments,
     see ``api.py``): returns ``(o, None)``."""
@@ -86,6 +130,7 @@ def attention(q, k, v, *, causal, window, segment_ids, softcap, scale, return_ls
             f"cudnn causal/windowed attention needs T == S here, got T={T}, S={S}"
         )
     _require_gpu("attention")
+    k, v, bad = _bad_keys(k, v)
     o = jax.nn.dot_product_attention(
         q,
         k,
@@ -95,7 +140,7 @@ def attention(q, k, v, *, causal, window, segment_ids, softcap, scale, return_ls
         local_window_size=None if left is None else (left, 0),
         implementation="cudnn",
     )
-    return o, None
+    return _reached(o, _rows_reached(bad, T, is_causal, left)), None
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, scale, softcap):
@@ -103,9 +148,11 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale, softcap):
     over the first ``lengths[b]`` cache entries (``key_value_seq_lengths``). A row of
     length 0 gets output 0."""
     _check_common("decode_attention", q.dtype, q.shape[-1], softcap)
-    B = q.shape[0]
+    B, S = k_cache.shape[:2]
     lengths = lengths.astype(jnp.int32)
     _require_gpu("decode_attention")
+    valid = jnp.arange(S)[None, :] < lengths[:, None]
+    k_cache, v_cache, bad = _bad_keys(k_cache, v_cache, valid)
     o = jax.nn.dot_product_attention(
         q[:, None],
         k_cache,
@@ -114,5 +161,6 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale, softcap):
         query_seq_lengths=jnp.ones((B,), jnp.int32),
         key_value_seq_lengths=lengths,
         implementation="cudnn",
-    )[:, 0]
+    )
+    o = _reached(o, jnp.any(bad, axis=1, keepdims=True))[:, 0]
     return jnp.where((lengths > 0)[:, None, None], o, jnp.zeros_like(o))

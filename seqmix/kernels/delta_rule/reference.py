@@ -24,6 +24,8 @@ that kernels can mirror them one by one:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -31,6 +33,22 @@ from jax import lax
 from seqmix.kernels.linear_attention import reference as la
 
 Array = jax.Array
+
+
+def masks_nonfinite(impl):
+    """A chunked implementation ``impl(q, k, v, beta, g, *, runs, ...)`` made exact for NaN
+    and Inf in k, v and beta, as ``linear_attention.reference.masks_nonfinite``: a bad token
+    runs as a no-op (zeroed entries, beta 0) and the rows it reaches are NaN."""
+
+    @functools.wraps(impl)
+    def exact(q, k, v, beta, g, *, runs, **kwargs):
+        fin_beta = jnp.isfinite(beta)
+        k, v, hit = la.nonfinite_tokens(k, v, runs, also=jnp.logical_not(fin_beta))
+        beta = jnp.where(fin_beta, beta, jnp.zeros((), beta.dtype))
+        o, final = impl(q, k, v, beta, g, runs=runs, **kwargs)
+        return la.mark_reached(o, final, hit)
+
+    return exact
 
 
 def _resets(runs, B: int, T: int) -> Array:
@@ -224,6 +242,5 @@ def gated_delta_rule_xla(
     o = la.output_pass(
         q, k, v_new, b[..., None], s_in, runs, r_prev, scale=scale, max_chunk_bytes=max_chunk_bytes
     )
-    o = jnp.where(hit[..., None], jnp.nan, o.reshape(B, n * C, H, V)[:, :T])
-    final = jnp.where(hit[:, -1, :, None, None], jnp.nan, final)
+    o, final = la.mark_reached(o.reshape(B, n * C, H, V)[:, :T], final, hit)
     return o.astype(out_dtype), final

@@ -11,6 +11,8 @@ implementations return ``(o [B, T, Hv, V] in q's dtype, final_state float32)`` w
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -37,17 +39,24 @@ def expand(q, k, v, g, initial_state):
 
 
 def nonfinite_tokens(k, v, runs, also=None):
-    """``(k, v, hit)`` for the chunked form: the rows of tokens whose key or value holds a NaN
-    or Inf (or where ``also [B, T, H]`` is true) zeroed, and ``hit [B, T, H]``, true from such
-    a token to the end of its run. The chunked products weigh a later token or one of another
-    run by 0, and 0 times NaN is NaN; with the zeroed rows they are exact, and ``hit`` marks
-    the outputs that the token does reach (NaN, as in the recurrence)."""
-    bad = jnp.logical_not(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
+    """``(k, v, hit)`` for a chunked form: the NaN and Inf entries of ``k [B, T, Hk, K]`` and
+    ``v [B, T, Hv, V]`` zeroed, and ``hit [B, T, Hv]``, true from a bad token to the end of
+    its run. A token is bad for v head ``h`` where its value, the key of ``h``'s group
+    (``Hv % Hk == 0``) or ``also [B, T, Hv]`` holds one. The chunked products weigh a later
+    token or one of another run by 0, and 0 times NaN is NaN; with the zeroed entries they
+    are exact for every row a bad token cannot reach, and ``hit`` marks the rows it does
+    reach (NaN, as in the recurrence). Elementwise, so that XLA fuses it into whatever
+    produces k and v."""
+    fin_k, fin_v = jnp.isfinite(k), jnp.isfinite(v)
+    bad_k = jnp.logical_not(jnp.all(fin_k, axis=-1))
+    bad = jnp.logical_not(jnp.all(fin_v, axis=-1)) | jnp.repeat(
+        bad_k, v.shape[2] // k.shape[2], axis=2
+    )
     if also is not None:
         bad = bad | also
-    zero = jnp.zeros((), k.dtype)
-    k, v = jnp.where(bad[..., None], zero, k), jnp.where(bad[..., None], zero, v)
-    count = jnp.cumsum(bad.astype(jnp.int32), axis=1)  # [B, T, H], bad tokens up to t
+    k = jnp.where(fin_k, k, jnp.zeros((), k.dtype))
+    v = jnp.where(fin_v, v, jnp.zeros((), v.dtype))
+    count = jnp.cumsum(bad.astype(jnp.int32), axis=1)  # [B, T, Hv], bad tokens up to t
     if runs is None:
         return k, v, count > 0
     first = jnp.concatenate(
@@ -55,6 +64,28 @@ def nonfinite_tokens(k, v, runs, also=None):
     )[..., None]
     before = jnp.where(first, count - bad.astype(jnp.int32), -1)  # bad tokens before the run
     return k, v, count - lax.cummax(before, axis=1) > 0
+
+
+def mark_reached(o, final, hit):
+    """``o [B, T, Hv, V]`` NaN where ``hit [B, T, Hv]``; ``final`` NaN for the heads whose
+    last run holds a bad token."""
+    o = jnp.where(hit[..., None], jnp.asarray(jnp.nan, o.dtype), o)
+    return o, jnp.where(hit[:, -1, :, None, None], jnp.asarray(jnp.nan, final.dtype), final)
+
+
+def masks_nonfinite(impl):
+    """A chunked implementation ``impl(q, k, v, g, *, runs, ...)`` made exact for NaN and Inf
+    in k and v: they never reach a row they cannot reach in the recurrence (a later row of
+    the chunk, another run), and the rows they do reach are NaN (``nonfinite_tokens``). The
+    kernels run on the zeroed inputs."""
+
+    @functools.wraps(impl)
+    def exact(q, k, v, g, *, runs, **kwargs):
+        k, v, hit = nonfinite_tokens(k, v, runs)
+        o, final = impl(q, k, v, g, runs=runs, **kwargs)
+        return mark_reached(o, final, hit)
+
+    return exact
 
 
 def linear_attention_naive(q, k, v, g, *, scale, initial_state, runs):
@@ -198,6 +229,5 @@ def linear_attention_xla(
 
     # 3. Per-chunk outputs.
     o = output_pass(q, k, v, b, s_in, runs, r_prev, scale=scale, max_chunk_bytes=max_chunk_bytes)
-    o = jnp.where(hit[..., None], jnp.nan, o.reshape(B, n * C, H, V)[:, :T])
-    final = jnp.where(hit[:, -1, :, None, None], jnp.nan, final)
+    o, final = mark_reached(o.reshape(B, n * C, H, V)[:, :T], final, hit)
     return o.astype(out_dtype), final

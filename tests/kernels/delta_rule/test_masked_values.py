@@ -1,5 +1,6 @@
 """A NaN or Inf in k, v or (under jit) beta at a later position of a chunk or in another packed segment
-never reaches an output of the chunked XLA form (as in the recurrence); the rows it does
+never reaches an output of a chunked form, XLA or a Pallas kernel (interpret mode), as in
+the recurrence; the rows it does
 reach (its own and the later ones of its segment) are not finite, and neither is the final
 state when the last segment holds one."""
 
@@ -9,10 +10,12 @@ import numpy as np
 import pytest
 
 from seqmix import testing
-from seqmix.kernels import gated_delta_rule
+from seqmix.kernels import gated_delta_rule, interpret
+
+IMPLS = ["naive", "xla", "pallas_triton", "pallas_tpu"]
 
 
-@pytest.mark.parametrize("impl", ["naive", "xla"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("segments", [False, True], ids=["one-sequence", "segments"])
 def test_values_at_masked_positions_never_reach_an_output(impl, segments):
     B, T, H, K, V = 2, 40, 2, 8, 8
@@ -31,13 +34,14 @@ def test_values_at_masked_positions_never_reach_an_output(impl, segments):
     bad_k = k.at[:, 20, 0, 5].set(jnp.inf)
     bad_beta = beta.at[:, 33, 0].set(jnp.nan)
     kw = dict(initial_state=s0, segment_ids=seg, return_final_state=True, implementation=impl)
-    if impl == "xla":
+    if impl != "naive":
         kw["chunk_size"] = 16
     # under jit, where beta's values are not known to the argument check (which refuses a
     # concrete NaN beta with a ValueError)
-    run = jax.jit(lambda k, v, beta: gated_delta_rule(q, k, v, beta, g, **kw))
-    out, final = run(bad_k, bad_v, bad_beta)
-    ref, ref_final = run(k, v, beta)
+    with interpret():
+        run = jax.jit(lambda k, v, beta: gated_delta_rule(q, k, v, beta, g, **kw))
+        out, final = run(bad_k, bad_v, bad_beta)
+        ref, ref_final = run(k, v, beta)
     t = np.arange(T)
     if segments:  # 13 and 20 fall in segment 1 (10..24), 33 in segment 2 (25..39)
         hit = (t >= 13) & (t < 25) | (t >= 33)
@@ -53,9 +57,10 @@ def test_values_at_masked_positions_never_reach_an_output(impl, segments):
     testing.assert_close(final[:, 1], ref_final[:, 1], 1e-5, f"{impl}: other head's state")
 
 
+@pytest.mark.parametrize("impl", IMPLS[1:])
 @pytest.mark.parametrize("segments", [False, True], ids=["one-sequence", "segments"])
-def test_values_at_masked_positions_never_reach_a_gradient(segments):
-    """xla: the gradients of a loss on the rows a bad token cannot reach are those of clean
+def test_values_at_masked_positions_never_reach_a_gradient(impl, segments):
+    """The chunked forms: the gradients of a loss on the rows a bad token cannot reach are those of clean
     inputs."""
     B, T, H, K, V = 1, 40, 2, 8, 8
     ks = jax.random.split(jax.random.key(testing.fresh_seed()), 5)
@@ -71,10 +76,11 @@ def test_values_at_masked_positions_never_reach_a_gradient(segments):
     clean = ~((t >= 13) & (t < 25)) if segments else t < 13
 
     def loss(q, k, v, beta, g):
-        o = gated_delta_rule(q, k, v, beta, g, segment_ids=seg, chunk_size=16, implementation="xla")
+        o = gated_delta_rule(q, k, v, beta, g, segment_ids=seg, chunk_size=16, implementation=impl)
         return jnp.sum(jnp.where(clean[None, :, None, None], o, 0.0) ** 2)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))  # one compile for both
-    grads, ref = grad(q, k, bad_v, beta, g), grad(q, k, v, beta, g)
+    with interpret():
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))  # one compile for both
+        grads, ref = grad(q, k, bad_v, beta, g), grad(q, k, v, beta, g)
     for name, d, r in zip(("q", "k", "v", "beta", "log_decay"), grads, ref):
-        testing.assert_close(d, r, 1e-5, f"xla d{name}")
+        testing.assert_close(d, r, 1e-5, f"{impl} d{name}")

@@ -1,8 +1,8 @@
 """A NaN or Inf in k or v at a later position of a chunk or in another packed segment never
-reaches an output of the chunked XLA form (as in the recurrence); the rows it does reach
-(its own and the later ones of its segment) are not finite (NaN in the chunked form, the
-IEEE result in the recurrence), and neither is the final state when the last segment holds
-one."""
+reaches an output of a chunked form, XLA or a Pallas kernel (interpret mode), as in the
+recurrence; the rows it does reach (its own and the later ones of its segment) are not
+finite (NaN in the chunked forms, the IEEE result in the recurrence), and neither is the
+final state when the last segment holds one."""
 
 import jax
 import jax.numpy as jnp
@@ -10,18 +10,29 @@ import numpy as np
 import pytest
 
 from seqmix import testing
-from seqmix.kernels import linear_attention
+from seqmix.kernels import interpret, linear_attention
+
+IMPLS = ["naive", "xla", "pallas_triton", "pallas_tpu", "pallas_mosaic_gpu"]
 
 
-@pytest.mark.parametrize("impl", ["naive", "xla"])
+def _setting(impl):
+    """(batch, key/value dim, dtype, chunk size, tolerance) that ``impl`` serves: Mosaic GPU
+    takes bf16 and chunks of 64 only (one chunk here: the later rows of a chunk)."""
+    if impl == "pallas_mosaic_gpu":
+        return 1, 64, jnp.bfloat16, 64, 2e-2
+    return 2, 8, jnp.float32, 16, 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("decay", ["scalar", "channel"])
 @pytest.mark.parametrize("segments", [False, True], ids=["one-sequence", "segments"])
 def test_values_at_masked_positions_never_reach_an_output(impl, decay, segments):
-    B, T, H, K, V = 2, 40, 2, 8, 8
+    B, K, dtype, chunk, tol = _setting(impl)
+    T, H, V = 40, 2, K
     ks = jax.random.split(jax.random.key(testing.fresh_seed()), 5)
-    q = jax.random.normal(ks[0], (B, T, H, K))
-    k = jax.random.normal(ks[1], (B, T, H, K))
-    v = jax.random.normal(ks[2], (B, T, H, V))
+    q = jax.random.normal(ks[0], (B, T, H, K), dtype)
+    k = jax.random.normal(ks[1], (B, T, H, K), dtype)
+    v = jax.random.normal(ks[2], (B, T, H, V), dtype)
     shape = (B, T, H) if decay == "scalar" else (B, T, H, K)
     g = jax.random.uniform(ks[3], shape, jnp.float32, -1.0, 0.0)
     s0 = jax.random.normal(ks[4], (B, H, K, V))
@@ -30,38 +41,42 @@ def test_values_at_masked_positions_never_reach_an_output(impl, decay, segments)
     bad_v = v.at[:, 13, 0, 2].set(jnp.nan)
     bad_k = k.at[:, 20, 0, 5].set(jnp.inf)
     kw = dict(initial_state=s0, segment_ids=seg, return_final_state=True, implementation=impl)
-    if impl == "xla":
-        kw["chunk_size"] = 16
-    out, final = linear_attention(q, bad_k, bad_v, g, **kw)
-    ref, ref_final = linear_attention(q, k, v, g, **kw)
+    if impl != "naive":
+        kw["chunk_size"] = chunk
+    with interpret():
+        run = jax.jit(lambda k, v: linear_attention(q, k, v, g, **kw))
+        out, final = run(bad_k, bad_v)
+        ref, ref_final = run(k, v)
     t = np.arange(T)
     if segments:  # 13 and 20 both fall in segment 1 (10..24)
         hit = (t >= 13) & (t < 25)
     else:
         hit = t >= 13
-    out, ref = np.asarray(out), np.asarray(ref)
-    testing.assert_close(out[:, ~hit], ref[:, ~hit], 1e-5, f"{impl}: rows the NaN cannot reach")
-    testing.assert_close(out[:, :, 1], ref[:, :, 1], 1e-5, f"{impl}: the other head")
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    testing.assert_close(out[:, ~hit], ref[:, ~hit], tol, f"{impl}: rows the NaN cannot reach")
+    testing.assert_close(out[:, :, 1], ref[:, :, 1], tol, f"{impl}: the other head")
     reached = ~np.all(np.isfinite(out[:, hit, 0]), axis=-1)
     assert np.all(reached), f"{impl}: rows a non-finite token reaches"
     final, ref_final = np.asarray(final), np.asarray(ref_final)
     if segments:
-        testing.assert_close(final, ref_final, 1e-5, f"{impl}: final state (last segment clean)")
+        testing.assert_close(final, ref_final, tol, f"{impl}: final state (last segment clean)")
     else:
         assert not np.all(np.isfinite(final[:, 0])), f"{impl}: final state of the NaN's head"
-        testing.assert_close(final[:, 1], ref_final[:, 1], 1e-5, f"{impl}: other head's state")
+        testing.assert_close(final[:, 1], ref_final[:, 1], tol, f"{impl}: other head's state")
 
 
+@pytest.mark.parametrize("impl", IMPLS[1:])
 @pytest.mark.parametrize("segments", [False, True], ids=["one-sequence", "segments"])
-def test_values_at_masked_positions_never_reach_a_gradient(segments):
-    """xla: the gradients of a loss on the rows a bad token cannot reach are those of clean
-    inputs. (The recurrence gives NaN gradients at and after the bad token, 0 times NaN in
-    its backward scan; the rows before it stay finite there too.)"""
-    B, T, H, K, V = 1, 40, 2, 8, 8
+def test_values_at_masked_positions_never_reach_a_gradient(impl, segments):
+    """The chunked forms: the gradients of a loss on the rows a bad token cannot reach are
+    those of clean inputs. (The recurrence gives NaN gradients at and after the bad token,
+    0 times NaN in its backward scan; the rows before it stay finite there too.)"""
+    _, K, dtype, chunk, tol = _setting(impl)
+    B, T, H, V = 1, 40, 2, K
     ks = jax.random.split(jax.random.key(testing.fresh_seed()), 4)
-    q = jax.random.normal(ks[0], (B, T, H, K))
-    k = jax.random.normal(ks[1], (B, T, H, K))
-    v = jax.random.normal(ks[2], (B, T, H, V))
+    q = jax.random.normal(ks[0], (B, T, H, K), dtype)
+    k = jax.random.normal(ks[1], (B, T, H, K), dtype)
+    v = jax.random.normal(ks[2], (B, T, H, V), dtype)
     g = jax.random.uniform(ks[3], (B, T, H), jnp.float32, -1.0, 0.0)
     seg = jnp.broadcast_to(jnp.array([0] * 10 + [1] * 15 + [2] * 15), (B, T)) if segments else None
     bad_v = v.at[:, 13, 0, 2].set(jnp.nan)
@@ -69,10 +84,11 @@ def test_values_at_masked_positions_never_reach_a_gradient(segments):
     clean = ~((t >= 13) & (t < 25)) if segments else t < 13
 
     def loss(q, k, v, g):
-        o = linear_attention(q, k, v, g, segment_ids=seg, chunk_size=16, implementation="xla")
-        return jnp.sum(jnp.where(clean[None, :, None, None], o, 0.0) ** 2)
+        o = linear_attention(q, k, v, g, segment_ids=seg, chunk_size=chunk, implementation=impl)
+        return jnp.sum(jnp.where(clean[None, :, None, None], o.astype(jnp.float32), 0.0) ** 2)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))  # one compile for both
-    grads, ref = grad(q, k, bad_v, g), grad(q, k, v, g)
+    with interpret():
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))  # one compile for both
+        grads, ref = grad(q, k, bad_v, g), grad(q, k, v, g)
     for name, d, r in zip(("q", "k", "v", "log_decay"), grads, ref):
-        testing.assert_close(d, r, 1e-5, f"xla d{name}")
+        testing.assert_close(d, r, tol, f"{impl} d{name}")

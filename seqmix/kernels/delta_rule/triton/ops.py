@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from seqmix.kernels.common import pad_axes
+from seqmix.kernels.delta_rule import reference
 from seqmix.kernels.delta_rule.triton import state, wy
 from seqmix.kernels.delta_rule.triton.plan import DeltaPlan, make_plan
 from seqmix.kernels.linear_attention.triton import backward as la_backward
@@ -28,6 +29,7 @@ from seqmix.kernels.linear_attention.triton import forward as la_forward
 f32 = jnp.float32
 
 
+@reference.masks_nonfinite
 def gated_delta_rule(q, k, v, beta, g, *, scale, initial_state, runs, chunk_size=64, config=None):
     """``(o [B, T, Hv, V] in q's dtype, final_state [B, Hv, K, V] float32)``.
 

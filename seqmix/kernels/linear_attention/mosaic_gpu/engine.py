@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from seqmix.kernels.linear_attention import reference
 from seqmix.kernels.linear_attention.mosaic_gpu import backward, channel_kernels, forward, state
 from seqmix.kernels.linear_attention.mosaic_gpu.plan import Plan, make_plan
 from seqmix.kernels.linear_attention.tuning import MosaicGpuConfig
@@ -121,6 +122,7 @@ def _chunked_bwd(plan, residuals, cotangents):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+@reference.masks_nonfinite
 def linear_attention(
     q, k, v, g, *, scale, initial_state, runs, chunk_size=64, config: MosaicGpuConfig | None = None
 ):

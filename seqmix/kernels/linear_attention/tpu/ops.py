@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from seqmix.kernels.common import pad_to, round_up
 from seqmix.kernels.dispatch import interpret_mode
-from seqmix.kernels.linear_attention import tuning
+from seqmix.kernels.linear_attention import reference, tuning
 from seqmix.kernels.linear_attention.tpu import backward, forward
 from seqmix.kernels.linear_attention.tpu.chunk import KernelConfig
 
@@ -45,6 +45,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 # --- layout and entry point ----------------------------------------------------------------------
 
 
+@reference.masks_nonfinite
 def linear_attention(
     q,
     k,
