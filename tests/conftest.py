@@ -10,12 +10,23 @@ float32 oracle: the mark expression selects the ``gpu`` tests and leaves the GPU
 ``SEQMIX_TEST_DEVICE=gpu`` for the test modules and turns off the preallocation of device
 memory (several xdist workers share the GPU); the oracle runs its matmuls at full float32
 precision (``seqmix.testing.vjp_pairs``). Without a GPU the selected tests are skipped.
+
+On the CPU every program that takes a while to compile is compiled once per test run: the
+run shares a persistent compilation cache (a temporary directory, removed at the end) among
+its xdist workers and the subprocesses the tests start (``JAX_COMPILATION_CACHE_DIR`` in
+the environment). Many tests train the same small models; a program that differs in
+anything (code, shapes, flags, devices) is a different cache entry and compiles anew.
 """
 
 import os
 import re
+import shutil
+import tempfile
+
+import pytest
 
 GPU_MARK = re.compile(r"(?<!not )\bgpu\b")
+_CACHE_KEY = pytest.StashKey[str]()
 
 
 def _gpu_selected(config) -> bool:
@@ -29,13 +40,32 @@ def pytest_configure(config):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        _share_compilations(config)
+
+
+def _share_compilations(config) -> None:
+    """One persistent compilation cache for this run: made by the first process (the xdist
+    controller, or the only one), inherited through the environment by the workers and
+    every subprocess. A cache the caller set is used as it is."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    path = tempfile.mkdtemp(prefix="seqmix-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    # the tiny programs that compile in milliseconds are not worth a file each
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    config.stash[_CACHE_KEY] = path
+
+
+def pytest_unconfigure(config):
+    path = config.stash.get(_CACHE_KEY, None)
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("SEQMIX_TEST_DEVICE") != "gpu":
         return
     import jax
-    import pytest
 
     try:
         has_gpu = bool(jax.devices("gpu"))

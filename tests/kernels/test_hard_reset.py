@@ -38,8 +38,8 @@ def _check(fn, impl, args, tol, **kw):
         return jnp.sum(o.astype(F32) ** 2) + jnp.sum(s**2), (o, s)
 
     with interpret():
-        (_, (o, s)), grads = jax.value_and_grad(
-            loss, argnums=tuple(range(len(args))), has_aux=True
+        (_, (o, s)), grads = jax.jit(
+            jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)
         )(*args)
     up = [a.astype(F32) if a.dtype != F32 else a for a in args]
     naive_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
