@@ -1,9 +1,9 @@
 """Times the kernel benchmark of this tree beside another tree of seqmix, in one run.
 
     python -m seqmix.experiments.device.compare_revisions --other=/path/to/old/tree \
-        --ops=attention,linear_attention,decode_attention,scan_op,conv_op
+        --ops=attention,linear_attention,decode_attention,scan_op,conv_op,attention_op
 
-For each op it runs ``bench_kernels --quick`` (for ``scan_op`` and ``conv_op``: time_ops.py,
+For each op it runs ``bench_kernels --quick`` (for the ``*_op`` names of ``DIRECT``: time_ops.py,
 which times the public op at fixed shapes) three times, in separate processes: this tree,
 the other tree, this tree again (A B A), each with its own tree first on ``PYTHONPATH``. Rows
 are matched by (label, impl); every time column (``*ms``, ``*us``) is compared. The two runs
@@ -48,7 +48,12 @@ def _define_flags():
 
 # Ops timed by time_ops.py (the public op at fixed shapes, the same in both trees) instead of
 # bench_kernels --quick, whose shapes a tree may have changed.
-DIRECT = {"scan_op": "selective_scan", "conv_op": "causal_conv1d"}
+DIRECT = {
+    "scan_op": "selective_scan",
+    "conv_op": "causal_conv1d",
+    "attention_op": "attention",
+    "linear_attention_op": "linear_attention",
+}
 
 # What names a row (the measured columns aside): present in some benchmarks, not in others.
 KEY_FIELDS = ("label", "series", "decay", "impl", "B", "T", "H", "Hkv", "D", "Dm", "N", "C", "W")

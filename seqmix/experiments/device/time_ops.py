@@ -5,11 +5,12 @@
 
 The ops are imported from whichever seqmix is first on ``PYTHONPATH``, so the same script
 times two trees of seqmix (``compare_revisions`` runs it for ``scan_op`` and ``conv_op``)
-whatever their benchmark modules look like. It imports only ``selective_scan`` and
-``causal_conv1d`` from ``seqmix.kernels``, with the arguments both have always taken. Each
-row: forward and forward+backward milliseconds (``median_ms``: median of ``--iters``
-repetitions of enqueued calls, after warm-up) of
-``pallas_triton`` and ``xla`` at Mamba's headline shapes, bf16.
+whatever their benchmark modules look like. It imports only the op it times from
+``seqmix.kernels`` (``selective_scan``, ``causal_conv1d``, ``attention``,
+``linear_attention``), with the arguments every tree has taken. Each row: forward and
+forward+backward milliseconds (``median_ms``: median of ``--iters`` repetitions of enqueued
+calls, after warm-up) of each of ``--impls`` (default: the op's GPU kernels, ``IMPLS``) at
+the headline shapes of BENCHMARKS.md, bf16.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ import jax.numpy as jnp
 
 SCAN_SHAPES = [(8, 4096, 1536, 16), (2, 16384, 1536, 16)]
 CONV_SHAPES = [(8, 4096, 1536, 4), (2, 16384, 1536, 4)]
+ATTENTION_SHAPES = [(8, 4096, 16, 128)]  # causal
+LINEAR_ATTENTION_SHAPES = [(8, 4096, 16, 128)]  # scalar decay
+IMPLS = {
+    "selective_scan": "pallas_triton,xla",
+    "causal_conv1d": "pallas_triton",
+    "attention": "pallas_triton,cudnn",
+    "linear_attention": "pallas_triton,pallas_mosaic_gpu",
+}
 
 
 def median_ms(fn, args, iters: int, target_s: float = 0.1) -> float:
@@ -86,19 +95,52 @@ def conv_case(B, T, C, W, impl):
     return f"{B}x{T}x{C} w{W}", f, args, dy
 
 
+def attention_case(B, T, H, D, impl):
+    from seqmix.kernels import attention
+
+    ks = jax.random.split(jax.random.key(0), 4)
+    args = tuple(jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in ks[:3])
+    dy = jax.random.normal(ks[3], (B, T, H, D), jnp.bfloat16)
+
+    def f(q, k, v):
+        return attention(q, k, v, causal=True, implementation=impl)
+
+    return f"{B}x{T}x{H}x{D} causal", f, args, dy
+
+
+def linear_attention_case(B, T, H, D, impl):
+    from seqmix.kernels import linear_attention
+
+    ks = jax.random.split(jax.random.key(0), 5)
+    qkv = tuple(jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in ks[:3])
+    g = -jnp.exp(jax.random.normal(ks[3], (B, T, H), jnp.float32) - 3.0)
+    dy = jax.random.normal(ks[4], (B, T, H, D), jnp.bfloat16)
+
+    def f(q, k, v, g):
+        return linear_attention(q, k, v, g, chunk_size=64, implementation=impl)
+
+    return f"{B}x{T}x{H}x{D} scalar decay", f, (*qkv, g), dy
+
+
+CASES = {
+    "selective_scan": (SCAN_SHAPES, scan_case),
+    "causal_conv1d": (CONV_SHAPES, conv_case),
+    "attention": (ATTENTION_SHAPES, attention_case),
+    "linear_attention": (LINEAR_ATTENTION_SHAPES, linear_attention_case),
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--op", choices=["selective_scan", "causal_conv1d"], required=True)
+    parser.add_argument("--op", choices=sorted(CASES), required=True)
     parser.add_argument("--out", required=True, help="JSON file for the rows")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--impls", default="pallas_triton,xla")
+    parser.add_argument("--impls", default=None, help="comma-separated (default: IMPLS[op])")
     a = parser.parse_args()
-    shapes, case = (
-        (SCAN_SHAPES, scan_case) if a.op == "selective_scan" else (CONV_SHAPES, conv_case)
-    )
+    shapes, case = CASES[a.op]
     rows = []
     for shape in shapes:
-        for impl in a.impls.split(","):
+        for impl in (a.impls or IMPLS[a.op]).split(","):
             label, f, args, dy = case(*shape, impl)
             fwd = jax.jit(f)
             floats = tuple(range(len(args)))

@@ -42,9 +42,7 @@ def _delta_kernel(o_ref, do_ref, dlse_ref, delta_ref):
 def delta(o, do, dlse, st):
     """``sum(dO * O) - dlse`` per row, ``[B, H, T]`` float32; ``+inf`` marks a row whose
     output is not finite (it attended a non-finite key or value): such a row passes no
-    gradient (as ``where`` would), and the dK/dV and dQ kernels zero its ``dO``, ``p`` and
-    ``delta``, and every non-finite entry of q, k and v, so that a NaN or Inf at a masked
-    position reaches no gradient (a few selects per tile, no extra pass over memory)."""
+    gradient, as ``where`` would (``drop_dead_rows``)."""
     B, T, H, D = o.shape
     bq = st.bwd_dq.block_q
     spec = pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, i, h, 0))
@@ -63,6 +61,20 @@ def delta(o, do, dlse, st):
     )(o, do, dlse)
 
 
+def drop_dead_rows(q, do, lse2, delta):
+    """The rows that ``delta`` marks (+inf) pass no gradient: their q and dO zeroed (one XLA
+    pass over q and dO), ``lse2 = +inf`` (so ``p = 0``, as for a row that sees no key) and
+    ``delta = 0``. With the non-finite entries of k and v zeroed where a tile loads them
+    under a mask (an unmasked tile's keys are seen by all its rows: a bad one there makes
+    them all dead), a NaN or Inf at a masked position reaches no gradient, and the inner
+    loops of the dK/dV and dQ kernels are those of finite inputs."""
+    dead = delta == jnp.inf  # [B, H, T]
+    rows = jnp.swapaxes(dead, 1, 2)[..., None]  # [B, T, H, 1]
+    q = jnp.where(rows, jnp.zeros((), q.dtype), q)
+    do = jnp.where(rows, jnp.zeros((), do.dtype), do)
+    return q, do, jnp.where(dead, jnp.inf, lse2), jnp.where(dead, 0.0, delta)
+
+
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq):
     if st.segments:
         seg_ref, lo_ref, hi_ref, dk_ref, dv_ref = refs
@@ -79,20 +91,17 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq)
     def step(i, carry, g, masked):
         dk, dv = carry
         q0 = pl.multiple_of(i * bq, bq)
-        q = _finite(q_ref[pl.ds(q0, bq), g, :])
+        q = q_ref[pl.ds(q0, bq), g, :]
         do = do_ref[pl.ds(q0, bq), g, :]
         lse = lse_ref[g, pl.ds(q0, bq)]
         delta = delta_ref[g, pl.ds(q0, bq)]
-        dead = delta == jnp.inf  # rows whose output is not finite pass no gradient
-        do = jnp.where(dead[:, None], jnp.zeros_like(do), do)
-        delta = jnp.where(dead, 0.0, delta)
         s, t = st.logits2(st.dot(k, q, trans_b=True))  # transposed logits [bk, bq]
         if masked:
             qpos = q0 + jnp.arange(bq, dtype=jnp.int32)
             qseg = seg_ref[pl.ds(q0, bq)][None, :] if st.segments else None
             vis = st.mask(qpos[None, :] - kpos[:, None], kpos[:, None], qseg, kseg)
             s = jnp.where(vis, s, -jnp.inf)
-        p = jnp.where(dead[None, :], 0.0, jnp.exp2(s - lse[None, :]))
+        p = jnp.exp2(s - lse[None, :])
         dv = dv + st.dot(p.astype(do.dtype), do)
         ds = p * (st.dot(v, do, trans_b=True) - delta[None, :])
         if t is not None:
@@ -158,27 +167,26 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq, n
     i = pl.program_id(0)
     i = nq - 1 - i if st.reversed_q() else i
     q0 = i * bq
-    q = _finite(q_ref[...])
+    q = q_ref[...]
     lse = lse_ref[...]
     delta = delta_ref[...]
-    dead = delta == jnp.inf  # rows whose output is not finite pass no gradient
     do = do_ref[...]
-    do = jnp.where(dead[:, None], jnp.zeros_like(do), do)
-    delta = jnp.where(dead, 0.0, delta)
     qpos = q0 + jnp.arange(bq, dtype=jnp.int32)
     qseg = qseg_ref[...][:, None] if st.segments else None
 
     def step(j, dq, masked):
         k0 = pl.multiple_of(j * bk, bk)
-        k = _finite(k_ref[pl.ds(k0, bk), :])
-        v = _finite(v_ref[pl.ds(k0, bk), :])
+        k = k_ref[pl.ds(k0, bk), :]
+        v = v_ref[pl.ds(k0, bk), :]
+        if masked:  # a masked key's NaN or Inf must not reach a row (0 * NaN in the dots)
+            k, v = _finite(k), _finite(v)
         s, t = st.logits2(st.dot(q, k, trans_b=True))
         if masked:
             kpos = k0 + jnp.arange(bk, dtype=jnp.int32)
             kseg = kseg_ref[pl.ds(k0, bk)][None, :] if st.segments else None
             vis = st.mask(qpos[:, None] - kpos[None, :], kpos[None, :], qseg, kseg)
             s = jnp.where(vis, s, -jnp.inf)
-        p = jnp.where(dead[:, None], 0.0, jnp.exp2(s - lse[:, None]))
+        p = jnp.exp2(s - lse[:, None])
         ds = p * (st.dot(do, v, trans_b=True) - delta[:, None])
         if t is not None:
             ds = ds * (1.0 - t * t)
@@ -190,6 +198,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq, n
     dq = loops(
         lo, hi, flo, fhi, step, jnp.zeros(q.shape, jnp.float32), st, head=st.left is not None
     )
+    # a dead row (lse2 = +inf) may have met a bad key in an unmasked tile: it passes nothing
+    dq = jnp.where((lse == jnp.inf)[:, None], 0.0, dq)
     plgpu.store(dq_ref, (dq * st.scale).astype(dq_ref.dtype))
 
 

@@ -43,6 +43,7 @@ def _flash_bwd(st, res, cts):
     do, dlse = cts
     dlse = jnp.where(lse2 == jnp.inf, 0.0, dlse.astype(jnp.float32))
     delta = backward.delta(o, do, dlse, st)
+    q, do, lse2, delta = backward.drop_dead_rows(q, do, lse2, delta)
     dk, dv = backward.dkdv(q, k, v, do, lse2, delta, seg, st)
     dq = backward.dq(q, k, v, do, lse2, delta, seg, st)
     return dq, dk, dv, None
