@@ -53,6 +53,7 @@ DIRECT = {
     "conv_op": "causal_conv1d",
     "attention_op": "attention",
     "linear_attention_op": "linear_attention",
+    "decode_op": "decode_attention",
 }
 
 # What names a row (the measured columns aside): present in some benchmarks, not in others.

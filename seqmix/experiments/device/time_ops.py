@@ -7,8 +7,8 @@ The ops are imported from whichever seqmix is first on ``PYTHONPATH``, so the sa
 times two trees of seqmix (``compare_revisions`` runs it for ``scan_op`` and ``conv_op``)
 whatever their benchmark modules look like. It imports only the op it times from
 ``seqmix.kernels`` (``selective_scan``, ``causal_conv1d``, ``attention``,
-``linear_attention``), with the arguments every tree has taken. Each row: forward and
-forward+backward milliseconds (``median_ms``: median of ``--iters`` repetitions of enqueued
+``linear_attention``, ``decode_attention``), with the arguments every tree has taken. Each row: forward and
+forward+backward milliseconds (forward only for decoding) (``median_ms``: median of ``--iters`` repetitions of enqueued
 calls, after warm-up) of each of ``--impls`` (default: the op's GPU kernels, ``IMPLS``) at
 the headline shapes of BENCHMARKS.md, bf16.
 """
@@ -26,7 +26,9 @@ SCAN_SHAPES = [(8, 4096, 1536, 16), (2, 16384, 1536, 16)]
 CONV_SHAPES = [(8, 4096, 1536, 4), (2, 16384, 1536, 4)]
 ATTENTION_SHAPES = [(8, 4096, 16, 128)]  # causal
 LINEAR_ATTENTION_SHAPES = [(8, 4096, 16, 128)]  # scalar decay
+DECODE_SHAPES = [(4, 131072, 32, 8, 128)]  # B, cache, query heads, KV heads, D
 IMPLS = {
+    "decode_attention": "pallas_triton,cudnn",
     "selective_scan": "pallas_triton,xla",
     "causal_conv1d": "pallas_triton",
     "attention": "pallas_triton,cudnn",
@@ -122,7 +124,22 @@ def linear_attention_case(B, T, H, D, impl):
     return f"{B}x{T}x{H}x{D} scalar decay", f, (*qkv, g), dy
 
 
+def decode_case(B, S, H, Hkv, D, impl):
+    from seqmix.kernels import decode_attention
+
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, H, D), jnp.bfloat16)
+    cache = tuple(jax.random.normal(kk, (B, S, Hkv, D), jnp.bfloat16) for kk in ks[1:])
+    lengths = jnp.full((B,), S - 1000, jnp.int32)
+
+    def f(q, k, v):
+        return decode_attention(q, k, v, lengths, implementation=impl)
+
+    return f"{B}x{S} cache {H}/{Hkv} heads", f, (q, *cache), None
+
+
 CASES = {
+    "decode_attention": (DECODE_SHAPES, decode_case),
     "selective_scan": (SCAN_SHAPES, scan_case),
     "causal_conv1d": (CONV_SHAPES, conv_case),
     "attention": (ATTENTION_SHAPES, attention_case),
@@ -142,12 +159,12 @@ def main():
     for shape in shapes:
         for impl in (a.impls or IMPLS[a.op]).split(","):
             label, f, args, dy = case(*shape, impl)
-            fwd = jax.jit(f)
-            floats = tuple(range(len(args)))
-            fb = jax.jit(jax.grad(lambda *xs: jnp.sum((f(*xs) * dy).astype(jnp.float32)), floats))
             row = {"label": label, "impl": impl}
-            row["fwd_ms"] = median_ms(fwd, args, a.iters)
-            row["fb_ms"] = median_ms(fb, args, a.iters)
+            row["fwd_ms"] = median_ms(jax.jit(f), args, a.iters)
+            if dy is not None:  # a decoding step has no backward here
+                floats = tuple(range(len(args)))
+                loss = lambda *xs: jnp.sum((f(*xs) * dy).astype(jnp.float32))
+                row["fb_ms"] = median_ms(jax.jit(jax.grad(loss, floats)), args, a.iters)
             rows.append(row)
             print(row, flush=True)
             with open(a.out, "w") as fh:  # after every row: a time limit keeps what was measured
