@@ -7,10 +7,11 @@ The ops are imported from whichever seqmix is first on ``PYTHONPATH``, so the sa
 times two trees of seqmix (``compare_revisions`` runs it for ``scan_op`` and ``conv_op``)
 whatever their benchmark modules look like. It imports only the op it times from
 ``seqmix.kernels`` (``selective_scan``, ``causal_conv1d``, ``attention``,
-``linear_attention``, ``decode_attention``), with the arguments every tree has taken. Each row: forward and
-forward+backward milliseconds (forward only for decoding) (``median_ms``: median of ``--iters`` repetitions of enqueued
-calls, after warm-up) of each of ``--impls`` (default: the op's GPU kernels, ``IMPLS``) at
-the headline shapes of BENCHMARKS.md, bf16.
+``linear_attention``, ``decode_attention``), with the arguments every tree has taken. Each
+row: forward and forward+backward milliseconds (forward only for decoding; ``median_ms``:
+the median of ``--iters`` repetitions of enqueued calls, after warm-up) of each of
+``--impls`` (default: the op's GPU kernels, ``IMPLS``) at the headline shapes of
+BENCHMARKS.md, bf16.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--op", choices=sorted(CASES), required=True)
     parser.add_argument("--out", required=True, help="JSON file for the rows")
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--impls", default=None, help="comma-separated (default: IMPLS[op])")
     a = parser.parse_args()
     shapes, case = CASES[a.op]
