@@ -51,7 +51,10 @@ DECODE_ATTENTION = Op(
         "pallas_tpu": "seqmix.kernels.attention.tpu:decode_attention",
         "cudnn": "seqmix.kernels.attention.cudnn:decode_attention",
     },
-    auto={"cpu": ("xla",), "gpu": ("cudnn", "pallas_triton", "xla"), "tpu": ("xla",)},
+    # GPU: the Triton decoder first; cuDNN, which needs the cache's non-finite entries and
+    # the slots past the lengths zeroed before it (an extra pass over the cache), took 3x its
+    # time (BENCHMARKS.md, decode_attention)
+    auto={"cpu": ("xla",), "gpu": ("pallas_triton", "cudnn", "xla"), "tpu": ("xla",)},
     configs={"pallas_triton": tuning.TritonDecodeConfig, "pallas_tpu": tuning.TpuDecodeConfig},
 )
 
