@@ -9,6 +9,7 @@ Ops (each at its first benchmark shape, bf16, through the public op with
   gated_delta_rule        [8, 4096, 16, 128], scalar decay
   selective_scan          [8, 4096, 1536, 16], softplus, D and z
   linear_attention_mgpu   [8, 4096, 16, 128], scalar decay, ``pallas_mosaic_gpu``
+  attention               [8, 4096, 16, 128], causal
 
 Writes ``$OUT/profile_ops.json`` (every op's top kernels) and prints one table per op: the
 kernel, its total ms over the three calls and its share of the traced GPU time.
@@ -73,7 +74,24 @@ def _linear_attention_mgpu():
     return f, (q, k, v, g), (0, 1, 2, 3)
 
 
+def _attention():
+    import jax
+    import jax.numpy as jnp
+
+    from seqmix.kernels import attention
+
+    (B, T), H, D = _shape(8, 4096), 16, 128
+    ks = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(x, (B, T, H, D)).astype(jnp.bfloat16) for x in ks)
+
+    def f(q, k, v):
+        return attention(q, k, v, causal=True, implementation="pallas_triton")
+
+    return f, (q, k, v), (0, 1, 2)
+
+
 OPS = {
+    "attention": _attention,
     "gated_delta_rule": _gated_delta_rule,
     "selective_scan": _selective_scan,
     "linear_attention_mgpu": _linear_attention_mgpu,
