@@ -11,8 +11,8 @@ activates a mesh with ``mesh.seq > 1``, and unchanged otherwise.
 
 - ``linear_attention``: linear attention, RetNet, GLA, Mamba-2 SSD (LASP-2: one all-gather
   of per-device final states and decays, then a correction ``q S_in``);
-- ``selective_scan``: Mamba-1 (the same state exchange; the fix-up is the op run from
-  ``h_in`` on zero inputs);
+- ``selective_scan``: Mamba-1 (the same state exchange, each block's final state by a
+  reduction over its tokens, then the op run once from ``h_in``);
 - ``causal_conv1d``: a halo of ``width - 1`` tokens from the previous device;
 - ``attention``: sliding windows by a halo of ``window`` keys; full attention by an
   all-gather of K/V with zig-zag load balancing of causal queries.

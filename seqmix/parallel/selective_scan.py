@@ -9,14 +9,14 @@ the sequence split over the devices of the sequence axis (device ``r`` holds tok
 (``h^0`` the scan from a zero state, the product elementwise over ``[channels, state]``).
 Every device:
 
-1. runs ``seqmix.kernels.selective_scan`` on its block from a zero state (output and final
-   state);
+1. computes its block's final state from a zero state, ``sum_t exp(A R_t) dt_t B_t u_t``
+   with ``R_t = sum_{s > t} dt_s`` (``block_final_state``): no recurrence, a reduction over
+   time that XLA fuses into one pass over dt, u and B (the gradients walk the tokens in
+   chunks, recomputing the exponentials: no ``[T, channels, state]`` array is kept);
 2. all-gathers the final states and the block decays ``exp(A * sum dt)`` and folds those of
    the devices before it into ``h_in`` (``exchange.carried_states``);
-3. adds the fix-up ``silu(z_t) * C_t . (exp(A * cumsum dt)_t * h_in)``, which is the same op
-   run on zero inputs from ``h_in``: the fused kernel then computes the cumulative decay
-   elementwise without materialising ``[T, channels, state]``, and its VJP gives the
-   gradients. D and the gate are linear in the output, so the two parts add.
+3. runs ``seqmix.kernels.selective_scan`` on its block once, from ``h_in``: the op's own
+   output, and through its VJP the gradients, including ``h_in``'s.
 
 A state reset by a large ``dt`` (``seqmix.layers.Mamba``'s packed rows) needs nothing more:
 ``exp(A dt)`` is exactly 0 there, and so is the block decay.
@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from seqmix import kernels
@@ -127,15 +128,77 @@ def selective_scan_local(
     """The per-device program (inside ``shard_map`` over ``axis``): this device's block ->
     ``(y, final state of the whole sequence)``."""
     kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, **op_kwargs)
-    y, local_final = kernels.selective_scan(u, delta, A, B, C, D, z, return_final_state=True, **kw)
     dt = delta.astype(jnp.float32)
     if delta_bias is not None:
         dt = dt + delta_bias.astype(jnp.float32)
     if delta_softplus:
         dt = jax.nn.softplus(dt)
+    local_final = block_final_state(dt, u, B, A)
     block_decay = jnp.exp(jnp.sum(dt, axis=1)[..., None] * A.astype(jnp.float32))  # [B, Dm, N]
     h_in, final = exchange.carried_states(local_final, block_decay, axis, initial_state)
-    fix = kernels.selective_scan(
-        jnp.zeros_like(u), delta, A, B, C, None, z, initial_state=h_in, **kw
+    y = kernels.selective_scan(u, delta, A, B, C, D, z, initial_state=h_in, **kw)
+    return y, final
+
+
+def _final_parts(dt, u, B, A):
+    """Broadcastable pieces of ``sum_t exp(A R_t) w_t``: ``R [B, T, G, c, 1]`` (dt summed over
+    the later tokens), ``w = dt u B [B, T, G, c, N]``-broadcastable factors, ``A [G, c, N]``."""
+    Bsz, T, Dm = dt.shape
+    Bg = (B[:, :, None] if B.ndim == 3 else B).astype(jnp.float32)  # [B, T, G, N]
+    G, N = Bg.shape[2], Bg.shape[3]
+    later = lax.cumsum(dt, axis=1, reverse=True) - dt  # sum over s > t, exact near the end
+    shape = (Bsz, T, G, Dm // G, 1)
+    du = (dt * u.astype(jnp.float32)).reshape(shape)
+    return later.reshape(shape), du, Bg[:, :, :, None, :], A.astype(jnp.float32).reshape(G, -1, N)
+
+
+@jax.custom_vjp
+def block_final_state(dt: Array, u: Array, B: Array, A: Array) -> Array:
+    """The state after a block scanned from zero, float32 ``[B, Dm, N]``:
+    ``sum_t exp(A R_t) dt_t u_t B_t`` with ``R_t = sum_{s > t} dt_s``; ``dt [B, T, Dm]``
+    float32, u ``[B, T, Dm]``, B ``[B, T, N]`` or ``[B, T, G, N]``, A ``[Dm, N]``. Its VJP walks
+    the tokens in chunks of ``_CHUNK``, recomputing the exponentials of each chunk."""
+    R, du, Bg, Ag = _final_parts(dt, u, B, A)
+    final = jnp.sum(jnp.exp(Ag * R) * du * Bg, axis=1)  # [B, G, c, N]
+    return final.reshape(dt.shape[0], dt.shape[2], -1)
+
+
+def _final_fwd(dt, u, B, A):
+    return block_final_state(dt, u, B, A), (dt, u, B, A)
+
+
+# tokens per step of the backward's loop: its temporaries are [B, _CHUNK, Dm, N] at most
+_CHUNK = 128
+
+
+def _final_bwd(res, ct):
+    dt, u, B, A = res
+    Bsz, T = dt.shape[:2]
+    R, du, Bg, Ag = _final_parts(dt, u, B, A)  # R, du [B, T, G, c, 1]; Bg [B, T, G, 1, N]
+    C = min(_CHUNK, T)
+    n = -(-T // C)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, n * C - T)] + [(0, 0)] * (x.ndim - 2))
+    chunks = lambda x: jnp.moveaxis(pad(x).reshape(Bsz, n, C, *x.shape[2:]), 1, 0)
+    g = ct.astype(jnp.float32).reshape(Bsz, 1, *Ag.shape)  # [B, 1, G, c, N]
+
+    def step(d_A, xs):
+        r, w, b = xs  # one chunk of R, du and Bg
+        e = jnp.exp(Ag * r)  # [B, C, G, c, N]
+        d_w = jnp.sum(e * b * g, axis=-1, keepdims=True)
+        d_b = jnp.sum(e * w * g, axis=3)  # [B, C, G, N]
+        d_r = jnp.sum(Ag * e * w * b * g, axis=-1, keepdims=True)
+        return d_A + jnp.sum(r * e * w * b * g, axis=(0, 1)), (d_w, d_b, d_r)
+
+    d_A, (d_du, d_B, d_R) = lax.scan(
+        step, jnp.zeros(Ag.shape, jnp.float32), (chunks(R), chunks(du), chunks(Bg))
     )
-    return (y.astype(jnp.float32) + fix.astype(jnp.float32)).astype(u.dtype), final
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(Bsz, n * C, -1)[:, :T]
+    d_du, d_R, d_B = unchunk(d_du), unchunk(d_R), unchunk(d_B).reshape(Bsz, T, *Bg.shape[2:3], -1)
+    # R_t = sum_{s > t} dt_s: dt_s collects d_R of every t < s
+    d_dt = d_du * u.astype(jnp.float32) + lax.cumsum(d_R, axis=1) - d_R
+    d_u = (d_du * dt).astype(u.dtype)
+    d_B = (d_B if B.ndim == 4 else d_B[:, :, 0]).astype(B.dtype)
+    return d_dt, d_u, d_B, d_A.reshape(A.shape).astype(A.dtype)
+
+
+block_final_state.defvjp(_final_fwd, _final_bwd)
