@@ -157,3 +157,38 @@ def test_training_with_seq_4_follows_the_seq_1_loss_curve(tmp_path):
         assert len(one) == len(four) == 3, (name, curves)
         assert len(set(one)) == 3, f"{name}: the loss did not change ({one})"
         np.testing.assert_allclose(four, one, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("T, groups", [(37, 2), (300, None)], ids=["groups", "chunks"])
+def test_block_final_state_is_the_scan_final_state_with_its_gradients(T, groups):
+    """The scan's per-device reduction against the recurrence's final state: values and
+    gradients (300 tokens: the backward's loop over chunks of 128, the last one padded)."""
+    from seqmix.parallel.selective_scan import block_final_state
+
+    B, Dm, N = 2, 8, 4
+    ks = jax.random.split(jax.random.key(fresh_seed()), 5)
+    u = jax.random.normal(ks[0], (B, T, Dm))
+    dt = jax.nn.softplus(jax.random.normal(ks[1], (B, T, Dm)))
+    Bm = jax.random.normal(ks[2], (B, T, groups, N) if groups else (B, T, N))
+    A = -jnp.exp(jax.random.normal(ks[3], (Dm, N)))
+    w = jax.random.normal(ks[4], (B, Dm, N))
+
+    def mine(dt, u, Bm, A):
+        return jnp.sum(w * block_final_state(dt, u, Bm, A))
+
+    def scan(dt, u, Bm, A):
+        _, final = kernels.selective_scan(
+            u, dt, A, Bm, Bm, return_final_state=True, implementation="naive"
+        )
+        return jnp.sum(w * final)
+
+    args = (dt, u, Bm, A)
+    np.testing.assert_allclose(mine(*args), scan(*args), rtol=1e-5)
+    for name, a, b in zip(
+        ("dt", "u", "B", "A"),
+        jax.grad(mine, argnums=(0, 1, 2, 3))(*args),
+        jax.grad(scan, argnums=(0, 1, 2, 3))(*args),
+    ):
+        np.testing.assert_allclose(
+            a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name
+        )
