@@ -1,11 +1,12 @@
 """Times the kernel benchmark of this tree beside another tree of seqmix, in one run.
 
     python -m seqmix.experiments.device.compare_revisions --other=/path/to/old/tree \
-        --ops=attention,linear_attention,decode_attention,scan_op,conv_op,attention_op
+        --ops=attention,linear_attention,decode_attention,scan_op,conv_op
 
-For each op it runs ``bench_kernels --quick`` (for the ``*_op`` names of ``DIRECT``: time_ops.py,
-which times the public op at fixed shapes) three times, in separate processes: this tree,
-the other tree, this tree again (A B A), each with its own tree first on ``PYTHONPATH``. Rows
+For each op it runs ``bench_kernels --quick`` (for the names in ``DIRECT``, such as
+``scan_op`` or ``attention_op``: time_ops.py, which times the public op at fixed shapes)
+three times, in separate processes: this tree, the other tree, this tree again (A B A), each
+with its own tree first on ``PYTHONPATH``. Rows
 are matched by (label, impl); every time column (``*ms``, ``*us``) is compared. The two runs
 of this tree give the run-to-run noise of each row; a row counts as slower only when the
 other tree beats both runs of this tree by more than that noise and by more than

@@ -4,7 +4,7 @@
         --out=/tmp/scan.json
 
 The ops are imported from whichever seqmix is first on ``PYTHONPATH``, so the same script
-times two trees of seqmix (``compare_revisions`` runs it for ``scan_op`` and ``conv_op``)
+times two trees of seqmix (``compare_revisions`` runs it for the ops in its ``DIRECT``)
 whatever their benchmark modules look like. It imports only the op it times from
 ``seqmix.kernels`` (``selective_scan``, ``causal_conv1d``, ``attention``,
 ``linear_attention``, ``decode_attention``), with the arguments every tree has taken. Each

@@ -201,6 +201,7 @@ def state_pass(k, w, u, b, s0, runs, r_last, r_prev):
     return jnp.moveaxis(v_new, 0, 1), s_in, final
 
 
+@masks_nonfinite
 def gated_delta_rule_xla(
     q,
     k,
@@ -220,16 +221,14 @@ def gated_delta_rule_xla(
     Time is zero-padded to a multiple of ``chunk_size`` (padded tokens have beta = 0, so
     they leave the state unchanged) and sliced back. Every ``exp`` takes a difference of
     cumulative log decays inside one chunk, never a positive number: log decays down to
-    -20 per token underflow to 0 instead of overflowing. Differentiable by JAX autodiff.
+    -20 per token underflow to 0 instead of overflowing. Differentiable by JAX autodiff. A
+    NaN or Inf in k, v or beta reaches only the rows it reaches in the recurrence
+    (``masks_nonfinite``).
     """
     out_dtype = q.dtype
     B, T = q.shape[:2]
     q, k, v, g, s0 = la.expand(q, k, v, g, initial_state)  # g [B, T, Hv, 1]
     beta = beta.astype(s0.dtype)
-    # a token with a NaN or Inf in k, v or beta becomes a no-op here and marks the rows it
-    # reaches (its own and the later ones of its run) NaN at the end, as in the recurrence
-    k, v, hit = la.nonfinite_tokens(k, v, runs, also=jnp.logical_not(jnp.isfinite(beta)))
-    beta = jnp.where(jnp.isfinite(beta), beta, 0.0)
     H, V = v.shape[2], v.shape[3]
     C = chunk_size
     n = -(-T // C)
@@ -242,5 +241,4 @@ def gated_delta_rule_xla(
     o = la.output_pass(
         q, k, v_new, b[..., None], s_in, runs, r_prev, scale=scale, max_chunk_bytes=max_chunk_bytes
     )
-    o, final = la.mark_reached(o.reshape(B, n * C, H, V)[:, :T], final, hit)
-    return o.astype(out_dtype), final
+    return o.reshape(B, n * C, H, V)[:, :T].astype(out_dtype), final

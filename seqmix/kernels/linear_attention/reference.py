@@ -189,6 +189,7 @@ def output_pass(q, k, v, b, s_in, runs, r_prev, *, scale, max_chunk_bytes=1 << 2
     return jnp.moveaxis(o, 0, 1)
 
 
+@masks_nonfinite
 def linear_attention_xla(
     q, k, v, g, *, scale, initial_state, runs, chunk_size=64, max_chunk_bytes=1 << 28
 ):
@@ -199,11 +200,13 @@ def linear_attention_xla(
       2. the inter-chunk pass ``S_{c+1} = exp(b_last) S_c + h_c`` (a scan over chunks);
       3. per-chunk outputs (``output_pass``): ``(q_t exp(b_t))^T S_c`` plus the intra-chunk
          attention ``sum_{s<=t} (q_t . k_s exp(b_t - b_s)) v_s``.
+
+    A NaN or Inf in k or v reaches only the rows it reaches in the recurrence
+    (``masks_nonfinite``).
     """
     out_dtype = q.dtype
     B, T = q.shape[:2]
     q, k, v, g, s0 = expand(q, k, v, g, initial_state)
-    k, v, hit = nonfinite_tokens(k, v, runs)
     H, V = v.shape[2], v.shape[3]
     C = chunk_size
     n = -(-T // C)
@@ -229,5 +232,4 @@ def linear_attention_xla(
 
     # 3. Per-chunk outputs.
     o = output_pass(q, k, v, b, s_in, runs, r_prev, scale=scale, max_chunk_bytes=max_chunk_bytes)
-    o, final = mark_reached(o.reshape(B, n * C, H, V)[:, :T], final, hit)
-    return o.astype(out_dtype), final
+    return o.reshape(B, n * C, H, V)[:, :T].astype(out_dtype), final
