@@ -120,12 +120,16 @@ class Op:
         (so that importing seqmix never imports a kernel backend).
       auto: platform -> implementation names in order of preference.
       configs: implementation name -> its Config class (the backends that are tuned).
+      auto_skip: implementation name -> ``reason(*args, **kwargs)``, for an implementation
+        that auto dispatch prefers only for some arguments (where it measured faster): the
+        reason auto passes it over (a string), or None to try it. Named calls ignore it.
     """
 
     name: str
     impls: Mapping[str, Callable[..., Any] | str]
     auto: Mapping[str, Sequence[str]]
     configs: Mapping[str, type] = dataclasses.field(default_factory=dict)
+    auto_skip: Mapping[str, Callable[..., str | None]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         _OPS[self.name] = self
@@ -200,6 +204,11 @@ class Op:
             reasons = []
             for name in self.auto.get(platform(), self.auto.get("cpu", ("xla",))):
                 if name not in self.impls:
+                    continue
+                skip = self.auto_skip.get(name)
+                reason = skip(*args, **kwargs) if skip is not None else None
+                if reason is not None:
+                    reasons.append(f"{name}: {reason}")
                     continue
                 try:
                     return self._call(name, args, kwargs, None)

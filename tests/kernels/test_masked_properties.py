@@ -6,6 +6,7 @@ and ``gated_delta_rule``. The rows it does reach are not finite. Fixed cases, gr
 and cuDNN are in the ops' ``test_masked_values.py`` and ``test_cudnn.py``."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,43 @@ def test_gated_delta_rule_values_at_later_or_other_segment_tokens(impl, data, va
     out = run(q, bad_k, bad_v, beta, g, **kw)
     ref = run(q, k, v, beta, g, **kw)
     _compare(out, ref, _reached(q.shape[1], positions, seg), f"gated_delta_rule {impl}")
+
+
+def _as_given(op: str, impl: str):
+    """The kernel of ``op`` in ``impl`` without its NaN handling (the function that
+    ``masks_nonfinite_if_poisoned`` wraps)."""
+    package = {"linear_attention": "linear_attention", "gated_delta_rule": "delta_rule"}[op]
+    module = importlib.import_module(f"seqmix.kernels.{package}.{impl.removeprefix('pallas_')}")
+    return getattr(module, op).__wrapped__
+
+
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_tpu"])
+@pytest.mark.parametrize("op", ["linear_attention", "gated_delta_rule"])
+@FEW
+@given(data=st.data(), value=BAD)
+def test_a_bad_token_poisons_the_kernels_final_state(op, impl, data, value):
+    """The premise of the kernels' fast path (``masks_nonfinite_if_poisoned``): without
+    packed runs, a NaN or Inf anywhere in k, v (or beta) leaves the final state that the
+    kernel computes on the inputs as given non-finite, so a finite one proves them clean."""
+    q, k, v, g, s0, _, positions, where, chunk, key = _recurrent_inputs(
+        data.draw, "la" if op == "linear_attention" else "dr"
+    )
+    whole = data.draw(st.booleans())
+    args = {"q": q, "k": k, "v": v}
+    if op == "gated_delta_rule":
+        args["k"] = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+        args["beta"] = jax.random.uniform(key, v.shape[:3])
+        where = data.draw(st.sampled_from(["k", "v", "beta"]))
+    args[where] = _inject(args[where], positions, value, whole)
+    kernel = functools.partial(
+        _as_given(op, impl), scale=0.5, runs=None, chunk_size=chunk, initial_state=s0
+    )
+    with interpret():
+        try:
+            _, final = jax.jit(kernel)(*args.values(), g)
+        except NotImplementedError:  # a chunk size the kernel does not serve
+            assume(False)
+    final = np.asarray(final).reshape(final.shape[0], -1)
+    assert not np.all(np.isfinite(final), axis=-1).any(), (
+        f"{op} {impl}: a bad {where} at {positions} left a final state finite"
+    )

@@ -54,6 +54,7 @@ DIRECT = {
     "conv_op": "causal_conv1d",
     "attention_op": "attention",
     "linear_attention_op": "linear_attention",
+    "delta_rule_op": "gated_delta_rule",
     "decode_op": "decode_attention",
 }
 

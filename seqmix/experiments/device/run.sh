@@ -7,12 +7,15 @@
 # Stages: test[:pytest args] | peers[:op,op] | bench:<op> | bench_quick:<op> | tune:<op>
 #         | final[:sections] | model[:flags] | recall[:flags] | recall_probe[:flags]
 #         | mgpu[:sections] | profile[:op,op] | compare[:op,op] | sp[:flags]
+#         | masking[:op:impl,...] | time:<time_ops op>
 #         (flags separated by spaces, the stage quoted)
 #   test   every kernel's cases natively on the GPU against the float32 oracle:
 #          python -m pytest -m gpu tests (args default: -n 8 -q; needs pytest, pytest-xdist)
 #   peers  comparisons with PyTorch SDPA and flash-linear-attention (experiments/gpu_check.py)
 #   compare  bench_kernels --quick of this tree beside the tree in .old/ (or $COMPARE_OTHER),
 #          A B A in separate processes (experiments/device/compare_revisions.py)
+#   time   time_ops.py --op=<op>: the public op at fixed shapes, in this tree
+#   masking  exact NaN masking's cost per chunked kernel (experiments/device/masking_cost.py)
 #   sp     bench_sequence_parallel (flags default: --mode=overhead, one GPU)
 #   tune   the autotuner's winners for <op> go to $OUT/tuning.json, which every later stage
 #          applies through SEQMIX_TUNING (the tables themselves are unchanged)
@@ -53,6 +56,10 @@ for stage in "$@"; do
     recall_probe) $T python3 -m seqmix.experiments.device.recall_probe ${arg:+$arg} > "$log" 2>&1 ;;
     recall) $T python3 -m seqmix.experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
     profile) $T python3 -m seqmix.experiments.device.profile_ops ${arg:+--ops=$arg} > "$log" 2>&1 ;;
+    time) $T python3 seqmix/experiments/device/time_ops.py --op="$arg" --iters=5 \
+            --out="$OUT/time_$arg.json" > "$log" 2>&1 ;;
+    masking) $T python3 -m seqmix.experiments.device.masking_cost ${arg:+--ops=$arg} \
+               --out="$OUT/masking_cost.json" > "$log" 2>&1 ;;
     compare) n=$(( ${#arg} ? $(tr -cd , <<<"$arg" | wc -c) + 1 : 5 ))
              JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache $T python3 -m \
              seqmix.experiments.device.compare_revisions --other="${COMPARE_OTHER:-.old}" \

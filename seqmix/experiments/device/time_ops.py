@@ -7,11 +7,12 @@ The ops are imported from whichever seqmix is first on ``PYTHONPATH``, so the sa
 times two trees of seqmix (``compare_revisions`` runs it for the ops in its ``DIRECT``)
 whatever their benchmark modules look like. It imports only the op it times from
 ``seqmix.kernels`` (``selective_scan``, ``causal_conv1d``, ``attention``,
-``linear_attention``, ``decode_attention``), with the arguments every tree has taken. Each
-row: forward and forward+backward milliseconds (forward only for decoding; ``median_ms``:
-the median of ``--iters`` repetitions of enqueued calls, after warm-up) of each of
-``--impls`` (default: the op's GPU kernels, ``IMPLS``) at the headline shapes of
-BENCHMARKS.md, bf16.
+``linear_attention``, ``gated_delta_rule``, ``decode_attention``), with the arguments
+every tree has taken. Each row: forward and forward+backward milliseconds (forward only for
+decoding; ``median_ms``: the median of ``--iters`` repetitions of enqueued calls, after
+warm-up) of each of ``--impls`` (default: the op's GPU kernels, ``IMPLS``) at the headline
+shapes of BENCHMARKS.md, bf16 (``linear_attention_series``: the shapes and decays at which
+auto dispatch chooses between the two linear-attention engines).
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ SCAN_SHAPES = [(8, 4096, 1536, 16), (2, 16384, 1536, 16)]
 CONV_SHAPES = [(8, 4096, 1536, 4), (2, 16384, 1536, 4)]
 ATTENTION_SHAPES = [(8, 4096, 16, 128)]  # causal
 LINEAR_ATTENTION_SHAPES = [(8, 4096, 16, 128)]  # scalar decay
+# where auto dispatch chooses between the Triton and Mosaic GPU engines (B, T, H, D, decay)
+LINEAR_ATTENTION_SERIES = [
+    (1, 65536, 16, 128, "scalar"),
+    (2, 16384, 16, 128, "scalar"),
+    (8, 4096, 16, 64, "scalar"),
+    (8, 4096, 16, 128, "channel"),
+    (8, 4096, 16, 128, "none"),
+    (8, 4096, 16, 128, "scalar"),
+]
+DELTA_RULE_SHAPES = [(8, 4096, 16, 128)]  # scalar decay
 DECODE_SHAPES = [(4, 131072, 32, 8, 128)]  # B, cache, query heads, KV heads, D
 IMPLS = {
     "decode_attention": "pallas_triton,cudnn",
@@ -34,6 +45,8 @@ IMPLS = {
     "causal_conv1d": "pallas_triton",
     "attention": "pallas_triton,cudnn",
     "linear_attention": "pallas_triton,pallas_mosaic_gpu",
+    "linear_attention_series": "pallas_triton,pallas_mosaic_gpu",
+    "gated_delta_rule": "pallas_triton",
 }
 
 
@@ -111,18 +124,45 @@ def attention_case(B, T, H, D, impl):
     return f"{B}x{T}x{H}x{D} causal", f, args, dy
 
 
-def linear_attention_case(B, T, H, D, impl):
+def linear_attention_case(B, T, H, D, impl, decay="scalar"):
     from seqmix.kernels import linear_attention
 
     ks = jax.random.split(jax.random.key(0), 5)
     qkv = tuple(jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in ks[:3])
-    g = -jnp.exp(jax.random.normal(ks[3], (B, T, H), jnp.float32) - 3.0)
     dy = jax.random.normal(ks[4], (B, T, H, D), jnp.bfloat16)
+    if decay == "none":
+
+        def f(q, k, v):
+            return linear_attention(q, k, v, chunk_size=64, implementation=impl)
+
+        return f"{B}x{T}x{H}x{D} no decay", f, qkv, dy
+    shape = (B, T, H) if decay == "scalar" else (B, T, H, D)
+    g = -jnp.exp(jax.random.normal(ks[3], shape, jnp.float32) - 3.0)
 
     def f(q, k, v, g):
         return linear_attention(q, k, v, g, chunk_size=64, implementation=impl)
 
-    return f"{B}x{T}x{H}x{D} scalar decay", f, (*qkv, g), dy
+    return f"{B}x{T}x{H}x{D} {decay} decay", f, (*qkv, g), dy
+
+
+def linear_attention_series_case(B, T, H, D, decay, impl):
+    return linear_attention_case(B, T, H, D, impl, decay)
+
+
+def delta_rule_case(B, T, H, D, impl):
+    from seqmix.kernels import gated_delta_rule
+
+    ks = jax.random.split(jax.random.key(0), 6)
+    q, k, v = (jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in ks[:3])
+    k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(k.dtype)
+    beta = jax.random.uniform(ks[3], (B, T, H), jnp.float32)
+    g = -jnp.exp(jax.random.normal(ks[4], (B, T, H), jnp.float32) - 3.0)
+    dy = jax.random.normal(ks[5], (B, T, H, D), jnp.bfloat16)
+
+    def f(q, k, v, beta, g):
+        return gated_delta_rule(q, k, v, beta, g, chunk_size=64, implementation=impl)
+
+    return f"{B}x{T}x{H}x{D} scalar decay", f, (q, k, v, beta, g), dy
 
 
 def decode_case(B, S, H, Hkv, D, impl):
@@ -145,6 +185,8 @@ CASES = {
     "causal_conv1d": (CONV_SHAPES, conv_case),
     "attention": (ATTENTION_SHAPES, attention_case),
     "linear_attention": (LINEAR_ATTENTION_SHAPES, linear_attention_case),
+    "linear_attention_series": (LINEAR_ATTENTION_SERIES, linear_attention_series_case),
+    "gated_delta_rule": (DELTA_RULE_SHAPES, delta_rule_case),
 }
 
 
@@ -161,11 +203,14 @@ def main():
         for impl in (a.impls or IMPLS[a.op]).split(","):
             label, f, args, dy = case(*shape, impl)
             row = {"label": label, "impl": impl}
-            row["fwd_ms"] = median_ms(jax.jit(f), args, a.iters)
-            if dy is not None:  # a decoding step has no backward here
-                floats = tuple(range(len(args)))
-                loss = lambda *xs: jnp.sum((f(*xs) * dy).astype(jnp.float32))
-                row["fb_ms"] = median_ms(jax.jit(jax.grad(loss, floats)), args, a.iters)
+            try:
+                row["fwd_ms"] = median_ms(jax.jit(f), args, a.iters)
+                if dy is not None:  # a decoding step has no backward here
+                    floats = tuple(range(len(args)))
+                    loss = lambda *xs: jnp.sum((f(*xs) * dy).astype(jnp.float32))
+                    row["fb_ms"] = median_ms(jax.jit(jax.grad(loss, floats)), args, a.iters)
+            except NotImplementedError as e:  # an implementation that does not serve it
+                row["error"] = str(e)[:200]
             rows.append(row)
             print(row, flush=True)
             with open(a.out, "w") as fh:  # after every row: a time limit keeps what was measured

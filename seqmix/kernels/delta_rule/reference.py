@@ -51,6 +51,39 @@ def masks_nonfinite(impl):
     return exact
 
 
+def masks_nonfinite_if_poisoned(impl):
+    """``masks_nonfinite`` at the cost of a check on the final state when no token is bad,
+    as ``linear_attention.reference.masks_nonfinite_if_poisoned``: a bad k, v or beta
+    enters the final state through products and sums (the UT transform, ``W``, ``U`` and
+    the state updates) and leaves it non-finite, so a finite one proves the inputs clean.
+    A differentiated call runs the masked path outright (``unless_poisoned``'s
+    ``masked_gradients``: its backward measured faster than one inside a cond), and so does
+    one with packed runs (the kernels reset by selection)."""
+    masked = masks_nonfinite(impl)
+
+    @functools.wraps(impl)
+    def exact(q, k, v, beta, g, *, runs, initial_state, **kwargs):
+        if runs is not None:
+            return masked(q, k, v, beta, g, runs=runs, initial_state=initial_state, **kwargs)
+
+        def as_given(q, k, v, beta, g, s0):
+            return impl(q, k, v, beta, g, runs=None, initial_state=s0, **kwargs)
+
+        return la.unless_poisoned(as_given, clean_nonfinite, True, q, k, v, beta, g, initial_state)
+
+    return exact
+
+
+def clean_nonfinite(q, k, v, beta, g, s0):
+    """``((q, k, v, beta, g, s0), hit)``: the NaN and Inf entries of k, v and beta zeroed
+    and the rows a bad token reaches marked (one sequence), ``unless_poisoned``'s
+    ``clean``."""
+    fin_beta = jnp.isfinite(beta)
+    k, v, hit = la.nonfinite_tokens(k, v, None, also=jnp.logical_not(fin_beta))
+    beta = jnp.where(fin_beta, beta, jnp.zeros((), beta.dtype))
+    return (q, k, v, beta, g, s0), hit
+
+
 def _resets(runs, B: int, T: int) -> Array:
     """``[B, T]`` bool: True where the run index changes (the state restarts there)."""
     if runs is None:

@@ -35,14 +35,15 @@ LINEAR_ATTENTION = Op(
         "pallas_mosaic_gpu": "seqmix.kernels.linear_attention.mosaic_gpu:linear_attention",
         "pallas_tpu": "seqmix.kernels.linear_attention.tpu:linear_attention",
     },
-    # pallas_mosaic_gpu (Hopper) is asked for by name; it enters the GPU order where the
-    # benchmark measures it faster than pallas_triton.
-    auto={"cpu": ("xla",), "gpu": ("pallas_triton", "xla"), "tpu": ("xla",)},
+    # pallas_mosaic_gpu (Hopper) comes first where the benchmark measured it faster than
+    # pallas_triton (tuning.MOSAIC_GPU_AUTO), and is passed over elsewhere.
+    auto={"cpu": ("xla",), "gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla"), "tpu": ("xla",)},
     configs={
         "pallas_triton": tuning.TritonConfig,
         "pallas_mosaic_gpu": tuning.MosaicGpuConfig,
         "pallas_tpu": tuning.TpuConfig,
     },
+    auto_skip={"pallas_mosaic_gpu": tuning.mosaic_gpu_auto_skip},
 )
 
 LINEAR_ATTENTION_STEP = Op(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -86,6 +87,90 @@ def masks_nonfinite(impl):
         return mark_reached(o, final, hit)
 
     return exact
+
+
+def masks_nonfinite_if_poisoned(impl):
+    """``masks_nonfinite`` for a kernel's ``impl(q, k, v, g, *, runs, initial_state, ...)``
+    at the cost of a check on its final state when no token is bad.
+
+    Without packed runs every token's k and v enter the final state through products and
+    sums (the decay weights, ``k^T v``), and a product or a sum with a NaN or an Inf is not
+    finite (0 times Inf is NaN): a bad token leaves the final state non-finite. So the
+    kernels run on the inputs as given; a finite final state proves that no token was bad
+    and the result is returned as it is, and only a non-finite one (a bad token, a bad
+    initial state or an overflow) runs the masked path (``unless_poisoned``). With runs the
+    kernels reset the state by selection, which can clear a NaN, so they always take the
+    masked path."""
+    masked = masks_nonfinite(impl)
+
+    @functools.wraps(impl)
+    def exact(q, k, v, g, *, runs, initial_state, **kwargs):
+        if runs is not None:
+            return masked(q, k, v, g, runs=runs, initial_state=initial_state, **kwargs)
+
+        def as_given(q, k, v, g, s0):
+            return impl(q, k, v, g, runs=None, initial_state=s0, **kwargs)
+
+        return unless_poisoned(as_given, clean_nonfinite, False, q, k, v, g, initial_state)
+
+    return exact
+
+
+def clean_nonfinite(q, k, v, g, s0):
+    """``((q, k, v, g, s0), hit)`` with the NaN and Inf entries of k and v zeroed and the
+    rows they reach marked (``nonfinite_tokens``, one sequence): ``unless_poisoned``'s
+    ``clean``."""
+    k, v, hit = nonfinite_tokens(k, v, None)
+    return (q, k, v, g, s0), hit
+
+
+def _poisoned(final):
+    return jnp.logical_not(jnp.all(jnp.isfinite(final)))
+
+
+def _masked(fast, clean, args):
+    clean_args, hit = clean(*args)
+    return mark_reached(*fast(*clean_args), hit)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def unless_poisoned(fast, clean, masked_gradients: bool, *args):
+    """``fast(*args)`` (a pair ``(o, final_state)``) where its final state is finite, else
+    the masked path ``mark_reached(fast(*clean_args), hit)`` with ``(clean_args, hit) =
+    clean(*args)`` (``clean`` zeroes the bad entries and marks the rows they reach).
+
+    The decision is a ``lax.cond`` on a scalar after ``fast`` has run; only the masked
+    branch runs the kernels again. Under differentiation the backward is a second cond:
+    ``fast``'s own VJP, or the masked path's. With ``masked_gradients`` a differentiated
+    call runs the masked path outright instead (forward and backward, no cond), which
+    measured faster for the delta rule's backward on the GPU (BENCHMARKS.md, "What exact
+    masking costs")."""
+    o, final = fast(*args)
+    return lax.cond(_poisoned(final), lambda: _masked(fast, clean, args), lambda: (o, final))
+
+
+def _unless_poisoned_fwd(fast, clean, masked_gradients, *args):
+    if masked_gradients:
+        out, masked_vjp = jax.vjp(lambda *a: _masked(fast, clean, a), *args)
+        return out, (None, masked_vjp, args)
+    (o, final), fast_vjp = jax.vjp(fast, *args)
+    bad = _poisoned(final)
+    out = lax.cond(bad, lambda: _masked(fast, clean, args), lambda: (o, final))
+    return out, (bad, fast_vjp, args)
+
+
+def _unless_poisoned_bwd(fast, clean, masked_gradients, residuals, cotangents):
+    bad, vjp, args = residuals
+    if masked_gradients:
+        return vjp(cotangents)
+
+    def masked():
+        return jax.vjp(lambda *a: _masked(fast, clean, a), *args)[1](cotangents)
+
+    return lax.cond(bad, masked, lambda: vjp(cotangents))
+
+
+unless_poisoned.defvjp(_unless_poisoned_fwd, _unless_poisoned_bwd)
 
 
 def linear_attention_naive(q, k, v, g, *, scale, initial_state, runs):

@@ -217,6 +217,14 @@ MOSAIC_GPU = {
         "channel": _MOSAIC_GPU_HOPPER,
     }
 }
+# Where auto dispatch on a GPU tries the Mosaic GPU engine before pallas_triton:
+# generation -> decay kind -> {(key dim, value dim): the longest sequence measured}, where it
+# measured faster, forward and forward + backward (BENCHMARKS.md, "Mosaic GPU engine");
+# elsewhere auto passes it over. H100 and H200, [8, 4096, 16, 128] bf16, scalar decay:
+# 0.599 / 1.55 ms against 0.672 / 1.80 ms (H100), 0.461 / 1.29 against 0.562 / 1.61 (H200).
+MOSAIC_GPU_AUTO: dict[str, dict[str, dict[tuple[int, int], int]]] = {
+    "hopper": {"scalar": {(128, 128): 4096}}
+}
 TRITON_STEP = TritonStepConfig(block_k=64, block_v=64, num_warps=4, num_stages=1)
 TPU = TpuConfig(sub_chunk=16, chunks_per_step=None)
 TPU_STEP = TpuStepConfig(state_bytes_per_step=1 << 20)
@@ -283,6 +291,21 @@ def mosaic_gpu_config(
         MOSAIC_GPU[gen][decay],
         config,
         interpret=interpret,
+    )
+
+
+def mosaic_gpu_auto_skip(q, k, v, g, **_) -> str | None:
+    """Why auto dispatch passes the Mosaic GPU engine over for these arguments (a
+    ``dispatch.Op.auto_skip``), or None where ``MOSAIC_GPU_AUTO`` prefers it."""
+    gen = generation(current_device_kind())
+    decay = "none" if g is None else ("scalar" if g.ndim == 3 else "channel")
+    dims, length = (q.shape[-1], v.shape[-1]), q.shape[1]
+    longest = MOSAIC_GPU_AUTO.get(gen, {}).get(decay, {}).get(dims)
+    if longest is not None and length <= longest:
+        return None
+    return (
+        f"not preferred by auto for {decay} decay at key/value dims {dims}, T = {length} on "
+        f"{gen} (MOSAIC_GPU_AUTO: where it measured faster than pallas_triton)"
     )
 
 

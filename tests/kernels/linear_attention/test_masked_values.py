@@ -92,3 +92,56 @@ def test_values_at_masked_positions_never_reach_a_gradient(impl, segments):
         grads, ref = grad(q, k, bad_v, g), grad(q, k, v, g)
     for name, d, r in zip(("q", "k", "v", "log_decay"), grads, ref):
         testing.assert_close(d, r, tol, f"{impl} d{name}")
+
+
+@pytest.mark.parametrize("masked_gradients", [False, True], ids=["cond", "masked-gradients"])
+@pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "poisoned"])
+def test_unless_poisoned_takes_the_masked_path_only_for_a_poisoned_final_state(
+    poisoned, masked_gradients
+):
+    """The kernels' dispatch: the fast path's values and gradients where its final state is
+    finite, the masked path's (``fast`` on the cleaned arguments) where it is not; with
+    ``masked_gradients`` a differentiated call takes the masked path, which agrees with
+    the fast one on clean arguments (here a stand-in ``clean`` that changes them, so that
+    the two paths differ)."""
+    from seqmix.kernels.linear_attention.reference import unless_poisoned
+
+    def fast(x, s):  # o [B, T, H, V], final [B, H, K, V]
+        return 2.0 * x, 1.0 * s
+
+    def clean(x, s):  # a stand-in that changes x, so that the two paths differ
+        return (1.5 * x, 0.0 * s), jnp.zeros(x.shape[:3], bool)
+
+    x = jnp.arange(1.0, 5.0).reshape(1, 4, 1, 1)
+    s = jnp.full((1, 1, 1, 1), jnp.inf if poisoned else 1.0)
+
+    def loss(x, s):
+        o, final = unless_poisoned(fast, clean, masked_gradients, x, s)
+        return jnp.sum(o) + jnp.sum(jnp.where(jnp.isfinite(final), final, 0.0))
+
+    assert float(jax.jit(loss)(x, s)) == (30.0 if poisoned else 21.0)
+    value, (dx, ds) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, s)
+    masked = poisoned or masked_gradients
+    assert float(value) == (30.0 if masked else 21.0)
+    assert np.unique(np.asarray(dx)).tolist() == [3.0 if masked else 2.0]
+    assert float(ds.ravel()[0]) == (0.0 if masked else 1.0)
+
+
+def test_mosaic_gpu_final_state_is_poisoned_by_a_bad_token():
+    """The premise of the fast path for the Mosaic GPU engine (interpret mode): a NaN in v
+    at any token of one sequence leaves the final state, as the kernels compute it on the
+    inputs as given, non-finite."""
+    from seqmix.kernels.linear_attention.mosaic_gpu import engine
+
+    B, K, dtype, chunk, _ = _setting("pallas_mosaic_gpu")
+    T, H = 128, 2
+    ks = jax.random.split(jax.random.key(testing.fresh_seed()), 4)
+    q, k, v = (jax.random.normal(kk, (B, T, H, K), dtype) for kk in ks[:3])
+    g = jax.random.uniform(ks[3], (B, T, H), jnp.float32, -1.0, 0.0)
+    for t in (5, 63, 127):
+        bad_v = v.at[:, t, 1, 3].set(jnp.nan)
+        with interpret():
+            _, final = engine.linear_attention.__wrapped__(
+                q, k, bad_v, g, scale=0.125, initial_state=None, runs=None, chunk_size=chunk
+            )
+        assert not np.all(np.isfinite(np.asarray(final[:, 1]))), f"NaN at {t}"

@@ -116,14 +116,21 @@ def test_other_gpu_generations_are_not_served():
     assert hopper == tuning.MOSAIC_GPU["hopper"]["scalar"]
 
 
-def test_auto_keeps_triton_and_a_config_selects_mosaic_gpu():
-    """Auto dispatch on a GPU never picks the Mosaic GPU engine; its Config does, and a
-    Config of another backend is refused."""
-    x = jax.ShapeDtypeStruct((1, 64, 1, 64), jnp.bfloat16)
+def _backends(fn, *args) -> set:
+    """The backends whose Config a call resolves (on a GPU, nothing runs)."""
     with dispatch.target_platform("gpu"), interpret(False), tune.recording() as seen:
-        jax.eval_shape(lambda q: linear_attention(q, q, q), x)
-        jax.eval_shape(lambda q: linear_attention(q, q, q, config=MosaicGpuConfig(depth=1)), x)
-    assert [impl for _, impl, _ in seen] == ["pallas_triton", "pallas_mosaic_gpu"]
+        jax.eval_shape(fn, *args)
+    return {impl for _, impl, _ in seen}
+
+
+def test_auto_keeps_triton_and_a_config_selects_mosaic_gpu(monkeypatch):
+    """Where ``MOSAIC_GPU_AUTO`` does not prefer it, auto dispatch on a GPU passes the Mosaic
+    GPU engine over; its Config selects it, and a Config of another backend is refused."""
+    monkeypatch.setitem(tuning.MOSAIC_GPU_AUTO, "hopper", {})
+    x = jax.ShapeDtypeStruct((1, 64, 1, 64), jnp.bfloat16)
+    assert _backends(lambda q: linear_attention(q, q, q), x) == {"pallas_triton"}
+    config = MosaicGpuConfig(depth=1)
+    assert _backends(lambda q: linear_attention(q, q, q, config=config), x) == {"pallas_mosaic_gpu"}
     with pytest.raises(ValueError, match=r"TritonConfig.*pallas_mosaic_gpu"):
         linear_attention(
             jnp.zeros(x.shape, x.dtype),
@@ -132,6 +139,32 @@ def test_auto_keeps_triton_and_a_config_selects_mosaic_gpu():
             implementation="pallas_mosaic_gpu",
             config=TritonConfig(),
         )
+
+
+def test_auto_tries_mosaic_gpu_where_the_table_prefers_it(monkeypatch):
+    """Auto dispatch on Hopper runs the Mosaic GPU engine for the decay kinds, dims and
+    lengths of ``MOSAIC_GPU_AUTO`` and pallas_triton elsewhere (another generation, another
+    decay, dims or a longer sequence); a named call ignores the table."""
+    monkeypatch.setitem(tuning.MOSAIC_GPU_AUTO, "hopper", {"scalar": {(64, 64): 64}})
+    monkeypatch.setattr(tuning, "current_device_kind", lambda: "NVIDIA H100 80GB HBM3")
+    x64, x128 = (jax.ShapeDtypeStruct((1, 64, 1, d), jnp.bfloat16) for d in (64, 128))
+    g = jax.ShapeDtypeStruct((1, 64, 1), jnp.float32)
+    gc = jax.ShapeDtypeStruct((1, 64, 1, 64), jnp.float32)
+
+    def la(q, g):
+        return linear_attention(q, q, q, g)
+
+    assert _backends(la, x64, g) == {"pallas_mosaic_gpu"}
+    assert _backends(la, x128, g) == {"pallas_triton"}
+    longer = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
+    g_longer = jax.ShapeDtypeStruct((1, 128, 1), jnp.float32)
+    assert _backends(la, longer, g_longer) == {"pallas_triton"}  # past the measured length
+    assert _backends(la, x64, gc) == {"pallas_triton"}
+    assert _backends(lambda q: linear_attention(q, q, q), x64) == {"pallas_triton"}
+    named = lambda q, g: linear_attention(q, q, q, g, implementation="pallas_mosaic_gpu")
+    assert _backends(named, x128, g) == {"pallas_mosaic_gpu"}
+    monkeypatch.setattr(tuning, "current_device_kind", lambda: "NVIDIA A100-SXM4-80GB")
+    assert _backends(lambda q, g: linear_attention(q, q, q, g), x64, g) == {"pallas_triton"}
 
 
 def test_tuning_file_and_caller_override_the_table(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ def _heads_major(x):
     return jnp.moveaxis(x, 3, 1)
 
 
-@reference.masks_nonfinite
+@reference.masks_nonfinite_if_poisoned
 def gated_delta_rule(q, k, v, beta, g, *, scale, initial_state, runs, chunk_size=64, config=None):
     """``(o [B, T, Hv, V] in q's dtype, final_state [B, Hv, K, V] float32)``; arguments as
     ``reference.gated_delta_rule_xla``. ``config``: ``tuning.TpuConfig`` (None: the

@@ -29,7 +29,7 @@ from seqmix.kernels.linear_attention.triton import forward as la_forward
 f32 = jnp.float32
 
 
-@reference.masks_nonfinite
+@reference.masks_nonfinite_if_poisoned
 def gated_delta_rule(q, k, v, beta, g, *, scale, initial_state, runs, chunk_size=64, config=None):
     """``(o [B, T, Hv, V] in q's dtype, final_state [B, Hv, K, V] float32)``.
 

@@ -122,7 +122,7 @@ def _chunked_bwd(plan, residuals, cotangents):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-@reference.masks_nonfinite
+@reference.masks_nonfinite_if_poisoned
 def linear_attention(
     q, k, v, g, *, scale, initial_state, runs, chunk_size=64, config: MosaicGpuConfig | None = None
 ):

@@ -45,7 +45,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 # --- layout and entry point ----------------------------------------------------------------------
 
 
-@reference.masks_nonfinite
+@reference.masks_nonfinite_if_poisoned
 def linear_attention(
     q,
     k,

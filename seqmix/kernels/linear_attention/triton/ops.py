@@ -20,7 +20,7 @@ from seqmix.kernels.linear_attention.triton import backward, forward, state
 from seqmix.kernels.linear_attention.triton.plan import Plan, make_plan
 
 
-@reference.masks_nonfinite
+@reference.masks_nonfinite_if_poisoned
 def linear_attention(q, k, v, g, *, scale, initial_state, runs, chunk_size=64, config=None):
     """``(o [B, T, Hv, V] in q's dtype, final_state [B, Hv, K, V] float32)``.
 
