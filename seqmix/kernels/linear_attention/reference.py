@@ -124,8 +124,22 @@ def clean_nonfinite(q, k, v, g, s0):
     return (q, k, v, g, s0), hit
 
 
+@jax.custom_batching.custom_vmap
+def _anywhere(flag):
+    return flag
+
+
+@_anywhere.def_vmap
+def _anywhere_vmap(axis_size, in_batched, flag):
+    """Under ``vmap`` one flag for the whole batch (any member's): the cond on it stays a
+    cond, where a batched predicate would make it a select that runs both paths. A clean
+    member on the masked path gets the fast path's results."""
+    del axis_size
+    return _anywhere(jnp.any(flag) if in_batched[0] else flag), False
+
+
 def _poisoned(final):
-    return jnp.logical_not(jnp.all(jnp.isfinite(final)))
+    return _anywhere(jnp.logical_not(jnp.all(jnp.isfinite(final))))
 
 
 def _masked(fast, clean, args):

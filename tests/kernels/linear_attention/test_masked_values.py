@@ -127,6 +127,30 @@ def test_unless_poisoned_takes_the_masked_path_only_for_a_poisoned_final_state(
     assert float(ds.ravel()[0]) == (0.0 if masked else 1.0)
 
 
+def test_the_fast_path_stays_a_cond_under_vmap_and_is_exact_for_every_member():
+    """Under ``vmap`` (a batch of models, as the recall sweep trains them) the decision is
+    one cond for the batch, not a select that runs both paths: a member with a bad token
+    sends the batch down the masked path, which gives the clean members their own results
+    (pallas_triton in interpret mode)."""
+    B, T, H, K = 1, 32, 2, 8
+    ks = jax.random.split(jax.random.key(testing.fresh_seed()), 4)
+    q, k, v = (jax.random.normal(kk, (3, B, T, H, K)) for kk in ks[:3])
+    g = jax.random.uniform(ks[3], (3, B, T, H), jnp.float32, -1.0, 0.0)
+    v_bad = v.at[1, :, 20, 0, 1].set(jnp.nan)
+
+    def op(q, k, v, g):
+        return linear_attention(q, k, v, g, chunk_size=16, implementation="pallas_triton")
+
+    with interpret():
+        batched = jax.jit(jax.vmap(op))
+        assert "cond[" in str(jax.make_jaxpr(jax.vmap(op))(q, k, v_bad, g))
+        out, clean = np.asarray(batched(q, k, v_bad, g)), np.asarray(batched(q, k, v, g))
+        one = np.asarray(jax.jit(op)(q[1], k[1], v_bad[1], g[1]))
+    testing.assert_close(out[[0, 2]], clean[[0, 2]], 1e-5, "the clean members")
+    np.testing.assert_array_equal(np.isfinite(out[1]), np.isfinite(one))
+    testing.assert_close(out[1][:, :20], clean[1][:, :20], 1e-5, "rows before the bad token")
+
+
 def test_mosaic_gpu_final_state_is_poisoned_by_a_bad_token():
     """The premise of the fast path for the Mosaic GPU engine (interpret mode): a NaN in v
     at any token of one sequence leaves the final state, as the kernels compute it on the
