@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from seqmix.kernels import tune
 from seqmix.kernels.common import current_device_kind, generation
 from seqmix.kernels.tune import Axis
@@ -225,6 +227,10 @@ MOSAIC_GPU = {
 MOSAIC_GPU_AUTO: dict[str, dict[str, dict[tuple[int, int], int]]] = {
     "hopper": {"scalar": {(128, 128): 4096}}
 }
+# The JAX releases whose Mosaic GPU lowering the engine was compiled, tested and measured
+# with on a GPU (the API is experimental and changes between releases); with another
+# release auto dispatch keeps pallas_triton, and the engine is asked for by name.
+MOSAIC_GPU_AUTO_JAX = ("0.11.",)
 TRITON_STEP = TritonStepConfig(block_k=64, block_v=64, num_warps=4, num_stages=1)
 TPU = TpuConfig(sub_chunk=16, chunks_per_step=None)
 TPU_STEP = TpuStepConfig(state_bytes_per_step=1 << 20)
@@ -297,6 +303,11 @@ def mosaic_gpu_config(
 def mosaic_gpu_auto_skip(q, k, v, g, **_) -> str | None:
     """Why auto dispatch passes the Mosaic GPU engine over for these arguments (a
     ``dispatch.Op.auto_skip``), or None where ``MOSAIC_GPU_AUTO`` prefers it."""
+    if not jax.__version__.startswith(MOSAIC_GPU_AUTO_JAX):
+        return (
+            f"not preferred by auto with jax {jax.__version__} (measured with "
+            f"{', '.join(v + 'x' for v in MOSAIC_GPU_AUTO_JAX)}: MOSAIC_GPU_AUTO_JAX)"
+        )
     gen = generation(current_device_kind())
     decay = "none" if g is None else ("scalar" if g.ndim == 3 else "channel")
     dims, length = (q.shape[-1], v.shape[-1]), q.shape[1]

@@ -143,9 +143,10 @@ def test_auto_keeps_triton_and_a_config_selects_mosaic_gpu(monkeypatch):
 
 def test_auto_tries_mosaic_gpu_where_the_table_prefers_it(monkeypatch):
     """Auto dispatch on Hopper runs the Mosaic GPU engine for the decay kinds, dims and
-    lengths of ``MOSAIC_GPU_AUTO`` and pallas_triton elsewhere (another generation, another
-    decay, dims or a longer sequence); a named call ignores the table."""
+    lengths of ``MOSAIC_GPU_AUTO`` and pallas_triton elsewhere (another JAX release or
+    generation, another decay, dims or a longer sequence); a named call ignores the table."""
     monkeypatch.setitem(tuning.MOSAIC_GPU_AUTO, "hopper", {"scalar": {(64, 64): 64}})
+    monkeypatch.setattr(tuning, "MOSAIC_GPU_AUTO_JAX", (jax.__version__,))
     monkeypatch.setattr(tuning, "current_device_kind", lambda: "NVIDIA H100 80GB HBM3")
     x64, x128 = (jax.ShapeDtypeStruct((1, 64, 1, d), jnp.bfloat16) for d in (64, 128))
     g = jax.ShapeDtypeStruct((1, 64, 1), jnp.float32)
@@ -163,6 +164,9 @@ def test_auto_tries_mosaic_gpu_where_the_table_prefers_it(monkeypatch):
     assert _backends(lambda q: linear_attention(q, q, q), x64) == {"pallas_triton"}
     named = lambda q, g: linear_attention(q, q, q, g, implementation="pallas_mosaic_gpu")
     assert _backends(named, x128, g) == {"pallas_mosaic_gpu"}
+    monkeypatch.setattr(tuning, "MOSAIC_GPU_AUTO_JAX", ("0.0.",))  # another jax release
+    assert _backends(lambda q, g: linear_attention(q, q, q, g), x64, g) == {"pallas_triton"}
+    monkeypatch.setattr(tuning, "MOSAIC_GPU_AUTO_JAX", (jax.__version__,))
     monkeypatch.setattr(tuning, "current_device_kind", lambda: "NVIDIA A100-SXM4-80GB")
     assert _backends(lambda q, g: linear_attention(q, q, q, g), x64, g) == {"pallas_triton"}
 
