@@ -1,8 +1,8 @@
 """One dispatch mechanism for every op family, and the interpret-mode switch.
 
 Every public op takes ``implementation=``: ``None`` (auto: the first implementation in the
-platform's preference list that supports the arguments), or a name from
-``IMPLEMENTATIONS``. An implementation that cannot serve the arguments raises
+platform's preference list that supports the arguments and that the op's ``auto_skip``
+rule, if any, does not pass over), or a name from ``IMPLEMENTATIONS``. An implementation that cannot serve the arguments raises
 ``NotImplementedError`` with the reason; auto moves on to the next one, a named request
 never falls back silently.
 
