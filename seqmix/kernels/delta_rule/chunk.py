@@ -124,6 +124,46 @@ def wy_forward(
     return w, u
 
 
+def transform(dot: Callable, dot32: Callable, k, beta_c, b_c, b_r, pair, block: int = 0):
+    """``(a, gamma, kk, m)`` of one chunk: ``scores`` and ``M = (I + A)^{-1}``."""
+    a, gamma, kk = scores(dot, k, beta_c, b_c, b_r, pair)
+    return a, gamma, kk, inverse(a, dot32, block)
+
+
+def wy_backward_values(dot32: Callable, v, beta_c, m, du):
+    """The value side of ``wy_backward``: ``(dv [C, V], dbeta_v [C, 1], dm_v [C, C])``, the
+    gradient of ``v``, the values' part of ``dbeta`` and of ``dM`` (``du (beta v)^T``)."""
+    vf = _float(v)
+    d_vals = dot32(m, du, trans_a=True)  # M^T du
+    dm_v = dot32(du, beta_c * vf, trans_b=True)
+    return beta_c * d_vals, jnp.sum(d_vals * vf, axis=1, keepdims=True), dm_v
+
+
+def wy_backward_keys(dot32: Callable, k, beta_c, b_c, pair, keep_c, parts, dw, dm_v):
+    """The key side of ``wy_backward`` given ``parts = transform(...)`` and the value side's
+    ``dm_v``: ``(dk [C, K], dbeta_k [C, 1], db_c [C, 1], db_r [1, C])``."""
+    a, gamma, kk, m = parts
+    kf = _float(k)
+    e = decayed_keys(k, beta_c, b_c, keep_c)
+    d_keys = dot32(m, dw, trans_a=True)  # M^T dw
+    dm = dm_v + dot32(dw, e, trans_b=True)
+    da = -dot32(dot32(m, dm, trans_a=True), m, trans_b=True)
+    da = jnp.where(pair, da, 0.0)
+    ek = jnp.sum(d_keys * kf, axis=1, keepdims=True)  # (M^T dw)_t . k_t
+    f = jnp.ones_like(beta_c) if b_c is None else jnp.exp(b_c)
+    if keep_c is not None:
+        f = jnp.where(keep_c, f, 0.0)
+    dbeta_k = f * ek + jnp.sum(da * gamma * kk, axis=1, keepdims=True)
+    dkk = da * beta_c * gamma  # d (k_t . k_s)
+    dk = beta_c * f * d_keys + dot32(dkk, kf) + dot32(dkk, kf, trans_a=True)
+    db_c = db_r = None
+    if b_c is not None:
+        da_a = da * a
+        db_c = beta_c * f * ek + jnp.sum(da_a, axis=1, keepdims=True)
+        db_r = -jnp.sum(da_a, axis=0, keepdims=True)
+    return dk, dbeta_k, db_c, db_r
+
+
 def wy_backward(
     dot: Callable,
     dot32: Callable,
@@ -143,32 +183,11 @@ def wy_backward(
     gradient of ``b`` is ``db_c + db_r^T`` (the row part comes from the key side ``b_s``).
 
     With ``D = beta v``, ``E = beta exp(b) k [keep]``: ``du -> dD = M^T du``,
-    ``dE = M^T dw``, ``dM = du D^T + dw E^T``, ``dA = -M^T dM M^T`` on ``pair``.
+    ``dE = M^T dw``, ``dM = du D^T + dw E^T``, ``dA = -M^T dM M^T`` on ``pair``. The value
+    side (``wy_backward_values``) and the key side (``wy_backward_keys``) meet in ``dM``;
+    a backend may run them as two kernels, each holding half the tiles.
     """
-    a, gamma, kk = scores(dot, k, beta_c, b_c, b_r, pair)
-    m = inverse(a, dot32, inverse_block)
-    kf, vf = _float(k), _float(v)
-    e = decayed_keys(k, beta_c, b_c, keep_c)
-    d_vals = dot32(m, du, trans_a=True)  # M^T du
-    d_keys = dot32(m, dw, trans_a=True)  # M^T dw
-    dm = dot32(du, beta_c * vf, trans_b=True) + dot32(dw, e, trans_b=True)
-    da = -dot32(dot32(m, dm, trans_a=True), m, trans_b=True)
-    da = jnp.where(pair, da, 0.0)
-    dv = beta_c * d_vals
-    ek = jnp.sum(d_keys * kf, axis=1, keepdims=True)  # (M^T dw)_t . k_t
-    f = jnp.ones_like(beta_c) if b_c is None else jnp.exp(b_c)
-    if keep_c is not None:
-        f = jnp.where(keep_c, f, 0.0)
-    dbeta = (
-        jnp.sum(d_vals * vf, axis=1, keepdims=True)
-        + f * ek
-        + jnp.sum(da * gamma * kk, axis=1, keepdims=True)
-    )
-    dkk = da * beta_c * gamma  # d (k_t . k_s)
-    dk = beta_c * f * d_keys + dot32(dkk, kf) + dot32(dkk, kf, trans_a=True)
-    db_c = db_r = None
-    if b_c is not None:
-        da_a = da * a
-        db_c = beta_c * f * ek + jnp.sum(da_a, axis=1, keepdims=True)
-        db_r = -jnp.sum(da_a, axis=0, keepdims=True)
-    return dk, dv, dbeta, db_c, db_r
+    parts = transform(dot, dot32, k, beta_c, b_c, b_r, pair, inverse_block)
+    dv, dbeta_v, dm_v = wy_backward_values(dot32, v, beta_c, parts[3], du)
+    dk, dbeta_k, db_c, db_r = wy_backward_keys(dot32, k, beta_c, b_c, pair, keep_c, parts, dw, dm_v)
+    return dk, dv, dbeta_v + dbeta_k, db_c, db_r

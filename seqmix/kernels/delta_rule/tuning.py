@@ -51,6 +51,11 @@ class TritonConfig:
         column per step (``C`` steps of masked reductions); 16 (a power of two below the
         chunk) by blocks: the diagonal blocks' elimination at once (16 steps), then block
         forward substitution by matmuls.
+      wy_backward: ``"fused"``, the WY transform's backward in one kernel per chunk, or
+        ``"split"``, two kernels (the value side: dv and ``du (beta v)^T``; the key side:
+        dk, d log_decay), each holding about half the tiles of the fused one at the cost of
+        the UT inverse twice and a ``[C, C]`` block per chunk through memory. Both use the
+        ``dwy`` warps and stages.
       num_warps, num_stages: per kernel (``PerKernel``).
     """
 
@@ -64,6 +69,7 @@ class TritonConfig:
     num_warps: PerKernel | None = None
     num_stages: PerKernel | None = None
     inverse_block: int | None = None
+    wy_backward: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +110,7 @@ _HOPPER = TritonConfig(
     # H100, [8, 4096, 16, 128] bf16: forward 1.86 ms by blocks of 16 against 2.53 ms by
     # elimination and 2.07 ms by blocks of 32; forward + backward 11.1 against 11.8 ms.
     inverse_block=16,
+    wy_backward="fused",
 )
 _HOPPER_ROWS = {"none": _HOPPER, "scalar": _HOPPER}
 
@@ -127,6 +134,7 @@ SEARCH = {
         Axis("block_k", [32, 64], backward=True),
         Axis("split_scores", [True, False], backward=True),
         Axis("inverse_block", [0, 16, 32], backward=True),
+        Axis("wy_backward", ["fused", "split"], backward=True),
         Axis(
             "num_warps",
             [

@@ -149,6 +149,21 @@ CASES = [
         configs={TRITON: TritonConfig(inverse_block=0)},
         cpu=(TRITON,),
     ),
+    # the WY backward as two kernels (value side, key side), with decay, segments, groups
+    C(
+        "split-wy-backward-groups-segments-chunk-32-T70",
+        1,
+        70,
+        1,
+        2,
+        16,
+        16,
+        32,
+        -2.0,
+        segments=True,
+        configs={TRITON: TritonConfig(wy_backward="split")},
+        cpu=(TRITON,),
+    ),
     # --- the TPU kernels (two chunks per grid step: the loop inside a step)
     C("decay-groups-segments-T37", 1, 37, 1, 2, 16, 16, 16, segments=True, cpu=(TPU,)),
     C(

@@ -25,14 +25,15 @@ TRITON_KERNELS = (
     [
         ("pallas_triton", None),
         ("pallas_triton", TritonConfig(inverse_block=0)),
+        ("pallas_triton", TritonConfig(wy_backward="split")),
         ("pallas_tpu", None),
     ],
-    ids=["pallas_triton", "pallas_triton-inverse-elimination", "pallas_tpu"],
+    ids=["pallas_triton", "pallas_triton-inverse-elimination", "pallas_triton-split", "pallas_tpu"],
 )
 @pytest.mark.parametrize("decay", [True, False], ids=["decay", "no-decay"])
 def test_forward_and_backward_lower(implementation, config, decay):
     """[2, 2048, 4 v heads over 2 q/k heads, 128] bf16 with every optional argument (and
-    the UT inverse by elimination)."""
+    the UT inverse by elimination, and the WY backward as two kernels)."""
     B, T, H, D = 2, 2048, 4, 128
     platform = "cuda" if implementation == "pallas_triton" else "tpu"
     qk = jnp.zeros((B, T, H // 2, D), jnp.bfloat16)
@@ -66,6 +67,9 @@ def test_forward_and_backward_lower(implementation, config, decay):
         for kernel in TRITON_KERNELS:
             name = kernel if kernel.startswith("linear_attention") else f"gated_delta_rule_{kernel}"
             assert name in text, f"kernel {name} missing from the module"
+        split = config is not None and config.wy_backward == "split"
+        for side in ("values", "keys"):
+            assert (f"gated_delta_rule_wy_backward_{side}" in text) == split, side
     else:
         assert text.count("tpu_custom_call") >= 2
 

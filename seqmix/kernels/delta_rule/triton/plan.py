@@ -28,11 +28,13 @@ _WY_MMA = {"bfloat16": "tfloat32", "float16": "tfloat32", "float32": "float32"}
 @dataclasses.dataclass(frozen=True)
 class DeltaPlan(Plan):
     """``Plan`` plus ``wy_mma``: the operand dtype of the matmuls on float32 intermediates
-    of the WY transform (the inverse ``M``, ``w``, ``u`` and their gradients), and
-    ``inverse_block``: the UT inverse by elimination (0) or by blocks of that many rows."""
+    of the WY transform (the inverse ``M``, ``w``, ``u`` and their gradients),
+    ``inverse_block``: the UT inverse by elimination (0) or by blocks of that many rows, and
+    ``split_wy_backward``: the WY backward as two kernels (value side, key side)."""
 
     wy_mma: str = "float32"
     inverse_block: int = 0
+    split_wy_backward: bool = False
 
 
 def make_plan(
@@ -64,6 +66,10 @@ def make_plan(
     ib = cfg.inverse_block or 0
     if ib and (ib < 16 or ib & (ib - 1)):
         raise ValueError(f"TritonConfig.inverse_block must be 0 or a power of two >= 16, got {ib}")
+    if cfg.wy_backward not in (None, "fused", "split"):
+        raise ValueError(
+            f'TritonConfig.wy_backward must be "fused" or "split", got {cfg.wy_backward!r}'
+        )
     Kp = round_up(K, bk)
     half = dtype == "bfloat16" and cfg.state_dtype == "input"
     return DeltaPlan(
@@ -97,4 +103,5 @@ def make_plan(
         if _MMA[dtype] == "float32" and cfg.mma in (None, "float32")
         else _WY_MMA[dtype],
         inverse_block=ib if ib < C else 0,
+        split_wy_backward=cfg.wy_backward == "split",
     )

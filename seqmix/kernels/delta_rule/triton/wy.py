@@ -58,17 +58,33 @@ def chunk_decay(plan: DeltaPlan, g_ref):
     return b[:, None], b[None, :], b
 
 
+def _chunk(plan: DeltaPlan, beta_ref, g_ref, r_ref):
+    """``(pair, keep_c, b_c, b_r, beta_c)`` of this program's chunk (``chunk_masks``,
+    ``chunk_decay``; betas and the kept tokens as columns)."""
+    start = pl.multiple_of(pl.program_id(0) * plan.chunk, plan.chunk)
+    pair, keep, _ = chunk_masks(plan, r_ref, start)
+    b_c, b_r, _ = chunk_decay(plan, g_ref)
+    keep_c = None if keep is None else keep[:, None]
+    return pair, keep_c, b_c, b_r, beta_ref[...].astype(f32)[:, None]
+
+
+def _store_key_side(dk_ref, dbeta_ref, dg_ref, dk, dbeta, db_c, db_r):
+    """dk, dbeta (a column summed) and d log_decay (the reverse cumulative sum of
+    ``db_c + db_r^T``) of a chunk."""
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dbeta_ref[...] = jnp.sum(dbeta, axis=1)
+    if dg_ref is not None:
+        db = jnp.sum(db_c, axis=1) + jnp.sum(db_r, axis=0)
+        dg_ref[...] = tc.reverse_cumsum(db)
+
+
 def _forward_kernel(*refs, plan: DeltaPlan):
     it = iter(refs)
     k_ref, v_ref, beta_ref = next(it), next(it), next(it)
     g_ref = next(it) if plan.decay != "none" else None
     r_ref = next(it) if plan.has_runs else None
     w_ref, u_ref = next(it), next(it)
-    start = pl.multiple_of(pl.program_id(0) * plan.chunk, plan.chunk)
-    pair, keep, _ = chunk_masks(plan, r_ref, start)
-    b_c, b_r, _ = chunk_decay(plan, g_ref)
-    beta_c = beta_ref[...].astype(f32)[:, None]
-    keep_c = None if keep is None else keep[:, None]
+    pair, keep_c, b_c, b_r, beta_c = _chunk(plan, beta_ref, g_ref, r_ref)
     dot, dot32 = dots(plan)
     w, u = wy_math.wy_forward(
         dot, dot32, k_ref[...], v_ref[...], beta_c, b_c, b_r, pair, keep_c, plan.inverse_block
@@ -85,11 +101,7 @@ def _backward_kernel(*refs, plan: DeltaPlan):
     s_ref, dvn_ref = next(it), next(it)
     dk_ref, dv_ref, dbeta_ref = next(it), next(it), next(it)
     dg_ref = next(it) if plan.decay != "none" else None
-    start = pl.multiple_of(pl.program_id(0) * plan.chunk, plan.chunk)
-    pair, keep, _ = chunk_masks(plan, r_ref, start)
-    b_c, b_r, _ = chunk_decay(plan, g_ref)
-    beta_c = beta_ref[...].astype(f32)[:, None]
-    keep_c = None if keep is None else keep[:, None]
+    pair, keep_c, b_c, b_r, beta_c = _chunk(plan, beta_ref, g_ref, r_ref)
     du = dvn_ref[...].astype(f32)
     dw = -tc.dot(du, s_ref[...], plan.state_mma, trans_b=True)  # -dv_new S_c^T [C, K]
     dot, dot32 = dots(plan)
@@ -107,12 +119,47 @@ def _backward_kernel(*refs, plan: DeltaPlan):
         dw,
         plan.inverse_block,
     )
-    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    _store_key_side(dk_ref, dbeta_ref, dg_ref, dk, dbeta, db_c, db_r)
+
+
+def _backward_values_kernel(*refs, plan: DeltaPlan):
+    """The value side of the split backward: dv, the values' part of dbeta and ``dM_v``."""
+    it = iter(refs)
+    k_ref, v_ref, beta_ref = next(it), next(it), next(it)
+    g_ref = next(it) if plan.decay != "none" else None
+    r_ref = next(it) if plan.has_runs else None
+    dvn_ref = next(it)
+    dv_ref, dbeta_ref, dm_ref = next(it), next(it), next(it)
+    pair, _, b_c, b_r, beta_c = _chunk(plan, beta_ref, g_ref, r_ref)
+    dot, dot32 = dots(plan)
+    parts = wy_math.transform(dot, dot32, k_ref[...], beta_c, b_c, b_r, pair, plan.inverse_block)
+    dv, dbeta, dm = wy_math.wy_backward_values(
+        dot32, v_ref[...], beta_c, parts[3], dvn_ref[...].astype(f32)
+    )
     dv_ref[...] = dv.astype(dv_ref.dtype)
     dbeta_ref[...] = jnp.sum(dbeta, axis=1)
-    if dg_ref is not None:
-        db = jnp.sum(db_c, axis=1) + jnp.sum(db_r, axis=0)
-        dg_ref[...] = tc.reverse_cumsum(db)
+    dm_ref[...] = dm
+
+
+def _backward_keys_kernel(*refs, plan: DeltaPlan):
+    """The key side of the split backward: dk, the keys' part of dbeta, d log_decay."""
+    it = iter(refs)
+    k_ref, beta_ref = next(it), next(it)
+    g_ref = next(it) if plan.decay != "none" else None
+    r_ref = next(it) if plan.has_runs else None
+    s_ref, dvn_ref, dm_ref = next(it), next(it), next(it)
+    dk_ref, dbeta_ref = next(it), next(it)
+    dg_ref = next(it) if plan.decay != "none" else None
+    pair, keep_c, b_c, b_r, beta_c = _chunk(plan, beta_ref, g_ref, r_ref)
+    k = k_ref[...]
+    dw = -tc.dot(dvn_ref[...].astype(f32), s_ref[...], plan.state_mma, trans_b=True)
+    dot, dot32 = dots(plan)
+    parts = wy_math.transform(dot, dot32, k, beta_c, b_c, b_r, pair, plan.inverse_block)
+    dk, dbeta, db_c, db_r = wy_math.wy_backward_keys(
+        dot32, k, beta_c, b_c, pair, keep_c, parts, dw, dm_ref[...]
+    )
+    _store_key_side(dk_ref, dbeta_ref, dg_ref, dk, dbeta, db_c, db_r)
 
 
 class _Specs:
@@ -151,7 +198,11 @@ class _Specs:
 
 
 def _inputs(sp: _Specs, k, v, beta, g, runs):
-    specs, args = [sp.qk(), sp.per_v_head(sp.p.value_dim), sp.token()], [k, v, beta]
+    """Specs and arguments ``k, [v,] beta[, g][, runs]`` (v None: left out)."""
+    specs, args = [sp.qk(), sp.token()], [k, beta]
+    if v is not None:
+        specs.insert(1, sp.per_v_head(sp.p.value_dim))
+        args.insert(1, v)
     if g is not None:
         specs.append(sp.token())
         args.append(g)
@@ -185,6 +236,8 @@ def wy_backward(plan: DeltaPlan, k, v, beta, g, runs, states, dv_new):
     """``(dk [B, T, Hv, K] float32 per v head, dv [B, T, Hv, V] in v's dtype, dbeta
     [B, T, Hv] float32, dg [B, T, Hv] float32 or None)``: the WY transform's part of the
     gradients, from the chunk states ``[B, Hv, n, K, V]`` and ``dv_new [B, T, Hv, V]``."""
+    if plan.split_wy_backward:
+        return _wy_backward_split(plan, k, v, beta, g, runs, states, dv_new)
     B, T, Hv, K, V = plan.batch, plan.time, plan.v_heads, plan.key_dim, plan.value_dim
     sp = _Specs(plan)
     specs, args = _inputs(sp, k, v, beta, g, runs)
@@ -210,3 +263,50 @@ def wy_backward(plan: DeltaPlan, k, v, beta, g, runs, states, dv_new):
         name="gated_delta_rule_wy_backward",
     )(*args)
     return out[0], out[1], out[2], (out[3] if g is not None else None)
+
+
+def _wy_backward_split(plan: DeltaPlan, k, v, beta, g, runs, states, dv_new):
+    """``wy_backward`` as two kernels (``TritonConfig.wy_backward="split"``): the value side
+    writes ``dM_v = du (beta v)^T`` per chunk (``[B, T, Hv, C]``: a chunk's C rows of C
+    columns), which the key side reads; each holds about half the fused kernel's tiles."""
+    B, T, Hv, K, V, C = (
+        plan.batch,
+        plan.time,
+        plan.v_heads,
+        plan.key_dim,
+        plan.value_dim,
+        plan.chunk,
+    )
+    sp = _Specs(plan)
+    specs, args = _inputs(sp, k, v, beta, g, runs)
+    dv, dbeta_v, dm_v = pl.pallas_call(
+        functools.partial(_backward_values_kernel, plan=plan),
+        grid=(plan.chunks, B * Hv),
+        in_specs=specs + [sp.per_v_head(V)],
+        out_specs=[sp.per_v_head(V), sp.token(), sp.per_v_head(C)],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, T, Hv, V), v.dtype),
+            jax.ShapeDtypeStruct((B, T, Hv), f32),
+            jax.ShapeDtypeStruct((B, T, Hv, C), f32),
+        ],
+        compiler_params=plan.compiler_params("dwy"),
+        interpret=plan.interpret,
+        name="gated_delta_rule_wy_backward_values",
+    )(*args, dv_new)
+    specs, args = _inputs(sp, k, None, beta, g, runs)
+    out_specs = [sp.per_v_head(K), sp.token()]
+    out_shape = [jax.ShapeDtypeStruct((B, T, Hv, K), f32), jax.ShapeDtypeStruct((B, T, Hv), f32)]
+    if g is not None:
+        out_specs.append(sp.token())
+        out_shape.append(jax.ShapeDtypeStruct((B, T, Hv), f32))
+    out = pl.pallas_call(
+        functools.partial(_backward_keys_kernel, plan=plan),
+        grid=(plan.chunks, B * Hv),
+        in_specs=specs + [sp.state(), sp.per_v_head(V), sp.per_v_head(C)],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plan.compiler_params("dwy"),
+        interpret=plan.interpret,
+        name="gated_delta_rule_wy_backward_keys",
+    )(*args, states, dv_new, dm_v)
+    return out[0], dv, dbeta_v + out[1], (out[2] if g is not None else None)
