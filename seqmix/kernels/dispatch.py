@@ -2,9 +2,9 @@
 
 Every public op takes ``implementation=``: ``None`` (auto: the first implementation in the
 platform's preference list that supports the arguments and that the op's ``auto_skip``
-rule, if any, does not pass over), or a name from ``IMPLEMENTATIONS``. An implementation that cannot serve the arguments raises
-``NotImplementedError`` with the reason; auto moves on to the next one, a named request
-never falls back silently.
+rule, if any, does not pass over), or a name from ``IMPLEMENTATIONS``. An implementation
+that cannot serve the arguments raises ``NotImplementedError`` with the reason; auto moves
+on to the next one, a named request never falls back silently.
 
 Pallas implementations run natively on their platform (``pallas_triton`` and
 ``pallas_mosaic_gpu`` on GPU, ``pallas_tpu`` on TPU) and anywhere in interpret mode, which

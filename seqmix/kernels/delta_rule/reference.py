@@ -42,11 +42,8 @@ def masks_nonfinite(impl):
 
     @functools.wraps(impl)
     def exact(q, k, v, beta, g, *, runs, **kwargs):
-        fin_beta = jnp.isfinite(beta)
-        k, v, hit = la.nonfinite_tokens(k, v, runs, also=jnp.logical_not(fin_beta))
-        beta = jnp.where(fin_beta, beta, jnp.zeros((), beta.dtype))
-        o, final = impl(q, k, v, beta, g, runs=runs, **kwargs)
-        return la.mark_reached(o, final, hit)
+        (q, k, v, beta, g, _), hit = clean_nonfinite(q, k, v, beta, g, None, runs=runs)
+        return la.mark_reached(*impl(q, k, v, beta, g, runs=runs, **kwargs), hit)
 
     return exact
 
@@ -74,12 +71,12 @@ def masks_nonfinite_if_poisoned(impl):
     return exact
 
 
-def clean_nonfinite(q, k, v, beta, g, s0):
+def clean_nonfinite(q, k, v, beta, g, s0, runs=None):
     """``((q, k, v, beta, g, s0), hit)``: the NaN and Inf entries of k, v and beta zeroed
-    and the rows a bad token reaches marked (one sequence), ``unless_poisoned``'s
-    ``clean``."""
+    and the rows a bad token reaches marked (``la.nonfinite_tokens``; ``unless_poisoned``'s
+    ``clean`` with one sequence)."""
     fin_beta = jnp.isfinite(beta)
-    k, v, hit = la.nonfinite_tokens(k, v, None, also=jnp.logical_not(fin_beta))
+    k, v, hit = la.nonfinite_tokens(k, v, runs, also=jnp.logical_not(fin_beta))
     beta = jnp.where(fin_beta, beta, jnp.zeros((), beta.dtype))
     return (q, k, v, beta, g, s0), hit
 

@@ -83,8 +83,7 @@ def masks_nonfinite(impl):
     @functools.wraps(impl)
     def exact(q, k, v, g, *, runs, **kwargs):
         k, v, hit = nonfinite_tokens(k, v, runs)
-        o, final = impl(q, k, v, g, runs=runs, **kwargs)
-        return mark_reached(o, final, hit)
+        return mark_reached(*impl(q, k, v, g, runs=runs, **kwargs), hit)
 
     return exact
 
@@ -166,7 +165,7 @@ def unless_poisoned(fast, clean, masked_gradients: bool, *args):
 def _unless_poisoned_fwd(fast, clean, masked_gradients, *args):
     if masked_gradients:
         out, masked_vjp = jax.vjp(lambda *a: _masked(fast, clean, a), *args)
-        return out, (None, masked_vjp, args)
+        return out, (None, masked_vjp, None)
     (o, final), fast_vjp = jax.vjp(fast, *args)
     bad = _poisoned(final)
     out = lax.cond(bad, lambda: _masked(fast, clean, args), lambda: (o, final))

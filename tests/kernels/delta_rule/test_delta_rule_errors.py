@@ -102,3 +102,13 @@ def test_value_checks_are_skipped_under_tracing():
     """beta and log_decay values are checked when concrete; under jit they cannot be."""
     out = jax.jit(lambda b: gated_delta_rule(q, q, v, b, implementation="xla"))(beta)
     assert out.shape == v.shape
+
+
+def test_a_bad_config_field_is_named():
+    from seqmix.kernels import interpret
+    from seqmix.kernels.delta_rule.tuning import TritonConfig
+
+    with interpret(), pytest.raises(ValueError, match=r"TritonConfig\.wy_backward"):
+        gated_delta_rule(
+            q, q, v, beta, implementation="pallas_triton", config=TritonConfig(wy_backward="x")
+        )
