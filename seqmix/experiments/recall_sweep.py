@@ -10,6 +10,14 @@ updates of ``batch_size`` fresh sequences (4000 x 256 = 1.02M sequences against 
 64 epochs of 100k, about 6x fewer), each run stopping early once its evaluation accuracy
 reaches 0.99. The configs compute in bfloat16 with float32 parameters and optimizer state.
 
+Learning rates: every job runs at each of ``--lrs`` (default ``configs/recall.LRS``), the
+best per point kept; or a short pilot chooses one rate per mixer, and the grid trains only
+that one (half the jobs):
+
+    seqmix-recall-sweep --d_models=128 --settings=256:16 --lrs=1e-3,3e-3,1e-2 --steps=1000 \
+        --out_dir=pilot
+    seqmix-recall-sweep --lrs_from=pilot/recall.json
+
 Each job is one (mixer, d_model, setting) at one learning rate, trained by the one training
 loop (``seqmix.train.train_and_evaluate``) in its own workdir: the loop evaluates every
 250 steps, and its callbacks stop it at accuracy 0.99 (``StopAtMetric``), at the deadline
@@ -65,6 +73,12 @@ _MIXERS = flags.DEFINE_list("mixers", None, "Mixers (default: configs/recall.MIX
 _DMODELS = flags.DEFINE_list("d_models", None, "Widths (default: configs/recall.D_MODELS).")
 _SETTINGS = flags.DEFINE_list("settings", None, "seq_len:pairs items (default: all four).")
 _LRS = flags.DEFINE_list("lrs", None, "Learning rates (default: configs/recall.LRS).")
+_LRS_FROM = flags.DEFINE_string(
+    "lrs_from",
+    None,
+    "A recall.json of a pilot (an earlier call with several --lrs): each mixer trains at the "
+    "one rate that did best there (see pilot_rates); replaces --lrs.",
+)
 _OUT = flags.DEFINE_string(
     "out_dir", None, "Results folder (default $SEQMIX_RUNS/recall_sweep, ~/seqmix-runs/...)."
 )
@@ -412,23 +426,60 @@ def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
     return best_rows
 
 
-def resume(
-    path: str, jobs: list[tuple], lrs: list[float]
-) -> tuple[list[dict], list[tuple[tuple, float]]]:
+def resume(path: str, jobs: list[tuple], lrs) -> tuple[list[dict], list[tuple[tuple, float]]]:
     """The finished runs of an earlier recall.json (no error, not cut) and the entries
-    ``(job, lr)`` of ``jobs`` x ``lrs`` that still lack one."""
+    ``(job, lr)`` of ``jobs`` x rates that still lack one; ``lrs`` is a list of rates for
+    every job or a dict ``mixer -> rate``."""
     with open(path) as f:
         earlier = json.load(f)["runs"]
     kept = [r for r in earlier if "error" not in r and not r.get("cut")]
     done = {(r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"]) for r in kept}
-    left = [(job, lr) for job in jobs for lr in lrs if (*job, lr) not in done]
-    wanted = {(*job, lr) for job in jobs for lr in lrs}
+    wanted = queue_of(jobs, lrs)
+    left = [(job, lr) for job, lr in wanted if (*job, lr) not in done]
+    wanted = {(*job, lr) for job, lr in wanted}
     kept = [
         r
         for r in kept
         if (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"]) in wanted
     ]
     return kept, left
+
+
+def queue_of(jobs: list[tuple], lrs) -> list[tuple[tuple, float]]:
+    """``(job, lr)`` per job and rate: every rate of the list ``lrs``, or the job's mixer's
+    rate of the dict ``lrs``."""
+    if isinstance(lrs, dict):
+        return [(job, float(lrs[job[0]])) for job in jobs]
+    return [(job, float(lr)) for job in jobs for lr in lrs]
+
+
+def pilot_rates(path: str, mixers: list[str]) -> dict[str, float]:
+    """``mixer -> rate`` from a pilot's recall.json: for each mixer, the rate of its finished
+    runs (not failed) with the highest mean accuracy over the pilot's points, ties (a short
+    pilot often leaves every rate near 0) broken by the lower mean evaluation loss. A
+    run that stopped at 0.99 counts as accuracy 0.99 and loss at that point. Raises
+    ValueError naming ``--lrs_from`` when a mixer has no finished pilot run."""
+    import math
+
+    with open(path) as f:
+        runs = json.load(f)["runs"]
+    rates = {}
+    for mixer in mixers:
+        by_rate: dict[float, list[dict]] = {}
+        for r in runs:
+            if r.get("mixer") == mixer and "error" not in r and math.isfinite(r["accuracy"]):
+                by_rate.setdefault(float(r["lr"]), []).append(r)
+        if not by_rate:
+            raise ValueError(f"--lrs_from={path}: no finished pilot run of mixer {mixer!r}")
+
+        def score(lr):
+            rs = by_rate[lr]
+            acc = sum(r["accuracy"] for r in rs) / len(rs)
+            loss = sum(r["eval_loss"] for r in rs) / len(rs)
+            return (round(acc, 3), -loss)
+
+        rates[mixer] = max(by_rate, key=score)
+    return rates
 
 
 def _setting(item: str) -> tuple[int, int]:
@@ -457,11 +508,21 @@ def main(args: cli.Args):
         cli.fail(f"--workers must be >= 1, got {_WORKERS.value}")
     if _RESUME.value and not os.path.exists(_RESUME.value):
         cli.fail(f"--resume={_RESUME.value}: no such file (a recall.json of an earlier call)")
+    if _LRS_FROM.value:
+        if _LRS.value:
+            cli.fail("--lrs_from and --lrs are exclusive (the pilot chooses the rates)")
+        if not os.path.exists(_LRS_FROM.value):
+            cli.fail(f"--lrs_from={_LRS_FROM.value}: no such file (a pilot's recall.json)")
+        try:
+            lrs = pilot_rates(_LRS_FROM.value, mixers)
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            cli.fail(f"--lrs_from={_LRS_FROM.value}: {e}")
+        print(f"rates from the pilot {_LRS_FROM.value}: {lrs}", flush=True)
     jobs = [(m, d, T, n) for (T, n) in settings for d in d_models for m in mixers]
     jobs.sort(key=lambda j: -j[1] * j[2])  # longest first
     rows: list[dict] = []
     skipped: list[tuple] = []
-    queue = [(job, lr) for job in jobs for lr in lrs]  # one job per point and rate
+    queue = queue_of(jobs, lrs)  # one job per point and rate
     if _RESUME.value:
         rows, queue = resume(_RESUME.value, jobs, lrs)
         if not _COMPILE_ONLY.value:
@@ -481,7 +542,11 @@ def main(args: cli.Args):
                 f"--mixers={','.join(mixers)}",
                 f"--d_models={','.join(map(str, d_models))}",
                 f"--settings={','.join(f'{T}:{n}' for T, n in settings)}",
-                f"--lrs={','.join(map(str, lrs))}",
+                *(
+                    [f"--lrs_from={_LRS_FROM.value}"]
+                    if _LRS_FROM.value
+                    else [f"--lrs={','.join(map(str, lrs))}"]
+                ),
                 f"--steps={_STEPS.value}",
                 f"--batch_size={_BATCH.value}",
                 f"--seed={_SEED.value}",

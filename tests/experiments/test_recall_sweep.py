@@ -49,6 +49,40 @@ def test_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path):
     ]
 
 
+def test_a_pilot_chooses_one_rate_per_mixer(tmp_path):
+    def run(mixer, lr, accuracy, loss, d=128, **extra):
+        return dict(_run(mixer, d, 256, 16, lr, **extra), accuracy=accuracy, eval_loss=loss)
+
+    pilot = [
+        run("attention", 1e-3, 0.40, 2.0),
+        run("attention", 3e-3, 0.99, 0.1),  # stopped at the target: the best
+        run("attention", 1e-2, 0.60, 1.0),
+        run("gla", 1e-3, 0.0002, 8.5),  # nothing learned at any rate: the lowest loss wins
+        run("gla", 3e-3, 0.0001, 7.9),
+        run("gla", 1e-2, float("nan"), float("nan")),  # diverged: never chosen
+        run("based", 1e-2, 0.2, 3.0, error="OOM"),  # failed: never chosen
+        run("based", 1e-3, 0.1, 4.0),
+        run("based", 1e-3, 0.3, 2.0, d=64),  # two points: the mean decides
+        run("based", 3e-3, 0.25, 2.5),
+        run("based", 3e-3, 0.05, 5.0, d=64),
+    ]
+    path = tmp_path / "pilot.json"
+    path.write_text(json.dumps({"runs": pilot}))
+    rates = recall_sweep.pilot_rates(str(path), ["attention", "gla", "based"])
+    assert rates == {"attention": 3e-3, "gla": 3e-3, "based": 1e-3}
+    try:
+        recall_sweep.pilot_rates(str(path), ["mamba2"])
+    except ValueError as e:
+        assert "--lrs_from" in str(e) and "mamba2" in str(e)
+    else:
+        raise AssertionError("a mixer without pilot runs must raise")
+    jobs = [("attention", 64, 64, 4), ("gla", 64, 64, 4)]
+    assert recall_sweep.queue_of(jobs, rates) == [(jobs[0], 3e-3), (jobs[1], 3e-3)]
+    (tmp_path / "earlier.json").write_text(json.dumps({"runs": [_run("gla", 64, 64, 4, 3e-3)]}))
+    kept, left = recall_sweep.resume(str(tmp_path / "earlier.json"), jobs, rates)
+    assert left == [(jobs[0], 3e-3)] and [r["mixer"] for r in kept] == ["gla"]
+
+
 def test_run_job_is_the_loop_and_stops_at_the_deadline_saying_so():
     past = time.time() - 1.0
     row = recall_sweep.run_job("attention", 64, 64, 4, 1e-3, 500, 4, 0, deadline=past)
@@ -201,13 +235,18 @@ def test_bad_flags_name_the_flag(tmp_path):
         ("--settings=256x16", "--settings"),
         ("--workers=0", "--workers"),
         (f"--resume={tmp_path}/none.json", "--resume"),
+        (f"--lrs_from={tmp_path}/none.json", "--lrs_from"),
+        (f"--lrs_from={tmp_path}/pilot.json --lrs=1e-3", "--lrs_from"),
+        (f"--lrs_from={tmp_path}/empty.json --mixers=gla", "--lrs_from"),
     ):
+        (tmp_path / "pilot.json").write_text(json.dumps({"runs": []}))
+        (tmp_path / "empty.json").write_text(json.dumps({"runs": [_run("based", 64, 64, 4, 1)]}))
         out = subprocess.run(
             [
                 sys.executable,
                 "-m",
                 "seqmix.experiments.recall_sweep",
-                flag,
+                *flag.split(),
                 f"--out_dir={tmp_path}",
             ],
             capture_output=True,
@@ -247,3 +286,19 @@ def test_a_failing_job_is_a_row_naming_its_rate(tmp_path):
     runs = json.loads((tmp_path / "recall.json").read_text())["runs"]
     assert sorted(r["lr"] for r in runs) == [1e-3, 3e-3]
     assert all(r["mixer"] == "no_such_mixer" and "no_such_mixer" in r["error"] for r in runs)
+    # with a pilot's rates: one job per point, at the mixer's rate
+    pilot = tmp_path / "pilot.json"
+    pilot.write_text(
+        json.dumps(
+            {
+                "runs": [
+                    dict(_run("no_such_mixer", 64, 64, 4, 1e-3), eval_loss=3.0),
+                    dict(_run("no_such_mixer", 64, 64, 4, 3e-3), eval_loss=2.0),
+                ]
+            }
+        )
+    )
+    cmd = [c for c in cmd if not c.startswith("--lrs=")] + [f"--lrs_from={pilot}"]
+    subprocess.run(cmd, env=dict(os.environ, OUT=""), check=True, timeout=300, capture_output=True)
+    runs = json.loads((tmp_path / "recall.json").read_text())["runs"]
+    assert [r["lr"] for r in runs] == [3e-3]
