@@ -6,11 +6,14 @@ tokens ``[r L, (r + 1) L)`` of q, k and v. Two schemes, chosen by the mask:
 **Sliding windows** (every side that matters bounded: causal with a left window, or both
 sides of a bidirectional window): a query sees only the ``left`` keys before it and the
 ``right`` after it, so each device takes a halo of that many keys, values and segment ids
-from its neighbours (``ppermute``) and runs ``seqmix.kernels.attention`` once over
-``[halo | block | halo]`` with the same window: the op's positions inside that call are the
-global positions shifted, so its window mask is the global one. Halo rows get zero queries
-and are dropped; halo positions outside the sequence get a segment id no query of the block
-has. Work grows by ``(left + right) / L``.
+from its neighbours (``ppermute``). Only the block's first ``left`` and last ``right``
+queries reach a halo: ``seqmix.kernels.attention`` runs once over the block as it is (the
+plain op's call), and once per edge over ``[halo | the block's first left + right
+tokens]`` (or the mirror at the end) with the same window, whose rows replace the block
+call's there. Inside a call the op's positions are the global ones shifted, so its window
+mask is the global one; rows of zero queries pad the edge calls and are dropped; halo
+positions outside the sequence get a segment id no query of the block has. A window wider
+than the block runs one call over ``[halo | block | halo]``.
 
 **Full attention**: K, V (and segment ids) are all-gathered over the axis, and every device
 computes its queries against the key blocks they can see, merging the partial results
@@ -209,7 +212,75 @@ def _sentinel(segment_ids):
 def windowed_attention_local(
     q, k, v, *, segment_ids=None, axis, left, right, causal, softcap, scale, **op_kwargs
 ):
-    """Sliding-window attention of this device's block with halos from its neighbours."""
+    """Sliding-window attention of this device's block with halos from its neighbours.
+
+    When the window fits in the block (``left + right <= L``), only the first ``left`` and
+    last ``right`` queries see a halo: the op runs once over the block as it is (the plain
+    op's work, without segment ids unless given), and once over each edge, ``[halo | the
+    block's first left + right tokens]`` (and the mirror at the end), whose ``2 left +
+    right`` rows are a small fraction of ``L``; the edges' rows replace the block call's
+    there. Otherwise one call over ``[halo | block | halo]``."""
+    B, L, H, D = q.shape
+    if left + right > L:
+        return _windowed_padded(
+            q,
+            k,
+            v,
+            segment_ids,
+            axis,
+            left,
+            right,
+            causal,
+            softcap=softcap,
+            scale=scale,
+            **op_kwargs,
+        )
+    kw = dict(causal=causal, window=(left, right), softcap=softcap, scale=scale, **op_kwargs)
+    o, lse = _op(q, k, v, segment_ids=segment_ids, **kw)
+    ids = jnp.zeros((B, L), jnp.int32) if segment_ids is None else segment_ids
+    sentinel = _sentinel(ids)[:, None]
+    if left:
+        k_halo, exists = exchange.previous_tokens(k, left, axis)
+        v_halo, _ = exchange.previous_tokens(v, left, axis)
+        id_halo, _ = exchange.previous_tokens(ids, left, axis)
+        span = left + right
+        zeros = lambda n: jnp.zeros((B, n, H, D), q.dtype)
+        o_edge, lse_edge = _op(
+            jnp.concatenate([zeros(left), q[:, :left], zeros(right)], axis=1),
+            jnp.concatenate([k_halo, k[:, :span]], axis=1),
+            jnp.concatenate([v_halo, v[:, :span]], axis=1),
+            segment_ids=jnp.concatenate(
+                [jnp.where(exists[None], id_halo, sentinel), ids[:, :span]], axis=1
+            ),
+            **kw,
+        )
+        o = lax.dynamic_update_slice_in_dim(o, o_edge[:, left : 2 * left].astype(o.dtype), 0, 1)
+        lse = lax.dynamic_update_slice_in_dim(lse, lse_edge[:, left : 2 * left], 0, 1)
+    if right:
+        k_halo, exists = exchange.next_tokens(k, right, axis)
+        v_halo, _ = exchange.next_tokens(v, right, axis)
+        id_halo, _ = exchange.next_tokens(ids, right, axis)
+        span = left + right
+        zeros = lambda n: jnp.zeros((B, n, H, D), q.dtype)
+        o_edge, lse_edge = _op(
+            jnp.concatenate([zeros(left), q[:, L - right :], zeros(right)], axis=1),
+            jnp.concatenate([k[:, L - span :], k_halo], axis=1),
+            jnp.concatenate([v[:, L - span :], v_halo], axis=1),
+            segment_ids=jnp.concatenate(
+                [ids[:, L - span :], jnp.where(exists[None], id_halo, sentinel)], axis=1
+            ),
+            **kw,
+        )
+        o = lax.dynamic_update_slice_in_dim(
+            o, o_edge[:, left : left + right].astype(o.dtype), L - right, 1
+        )
+        lse = lax.dynamic_update_slice_in_dim(lse, lse_edge[:, left : left + right], L - right, 1)
+    return o, lse
+
+
+def _windowed_padded(q, k, v, segment_ids, axis, left, right, causal, **kw):
+    """A window wider than the block: one call over ``[halo | block | halo]`` (halo rows get
+    zero queries and are dropped)."""
     B, L, H, D = q.shape
     ids = jnp.zeros((B, L), jnp.int32) if segment_ids is None else segment_ids
     sentinel = _sentinel(ids)[:, None]
@@ -237,9 +308,7 @@ def windowed_attention_local(
         causal=causal,
         window=(left, right),
         segment_ids=ids_all,
-        softcap=softcap,
-        scale=scale,
-        **op_kwargs,
+        **kw,
     )
     return o[:, left : left + L], lse[:, left : left + L]
 

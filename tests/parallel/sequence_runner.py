@@ -170,6 +170,24 @@ def run_ops(seed: int) -> dict:
         (q, k, v),
         mesh8,
     )
+    # windows that fit in a block (blocks of 8): the block's own call plus edge calls,
+    # with packed segments across the block boundaries
+    ids4 = jnp.asarray(np.stack([np.repeat([0, 1, 2], [7, 10, 15]), np.repeat([3, 4], [9, 23])]))
+    for name, kw in (
+        ("bidirectional-window-(2,5)-in-block", dict(local_window_size=(2, 5))),
+        ("causal-window-6-in-block", dict(causal=True, local_window_size=6)),
+    ):
+        compare(
+            f"attention/{name}/segments",
+            lambda q, k, v, kw=kw: kernels.attention(
+                q, k, v, segment_ids=ids4, return_lse=True, **kw
+            ),
+            lambda q, k, v, kw=kw: parallel.attention(
+                q, k, v, segment_ids=ids4, return_lse=True, **kw
+            ),
+            (q, k, v),
+            mesh_for(4),
+        )
     # linear attention: initial and final states, per-channel decay, groups, segments
     ids2 = jnp.asarray(np.stack([np.repeat([0, 1], [13, 19]), np.repeat([4, 5, 6], [3, 20, 9])]))
     q, k, v = normal(2, 32, 2, 4), normal(2, 32, 2, 4), normal(2, 32, 4, 3)

@@ -98,6 +98,8 @@ def test_ops_match_the_kernel_ops_on_edge_shapes(op_errors):
         "attention/odd-block/segments",
         "attention/window-9-over-blocks-of-4",
         "attention/bidirectional-window-(2,5)",
+        "attention/bidirectional-window-(2,5)-in-block/segments",
+        "attention/causal-window-6-in-block/segments",
         "linear_attention/states-channel-decay-segments",
         "gated_delta_rule/states-decay-groups-segments",
         "selective_scan/states",
