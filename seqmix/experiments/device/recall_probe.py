@@ -7,7 +7,7 @@ run far slower per step than its FLOP count predicts. This probe times, for each
 one setting, with every call blocked on:
 
 - ``vmapped``: the sweep's step (both learning rates vmapped), as the sweep runs it;
-- ``single``: the step of one rate, not vmapped (the sweep's ``--novmap_rates`` job);
+- ``single``: the step of one rate, not vmapped (what each sweep job runs);
 - ``eval``: the evaluation step (forward only, vmapped);
 - ``host``: the host's batch (generation and transfer);
 
@@ -127,7 +127,7 @@ def probe(
     s = holder["state"]
     row["eval_ms"] = 1e3 * _timed(lambda: evaluate(s.params, rngs, s.other, ev), steps)
 
-    # one rate, no vmap: the sweep's --novmap_rates job
+    # one rate, no vmap: what each sweep job runs
     b1 = recall_sweep._build(
         mixer, d_model, seq_len, pairs, lrs[:1], 4000, batch_size, 0, vmap=False
     )
