@@ -239,42 +239,26 @@ def windowed_attention_local(
     o, lse = _op(q, k, v, segment_ids=segment_ids, **kw)
     ids = jnp.zeros((B, L), jnp.int32) if segment_ids is None else segment_ids
     sentinel = _sentinel(ids)[:, None]
-    if left:
-        k_halo, exists = exchange.previous_tokens(k, left, axis)
-        v_halo, _ = exchange.previous_tokens(v, left, axis)
-        id_halo, _ = exchange.previous_tokens(ids, left, axis)
-        span = left + right
-        zeros = lambda n: jnp.zeros((B, n, H, D), q.dtype)
+    span, zeros = left + right, lambda n: jnp.zeros((B, n, H, D), q.dtype)
+    for size, before in ((left, True), (right, False)):
+        if not size:
+            continue
+        halo = exchange.previous_tokens if before else exchange.next_tokens
+        (k_halo, exists), (v_halo, _), (id_halo, _) = (halo(x, size, axis) for x in (k, v, ids))
+        id_halo = jnp.where(exists[None], id_halo, sentinel)
+        rows = slice(0, left) if before else slice(L - right, L)  # the queries that see it
+        keys = slice(0, span) if before else slice(L - span, L)  # the block keys they see
+        order = (lambda h, x: [h, x]) if before else (lambda h, x: [x, h])
         o_edge, lse_edge = _op(
-            jnp.concatenate([zeros(left), q[:, :left], zeros(right)], axis=1),
-            jnp.concatenate([k_halo, k[:, :span]], axis=1),
-            jnp.concatenate([v_halo, v[:, :span]], axis=1),
-            segment_ids=jnp.concatenate(
-                [jnp.where(exists[None], id_halo, sentinel), ids[:, :span]], axis=1
-            ),
+            jnp.concatenate([zeros(left), q[:, rows], zeros(right)], axis=1),
+            jnp.concatenate(order(k_halo, k[:, keys]), axis=1),
+            jnp.concatenate(order(v_halo, v[:, keys]), axis=1),
+            segment_ids=jnp.concatenate(order(id_halo, ids[:, keys]), axis=1),
             **kw,
         )
-        o = lax.dynamic_update_slice_in_dim(o, o_edge[:, left : 2 * left].astype(o.dtype), 0, 1)
-        lse = lax.dynamic_update_slice_in_dim(lse, lse_edge[:, left : 2 * left], 0, 1)
-    if right:
-        k_halo, exists = exchange.next_tokens(k, right, axis)
-        v_halo, _ = exchange.next_tokens(v, right, axis)
-        id_halo, _ = exchange.next_tokens(ids, right, axis)
-        span = left + right
-        zeros = lambda n: jnp.zeros((B, n, H, D), q.dtype)
-        o_edge, lse_edge = _op(
-            jnp.concatenate([zeros(left), q[:, L - right :], zeros(right)], axis=1),
-            jnp.concatenate([k[:, L - span :], k_halo], axis=1),
-            jnp.concatenate([v[:, L - span :], v_halo], axis=1),
-            segment_ids=jnp.concatenate(
-                [ids[:, L - span :], jnp.where(exists[None], id_halo, sentinel)], axis=1
-            ),
-            **kw,
-        )
-        o = lax.dynamic_update_slice_in_dim(
-            o, o_edge[:, left : left + right].astype(o.dtype), L - right, 1
-        )
-        lse = lax.dynamic_update_slice_in_dim(lse, lse_edge[:, left : left + right], L - right, 1)
+        o_edge, lse_edge = o_edge[:, left : left + size], lse_edge[:, left : left + size]
+        o = lax.dynamic_update_slice_in_dim(o, o_edge.astype(o.dtype), rows.start, 1)
+        lse = lax.dynamic_update_slice_in_dim(lse, lse_edge, rows.start, 1)
     return o, lse
 
 
