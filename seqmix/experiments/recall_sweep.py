@@ -398,7 +398,7 @@ def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
         if "error" in r:
             continue
         key = (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"])
-        if key not in best or r["accuracy"] > best[key]["accuracy"]:
+        if key not in best or run_score(r) > run_score(best[key]):
             best[key] = r
     best_rows = sorted(best.values(), key=lambda r: (r["seq_len"], r["mixer"], r["d_model"]))
     payload = dict(
@@ -453,12 +453,25 @@ def queue_of(jobs: list[tuple], lrs) -> list[tuple[tuple, float]]:
     return [(job, float(lr)) for job in jobs for lr in lrs]
 
 
+def run_score(r: dict) -> tuple[float, float]:
+    """How a run ranks against another of the same point: accuracy (to 3 decimals), then
+    the lower evaluation loss; a diverged run (NaN) ranks last."""
+    import math
+
+    acc, loss = r["accuracy"], r.get("eval_loss", float("nan"))
+    return (
+        round(acc, 3) if math.isfinite(acc) else -1.0,
+        -loss if math.isfinite(loss) else -math.inf,
+    )
+
+
 def pilot_rates(path: str, mixers: list[str]) -> dict[str, float]:
-    """``mixer -> rate`` from a pilot's recall.json: for each mixer, the rate of its finished
-    runs (not failed) with the highest mean accuracy over the pilot's points, ties (a short
-    pilot often leaves every rate near 0) broken by the lower mean evaluation loss. A
-    run that stopped at 0.99 counts as accuracy 0.99 and loss at that point. Raises
-    ValueError naming ``--lrs_from`` when a mixer has no finished pilot run."""
+    """``mixer -> rate`` from a pilot's recall.json: for each mixer, the rate whose runs have
+    the highest mean accuracy over the pilot's points, ties (a short pilot often leaves
+    every rate near 0) broken by the lower mean evaluation loss (``run_score``). Failed and
+    diverged runs are left out; a cut run counts at its last evaluation, a run that stopped
+    at 0.99 at that point. Raises ValueError naming ``--lrs_from`` when a mixer has no
+    usable pilot run."""
     import math
 
     with open(path) as f:
@@ -472,13 +485,13 @@ def pilot_rates(path: str, mixers: list[str]) -> dict[str, float]:
         if not by_rate:
             raise ValueError(f"--lrs_from={path}: no finished pilot run of mixer {mixer!r}")
 
-        def score(lr):
+        def mean(lr):
             rs = by_rate[lr]
-            acc = sum(r["accuracy"] for r in rs) / len(rs)
-            loss = sum(r["eval_loss"] for r in rs) / len(rs)
-            return (round(acc, 3), -loss)
+            return run_score(
+                {k: sum(r[k] for r in rs) / len(rs) for k in ("accuracy", "eval_loss")}
+            )
 
-        rates[mixer] = max(by_rate, key=score)
+        rates[mixer] = max(by_rate, key=mean)
     return rates
 
 

@@ -76,6 +76,9 @@ def test_a_pilot_chooses_one_rate_per_mixer(tmp_path):
         assert "--lrs_from" in str(e) and "mamba2" in str(e)
     else:
         raise AssertionError("a mixer without pilot runs must raise")
+    # the best run of a point ranks the same way: a diverged run never wins, even first
+    nan = run("gla", 1e-2, float("nan"), float("nan"))
+    assert max([nan, pilot[3], pilot[4]], key=recall_sweep.run_score) is pilot[4]
     jobs = [("attention", 64, 64, 4), ("gla", 64, 64, 4)]
     assert recall_sweep.queue_of(jobs, rates) == [(jobs[0], 3e-3), (jobs[1], 3e-3)]
     (tmp_path / "earlier.json").write_text(json.dumps({"runs": [_run("gla", 64, 64, 4, 3e-3)]}))
