@@ -78,6 +78,10 @@ CASES = [
         True,
         (4, 0),
         cpu=(XLA, TRITON),
+        # 12 keys, each summing a handful of bf16 products: over 200 seeds (Triton, interpret
+        # mode) dk's error had median 2.9e-3 and maximum 4.3e-3, and one seed of another run
+        # reached 5.02e-3, just above the bf16 tolerance of 5e-3
+        grad_tol=1e-2,
     ),
     # a two-sided window over unsorted ids: blocks are masked, not skipped
     C(
