@@ -20,7 +20,10 @@ computes its queries against the key blocks they can see, merging the partial re
 with their log-sum-exp (``return_lse=True`` of the op). Causal attention is load-balanced
 by the zig-zag order: the sequence is cut into ``2 n`` chunks and device ``r`` computes the
 queries of chunks ``r`` and ``2 n - 1 - r`` (moved there and back by two ``ppermute`` s each
-way), i.e. two diagonal (causal) chunk pairs and ``2 n - 1`` full ones on every device.
+way): one causal call of the op over the two chunks side by side (their diagonals and the
+later chunk against the earlier one: the call's causal mask is the global one there), then
+``2 n - 2`` full chunk pairs, the same work on every device. With one device that call is
+the op over the whole sequence.
 A bidirectional full attention is one call of the op over all keys.
 
 Why the all-gather and not a ring of ``ppermute`` s: the per-device computation is the same
@@ -359,15 +362,29 @@ def causal_attention_local(q, k, v, *, segment_ids=None, axis, softcap, scale, *
     a, b = r, 2 * n - 1 - r
     qa, qb = _to_zigzag(q, axis, r, n)
     ids_a, ids_b = chunk(ids_all, a), chunk(ids_all, b)
-    oa, la = _op(qa, chunk(k_all, a), chunk(v_all, a), causal=True, segment_ids=ids_a, **kw)
-    ob, lb = _op(qb, chunk(k_all, b), chunk(v_all, b), causal=True, segment_ids=ids_b, **kw)
+    # The device's own chunk pairs in one causal call: over [chunk a | chunk b] the call's
+    # causal mask is the global one (a < b, each chunk in order), so it is a's and b's
+    # diagonals and b against a whole, and one segment-id array serves queries and keys.
+    ids_ab = None if ids_all is None else jnp.concatenate([ids_a, ids_b], axis=1)
+    o_ab, l_ab = _op(
+        jnp.concatenate([qa, qb], axis=1),
+        jnp.concatenate([chunk(k_all, a), chunk(k_all, b)], axis=1),
+        jnp.concatenate([chunk(v_all, a), chunk(v_all, b)], axis=1),
+        causal=True,
+        segment_ids=ids_ab,
+        **kw,
+    )
+    if n == 1:  # nothing before chunk a = 0 but chunk 0 itself
+        return o_ab, l_ab
+    oa, ob, la, lb = o_ab[:, :C], o_ab[:, C:], l_ab[:, :C], l_ab[:, C:]
 
-    # 2n - 1 full chunk pairs: chunk a against chunks 0 .. a - 1, chunk b against 0 .. b - 1.
-    # The partial results are merged once at the end (not carried through the loop), so the
-    # backward keeps each pair's bf16 output rather than a float32 accumulator per step.
+    # 2n - 2 full chunk pairs: chunk a against chunks 0 .. a - 1, chunk b against the chunks
+    # 0 .. b - 1 other than a. The partial results are merged once at the end (not carried
+    # through the loop), so the backward keeps each pair's bf16 output rather than a
+    # float32 accumulator per step.
     def body(_, m):
         use_a = m < a
-        c = jnp.where(use_a, m, m - a)
+        c = jnp.where(use_a, m, jnp.where(m - a < a, m - a, m - a + 1))
         q_m = jnp.where(use_a, qa, qb)
         ids_m = None if ids_all is None else jnp.where(use_a, ids_a, ids_b)
         o_m, l_m = _full_block(
@@ -375,7 +392,7 @@ def causal_attention_local(q, k, v, *, segment_ids=None, axis, softcap, scale, *
         )
         return None, (o_m, l_m)
 
-    steps = jnp.arange(2 * n - 1)
+    steps = jnp.arange(2 * n - 2)
     _, (o_parts, l_parts) = lax.scan(body, None, steps)
     for_a = (steps < a)[:, None, None, None]
     oa, la = merge(oa, la, *merge_stacked(o_parts, jnp.where(for_a, l_parts, -jnp.inf)))

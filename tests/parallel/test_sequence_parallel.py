@@ -96,6 +96,9 @@ def test_ops_match_the_kernel_ops_on_edge_shapes(op_errors):
     expected = {
         "attention/odd-block/plain",
         "attention/odd-block/segments",
+        "attention/zigzag-seq-2/plain",
+        "attention/zigzag-seq-4/segments",
+        "attention/zigzag-seq-8/segments",
         "attention/window-9-over-blocks-of-4",
         "attention/bidirectional-window-(2,5)",
         "attention/bidirectional-window-(2,5)-in-block/segments",
