@@ -53,8 +53,8 @@ _OVERHEAD_TOKENS = flags.DEFINE_integer("overhead_tokens", 32768, "overhead: tok
 _OVERHEAD_OPS = flags.DEFINE_list(
     "overhead_ops",
     [],
-    "overhead: ops to time (default all: attention, attention_window_64, gla, mamba2_ssd, "
-    "conv1d, selective_scan, gated_delta_rule).",
+    "overhead: ops to time (default all: attention, attention_lse, attention_window_64, gla, "
+    "mamba2_ssd, conv1d, selective_scan, gated_delta_rule).",
 )
 _MEMORY_TOKENS = flags.DEFINE_integer("memory_tokens", 1 << 20, "memory: sequence length.")
 _MEMORY_SEQ = flags.DEFINE_integer("memory_seq", 8, "memory: simulated devices (mesh.seq).")

@@ -139,13 +139,16 @@ def attention(
             f"(local_window_size={local_window_size!r}) is not supported"
         )
     tok = token_spec(batch_axes(found, axis, B), axis)
-    o, lse = shard_over_sequence(
-        lambda q, k, v, seg: local(q, k, v, segment_ids=seg),
-        found,
-        (tok, tok, tok, tok),
-        (tok, tok),
-    )(q, k, v, segment_ids)
-    return (o, lse) if return_lse else o
+    want_lse = bool(return_lse)
+
+    def per_device(q, k, v, seg):
+        o, lse = local(q, k, v, segment_ids=seg, return_lse=want_lse)
+        return (o, lse) if want_lse else o
+
+    out_specs = (tok, tok) if want_lse else tok
+    return shard_over_sequence(per_device, found, (tok, tok, tok, tok), out_specs)(
+        q, k, v, segment_ids
+    )
 
 
 # --- merging partial attentions ---------------------------------------------------------------
@@ -183,8 +186,22 @@ def merge_stacked(o_parts: Array, lse_parts: Array) -> tuple[Array, Array]:
 # --- per-device programs (inside shard_map over ``axis``) ------------------------------------
 
 
-def _op(q, k, v, *, causal=False, window=None, segment_ids=None, softcap, scale, **op_kwargs):
-    return kernels.attention(
+def _op(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    window=None,
+    segment_ids=None,
+    softcap,
+    scale,
+    return_lse=True,
+    **op_kwargs,
+):
+    """The op, always as ``(o, lse)``; ``lse`` is None unless asked for (without it cuDNN
+    can serve the call on a GPU)."""
+    out = kernels.attention(
         q,
         k,
         v,
@@ -193,9 +210,10 @@ def _op(q, k, v, *, causal=False, window=None, segment_ids=None, softcap, scale,
         segment_ids=segment_ids,
         softcap=softcap,
         scale=scale,
-        return_lse=True,
+        return_lse=return_lse,
         **op_kwargs,
     )
+    return out if return_lse else (out, None)
 
 
 def _full_block(q, k, v, q_ids, kv_ids, *, softcap, scale, **op_kwargs):
@@ -213,7 +231,19 @@ def _sentinel(segment_ids):
 
 
 def windowed_attention_local(
-    q, k, v, *, segment_ids=None, axis, left, right, causal, softcap, scale, **op_kwargs
+    q,
+    k,
+    v,
+    *,
+    segment_ids=None,
+    axis,
+    left,
+    right,
+    causal,
+    softcap,
+    scale,
+    return_lse=True,
+    **op_kwargs,
 ):
     """Sliding-window attention of this device's block with halos from its neighbours.
 
@@ -222,7 +252,8 @@ def windowed_attention_local(
     op's work, without segment ids unless given), and once over each edge, ``[halo | the
     block's first left + right tokens]`` (and the mirror at the end), whose ``2 left +
     right`` rows are a small fraction of ``L``; the edges' rows replace the block call's
-    there. Otherwise one call over ``[halo | block | halo]``."""
+    there. Otherwise one call over ``[halo | block | halo]``. Returns ``(o, lse)``, ``lse``
+    None unless ``return_lse`` (no call needs it, so the block's may be cuDNN's)."""
     B, L, H, D = q.shape
     if left + right > L:
         return _windowed_padded(
@@ -236,9 +267,17 @@ def windowed_attention_local(
             causal,
             softcap=softcap,
             scale=scale,
+            return_lse=return_lse,
             **op_kwargs,
         )
-    kw = dict(causal=causal, window=(left, right), softcap=softcap, scale=scale, **op_kwargs)
+    kw = dict(
+        causal=causal,
+        window=(left, right),
+        softcap=softcap,
+        scale=scale,
+        return_lse=return_lse,
+        **op_kwargs,
+    )
     o, lse = _op(q, k, v, segment_ids=segment_ids, **kw)
     ids = jnp.zeros((B, L), jnp.int32) if segment_ids is None else segment_ids
     sentinel = _sentinel(ids)[:, None]
@@ -259,9 +298,11 @@ def windowed_attention_local(
             segment_ids=jnp.concatenate(order(id_halo, ids[:, keys]), axis=1),
             **kw,
         )
-        o_edge, lse_edge = o_edge[:, left : left + size], lse_edge[:, left : left + size]
+        o_edge = o_edge[:, left : left + size]
         o = lax.dynamic_update_slice_in_dim(o, o_edge.astype(o.dtype), rows.start, 1)
-        lse = lax.dynamic_update_slice_in_dim(lse, lse_edge, rows.start, 1)
+        if return_lse:
+            lse_edge = lse_edge[:, left : left + size]
+            lse = lax.dynamic_update_slice_in_dim(lse, lse_edge, rows.start, 1)
     return o, lse
 
 
@@ -297,17 +338,22 @@ def _windowed_padded(q, k, v, segment_ids, axis, left, right, causal, **kw):
         segment_ids=ids_all,
         **kw,
     )
-    return o[:, left : left + L], lse[:, left : left + L]
+    return o[:, left : left + L], None if lse is None else lse[:, left : left + L]
 
 
-def full_attention_local(q, k, v, *, segment_ids=None, axis, softcap, scale, **op_kwargs):
-    """Bidirectional attention of this device's queries over the all-gathered keys."""
+def full_attention_local(
+    q, k, v, *, segment_ids=None, axis, softcap, scale, return_lse=True, **op_kwargs
+):
+    """Bidirectional attention of this device's queries over the all-gathered keys, as
+    ``(o, lse)`` (``lse`` None unless ``return_lse``)."""
     k_all = lax.all_gather(k, axis, axis=1, tiled=True)
     v_all = lax.all_gather(v, axis, axis=1, tiled=True)
     ids_all = None if segment_ids is None else lax.all_gather(segment_ids, axis, axis=1, tiled=True)
-    return _full_block(
-        q, k_all, v_all, segment_ids, ids_all, softcap=softcap, scale=scale, **op_kwargs
-    )
+    if segment_ids is None:
+        return _op(
+            q, k_all, v_all, softcap=softcap, scale=scale, return_lse=return_lse, **op_kwargs
+        )
+    return segment_attention(q, k_all, v_all, segment_ids, ids_all, scale=scale, softcap=softcap)
 
 
 def _zigzag_perms(n: int):
@@ -343,14 +389,21 @@ def _from_zigzag(xa, xb, axis, r, n):
     return jnp.concatenate([first, second], axis=1)
 
 
-def causal_attention_local(q, k, v, *, segment_ids=None, axis, softcap, scale, **op_kwargs):
-    """Causal attention of this device's block over all keys before it (all-gathered)."""
+def causal_attention_local(
+    q, k, v, *, segment_ids=None, axis, softcap, scale, return_lse=True, **op_kwargs
+):
+    """Causal attention of this device's block over all keys before it (all-gathered), as
+    ``(o, lse)``. With more than one device the partial results merge by their
+    log-sum-exp, so every call returns it; with one, the single call returns it only if
+    ``return_lse`` (else ``lse`` is None, and cuDNN may serve the call)."""
     r, n = axis_position(axis)
     L = q.shape[1]
     k_all = lax.all_gather(k, axis, axis=1, tiled=True)
     v_all = lax.all_gather(v, axis, axis=1, tiled=True)
     ids_all = None if segment_ids is None else lax.all_gather(segment_ids, axis, axis=1, tiled=True)
     kw = dict(softcap=softcap, scale=scale, **op_kwargs)
+    if n == 1:  # the op itself
+        return _op(q, k, v, causal=True, segment_ids=segment_ids, return_lse=return_lse, **kw)
     if L % 2:
         return _causal_contiguous(q, k, v, segment_ids, k_all, v_all, ids_all, r, n, **kw)
 
@@ -374,8 +427,6 @@ def causal_attention_local(q, k, v, *, segment_ids=None, axis, softcap, scale, *
         segment_ids=ids_ab,
         **kw,
     )
-    if n == 1:  # nothing before chunk a = 0 but chunk 0 itself
-        return o_ab, l_ab
     oa, ob, la, lb = o_ab[:, :C], o_ab[:, C:], l_ab[:, :C], l_ab[:, C:]
 
     # 2n - 2 full chunk pairs: chunk a against chunks 0 .. a - 1, chunk b against the chunks

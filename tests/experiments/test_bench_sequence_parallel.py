@@ -58,7 +58,7 @@ def test_layer_sweep_measures_each_length_until_one_fails(tmp_path):
 
 
 def test_overhead_compares_the_per_device_program_with_the_op(tmp_path):
-    ops = "attention,mamba2_ssd,selective_scan"
+    ops = "attention,attention_lse,attention_window_64,mamba2_ssd,selective_scan"
     rows = _run(tmp_path, "overhead", 1, "--overhead_tokens=64", f"--overhead_ops={ops}")
     assert [r["op"] for r in rows] == ops.split(",")
     for r in rows:

@@ -232,15 +232,21 @@ def overhead_cases(T: int, d_model: int = 768) -> dict[str, tuple[Callable, Call
     cases = {}
     q, k, v = normal(1, T, H, D), normal(1, T, H, D), normal(1, T, H, D)
     attn = dict(softcap=None, scale=D**-0.5)
-    cases["attention"] = (
-        lambda q, k, v: kernels.attention(q, k, v, causal=True),
-        lambda q, k, v: causal_attention_local(q, k, v, axis=SEQ_AXIS, **attn)[0],
-        (q, k, v),
-    )
+    # Causal attention as ``parallel.attention`` runs it without ``return_lse`` (on one
+    # device, the op itself), then with the log-sum-exp that every device's merges need when
+    # the axis has more than one: the same schedule, but no longer a call cuDNN serves.
+    for name, lse in (("attention", False), ("attention_lse", True)):
+        cases[name] = (
+            lambda q, k, v: kernels.attention(q, k, v, causal=True),
+            lambda q, k, v, lse=lse: causal_attention_local(
+                q, k, v, axis=SEQ_AXIS, return_lse=lse, **attn
+            )[0],
+            (q, k, v),
+        )
     cases["attention_window_64"] = (
         lambda q, k, v: kernels.attention(q, k, v, causal=True, local_window_size=64),
         lambda q, k, v: windowed_attention_local(
-            q, k, v, axis=SEQ_AXIS, left=64, right=0, causal=True, **attn
+            q, k, v, axis=SEQ_AXIS, left=64, right=0, causal=True, return_lse=False, **attn
         )[0],
         (q, k, v),
     )
