@@ -326,9 +326,6 @@ def probe_programs(mixer, d_model, seq_len, pairs, lrs, steps, batch_size, seed,
     )
 
 
-_build = probe_programs  # the name device/recall_probe.py calls
-
-
 def compile_job(b: dict) -> tuple:
     """The compiled ``(train, eval)`` steps of ``probe_programs``, lowered from the
     abstract arguments."""

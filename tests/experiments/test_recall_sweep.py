@@ -263,7 +263,9 @@ def test_bad_flags_name_the_flag(tmp_path):
 def test_recall_probe_times_every_variant_and_lists_device_ops(tmp_path):
     from seqmix.experiments.device import recall_probe
 
-    row = recall_probe.probe("gla", 16, 64, 4, batch_size=4, steps=1, out=str(tmp_path), trace=True)
+    row = recall_probe.probe(
+        "gla", 16, 64, 4, batch_size=4, steps=1, out=str(tmp_path), trace=True, vmapped=True
+    )
     for key in ("compile_s", "host_ms", "vmapped_ms", "single_ms", "eval_ms"):
         assert row[key] > 0, key
     assert row["top_ops"] and all(ms >= 0 and n >= 1 for _, ms, n in row["top_ops"])

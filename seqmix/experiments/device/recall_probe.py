@@ -6,14 +6,15 @@ A recall sweep of small models (2 layers, d_model 256) with several jobs sharing
 run far slower per step than its FLOP count predicts. This probe times, for each mixer at
 one setting, with every call blocked on:
 
-- ``vmapped``: the sweep's step (both learning rates vmapped), as the sweep runs it;
-- ``single``: the step of one rate, not vmapped (what each sweep job runs);
-- ``eval``: the evaluation step (forward only, vmapped);
+- ``single``: the training step of one learning rate (what each sweep job runs);
+- ``eval``: its evaluation step (forward only);
 - ``host``: the host's batch (generation and transfer);
+- ``vmapped`` (with ``--probe_vmapped``): one step of two learning rates vmapped over the
+  state, the form that trains several rates at once;
 
-then traces three vmapped steps with ``jax.profiler`` and prints the 15 device ops that
-take the most time (summed over the trace), and writes the optimized HLO of the vmapped
-step to ``$OUT``. A table of the timings comes last.
+then traces three single-rate steps with ``jax.profiler`` and prints the 20 device ops that
+take the most time (summed over the trace), and writes the optimized HLO of that step to
+``$OUT``. A table of the timings comes last.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ _SETTING = flags.DEFINE_string("probe_setting", "256:16", "seq_len:pairs.")
 _BATCH = flags.DEFINE_integer("probe_batch_size", 256, "Sequences per step.")
 _STEPS = flags.DEFINE_integer("probe_steps", 10, "Timed steps per variant.")
 _TRACE = flags.DEFINE_bool("trace", True, "Profile three steps and list the top device ops.")
+_VMAPPED = flags.DEFINE_bool(
+    "probe_vmapped", False, "Also time two learning rates vmapped (one more compilation)."
+)
 
 
 def _timed(fn, n):
@@ -55,7 +59,7 @@ def _timed(fn, n):
     return sorted(times)[len(times) // 2]
 
 
-def top_ops(trace_dir: str, k: int = 15) -> list[tuple[str, float, int]]:
+def top_ops(trace_dir: str, k: int = 20) -> list[tuple[str, float, int]]:
     """``(name, total ms, count)`` of the ``k`` longest-running event names of the perfetto
     trace under ``trace_dir``, from the device's threads (names of host Python frames and
     threads are left out where the trace marks them)."""
@@ -96,21 +100,22 @@ def probe(
     steps: int,
     out: str | None,
     trace: bool,
+    vmapped: bool = False,
 ) -> dict:
     import jax
     import jax.numpy as jnp
 
     row = dict(mixer=mixer, d_model=d_model, seq_len=seq_len, pairs=pairs, batch=batch_size)
     lrs = (3e-3, 1e-2)
-    b = recall_sweep._build(mixer, d_model, seq_len, pairs, lrs, 4000, batch_size, 0)
+    args = (mixer, d_model, seq_len, pairs)
+    b = recall_sweep.probe_programs(*args, lrs[:1], 4000, batch_size, 0, vmap=False)
     task = b["task"]
     t = time.perf_counter()
     train, evaluate = recall_sweep.compile_job(b)
     row["compile_s"] = time.perf_counter() - t
     state, rngs = b["init"]()
     row["state_devices"] = sorted({str(d) for x in jax.tree.leaves(state) for d in x.devices()})
-    host = {k: v for k, v in task.train_batch(1).items()}
-    batch = {k: jnp.asarray(v) for k, v in host.items()}
+    batch = {k: jnp.asarray(v) for k, v in task.train_batch(1).items()}
     step = jnp.asarray(1, jnp.int32)
     row["host_ms"] = 1e3 * _timed(
         lambda: {k: jnp.asarray(v) for k, v in task.train_batch(2).items()}, steps
@@ -118,27 +123,25 @@ def probe(
 
     holder = {"state": state}
 
-    def vmapped():
+    def single():
         holder["state"], m = train(holder["state"], rngs, batch, step)
         return m
 
-    row["vmapped_ms"] = 1e3 * _timed(vmapped, steps)
+    row["single_ms"] = 1e3 * _timed(single, steps)
     ev = {k: jnp.asarray(v) for k, v in task.eval_batches()[0].items()}
     s = holder["state"]
     row["eval_ms"] = 1e3 * _timed(lambda: evaluate(s.params, rngs, s.other, ev), steps)
 
-    # one rate, no vmap: what each sweep job runs
-    b1 = recall_sweep._build(
-        mixer, d_model, seq_len, pairs, lrs[:1], 4000, batch_size, 0, vmap=False
-    )
-    single, _ = recall_sweep.compile_job(b1)
-    holder["one"] = b1["init"]()[0]
+    if vmapped:  # every rate of lrs in one step
+        bv = recall_sweep.probe_programs(*args, lrs, 4000, batch_size, 0, vmap=True)
+        train_v, _ = recall_sweep.compile_job(bv)
+        holder["v"] = bv["init"]()[0]
 
-    def unbatched():
-        holder["one"], m = single(holder["one"], rngs, batch, step)
-        return m
+        def both():
+            holder["v"], m = train_v(holder["v"], rngs, batch, step)
+            return m
 
-    row["single_ms"] = 1e3 * _timed(unbatched, steps)
+        row["vmapped_ms"] = 1e3 * _timed(both, steps)
 
     if out:
         name = f"{mixer}_d{d_model}_{seq_len}_{pairs}"
@@ -148,11 +151,11 @@ def probe(
             tdir = os.path.join(out, f"trace_{name}")
             with jax.profiler.trace(tdir, create_perfetto_trace=True):
                 for _ in range(3):
-                    jax.block_until_ready(vmapped())
+                    jax.block_until_ready(single())
             ops = top_ops(tdir)
             shutil.rmtree(tdir, ignore_errors=True)  # MBs; what came back is the summary
             row["top_ops"] = ops
-            print(f"top device ops of 3 vmapped steps, {name}:", flush=True)
+            print(f"top device ops of 3 single-rate steps, {name}:", flush=True)
             for n, ms, c in ops:
                 print(f"  {ms:9.2f} ms {c:6d}x  {n[:100]}", flush=True)
     print(json.dumps(row, default=str), flush=True)
@@ -170,18 +173,27 @@ def main(argv):
     for mixer in _MIXERS.value:
         rows.append(
             probe(
-                mixer, _D_MODEL.value, seq_len, pairs, _BATCH.value, _STEPS.value, out, _TRACE.value
+                mixer,
+                _D_MODEL.value,
+                seq_len,
+                pairs,
+                _BATCH.value,
+                _STEPS.value,
+                out,
+                _TRACE.value,
+                _VMAPPED.value,
             )
         )
         if out:
             with open(os.path.join(out, "recall_probe.json"), "w") as f:
                 json.dump(rows, f, indent=1, default=str)
-    print("| mixer | compile s | host ms | vmapped (2 rates) ms | single rate ms | eval ms |")
+    print("| mixer | compile s | host ms | single rate ms | eval ms | vmapped (2 rates) ms |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        vm = f"{r['vmapped_ms']:.2f}" if "vmapped_ms" in r else "–"
         print(
             f"| {r['mixer']} | {r['compile_s']:.1f} | {r['host_ms']:.2f} | "
-            f"{r['vmapped_ms']:.2f} | {r['single_ms']:.2f} | {r['eval_ms']:.2f} |"
+            f"{r['single_ms']:.2f} | {r['eval_ms']:.2f} | {vm} |"
         )
 
 
