@@ -93,6 +93,14 @@ _RESUME = flags.DEFINE_string(
     "runs are kept and their jobs not run again (a grid can continue "
     "across several invocations).",
 )
+_ATTENTION_IMPL = flags.DEFINE_string(
+    "attention_implementation",
+    None,
+    "The attention jobs' kernel: 'auto' (the op's dispatch: cuDNN on a GPU) or an "
+    "implementation name. Default: 'auto', except 'pallas_triton' on a GPU with --workers > 1 "
+    "(loading a cuDNN attention program captures a CUDA graph, which concurrent jobs' launches "
+    "break: 'capturing stream has unjoined work', then a crash).",
+)
 _DEADLINE = flags.DEFINE_float(
     "deadline_s",
     None,
@@ -106,6 +114,15 @@ _STOP = threading.Event()
 _PROGRESS: dict[tuple, dict] = {}
 _EVAL_EVERY = 250
 TARGET_ACCURACY = 0.99
+# --attention_implementation as main resolved it (None: the op's dispatch)
+_ATTENTION = {"implementation": None}
+
+
+def attention_implementation(flag: str | None, workers: int, backend: str) -> str | None:
+    """The implementation the jobs' attention asks for (None: the op's own dispatch)."""
+    if flag is None:
+        return "pallas_triton" if backend == "gpu" and workers > 1 else None
+    return None if flag == "auto" else flag
 
 
 def job_config(mixer, d_model, seq_len, pairs, lr, steps, batch_size, seed):
@@ -118,6 +135,8 @@ def job_config(mixer, d_model, seq_len, pairs, lr, steps, batch_size, seed):
         f"steps={steps},batch_size={batch_size},lr={lr}"
     )
     config.seed = seed
+    if _ATTENTION["implementation"] is not None:
+        config.model.implementation = {"attention": _ATTENTION["implementation"]}
     config.train.eval_every = min(_EVAL_EVERY, steps)
     config.train.log_every = min(_EVAL_EVERY, steps)
     config.train.checkpoint_every = 0
@@ -222,6 +241,8 @@ def run_job(
         compute_dtype=config.train.compute_dtype,
         **sizes(config),
     )
+    if _ATTENTION["implementation"] is not None:
+        row["attention_implementation"] = _ATTENTION["implementation"]
     progress = _Progress(job, row, t0)
     callbacks = [StopAtMetric("accuracy", TARGET_ACCURACY), StopWhenSet(_STOP), progress]
     if deadline is not None:
@@ -516,6 +537,15 @@ def main(args: cli.Args):
     lrs = [float(x) for x in (_LRS.value or recall.LRS)]
     if _WORKERS.value < 1:
         cli.fail(f"--workers must be >= 1, got {_WORKERS.value}")
+    if _ATTENTION_IMPL.value not in (None, "auto"):
+        from seqmix.kernels import dispatch  # the package registers every op first
+
+        try:
+            dispatch.check_implementation(
+                {"attention": _ATTENTION_IMPL.value}, "--attention_implementation"
+            )
+        except ValueError as e:
+            cli.fail(str(e))
     if _RESUME.value and not os.path.exists(_RESUME.value):
         cli.fail(f"--resume={_RESUME.value}: no such file (a recall.json of an earlier call)")
     if _LRS_FROM.value:
@@ -540,7 +570,18 @@ def main(args: cli.Args):
                 f"resumed {len(rows)} runs from {_RESUME.value}; {len(queue)} jobs left",
                 flush=True,
             )
+
+    def resolve_attention():  # initialises the backend: after the compile workers start
+        import jax
+
+        impl = attention_implementation(
+            _ATTENTION_IMPL.value, _WORKERS.value, jax.default_backend()
+        )
+        _ATTENTION["implementation"] = impl
+        return impl
+
     if _COMPILE_ONLY.value:
+        resolve_attention()
         _compile_shard(_COMPILE_ONLY.value, [(*job, lr) for job, lr in queue])
         return
     start = time.time()
@@ -560,12 +601,20 @@ def main(args: cli.Args):
                 f"--steps={_STEPS.value}",
                 f"--batch_size={_BATCH.value}",
                 f"--seed={_SEED.value}",
+                f"--workers={_WORKERS.value}",
+                *(
+                    [f"--attention_implementation={_ATTENTION_IMPL.value}"]
+                    if _ATTENTION_IMPL.value
+                    else []
+                ),
                 *([f"--resume={_RESUME.value}"] if _RESUME.value else []),
             ],
             _COMPILE_WORKERS.value,
             _COMPILE_BUDGET.value,
         )
         print(f"parallel compile: {seconds:.0f}s", flush=True)
+    if resolve_attention() is not None:
+        print(f"attention jobs ask for {_ATTENTION['implementation']}", flush=True)
     precompile.setup_cache()
     in_progress = lambda: list(_PROGRESS.values())
     pool = cf.ThreadPoolExecutor(_WORKERS.value)

@@ -86,13 +86,28 @@ def test_a_pilot_chooses_one_rate_per_mixer(tmp_path):
     assert left == [(jobs[0], 3e-3)] and [r["mixer"] for r in kept] == ["gla"]
 
 
-def test_run_job_is_the_loop_and_stops_at_the_deadline_saying_so():
+def test_run_job_is_the_loop_and_stops_at_the_deadline_saying_so(monkeypatch):
     past = time.time() - 1.0
+    # an attention kernel chosen by --attention_implementation reaches the model's config
+    monkeypatch.setitem(recall_sweep._ATTENTION, "implementation", "xla")
+    config = recall_sweep.job_config("based", 64, 64, 4, 1e-3, 500, 4, 0)
+    assert dict(config.model.implementation) == {"attention": "xla"}
     row = recall_sweep.run_job("attention", 64, 64, 4, 1e-3, 500, 4, 0, deadline=past)
     # the deadline had passed: the loop stopped after its first steps, evaluated and saved
     assert row["cut"] and row["steps"] <= 2 and row["lr"] == 1e-3
     assert 0.0 <= row["accuracy"] <= 1.0 and row["state_size"] > 0 and row["params"] > 0
     assert row["compute_dtype"] == "bfloat16"  # the recall configs' mixed precision
+    assert row["attention_implementation"] == "xla"
+
+
+def test_concurrent_gpu_jobs_keep_attention_off_cudnn():
+    choose = recall_sweep.attention_implementation
+    assert choose(None, 4, "gpu") == "pallas_triton"  # cuDNN's graph capture vs other jobs
+    assert choose(None, 1, "gpu") is None and choose(None, 4, "cpu") is None
+    assert choose("auto", 4, "gpu") is None and choose("cudnn", 4, "gpu") == "cudnn"
+    assert (
+        recall_sweep.job_config("attention", 64, 64, 4, 1e-3, 5, 4, 0).model.implementation is None
+    )
 
 
 def test_a_job_stops_early_at_the_target_accuracy(monkeypatch):
@@ -237,6 +252,7 @@ def test_bad_flags_name_the_flag(tmp_path):
     for flag, needle in (
         ("--settings=256x16", "--settings"),
         ("--workers=0", "--workers"),
+        ("--attention_implementation=cuda", "--attention_implementation"),
         (f"--resume={tmp_path}/none.json", "--resume"),
         (f"--lrs_from={tmp_path}/none.json", "--lrs_from"),
         (f"--lrs_from={tmp_path}/pilot.json --lrs=1e-3", "--lrs_from"),
