@@ -11,10 +11,11 @@ float32 oracle: the mark expression selects the ``gpu`` tests and leaves the GPU
 memory (several xdist workers share the GPU); the oracle runs its matmuls at full float32
 precision (``seqmix.testing.vjp_pairs``). Without a GPU the selected tests are skipped.
 
-On the CPU every program that takes a while to compile is compiled once per test run: the
-run shares a persistent compilation cache (a temporary directory, removed at the end) among
-its xdist workers and the subprocesses the tests start (``JAX_COMPILATION_CACHE_DIR`` in
-the environment). Many tests train the same small models; a program that differs in
+On the CPU, XLA compiles with its cheapest pipeline (``FAST_CPU_COMPILE`` as ``XLA_FLAGS``
+unless the caller set them), and every program that takes a while to compile is compiled
+once per test run: the run shares a persistent compilation cache (a temporary directory,
+removed at the end) among its xdist workers and the subprocesses the tests start
+(``JAX_COMPILATION_CACHE_DIR`` in the environment). Many tests train the same small models; a program that differs in
 anything (code, shapes, flags, devices) is a different cache entry and compiles anew.
 """
 
@@ -26,6 +27,7 @@ import tempfile
 import pytest
 
 GPU_MARK = re.compile(r"(?<!not )\bgpu\b")
+FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 _CACHE_KEY = pytest.StashKey[str]()
 
 
@@ -40,6 +42,10 @@ def pytest_configure(config):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        # XLA's cheapest CPU pipeline: the suite's programs are tiny and compile-bound (the
+        # interpret-mode kernels above all), and these flags cut their compile time by ~40%.
+        # Inherited by the xdist workers and every subprocess, so all compile alike.
+        os.environ.setdefault("XLA_FLAGS", FAST_CPU_COMPILE)
         _share_compilations(config)
 
 

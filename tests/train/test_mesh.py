@@ -25,9 +25,9 @@ HERE = pathlib.Path(__file__).parent
 @pytest.fixture(scope="module")
 def mesh_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("mesh"))
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"
-    )
+    # 8 CPU devices, with the suite's compile flags (tests/conftest.py)
+    flags = f"--xla_force_host_platform_device_count=8 {os.environ.get('XLA_FLAGS', '')}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
     env["PYTHONPATH"] = os.pathsep.join(
         [str(HERE.parents[1]), str(HERE), env.get("PYTHONPATH", "")]
     )
