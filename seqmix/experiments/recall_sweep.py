@@ -14,7 +14,7 @@ Learning rates: every job runs at each of ``--lrs`` (default ``configs/recall.LR
 best per point kept; or a short pilot chooses one rate per mixer, and the grid trains only
 that one (half the jobs):
 
-    seqmix-recall-sweep --d_models=128 --settings=256:16 --lrs=1e-3,3e-3,1e-2 --steps=1000 \
+    seqmix-recall-sweep --d_models=128 --settings=256:16 --lrs=1e-3,3e-3,1e-2 --steps=3000 \
         --out_dir=pilot
     seqmix-recall-sweep --lrs_from=pilot/recall.json
 
