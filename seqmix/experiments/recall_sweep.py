@@ -501,7 +501,9 @@ def pilot_rates(path: str, mixers: list[str]) -> dict[str, float]:
             if r.get("mixer") == mixer and "error" not in r and math.isfinite(r["accuracy"]):
                 by_rate.setdefault(float(r["lr"]), []).append(r)
         if not by_rate:
-            raise ValueError(f"--lrs_from={path}: no finished pilot run of mixer {mixer!r}")
+            raise ValueError(
+                f"--lrs_from={path}: no usable pilot run of mixer {mixer!r} (every run failed, diverged or is missing)"
+            )
 
         def mean(lr):
             rs = by_rate[lr]
