@@ -502,7 +502,8 @@ def pilot_rates(path: str, mixers: list[str]) -> dict[str, float]:
                 by_rate.setdefault(float(r["lr"]), []).append(r)
         if not by_rate:
             raise ValueError(
-                f"--lrs_from={path}: no usable pilot run of mixer {mixer!r} (every run failed, diverged or is missing)"
+                f"--lrs_from={path}: no usable pilot run of mixer {mixer!r} (every run "
+                "failed or diverged, or there is none)"
             )
 
         def mean(lr):
