@@ -138,39 +138,33 @@ def run_ops(seed: int) -> dict:
         out[name] = {"outputs": errors(c, r), "grads": errors(gc, gr)}
 
     mesh8 = mesh_for(8)
+
+    def causal_case(name, segs, mesh):
+        def run(attention):
+            return lambda q, k, v: attention(
+                q, k, v, causal=True, segment_ids=segs, return_lse=True
+            )
+
+        tag = "segments" if segs is not None else "plain"
+        compare(
+            f"attention/{name}/{tag}",
+            run(kernels.attention),
+            run(parallel.attention),
+            (q, k, v),
+            mesh,
+        )
+
     # odd block length (3 tokens per device): the contiguous causal schedule
     q, k, v = normal(1, 24, 4, 8), normal(1, 24, 2, 8), normal(1, 24, 2, 8)
     ids = jnp.asarray(np.repeat([0, 1, 2], [7, 9, 8])[None], jnp.int32)
     for segs in (None, ids):
-        tag = "segments" if segs is not None else "plain"
-        compare(
-            f"attention/odd-block/{tag}",
-            lambda q, k, v, s=segs: kernels.attention(
-                q, k, v, causal=True, segment_ids=s, return_lse=True
-            ),
-            lambda q, k, v, s=segs: parallel.attention(
-                q, k, v, causal=True, segment_ids=s, return_lse=True
-            ),
-            (q, k, v),
-            mesh8,
-        )
+        causal_case("odd-block", segs, mesh8)
     # the zig-zag schedule (even blocks): each device's own chunk pair in one causal call,
     # segments crossing chunks and devices; GQA
     q, k, v = normal(2, 32, 4, 8), normal(2, 32, 2, 8), normal(2, 32, 2, 8)
     ids5 = jnp.asarray(np.stack([np.repeat([0, 1, 2], [5, 14, 13]), np.repeat([7, 8], [22, 10])]))
     for seq, segs in ((2, None), (4, ids5), (8, ids5)):
-        tag = "segments" if segs is not None else "plain"
-        compare(
-            f"attention/zigzag-seq-{seq}/{tag}",
-            lambda q, k, v, s=segs: kernels.attention(
-                q, k, v, causal=True, segment_ids=s, return_lse=True
-            ),
-            lambda q, k, v, s=segs: parallel.attention(
-                q, k, v, causal=True, segment_ids=s, return_lse=True
-            ),
-            (q, k, v),
-            mesh_for(seq),
-        )
+        causal_case(f"zigzag-seq-{seq}", segs, mesh_for(seq))
     # a window longer than a device's block (halo from several devices), softcap, MQA
     q, k, v = normal(2, 32, 4, 8), normal(2, 32, 1, 8), normal(2, 32, 1, 8)
     compare(
