@@ -15,8 +15,9 @@ On the CPU, XLA compiles with its cheapest pipeline (``FAST_CPU_COMPILE`` as ``X
 unless the caller set them), and every program that takes a while to compile is compiled
 once per test run: the run shares a persistent compilation cache (a temporary directory,
 removed at the end) among its xdist workers and the subprocesses the tests start
-(``JAX_COMPILATION_CACHE_DIR`` in the environment). Many tests train the same small models; a program that differs in
-anything (code, shapes, flags, devices) is a different cache entry and compiles anew.
+(``JAX_COMPILATION_CACHE_DIR`` in the environment). Many tests train the same small
+models; a program that differs in anything (code, shapes, flags, devices) is a different
+cache entry and compiles anew.
 """
 
 import os

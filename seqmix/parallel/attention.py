@@ -398,12 +398,12 @@ def causal_attention_local(
     ``return_lse`` (else ``lse`` is None, and cuDNN may serve the call)."""
     r, n = axis_position(axis)
     L = q.shape[1]
-    k_all = lax.all_gather(k, axis, axis=1, tiled=True)
-    v_all = lax.all_gather(v, axis, axis=1, tiled=True)
-    ids_all = None if segment_ids is None else lax.all_gather(segment_ids, axis, axis=1, tiled=True)
     kw = dict(softcap=softcap, scale=scale, **op_kwargs)
     if n == 1:  # the op itself
         return _op(q, k, v, causal=True, segment_ids=segment_ids, return_lse=return_lse, **kw)
+    k_all = lax.all_gather(k, axis, axis=1, tiled=True)
+    v_all = lax.all_gather(v, axis, axis=1, tiled=True)
+    ids_all = None if segment_ids is None else lax.all_gather(segment_ids, axis, axis=1, tiled=True)
     if L % 2:
         return _causal_contiguous(q, k, v, segment_ids, k_all, v_all, ids_all, r, n, **kw)
 
