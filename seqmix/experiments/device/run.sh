@@ -20,6 +20,8 @@
 #   tune   the autotuner's winners for <op> go to $OUT/tuning.json, which every later stage
 #          applies through SEQMIX_TUNING (the tables themselves are unchanged)
 # A stage may be given a time limit in seconds after '@' (default 600): bench:attention@240.
+# '{OUT}' in a stage's flags stands for $OUT, so a stage can read what an earlier one wrote:
+#   "recall:--out_dir={OUT}/pilot --lrs=1e-3,1e-2" "recall:--lrs_from={OUT}/pilot/recall.json"
 set -u
 export PYTHONUNBUFFERED=1
 # Results go to $OUT (default runs/device/ under the repository root), read by every stage.
@@ -40,6 +42,7 @@ for stage in "$@"; do
   T="timeout -k 45 -s INT $limit"
   tag=${arg//[^A-Za-z0-9_.]/_}
   log="$OUT/${name}_${tag:0:60}.log"
+  arg=${arg//\{OUT\}/$OUT}
   echo "=== $stage" | tee -a "$OUT/summary.txt"
   start=$(date +%s)
   case $name in
@@ -54,7 +57,7 @@ for stage in "$@"; do
     sp) $T python3 -m seqmix.experiments.bench_sequence_parallel ${arg:---mode=overhead} \
           --out_dir="$OUT" > "$log" 2>&1 ;;
     recall_probe) $T python3 -m seqmix.experiments.device.recall_probe ${arg:+$arg} > "$log" 2>&1 ;;
-    recall) $T python3 -m seqmix.experiments.recall_sweep ${arg:+$arg} --out_dir="$OUT" > "$log" 2>&1 ;;
+    recall) $T python3 -m seqmix.experiments.recall_sweep --out_dir="$OUT" ${arg:+$arg} > "$log" 2>&1 ;;
     profile) $T python3 -m seqmix.experiments.device.profile_ops ${arg:+--ops=$arg} > "$log" 2>&1 ;;
     time) $T python3 seqmix/experiments/device/time_ops.py --op="$arg" --iters=5 \
             --out="$OUT/time_$arg.json" > "$log" 2>&1 ;;
