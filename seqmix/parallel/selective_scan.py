@@ -157,7 +157,7 @@ def block_final_state(dt: Array, u: Array, B: Array, A: Array) -> Array:
     """The state after a block scanned from zero, float32 ``[B, Dm, N]``:
     ``sum_t exp(A R_t) dt_t u_t B_t`` with ``R_t = sum_{s > t} dt_s``; ``dt [B, T, Dm]``
     float32, u ``[B, T, Dm]``, B ``[B, T, N]`` or ``[B, T, G, N]``, A ``[Dm, N]``. Its VJP walks
-    the tokens in chunks of ``_CHUNK``, recomputing the exponentials of each chunk."""
+    the tokens in chunks (``backward_chunk``), recomputing the exponentials of each chunk."""
     R, du, Bg, Ag = _final_parts(dt, u, B, A)
     final = jnp.sum(jnp.exp(Ag * R) * du * Bg, axis=1)  # [B, G, c, N]
     return final.reshape(dt.shape[0], dt.shape[2], -1)
@@ -167,15 +167,28 @@ def _final_fwd(dt, u, B, A):
     return block_final_state(dt, u, B, A), (dt, u, B, A)
 
 
-# tokens per step of the backward's loop: its temporaries are [B, _CHUNK, Dm, N] at most
-_CHUNK = 128
+# float32 bytes of one [B, chunk, Dm, N] temporary of the backward's loop: each step covers as
+# many tokens as fit (at least _MIN_CHUNK), so a long block takes tens of steps, not hundreds
+# of launch-bound small ones
+_CHUNK_BYTES = 128 << 20
+_MIN_CHUNK = 16
+
+
+def backward_chunk(batch: int, T: int, Dm: int, N: int, budget: int | None = None) -> int:
+    """Tokens per step of ``block_final_state``'s backward loop: the largest power of two
+    whose ``[batch, chunk, Dm, N]`` float32 temporary fits ``budget`` bytes (default
+    ``_CHUNK_BYTES``), at least ``_MIN_CHUNK``, at most ``T``."""
+    budget = _CHUNK_BYTES if budget is None else budget
+    fit = max(1, budget // (4 * batch * Dm * N))
+    C = max(_MIN_CHUNK, 1 << (fit.bit_length() - 1))
+    return min(C, T)
 
 
 def _final_bwd(res, ct):
     dt, u, B, A = res
-    Bsz, T = dt.shape[:2]
+    Bsz, T, Dm = dt.shape
     R, du, Bg, Ag = _final_parts(dt, u, B, A)  # R, du [B, T, G, c, 1]; Bg [B, T, G, 1, N]
-    C = min(_CHUNK, T)
+    C = backward_chunk(Bsz, T, Dm, A.shape[-1])
     n = -(-T // C)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, n * C - T)] + [(0, 0)] * (x.ndim - 2))
     chunks = lambda x: jnp.moveaxis(pad(x).reshape(Bsz, n, C, *x.shape[2:]), 1, 0)

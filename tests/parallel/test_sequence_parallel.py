@@ -164,13 +164,30 @@ def test_training_with_seq_4_follows_the_seq_1_loss_curve(tmp_path):
         np.testing.assert_allclose(four, one, rtol=1e-5, err_msg=name)
 
 
+def test_backward_chunk_fills_its_byte_budget():
+    """The reduction backward's tokens per step: the largest power of two within the byte
+    budget, at least 16 tokens, at most the block."""
+    from seqmix.parallel.selective_scan import backward_chunk
+
+    # 32k tokens of Mamba-1 at d_model 768 (Dm 1536, N 16): 96 KiB per token in float32
+    assert backward_chunk(1, 32768, 1536, 16, budget=128 << 20) == 1024
+    assert backward_chunk(1, 32768, 1536, 16, budget=96 << 10) == 16  # the floor
+    assert backward_chunk(2, 37, 8, 4, budget=1 << 20) == 37  # the whole block
+
+
 @pytest.mark.parametrize("T, groups", [(37, 2), (300, None)], ids=["groups", "chunks"])
-def test_block_final_state_is_the_scan_final_state_with_its_gradients(T, groups):
+def test_block_final_state_is_the_scan_final_state_with_its_gradients(T, groups, monkeypatch):
     """The scan's per-device reduction against the recurrence's final state: values and
-    gradients (300 tokens: the backward's loop over chunks of 128, the last one padded)."""
-    from seqmix.parallel.selective_scan import block_final_state
+    gradients (300 tokens under a byte budget of 128 tokens: the backward's loop over
+    chunks, the last one padded)."""
+    import importlib
+
+    selective_scan = importlib.import_module("seqmix.parallel.selective_scan")  # the module
+    block_final_state = selective_scan.block_final_state
 
     B, Dm, N = 2, 8, 4
+    monkeypatch.setattr(selective_scan, "_CHUNK_BYTES", 128 * 4 * B * Dm * N)
+    assert selective_scan.backward_chunk(B, T, Dm, N) == min(T, 128)
     ks = jax.random.split(jax.random.key(fresh_seed()), 5)
     u = jax.random.normal(ks[0], (B, T, Dm))
     dt = jax.nn.softplus(jax.random.normal(ks[1], (B, T, Dm)))
