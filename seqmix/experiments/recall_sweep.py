@@ -44,6 +44,7 @@ evaluation.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import os
 import signal
@@ -118,6 +119,20 @@ TARGET_ACCURACY = 0.99
 _ATTENTION = {"implementation": None}
 
 
+# XLA's CUDA-graph command buffers, off while jobs share the GPU: a job's graph update
+# failed under concurrent jobs ("CUDA_ERROR_GRAPH_EXEC_UPDATE_FAILURE" in jit_train_step)
+NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
+
+
+def concurrent_xla_flags(xla_flags: str, workers: int) -> str:
+    """``XLA_FLAGS`` for a sweep of ``workers`` concurrent jobs: with more than one, XLA's
+    command buffers (CUDA graphs) off, unless the flags already set them; the compile
+    workers inherit the result, so their programs are the jobs' cache hits."""
+    if workers <= 1 or "xla_gpu_enable_command_buffer" in xla_flags:
+        return xla_flags
+    return f"{xla_flags} {NO_COMMAND_BUFFERS}".strip()
+
+
 def attention_implementation(flag: str | None, workers: int, backend: str) -> str | None:
     """The implementation the jobs' attention asks for (None: the op's own dispatch)."""
     if flag is None:
@@ -142,6 +157,40 @@ def job_config(mixer, d_model, seq_len, pairs, lr, steps, batch_size, seed):
     config.train.checkpoint_every = 0
     config.train.keep = 1
     return config
+
+
+def model_signature(config) -> str:
+    """12 hex digits of what a run trains: the model config as the loop builds it (compute
+    dtype included) with only the mixers its layers use, without the kernel choice
+    (``implementation``). Rows carry it as ``model``; ``resume`` and ``pilot_rates`` use a
+    row only where it matches the current config of its point, so a change to
+    ``configs/recall.py`` retires the rows trained before it."""
+    import hashlib
+
+    from seqmix.train import model_config_of
+
+    model = model_config_of(config).to_dict()
+    model.pop("implementation", None)
+    model.pop("legend", None)
+    model["mixers"] = {k: v for k, v in model["mixers"].items() if k in set(model["layers"])}
+    text = json.dumps(model, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def point_signature(mixer: str, d_model: int, seq_len: int, pairs: int) -> str:
+    """``model_signature`` of a grid point under the current ``configs/recall.py``."""
+    from seqmix.configs import recall
+
+    return model_signature(
+        recall.get_config(f"mixer={mixer},d_model={d_model},seq_len={seq_len},num_kv_pairs={pairs}")
+    )
+
+
+def current(r: dict) -> bool:
+    """Whether row ``r`` was trained with its point's current model config."""
+    keys = ("mixer", "d_model", "seq_len", "num_kv_pairs")
+    return all(k in r for k in keys) and r.get("model") == point_signature(*(r[k] for k in keys))
 
 
 def sizes(config) -> dict:
@@ -239,6 +288,7 @@ def run_job(
         num_kv_pairs=pairs,
         lr=lr,
         compute_dtype=config.train.compute_dtype,
+        model=model_signature(config),
         **sizes(config),
     )
     if _ATTENTION["implementation"] is not None:
@@ -445,12 +495,13 @@ def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
 
 
 def resume(path: str, jobs: list[tuple], lrs) -> tuple[list[dict], list[tuple[tuple, float]]]:
-    """The finished runs of an earlier recall.json (no error, not cut) and the entries
-    ``(job, lr)`` of ``jobs`` x rates that still lack one; ``lrs`` is a list of rates for
-    every job or a dict ``mixer -> rate``."""
+    """The finished runs of an earlier recall.json (no error, not cut, trained with the
+    point's current model config: ``current``) and the entries ``(job, lr)`` of ``jobs`` x
+    rates that still lack one; ``lrs`` is a list of rates for every job or a dict
+    ``mixer -> rate``."""
     with open(path) as f:
         earlier = json.load(f)["runs"]
-    kept = [r for r in earlier if "error" not in r and not r.get("cut")]
+    kept = [r for r in earlier if "error" not in r and not r.get("cut") and current(r)]
     done = {(r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"]) for r in kept}
     wanted = queue_of(jobs, lrs)
     left = [(job, lr) for job, lr in wanted if (*job, lr) not in done]
@@ -487,9 +538,9 @@ def pilot_rates(path: str, mixers: list[str]) -> dict[str, float]:
     """``mixer -> rate`` from a pilot's recall.json: for each mixer, the rate whose runs have
     the highest mean accuracy over the pilot's points, ties (a short pilot often leaves
     every rate near 0) broken by the lower mean evaluation loss (``run_score``). Failed and
-    diverged runs are left out; a cut run counts at its last evaluation, a run that stopped
-    at 0.99 at that point. Raises ValueError naming ``--lrs_from`` when a mixer has no
-    usable pilot run."""
+    diverged runs, and runs of an earlier model config (``current``), are left out; a cut
+    run counts at its last evaluation, a run that stopped at 0.99 at that point. Raises
+    ValueError naming ``--lrs_from`` when a mixer has no usable pilot run."""
     import math
 
     with open(path) as f:
@@ -498,12 +549,18 @@ def pilot_rates(path: str, mixers: list[str]) -> dict[str, float]:
     for mixer in mixers:
         by_rate: dict[float, list[dict]] = {}
         for r in runs:
-            if r.get("mixer") == mixer and "error" not in r and math.isfinite(r["accuracy"]):
+            if (
+                r.get("mixer") == mixer
+                and "error" not in r
+                and math.isfinite(r["accuracy"])
+                and current(r)
+            ):
                 by_rate.setdefault(float(r["lr"]), []).append(r)
         if not by_rate:
             raise ValueError(
                 f"--lrs_from={path}: no usable pilot run of mixer {mixer!r} (every run "
-                "failed or diverged, or there is none)"
+                "failed or diverged, was trained with an earlier model config, or there is "
+                "none)"
             )
 
         def mean(lr):
@@ -540,6 +597,8 @@ def main(args: cli.Args):
     lrs = [float(x) for x in (_LRS.value or recall.LRS)]
     if _WORKERS.value < 1:
         cli.fail(f"--workers must be >= 1, got {_WORKERS.value}")
+    # before the backend starts (jobs and compile workers alike)
+    os.environ["XLA_FLAGS"] = concurrent_xla_flags(os.environ.get("XLA_FLAGS", ""), _WORKERS.value)
     if _ATTENTION_IMPL.value not in (None, "auto"):
         from seqmix.kernels import dispatch  # the package registers every op first
 

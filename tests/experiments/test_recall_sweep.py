@@ -14,9 +14,46 @@ from seqmix.experiments import recall_sweep
 
 
 def _run(mixer, d, T, n, lr, **extra):
+    """A row of a run trained with the point's current model config."""
+    extra.setdefault("model", recall_sweep.point_signature(mixer, d, T, n))
     return dict(
         mixer=mixer, d_model=d, seq_len=T, num_kv_pairs=n, lr=lr, accuracy=0.5, steps=10, **extra
     )
+
+
+def test_rows_of_an_earlier_model_config_are_retired(tmp_path):
+    """A row counts for resume and pilot only with its point's current model signature:
+    one that the study's config has since changed runs again and chooses no rate."""
+    sig = recall_sweep.point_signature
+    assert sig("gla", 64, 64, 4) == sig("gla", 64, 64, 4)
+    assert sig("gla", 64, 64, 4) != sig("gla", 128, 64, 4) != sig("mamba2", 128, 64, 4)
+    # the signature sees the mixer's own config, not the kernel choice or other mixers'
+    config = recall_sweep.job_config("gla", 64, 64, 4, 1e-3, 10, 2, 0)
+    base = recall_sweep.model_signature(config)
+    assert base == sig("gla", 64, 64, 4)
+    config.model.implementation = {"attention": "xla"}
+    config.model.mixers.mamba2.d_state = 8
+    assert recall_sweep.model_signature(config) == base
+    config.model.mixers.gla.short_conv = False
+    assert recall_sweep.model_signature(config) != base
+    stale = _run("gla", 64, 64, 4, 3e-3, eval_loss=1.0, model=recall_sweep.model_signature(config))
+    unsigned = _run("based", 64, 64, 4, 3e-3, eval_loss=1.0)
+    del unsigned["model"]
+    path = tmp_path / "earlier.json"
+    fresh = _run("attention", 64, 64, 4, 3e-3, eval_loss=1.0)
+    path.write_text(json.dumps({"runs": [stale, unsigned, fresh]}))
+    jobs = [(m, 64, 64, 4) for m in ("gla", "based", "attention")]
+    kept, left = recall_sweep.resume(str(path), jobs, [3e-3])
+    assert [r["mixer"] for r in kept] == ["attention"]
+    assert [job[0] for job, _ in left] == ["gla", "based"]
+    assert recall_sweep.pilot_rates(str(path), ["attention"]) == {"attention": 3e-3}
+    for mixer in ("gla", "based"):
+        try:
+            recall_sweep.pilot_rates(str(path), [mixer])
+        except ValueError as e:
+            assert "earlier model config" in str(e)
+        else:
+            raise AssertionError(f"{mixer}: a retired row must not choose a rate")
 
 
 def test_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path):
@@ -98,6 +135,7 @@ def test_run_job_is_the_loop_and_stops_at_the_deadline_saying_so(monkeypatch):
     assert 0.0 <= row["accuracy"] <= 1.0 and row["state_size"] > 0 and row["params"] > 0
     assert row["compute_dtype"] == "bfloat16"  # the recall configs' mixed precision
     assert row["attention_implementation"] == "xla"
+    assert row["model"] == recall_sweep.point_signature("attention", 64, 64, 4)
 
 
 def test_concurrent_gpu_jobs_keep_attention_off_cudnn():
@@ -108,6 +146,13 @@ def test_concurrent_gpu_jobs_keep_attention_off_cudnn():
     assert (
         recall_sweep.job_config("attention", 64, 64, 4, 1e-3, 5, 4, 0).model.implementation is None
     )
+    # and XLA's command buffers (CUDA graphs) off for concurrent jobs, unless set already
+    flags = recall_sweep.concurrent_xla_flags
+    assert flags("--a=1", 4) == "--a=1 --xla_gpu_enable_command_buffer="
+    assert flags("", 4) == "--xla_gpu_enable_command_buffer="
+    assert flags("--a=1", 1) == "--a=1"
+    kept = "--xla_gpu_enable_command_buffer=FUSION"
+    assert flags(kept, 4) == kept
 
 
 def test_a_job_stops_early_at_the_target_accuracy(monkeypatch):
@@ -229,6 +274,8 @@ def test_compile_workers_fill_the_cache_that_the_jobs_hit(tmp_path):
         "from seqmix.experiments import recall_sweep as rs\n"
         "from seqmix.experiments.bench import precompile\n"
         "flags.FLAGS(sys.argv[:1])\n"
+        "import os\n"  # the XLA flags of the sweep's main process (4 workers by default)
+        "os.environ['XLA_FLAGS'] = rs.concurrent_xla_flags(os.environ.get('XLA_FLAGS', ''), 4)\n"
         "hits = []\n"
         "class H(logging.Handler):\n"
         "    def emit(self, r):\n"
