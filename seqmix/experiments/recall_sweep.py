@@ -418,7 +418,8 @@ def _compile_shard(spec: str, jobs: list[tuple]) -> None:
 
 
 def plot(best: list[dict], path_prefix: str) -> None:
-    """Accuracy against d_model and against the recurrent state size, a panel per setting."""
+    """Accuracy against d_model and against the recurrent state size, a panel per setting;
+    a run cut before its step budget (time limit) is a hollow marker."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,19 +434,31 @@ def plot(best: list[dict], path_prefix: str) -> None:
         fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), squeeze=False)
         for ax, (T, n) in zip(axes[0], settings):
             for m in mixers:
-                pts = sorted(
-                    (r[key], r["accuracy"])
-                    for r in best
-                    if r["mixer"] == m and (r["seq_len"], r["num_kv_pairs"]) == (T, n)
+                rows = sorted(
+                    (
+                        r
+                        for r in best
+                        if r["mixer"] == m and (r["seq_len"], r["num_kv_pairs"]) == (T, n)
+                    ),
+                    key=lambda r: r[key],
                 )
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=m)
+                if not rows:
+                    continue
+                (line,) = ax.plot([r[key] for r in rows], [r["accuracy"] for r in rows], label=m)
+                for r in rows:
+                    ax.plot(
+                        r[key],
+                        r["accuracy"],
+                        marker="o",
+                        color=line.get_color(),
+                        markerfacecolor="white" if r.get("cut") else line.get_color(),
+                    )
             ax.set_xscale("log", **scale)
             ax.set_ylim(0, 1.02)
             ax.set_title(f"T={T}, {n} pairs")
             ax.set_xlabel(xlabel)
         axes[0][0].set_ylabel("MQAR accuracy")
-        axes[0][-1].legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, title="hollow: cut", title_fontsize=7)
         fig.tight_layout()
         fig.savefig(path_prefix + suffix, dpi=110)
         plt.close(fig)

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -91,9 +92,17 @@ def environment() -> dict[str, Any]:
         import jaxlib
 
         env["jaxlib"] = jaxlib.__version__
-    for mod in ("torch", "triton", "fla"):
-        with contextlib.suppress(Exception):  # a broken optional peer only loses its line
-            env[mod] = __import__(mod).__version__
+    # the peers' versions from their installed metadata: importing torch to read it takes
+    # tens of seconds on a cold machine, enough to run a short stage out of its time limit
+    import importlib.metadata
+
+    for mod, dist in (("torch", "torch"), ("triton", "triton"), ("fla", "flash-linear-attention")):
+        loaded = sys.modules.get(mod)
+        if loaded is not None and hasattr(loaded, "__version__"):
+            env[mod] = loaded.__version__
+            continue
+        with contextlib.suppress(Exception):  # an absent or broken peer only loses its line
+            env[mod] = importlib.metadata.version(dist)
     return env
 
 

@@ -79,7 +79,9 @@ for stage in "$@"; do
   awk '/^\| |^best |^(FAILED|ERROR|SKIPPED) |passed|failed/' "$log" | tail -60 | tee -a "$OUT/summary.txt"
   [ $rc -ne 0 ] && tail -30 "$log" | tee -a "$OUT/summary.txt"
 done
-# Everything but the summary in one archive, so the results travel as two files.
-cd "$OUT" && tar czf bundle.tgz --exclude=bundle.tgz --exclude=summary.txt . && \
+# Everything but the summary in one archive, so the results travel as two files (written
+# outside $OUT first: an archive growing in the folder it reads makes tar fail).
+cd "$OUT" && tar czf "/tmp/bundle.$$.tgz" --exclude=summary.txt . && \
+  mv "/tmp/bundle.$$.tgz" bundle.tgz && \
   find . -mindepth 1 ! -name bundle.tgz ! -name summary.txt -delete
 ls -la "$OUT"
