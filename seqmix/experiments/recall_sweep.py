@@ -27,7 +27,10 @@ a kept job's workdir resumes where it stopped when the sweep runs again.
 
 Jobs run in ``--workers`` threads of one process: they share one device allocator and one
 stream, so small models overlap their Python dispatch without the GPU time-slicing between
-processes. Compilation is the other cost (two programs per job, tens of seconds each on the
+processes. Each concurrent job makes its MQAR batches in a process of its own
+(``--data_processes``, ``train.data_processes``), so that the numpy work of one job's
+batches does not hold the interpreter lock against the others' dispatch, and runs with
+XLA's command buffers off (CUDA graphs that concurrent jobs broke). Compilation is the other cost (two programs per job, tens of seconds each on the
 GPU, one at a time in one process): ``--compile_workers=N`` first compiles every job in N
 processes into the persistent cache (``experiments/bench/precompile.py``, at most
 ``--compile_budget_s``), so that the training threads start from cache hits (the workers
@@ -102,6 +105,13 @@ _ATTENTION_IMPL = flags.DEFINE_string(
     "(loading a cuDNN attention program captures a CUDA graph, which concurrent jobs' launches "
     "break: 'capturing stream has unjoined work', then a crash).",
 )
+_DATA_PROCESSES = flags.DEFINE_integer(
+    "data_processes",
+    None,
+    "Processes per job that make its MQAR batches (train.data_processes). Default: 1 with "
+    "--workers > 1 (jobs are threads of one process and would share the interpreter lock "
+    "with their batches), else 0 (a thread).",
+)
 _DEADLINE = flags.DEFINE_float(
     "deadline_s",
     None,
@@ -117,6 +127,15 @@ _EVAL_EVERY = 250
 TARGET_ACCURACY = 0.99
 # --attention_implementation as main resolved it (None: the op's dispatch)
 _ATTENTION = {"implementation": None}
+# --data_processes as main resolved it
+_DATA = {"processes": 0}
+
+
+def data_processes(flag: int | None, workers: int) -> int:
+    """Batch processes per job: the flag, or 1 when jobs run concurrently, else 0."""
+    if flag is None:
+        return 1 if workers > 1 else 0
+    return flag
 
 
 # XLA's CUDA-graph command buffers, off while jobs share the GPU: a job's graph update
@@ -156,6 +175,7 @@ def job_config(mixer, d_model, seq_len, pairs, lr, steps, batch_size, seed):
     config.train.log_every = min(_EVAL_EVERY, steps)
     config.train.checkpoint_every = 0
     config.train.keep = 1
+    config.train.data_processes = _DATA["processes"]
     return config
 
 
@@ -610,6 +630,9 @@ def main(args: cli.Args):
     lrs = [float(x) for x in (_LRS.value or recall.LRS)]
     if _WORKERS.value < 1:
         cli.fail(f"--workers must be >= 1, got {_WORKERS.value}")
+    if _DATA_PROCESSES.value is not None and _DATA_PROCESSES.value < 0:
+        cli.fail(f"--data_processes must be >= 0, got {_DATA_PROCESSES.value}")
+    _DATA["processes"] = data_processes(_DATA_PROCESSES.value, _WORKERS.value)
     # before the backend starts (jobs and compile workers alike)
     os.environ["XLA_FLAGS"] = concurrent_xla_flags(os.environ.get("XLA_FLAGS", ""), _WORKERS.value)
     if _ATTENTION_IMPL.value not in (None, "auto"):

@@ -48,6 +48,9 @@ def base_config(*, model=None, data=None) -> ml_collections.ConfigDict:
             compute_dtype=placeholder(str),
             async_checkpoints=True,
             init_on_host=True,
+            # 0: the next batch is made in a thread; n > 0: n processes make the next n
+            # (jobs sharing one process then do not share the interpreter lock for data)
+            data_processes=0,
         )
     )
     config.optimizer = ml_collections.ConfigDict(
@@ -94,6 +97,8 @@ def validate(config, *, task=None, num_devices: int | None = None) -> None:
     )
     for key in ("eval_every", "checkpoint_every"):
         _int(train, key, minimum=0, name=f"train.{key}")
+    if train.get("data_processes", None) is not None:
+        _int(train, "data_processes", minimum=0, name="train.data_processes")
     _int(train, "keep", minimum=1, name="train.keep")
     _int(train, "log_every", minimum=1, name="train.log_every")
     if train.get("compute_dtype", None) not in COMPUTE_DTYPES:

@@ -29,6 +29,7 @@ The loop, in order:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import math
@@ -194,7 +195,7 @@ def train_and_evaluate(
         async_save=bool(train_cfg.get("async_checkpoints", True)),
     )
     writer = None
-    prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    prefetch = batch_prefetcher(int(train_cfg.get("data_processes", 0) or 0))
     try:
         full_targets = {
             "params": abstract.params,
@@ -287,6 +288,29 @@ def train_and_evaluate(
     return dict(result, workdir=workdir, metric=task.metric, event=plan.event)
 
 
+def batch_prefetcher(processes: int) -> concurrent.futures.Executor:
+    """Makes the training batches ahead of the step: in one thread (``processes`` 0) or in
+    ``processes`` spawned processes, fresh interpreters (no fork of a process that runs
+    JAX's threads) that make the next ``processes`` batches while the step runs. Processes
+    keep the batches of jobs that share one process (the recall sweep's threads) from
+    contending for the interpreter lock; a task's ``batch`` is picklable for them."""
+    if processes <= 0:
+        return concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    import multiprocessing
+
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_batch_worker_init,
+    )
+
+
+def _batch_worker_init() -> None:
+    """A batch process makes numpy arrays: should anything in it start JAX, it gets the
+    CPU, never a share of the accelerator's memory."""
+    jax.config.update("jax_platforms", "cpu")
+
+
 def _run(
     *,
     program,
@@ -305,6 +329,7 @@ def _run(
     log,
 ) -> dict:
     train_step = program.train_step
+    depth = max(1, int(train_cfg.get("data_processes", 0) or 0))  # batches made ahead
     eval_every = int(train_cfg.eval_every)
     checkpoint_every = int(train_cfg.checkpoint_every)
     log_every = int(train_cfg.log_every)
@@ -419,13 +444,22 @@ def _run(
     stopped_by = None
     with _StopFlag() as stop:
         pending = None
-        future = prefetch.submit(task.train_batch, start + 1) if start < last else None
+        # the batches of the next steps, made ahead (one per prefetch worker)
+        ahead = collections.deque()
+        queued = start
+
+        def queue_batches():
+            nonlocal queued
+            while len(ahead) < depth and queued < last:
+                queued += 1
+                ahead.append(prefetch.submit(task.train_batch, queued))
+
+        queue_batches()
         if start < last:
             log("step %d compiles the training step; its time is not in tok/s, ms/step", start + 1)
         for step in range(start + 1, last + 1):
-            host_batch = future.result()
-            if step < last:
-                future = prefetch.submit(task.train_batch, step + 1)
+            host_batch = ahead.popleft().result()
+            queue_batches()
             state, metrics = train_step(state, rngs, program.put_batch(host_batch), np.int32(step))
             step_of_state = step
             if step == compile_step:

@@ -153,6 +153,14 @@ def test_concurrent_gpu_jobs_keep_attention_off_cudnn():
     assert flags("--a=1", 1) == "--a=1"
     kept = "--xla_gpu_enable_command_buffer=FUSION"
     assert flags(kept, 4) == kept
+    # and each concurrent job makes its batches in a process of its own
+    assert recall_sweep.data_processes(None, 4) == 1 and recall_sweep.data_processes(None, 1) == 0
+    assert recall_sweep.data_processes(3, 1) == 3
+
+
+def test_a_jobs_batches_come_from_the_resolved_number_of_processes(monkeypatch):
+    monkeypatch.setitem(recall_sweep._DATA, "processes", 2)
+    assert recall_sweep.job_config("gla", 64, 64, 4, 1e-3, 5, 4, 0).train.data_processes == 2
 
 
 def test_a_job_stops_early_at_the_target_accuracy(monkeypatch):
@@ -299,6 +307,7 @@ def test_bad_flags_name_the_flag(tmp_path):
     for flag, needle in (
         ("--settings=256x16", "--settings"),
         ("--workers=0", "--workers"),
+        ("--data_processes=-1", "--data_processes"),
         ("--attention_implementation=cuda", "--attention_implementation"),
         (f"--resume={tmp_path}/none.json", "--resume"),
         (f"--lrs_from={tmp_path}/none.json", "--lrs_from"),

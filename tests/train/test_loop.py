@@ -216,6 +216,7 @@ def _expect_error(config, match, tmp_path):
         (lambda c: setattr(c.model, "kind", "classifier"), r"model.kind"),
         (lambda c: setattr(c.train, "compute_dtype", "int8"), r"train.compute_dtype"),
         (lambda c: setattr(c.model.mixers.attention, "num_heads", 3), r"model: .*num_heads"),
+        (lambda c: setattr(c.train, "data_processes", -1), r"train.data_processes"),
     ],
     ids=[
         "mixer",
@@ -231,6 +232,7 @@ def _expect_error(config, match, tmp_path):
         "kind",
         "dtype",
         "heads",
+        "data_processes",
     ],
 )
 def test_config_errors_name_the_key_before_compiling(change, match, tmp_path):
@@ -354,7 +356,8 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
 
 def test_recall_configs_train_in_bfloat16_with_float32_state_reproducibly(tmp_path):
     """The study's mixed precision: bf16 compute, float32 parameters and optimizer state,
-    and two runs from the same seed end bit-identical."""
+    and two runs from the same seed end bit-identical, the second with its batches made
+    in two spawned processes (``train.data_processes``) instead of a thread."""
     from train_helpers import assert_identical, checkpoint_arrays
 
     from seqmix.configs import loader
@@ -370,10 +373,37 @@ def test_recall_configs_train_in_bfloat16_with_float32_state_reproducibly(tmp_pa
         ],
     )
     assert config.train.compute_dtype == "bfloat16"
-    for name in ("a", "b"):
+    for name, processes in (("a", 0), ("b", 2)):
+        config.train.data_processes = processes
         result = train_and_evaluate(config, str(tmp_path / name))
         assert result["step"] == 3 and np.isfinite(result["eval"]["loss"])
     a, b = (checkpoint_arrays(str(tmp_path / n), 3) for n in ("a", "b"))
     assert {x.dtype for k, x in a.items() if "count" not in k} == {np.dtype("float32")}
     assert any("/mu/" in k or "mu" in k.split("/") for k in a)  # Adam's moments are there
     assert_identical(a, b)
+
+
+def test_batch_processes_make_the_tasks_batches_in_other_processes():
+    """``train.data_processes`` > 0: spawned processes make the same batches as the task
+    itself does here."""
+    import concurrent.futures
+    import os
+
+    import train_helpers
+
+    from seqmix import data
+    from seqmix.train.loop import batch_prefetcher
+
+    task = data.make_task(tiny_config())
+    with batch_prefetcher(2) as pool:
+        assert isinstance(pool, concurrent.futures.ProcessPoolExecutor)
+        assert pool.submit(os.getpid).result() != os.getpid()
+        made = pool.submit(task.train_batch, 7).result()
+        # making batches started no backend there (and one would be the CPU's)
+        assert pool.submit(train_helpers.jax_backends_started).result() == []
+    here = task.train_batch(7)
+    assert made.keys() == here.keys()
+    for k in here:
+        np.testing.assert_array_equal(made[k], here[k], err_msg=k)
+    with batch_prefetcher(0) as pool:
+        assert isinstance(pool, concurrent.futures.ThreadPoolExecutor)

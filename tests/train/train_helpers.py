@@ -144,3 +144,10 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def jax_backends_started() -> list[str]:
+    """The JAX backends this process has started (for a batch process: none)."""
+    from jax._src import xla_bridge
+
+    return sorted(xla_bridge._backends)
