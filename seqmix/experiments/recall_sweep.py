@@ -70,6 +70,12 @@ _COMPILE_BUDGET = flags.DEFINE_float(
     "compile_budget_s", 240.0, "The parallel compile stops after this many seconds."
 )
 _COMPILE_ONLY = flags.DEFINE_string("compile_only", None, "Internal: 'i/n' shard to compile.")
+_COMPILE_FIRST = flags.DEFINE_integer(
+    "compile_first",
+    None,
+    "The compile workers prepare only the first N jobs of the queue (longest first), those "
+    "that a time-limited call will reach; the others compile when they start (default: all).",
+)
 _STEPS = flags.DEFINE_integer("steps", 4000, "Training steps per run (upper bound).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Sequences per step.")
 _BUDGET = flags.DEFINE_float("budget_s", 480.0, "No job starts after this many seconds.")
@@ -80,8 +86,9 @@ _LRS = flags.DEFINE_list("lrs", None, "Learning rates (default: configs/recall.L
 _LRS_FROM = flags.DEFINE_string(
     "lrs_from",
     None,
-    "A recall.json of a pilot (an earlier call with several --lrs): each mixer trains at the "
-    "one rate that did best there (see pilot_rates); replaces --lrs.",
+    "A recall.json of a pilot (an earlier call with several --lrs), or several separated by "
+    "commas: each mixer trains at the one rate that did best there (see pilot_rates); "
+    "replaces --lrs.",
 )
 _OUT = flags.DEFINE_string(
     "out_dir", None, "Results folder (default $SEQMIX_RUNS/recall_sweep, ~/seqmix-runs/...)."
@@ -568,7 +575,7 @@ def run_score(r: dict) -> tuple[float, float]:
 
 
 def pilot_rates(path: str, mixers: list[str]) -> dict[str, float]:
-    """``mixer -> rate`` from a pilot's recall.json: for each mixer, the rate whose runs have
+    """``mixer -> rate`` from a pilot's recall.json (or several, comma-separated): for each mixer, the rate whose runs have
     the highest mean accuracy over the pilot's points, ties (a short pilot often leaves
     every rate near 0) broken by the lower mean evaluation loss (``run_score``). Failed and
     diverged runs, and runs of an earlier model config (``current``), are left out; a cut
@@ -576,8 +583,10 @@ def pilot_rates(path: str, mixers: list[str]) -> dict[str, float]:
     ValueError naming ``--lrs_from`` when a mixer has no usable pilot run."""
     import math
 
-    with open(path) as f:
-        runs = json.load(f)["runs"]
+    runs = []
+    for one in path.split(","):  # several pilots (e.g. one per group of mixers) together
+        with open(one) as f:
+            runs += json.load(f)["runs"]
     rates = {}
     for mixer in mixers:
         by_rate: dict[float, list[dict]] = {}
@@ -649,8 +658,11 @@ def main(args: cli.Args):
     if _LRS_FROM.value:
         if _LRS.value:
             cli.fail("--lrs_from and --lrs are exclusive (the pilot chooses the rates)")
-        if not os.path.exists(_LRS_FROM.value):
-            cli.fail(f"--lrs_from={_LRS_FROM.value}: no such file (a pilot's recall.json)")
+        for one in _LRS_FROM.value.split(","):
+            if not os.path.exists(one):
+                cli.fail(
+                    f"--lrs_from={_LRS_FROM.value}: no such file {one} (a pilot's recall.json)"
+                )
         try:
             lrs = pilot_rates(_LRS_FROM.value, mixers)
         except (ValueError, KeyError, json.JSONDecodeError) as e:
@@ -678,9 +690,12 @@ def main(args: cli.Args):
         _ATTENTION["implementation"] = impl
         return impl
 
+    if _COMPILE_FIRST.value is not None and _COMPILE_FIRST.value < 1:
+        cli.fail(f"--compile_first must be >= 1, got {_COMPILE_FIRST.value}")
+    first = _COMPILE_FIRST.value or len(queue)
     if _COMPILE_ONLY.value:
         resolve_attention()
-        _compile_shard(_COMPILE_ONLY.value, [(*job, lr) for job, lr in queue])
+        _compile_shard(_COMPILE_ONLY.value, [(*job, lr) for job, lr in queue][:first])
         return
     start = time.time()
     deadline = None if _DEADLINE.value is None else start + _DEADLINE.value
@@ -706,6 +721,7 @@ def main(args: cli.Args):
                     else []
                 ),
                 *([f"--resume={_RESUME.value}"] if _RESUME.value else []),
+                f"--compile_first={first}",
             ],
             _COMPILE_WORKERS.value,
             _COMPILE_BUDGET.value,

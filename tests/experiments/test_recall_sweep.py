@@ -107,6 +107,11 @@ def test_a_pilot_chooses_one_rate_per_mixer(tmp_path):
     path.write_text(json.dumps({"runs": pilot}))
     rates = recall_sweep.pilot_rates(str(path), ["attention", "gla", "based"])
     assert rates == {"attention": 3e-3, "gla": 3e-3, "based": 1e-3}
+    # two pilots (one per group of mixers) read as one
+    (tmp_path / "a.json").write_text(json.dumps({"runs": pilot[:3]}))
+    (tmp_path / "b.json").write_text(json.dumps({"runs": pilot[3:]}))
+    both = f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"
+    assert recall_sweep.pilot_rates(both, ["attention", "gla", "based"]) == rates
     try:
         recall_sweep.pilot_rates(str(path), ["mamba2"])
     except ValueError as e:
@@ -308,6 +313,7 @@ def test_bad_flags_name_the_flag(tmp_path):
         ("--settings=256x16", "--settings"),
         ("--workers=0", "--workers"),
         ("--data_processes=-1", "--data_processes"),
+        ("--compile_first=0", "--compile_first"),
         ("--attention_implementation=cuda", "--attention_implementation"),
         (f"--resume={tmp_path}/none.json", "--resume"),
         (f"--lrs_from={tmp_path}/none.json", "--lrs_from"),
@@ -379,3 +385,30 @@ def test_a_failing_job_is_a_row_naming_its_rate(tmp_path):
     subprocess.run(cmd, env=dict(os.environ, OUT=""), check=True, timeout=300, capture_output=True)
     runs = json.loads((tmp_path / "recall.json").read_text())["runs"]
     assert [r["lr"] for r in runs] == [3e-3]
+
+
+def test_compile_workers_prepare_only_the_first_jobs_when_told(tmp_path):
+    """--compile_first=N: a compile worker's shard is cut to the queue's first N jobs
+    (longest first), those that a time-limited call reaches."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "seqmix.experiments.recall_sweep",
+            "--compile_only=0/1",
+            "--compile_first=1",
+            "--mixers=linear_attention,gla",
+            "--d_models=16,32",
+            "--settings=64:4",
+            "--lrs=1e-3",
+            "--steps=2",
+            "--batch_size=2",
+        ],
+        env=dict(os.environ, TMPDIR=str(tmp_path), OUT=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    compiled = [line for line in out.stdout.splitlines() if line.startswith("compiled ")]
+    assert len(compiled) == 1 and "('linear_attention', 32, 64, 4, 0.001)" in compiled[0], compiled
