@@ -9,7 +9,7 @@ from flax import nnx
 
 from seqmix.layers.attention import Attention
 from seqmix.layers.base import COMMON, Mixer, common_key, optional_size, size
-from seqmix.layers.linear_attention import LinearAttention
+from seqmix.layers.linear_attention import TAYLOR_MAPS, LinearAttention
 from seqmix.layers.params import Dense
 
 Array = jax.Array
@@ -21,7 +21,9 @@ class Based(Mixer):
     """BASED (Arora et al. 2024), registered as ``based``.
 
     Two branches over the same input: normalised linear attention with the second-order
-    Taylor feature map (``num_heads`` heads, q/k of ``feature_dim`` before the map) and
+    Taylor feature map (``num_heads`` heads, q/k of ``feature_dim`` before the map;
+    ``feature_map`` "taylor_symmetric", the default, or "taylor": the same kernel, see
+    ``seqmix.layers.linear_attention``) and
     causal softmax attention over a sliding window of ``window_size`` past tokens
     (``window_heads`` heads, RoPE). ``combine="sum"`` adds the two projected outputs;
     ``"concat"`` concatenates their heads and projects once.
@@ -37,6 +39,10 @@ class Based(Mixer):
                 "num_heads": 4,
                 "head_dim": None,  # value dim per head of the linear branch; None: d_model // heads
                 "feature_dim": 16,
+                # "taylor_symmetric": the kernel of "taylor" from its d (d + 1) / 2 distinct
+                # products (153 features at feature_dim 16, not 273): the same outputs, a 44%
+                # smaller state and less work in the chunked kernels
+                "feature_map": "taylor_symmetric",
                 "window_size": 64,
                 "window_heads": None,  # None: num_heads
                 "combine": "sum",
@@ -53,6 +59,10 @@ class Based(Mixer):
         window_size = size(config, "window_size", minimum=0)
         size(config, "feature_dim")
         optional_size(config, "window_heads")
+        if config.feature_map not in TAYLOR_MAPS:
+            raise ValueError(
+                f"feature_map must be one of {TAYLOR_MAPS}, got {config.feature_map!r}"
+            )
         self.combine = str(config.combine)
         common = {key: common_key(config, key) for key in COMMON}
         linear = LinearAttention.default_config()
@@ -62,7 +72,7 @@ class Based(Mixer):
                 "num_heads": config.num_heads,
                 "head_dim": config.head_dim,
                 "key_dim": config.feature_dim,
-                "feature_map": "taylor",
+                "feature_map": config.feature_map,
                 "normalize": True,
                 "short_conv": config.short_conv,
                 "conv_width": config.conv_width,

@@ -9,9 +9,13 @@
 - ``decay="data"``: ``g = logsigmoid(x W1 W2 + b) / gate_normalizer`` per key channel, a
   low-rank data-dependent gate (GLA).
 
-Feature maps ``phi``: ``identity``, ``elu1`` (``elu(x) + 1``), ``relu`` and ``taylor``
+Feature maps ``phi``: ``identity``, ``elu1`` (``elu(x) + 1``), ``relu``, ``taylor``
 (BASED's second-order Taylor expansion of ``exp(q.k / sqrt(d))``:
-``phi(x) = [1, x / d^(1/4), vec(x x^T) / sqrt(2 d)]`` of size ``1 + d + d^2``).
+``phi(x) = [1, x / d^(1/4), vec(x x^T) / sqrt(2 d)]`` of size ``1 + d + d^2``) and
+``taylor_symmetric``, the same kernel ``phi(q).phi(k) = 1 + s + s^2 / 2`` from the
+``d (d + 1) / 2`` distinct products (``x_i^2 / sqrt(2 d)`` and ``x_i x_j / sqrt(d)`` for
+``i < j``): size ``1 + d + d (d + 1) / 2``, 153 instead of 273 at ``d = 16``, so the state
+and the chunked kernels' key width shrink by 44%.
 Options: ``normalize`` (divide by ``phi(q)^T sum phi(k)``), a short causal conv (silu) on
 q/k/v before the feature map, RoPE on q/k, an RMS output norm per head and an output gate
 ``o * silu(x Wg)``.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from seqmix import checks, kernels, parallel
@@ -34,12 +39,17 @@ from seqmix.layers.rotary import apply_rotary
 
 Array = jax.Array
 
-FEATURE_MAPS = ("identity", "elu1", "relu", "taylor")
+FEATURE_MAPS = ("identity", "elu1", "relu", "taylor", "taylor_symmetric")
+TAYLOR_MAPS = ("taylor", "taylor_symmetric")
 DECAYS = ("none", "fixed", "data")
 
 
 def feature_dim(feature_map: str, key_dim: int) -> int:
-    return 1 + key_dim + key_dim * key_dim if feature_map == "taylor" else key_dim
+    if feature_map == "taylor":
+        return 1 + key_dim + key_dim * key_dim
+    if feature_map == "taylor_symmetric":
+        return 1 + key_dim + key_dim * (key_dim + 1) // 2
+    return key_dim
 
 
 def apply_feature_map(x: Array, feature_map: str) -> Array:
@@ -51,12 +61,17 @@ def apply_feature_map(x: Array, feature_map: str) -> Array:
         y = jax.nn.elu(xf) + 1.0
     elif feature_map == "relu":
         y = jax.nn.relu(xf)
-    elif feature_map == "taylor":
+    elif feature_map in TAYLOR_MAPS:
         d = x.shape[-1]
-        second = (xf[..., :, None] * xf[..., None, :]).reshape(x.shape[:-1] + (d * d,))
+        if feature_map == "taylor":
+            second = (xf[..., :, None] * xf[..., None, :]).reshape(x.shape[:-1] + (d * d,))
+            second = second * (2.0 * d) ** -0.5
+        else:  # each product once; an off-diagonal one stands for its mirror: sqrt(2) more
+            i, j = np.triu_indices(d)
+            weight = np.where(i == j, (2.0 * d) ** -0.5, d**-0.5).astype(np.float32)
+            second = xf[..., i] * xf[..., j] * weight
         y = jnp.concatenate(
-            [jnp.ones(x.shape[:-1] + (1,), jnp.float32), xf * d**-0.25, second * (2.0 * d) ** -0.5],
-            axis=-1,
+            [jnp.ones(x.shape[:-1] + (1,), jnp.float32), xf * d**-0.25, second], axis=-1
         )
     else:
         raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
@@ -100,7 +115,7 @@ class LinearAttention(Mixer):
                 "output_norm": False,
                 "rope": False,
                 "rope_theta": 10000.0,
-                "scale": None,  # None: 1 for taylor, key_dim ** -0.5 otherwise
+                "scale": None,  # None: 1 for the taylor maps, key_dim ** -0.5 otherwise
                 "chunk_size": 64,
                 "use_bias": False,  # biases on the q, k, v and o projections
             }
@@ -132,7 +147,7 @@ class LinearAttention(Mixer):
         self.scale = (
             checks.as_float(config.scale, "scale")
             if config.scale is not None
-            else (1.0 if self.feature_map == "taylor" else Dk**-0.5)
+            else (1.0 if self.feature_map in TAYLOR_MAPS else Dk**-0.5)
         )
         self.chunk_size = size(config, "chunk_size")
         kw = dict(rngs=rngs, dtype=self.dtype)

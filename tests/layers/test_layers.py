@@ -21,7 +21,7 @@ from seqmix.layers import (
     as_linen,
     mixer_config,
 )
-from seqmix.layers.linear_attention import apply_feature_map, retnet_log_decay
+from seqmix.layers.linear_attention import apply_feature_map, feature_dim, retnet_log_decay
 from seqmix.layers.rotary import apply_rotary
 from seqmix.testing import assert_close, fresh_seed
 
@@ -74,13 +74,19 @@ def test_rotary_depends_on_relative_position():
     assert_close(apply_rotary(q, jnp.zeros((1, 6), jnp.int32)), q, 1e-7)
 
 
-def test_taylor_feature_map_is_second_order_exp():
+@pytest.mark.parametrize(
+    "name, size",
+    [("taylor", lambda d: 1 + d + d * d), ("taylor_symmetric", lambda d: 1 + d + d * (d + 1) // 2)],
+)
+def test_taylor_feature_maps_are_second_order_exp(name, size):
+    """Both Taylor maps give the kernel ``1 + s + s^2 / 2`` of ``s = q.k / sqrt(d)``; the
+    symmetric one from ``d (d + 1) / 2`` products (15 features at d = 4, not 21)."""
     seed = fresh_seed()
     d = 4
     q, k = normal(seed, (5, d)), normal(seed + 1, (5, d))
     s = jnp.sum(q * k, -1) / np.sqrt(d)
-    got = jnp.sum(apply_feature_map(q, "taylor") * apply_feature_map(k, "taylor"), -1)
-    assert apply_feature_map(q, "taylor").shape == (5, 1 + d + d * d)
+    got = jnp.sum(apply_feature_map(q, name) * apply_feature_map(k, name), -1)
+    assert apply_feature_map(q, name).shape == (5, size(d)) == (5, feature_dim(name, d))
     assert_close(got, 1 + s + s**2 / 2, 1e-5)
 
 
@@ -159,3 +165,30 @@ def test_linen_interop():
     nnx.replace_by_pure_dict(state, nn.unbox(variables)["params"]["mixer"])
     nnx.update(mixer, state)
     assert_close(y, nnx.jit(lambda m, h: m(h))(mixer, h), TOL, "Linen vs NNX")
+
+
+def test_based_symmetric_taylor_map_is_the_full_maps_mixer_with_a_smaller_state():
+    """BASED's default map ("taylor_symmetric") and the full one ("taylor"): the same
+    parameters give the same outputs and the same decoding, from a state of
+    1 + d + d (d + 1) / 2 features instead of 1 + d + d^2; an unknown map names the key."""
+    from seqmix.layers.based import Based
+
+    x = normal(fresh_seed(), (2, 12, 32))
+    out, states = {}, {}
+    for name in ("taylor", "taylor_symmetric"):
+        config = mixer_config(Based, d_model=32, num_heads=2, feature_dim=4, window_size=3)
+        config.feature_map = name
+        layer = Based(config, rngs=nnx.Rngs(0))
+        cache = layer.init_cache(2, 12)
+        out[name] = layer(x)
+        stepped, cache = layer(x[:, :5], cache=cache)
+        out[name + " decode"] = stepped
+        states[name] = cache["linear"]["state"].shape
+    assert_close(out["taylor_symmetric"], out["taylor"], 1e-5)
+    assert_close(out["taylor_symmetric decode"], out["taylor decode"], 1e-5)
+    assert_close(out["taylor decode"], out["taylor"][:, :5], 1e-5)
+    assert states["taylor"][2] == 1 + 4 + 16 and states["taylor_symmetric"][2] == 1 + 4 + 10
+    config = mixer_config(Based, d_model=32, num_heads=2, feature_dim=4)
+    config.feature_map = "elu1"
+    with pytest.raises(ValueError, match="feature_map"):
+        Based(config, rngs=nnx.Rngs(0))
