@@ -347,6 +347,13 @@ def test_recall_probe_times_every_variant_and_lists_device_ops(tmp_path):
     for key in ("compile_s", "host_ms", "vmapped_ms", "single_ms", "eval_ms"):
         assert row[key] > 0, key
     assert row["top_ops"] and all(ms >= 0 and n >= 1 for _, ms, n in row["top_ops"])
+    # every op counted once in its kind; the device time per step is their sum over 3 steps
+    kinds = row["ops_by_kind"]
+    assert sum(n for _, n in kinds.values()) >= sum(n for _, _, n in row["top_ops"])
+    assert abs(sum(ms for ms, _ in kinds.values()) / 3 - row["device_ms_per_step"]) < 1e-6
+    kind = recall_probe.op_kind
+    assert kind("nvjet_sm90_tst_128x128") == "matmul" and kind("loop_add_fusion_1") == "xla fusion"
+    assert kind("linear_attention_chunk_dqk__1") == "kernel" and kind("cudnn_sdpa") == "cudnn"
     assert (tmp_path / "hlo_gla_d16_64_4.txt").read_text().startswith("HloModule")
     assert not (tmp_path / "trace_gla_d16_64_4").exists()  # summarized, then removed
 

@@ -59,10 +59,40 @@ def _timed(fn, n):
     return sorted(times)[len(times) // 2]
 
 
-def top_ops(trace_dir: str, k: int = 20) -> list[tuple[str, float, int]]:
-    """``(name, total ms, count)`` of the ``k`` longest-running event names of the perfetto
-    trace under ``trace_dir``, from the device's threads (names of host Python frames and
-    threads are left out where the trace marks them)."""
+# kinds of device ops by name: matmul libraries, cuDNN, XLA's fusions and copies; the
+# rest are custom kernels (seqmix's Pallas kernels carry their op's name)
+_KINDS = (
+    ("matmul", ("nvjet", "xmma", "cutlass", "cublas", "gemm")),
+    ("cudnn", ("cudnn",)),
+    ("memcpy", ("memcpy", "memset")),
+    ("xla fusion", ("fusion", "loop_", "input_", "wrapped_", "copy", "transpose", "slice")),
+)
+
+
+def op_kind(name: str) -> str:
+    """``matmul``, ``cudnn``, ``memcpy``, ``xla fusion`` or ``kernel`` (anything else: the
+    custom calls, seqmix's Pallas kernels among them)."""
+    low = name.lower()
+    for kind, needles in _KINDS:
+        if any(n in low for n in needles):
+            return kind
+    return "kernel"
+
+
+def by_kind(ops: list[tuple[str, float, int]]) -> dict[str, list[float]]:
+    """``kind -> [total ms, count]`` over every op of ``ops`` (``op_kind``), largest first."""
+    kinds: dict[str, list[float]] = {}
+    for name, ms, n in ops:
+        entry = kinds.setdefault(op_kind(name), [0.0, 0])
+        entry[0] += ms
+        entry[1] += n
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1][0]))
+
+
+def top_ops(trace_dir: str, k: int | None = 20) -> list[tuple[str, float, int]]:
+    """``(name, total ms, count)`` of the ``k`` longest-running event names (None: all) of
+    the perfetto trace under ``trace_dir``, from the device's threads (names of host Python
+    frames and threads are left out where the trace marks them)."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     files += glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
@@ -88,7 +118,8 @@ def top_ops(trace_dir: str, k: int = 20) -> list[tuple[str, float, int]]:
             continue
         total[e["name"]] += e["dur"] / 1e3
         count[e["name"]] += 1
-    return [(n, total[n], count[n]) for n in sorted(total, key=total.get, reverse=True)[:k]]
+    ranked = sorted(total, key=total.get, reverse=True)
+    return [(n, total[n], count[n]) for n in (ranked if k is None else ranked[:k])]
 
 
 def probe(
@@ -152,12 +183,23 @@ def probe(
             with jax.profiler.trace(tdir, create_perfetto_trace=True):
                 for _ in range(3):
                     jax.block_until_ready(single())
-            ops = top_ops(tdir)
+            every = top_ops(tdir, None)
             shutil.rmtree(tdir, ignore_errors=True)  # MBs; what came back is the summary
+            ops = every[:20]
             row["top_ops"] = ops
+            row["ops_by_kind"] = by_kind(every)
+            # device-busy time per step against the step's wall time: the rest is idle
+            # (launches, host work) where the step is not device-bound
+            row["device_ms_per_step"] = sum(ms for _, ms, _ in every) / 3
             print(f"top device ops of 3 single-rate steps, {name}:", flush=True)
             for n, ms, c in ops:
                 print(f"  {ms:9.2f} ms {c:6d}x  {n[:100]}", flush=True)
+            print(
+                f"device time per step {row['device_ms_per_step']:.2f} ms of "
+                f"{row['single_ms']:.2f} ms; by kind (3 steps): "
+                + ", ".join(f"{k} {ms:.2f} ms / {n}x" for k, (ms, n) in row["ops_by_kind"].items()),
+                flush=True,
+            )
     print(json.dumps(row, default=str), flush=True)
     return row
 
@@ -187,13 +229,17 @@ def main(argv):
         if out:
             with open(os.path.join(out, "recall_probe.json"), "w") as f:
                 json.dump(rows, f, indent=1, default=str)
-    print("| mixer | compile s | host ms | single rate ms | eval ms | vmapped (2 rates) ms |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| mixer | compile s | host ms | single rate ms | device-busy ms | eval ms "
+        "| vmapped (2 rates) ms |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         vm = f"{r['vmapped_ms']:.2f}" if "vmapped_ms" in r else "–"
+        busy = f"{r['device_ms_per_step']:.2f}" if "device_ms_per_step" in r else "–"
         print(
             f"| {r['mixer']} | {r['compile_s']:.1f} | {r['host_ms']:.2f} | "
-            f"{r['single_ms']:.2f} | {r['eval_ms']:.2f} | {vm} |"
+            f"{r['single_ms']:.2f} | {busy} | {r['eval_ms']:.2f} | {vm} |"
         )
 
 
