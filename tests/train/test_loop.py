@@ -400,7 +400,7 @@ def test_batch_processes_make_the_tasks_batches_in_other_processes():
         assert pool.submit(os.getpid).result() != os.getpid()
         made = pool.submit(task.train_batch, 7).result()
         # making batches started no backend there (and one would be the CPU's)
-        assert pool.submit(train_helpers.jax_backends_started).result() == []
+        assert pool.submit(train_helpers.jax_backends_started).result() == (False, "cpu")
     here = task.train_batch(7)
     assert made.keys() == here.keys()
     for k in here:

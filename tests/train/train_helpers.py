@@ -146,8 +146,10 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-def jax_backends_started() -> list[str]:
-    """The JAX backends this process has started (for a batch process: none)."""
+def jax_backends_started() -> tuple[bool, str | None]:
+    """Whether this process has started a JAX backend, and the platforms it would start
+    (for a batch process: none started, and the CPU only)."""
+    import jax
     from jax._src import xla_bridge
 
-    return sorted(xla_bridge._backends)
+    return xla_bridge.backends_are_initialized(), jax.config.jax_platforms
