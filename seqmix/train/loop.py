@@ -307,7 +307,11 @@ def batch_prefetcher(processes: int) -> concurrent.futures.Executor:
 
 def _batch_worker_init() -> None:
     """A batch process makes numpy arrays: should anything in it start JAX, it gets the
-    CPU, never a share of the accelerator's memory."""
+    CPU, never a share of the accelerator's memory. It ignores SIGINT, which a terminal or
+    a time limit sends to the whole process group: the training process decides what an
+    interrupt does (evaluate, save, stop), and a batch process that died of it would break
+    the pool under the step that waits for its batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     jax.config.update("jax_platforms", "cpu")
 
 

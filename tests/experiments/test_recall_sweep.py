@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from seqmix.experiments import recall_sweep
 
 
@@ -216,11 +218,14 @@ def test_plots_accuracy_against_width_and_state(tmp_path):
         assert png[:4] == b"\x89PNG" and len(png) > 5000
 
 
-def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
+@pytest.mark.parametrize("data_processes", [0, 1], ids=["thread", "batch-process"])
+def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path, data_processes):
     # A caller's time limit sends SIGINT: the running job must stop within a step,
     # be written as cut, and the process exit (a hung sweep would lose the whole run).
     # started with SIGINT ignored, as under a pytest-xdist worker or in a background job
-    # (by the shell: a preexec_fn would run Python in a forked child of this JAX process)
+    # (by the shell: a preexec_fn would run Python in a forked child of this JAX process).
+    # With a batch process the signal goes to the whole process group, as a terminal's
+    # Ctrl-C or `timeout` sends it: the batch process must survive it.
     cmd = [
         sys.executable,
         "-m",
@@ -233,6 +238,7 @@ def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
         "--batch_size=4",
         f"--out_dir={tmp_path}",
         "--workers=1",
+        f"--data_processes={data_processes}",
     ]
     proc = subprocess.Popen(
         ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd],
@@ -240,6 +246,7 @@ def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group
     )
     # SIGINT once the job trains (its first step compiled and ran)
     watchdog = threading.Timer(300, proc.kill)  # a sweep that never trains fails below
@@ -252,7 +259,10 @@ def test_sigint_stops_the_sweep_and_keeps_the_cut_runs(tmp_path):
                 break
     finally:
         watchdog.cancel()
-    proc.send_signal(signal.SIGINT)
+    if data_processes:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     out = "".join(head) + out
     assert proc.returncode == 0, out[-2000:]

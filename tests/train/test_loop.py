@@ -388,6 +388,8 @@ def test_batch_processes_make_the_tasks_batches_in_other_processes():
     itself does here."""
     import concurrent.futures
     import os
+    import signal
+    import time
 
     import train_helpers
 
@@ -395,6 +397,11 @@ def test_batch_processes_make_the_tasks_batches_in_other_processes():
     from seqmix.train.loop import batch_prefetcher
 
     task = data.make_task(tiny_config())
+    with batch_prefetcher(1) as pool:  # SIGINT (sent to a whole process group) spares it
+        child = pool.submit(os.getpid).result()
+        os.kill(child, signal.SIGINT)
+        time.sleep(0.5)
+        assert pool.submit(os.getpid).result() == child
     with batch_prefetcher(2) as pool:
         assert isinstance(pool, concurrent.futures.ProcessPoolExecutor)
         assert pool.submit(os.getpid).result() != os.getpid()
