@@ -10,7 +10,8 @@
   ``keep`` (the last K checkpoints; the best by the evaluation metric is kept as well),
   ``log_every``, ``compute_dtype`` (None: the model's ``dtype``; ``"bfloat16"`` computes in
   bf16 with float32 parameters), ``async_checkpoints``, ``init_on_host`` (initialise the
-  parameters on the host CPU, then copy them to the devices).
+  parameters on the host CPU, then copy them to the devices), ``data_processes`` (0: the
+  next batch is made in a thread; n: n spawned processes make the next n batches).
 - ``optimizer``: ``lr``, ``warmup_steps``, ``schedule`` ("cosine" | "linear" | "constant"),
   ``weight_decay``, ``b1``, ``b2``, ``eps``, ``clip_norm`` (see ``seqmix.train.optimizer``).
 - ``mesh``: ``data`` (-1: every device not used by fsdp and seq), ``fsdp``, ``seq`` (devices
