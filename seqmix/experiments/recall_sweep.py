@@ -35,7 +35,9 @@ GPU, one at a time in one process): ``--compile_workers=N`` first compiles every
 processes into the persistent cache (``experiments/bench/precompile.py``, at most
 ``--compile_budget_s``), so that the training threads start from cache hits (the workers
 build the same ``seqmix.train.build_program``). Jobs are scheduled longest first and none
-starts after ``budget_s``. Writes ``recall.json`` (every run, the best rate per point, the
+starts after ``budget_s``; with ``--deadline_s``, a job starts only if the speed of this
+call's runs so far says it can finish before the deadline (``expected_seconds``; a cut run's
+training is lost), and a shorter one takes its place. Writes ``recall.json`` (every run, the best rate per point, the
 recurrent state size of each model: the floats of its decoding cache at the sequence
 length; rows of jobs still training, as ``cut``, every 30 s) and, where matplotlib is
 installed, two plots to ``--out_dir`` (default ``$SEQMIX_RUNS/recall_sweep`` or
@@ -554,6 +556,44 @@ def resume(path: str, jobs: list[tuple], lrs) -> tuple[list[dict], list[tuple[tu
     return kept, left
 
 
+def expected_seconds(job: tuple, steps: int, observed: list[dict]) -> float | None:
+    """Seconds that ``job`` ``(mixer, d_model, seq_len, pairs)`` should take for ``steps``
+    steps, from the runs ``observed`` in this call (rows with ``steps`` and ``seconds``,
+    finished or still training, so under the same concurrency): their mean seconds per step
+    at the job's ``d_model * seq_len``, preferring the same mixer; else the nearest size's,
+    scaled by the work ratio (by its square root towards smaller jobs, which launch
+    overheads keep from shrinking in proportion). None when nothing was observed."""
+    import math
+
+    mixer, d_model, seq_len = job[:3]
+    seen = [r for r in observed if "error" not in r and r.get("steps", 0) > 0]
+    if not seen:
+        return None
+    size = d_model * seq_len
+
+    def rank(r):
+        other = r["d_model"] * r["seq_len"]
+        return (abs(math.log(other / size)), r["mixer"] != mixer)
+
+    best = min(rank(r) for r in seen)
+    like = [r for r in seen if rank(r) == best]
+    per_step = sum(r["seconds"] / r["steps"] for r in like) / len(like)
+    ratio = size / (like[0]["d_model"] * like[0]["seq_len"])
+    return steps * per_step * (ratio if ratio >= 1 else math.sqrt(ratio))
+
+
+def next_job(queue, steps: int, observed: list[dict], deadline: float | None) -> int | None:
+    """The index of the first ``(job, lr)`` of ``queue`` expected to finish before
+    ``deadline`` (a ``time.time()`` value; None: the first), a job of unknown speed
+    included; None when none is."""
+    now = time.time()
+    for i, (job, _) in enumerate(queue):
+        est = None if deadline is None else expected_seconds(job, steps, observed)
+        if est is None or now + est <= deadline:
+            return i
+    return None
+
+
 def queue_of(jobs: list[tuple], lrs) -> list[tuple[tuple, float]]:
     """``(job, lr)`` per job and rate: every rate of the list ``lrs``, or the job's mixer's
     rate of the dict ``lrs``."""
@@ -731,6 +771,7 @@ def main(args: cli.Args):
         print(f"attention jobs ask for {_ATTENTION['implementation']}", flush=True)
     precompile.setup_cache()
     in_progress = lambda: list(_PROGRESS.values())
+    resumed = len(rows)  # rows of earlier calls: their speed is not this call's
     pool = cf.ThreadPoolExecutor(_WORKERS.value)
     pending, interrupted = {}, None
     while queue or pending:
@@ -739,7 +780,15 @@ def main(args: cli.Args):
                 skipped.extend(queue)
                 queue = []
                 break
-            job, lr = queue.pop(0)
+            # the longest job that can still finish before the deadline (a cut run's
+            # training is lost: its workdir does not outlive the call)
+            i = next_job(queue, _STEPS.value, rows[resumed:] + in_progress(), deadline)
+            if i is None:
+                print(f"{len(queue)} jobs would not finish before the deadline", flush=True)
+                skipped.extend(queue)
+                queue = []
+                break
+            job, lr = queue.pop(i)
             future = pool.submit(
                 run_job,
                 *job,

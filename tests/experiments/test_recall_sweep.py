@@ -429,3 +429,34 @@ def test_compile_workers_prepare_only_the_first_jobs_when_told(tmp_path):
     )
     compiled = [line for line in out.stdout.splitlines() if line.startswith("compiled ")]
     assert len(compiled) == 1 and "('linear_attention', 32, 64, 4, 0.001)" in compiled[0], compiled
+
+
+def test_a_job_starts_only_if_this_calls_speed_says_it_finishes_in_time():
+    expect = recall_sweep.expected_seconds
+    assert expect(("gla", 128, 256, 16), 3000, []) is None  # nothing observed yet
+
+    def timed(mixer, d, T, n, steps, seconds):
+        return dict(_run(mixer, d, T, n, 1e-3), steps=steps, seconds=seconds)
+
+    seen = [
+        timed("gla", 512, 512, 64, 1000, 100.0),  # 0.1 s a step
+        timed("mamba2", 128, 256, 16, 500, 10.0),  # 0.02 s a step
+        timed("mamba2", 128, 256, 16, 500, 20.0),  # 0.04 s a step
+        _run("gla", 64, 256, 16, 1e-2, error="OOM"),  # a failed run says nothing
+    ]
+    # the same size: the mean of those runs, preferring the same mixer when it has one
+    assert expect(("mamba2", 128, 256, 16), 1000, seen) == pytest.approx(30.0)
+    assert expect(("based", 128, 256, 16), 1000, seen) == pytest.approx(30.0)
+    assert expect(("gla", 512, 512, 64), 1000, seen) == pytest.approx(100.0)
+    # from the nearest size: larger, scaled by the work; smaller, by its square root
+    assert expect(("gla", 512, 1024, 64), 1000, seen) == pytest.approx(200.0)
+    assert expect(("gla", 256, 256, 16), 1000, seen) == pytest.approx(30.0 * 2)
+    assert expect(("gla", 256, 512, 64), 1000, seen) == pytest.approx(100.0 * 0.5**0.5)
+    queue = [(("gla", 512, 512, 64), 3e-3), (("mamba2", 128, 256, 16), 3e-3)]
+    now = time.time()
+    # 300 s for the first against 60 s left: the shorter job takes its place
+    assert recall_sweep.next_job(queue, 3000, seen, now + 200) == 1
+    assert recall_sweep.next_job(queue, 3000, seen, now + 400) == 0
+    assert recall_sweep.next_job(queue, 3000, seen, now + 50) is None
+    assert recall_sweep.next_job(queue, 3000, seen, None) == 0  # no deadline
+    assert recall_sweep.next_job(queue, 3000, [], now + 1) == 0  # speed unknown: it starts
