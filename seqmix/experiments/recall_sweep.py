@@ -121,6 +121,12 @@ _DATA_PROCESSES = flags.DEFINE_integer(
     "--workers > 1 (jobs are threads of one process and would share the interpreter lock "
     "with their batches), else 0 (a thread).",
 )
+_TABLE_FROM = flags.DEFINE_string(
+    "table_from",
+    None,
+    "Print the grid of this recall.json as a markdown table (accuracy and steps per mixer, "
+    "setting and width) and exit.",
+)
 _DEADLINE = flags.DEFINE_float(
     "deadline_s",
     None,
@@ -493,6 +499,26 @@ def plot(best: list[dict], path_prefix: str) -> None:
         plt.close(fig)
 
 
+def grid_table(best: list[dict]) -> str:
+    """The grid as markdown: a row per (setting, mixer), a column per d_model, each cell the
+    best run's accuracy with its steps (``cut at`` for a run stopped by a time limit)."""
+    widths = sorted({r["d_model"] for r in best})
+    cells = {}
+    for r in best:
+        steps = f"cut at {r['steps']}" if r.get("cut") else str(r["steps"])
+        key = (r["seq_len"], r["num_kv_pairs"], r["mixer"])
+        cells.setdefault(key, {})[r["d_model"]] = f"{r['accuracy']:.3f} ({steps})"
+    lines = [
+        "| setting | mixer | " + " | ".join(f"d_model {d}" for d in widths) + " |",
+        "|" + " --- |" * (2 + len(widths)),
+    ]
+    for (T, n, mixer), row in sorted(cells.items()):
+        lines.append(
+            f"| ({T}, {n}) | {mixer} | " + " | ".join(row.get(d, "–") for d in widths) + " |"
+        )
+    return "\n".join(lines)
+
+
 def out_dir() -> str:
     from seqmix.configs.loader import runs_root
 
@@ -667,6 +693,14 @@ def _setting(item: str) -> tuple[int, int]:
 def main(args: cli.Args):
     if len(args.argv) > 1 or args.overrides:
         cli.fail(f"unexpected arguments: {args.argv[1:]} {args.overrides or ''}".strip())
+    if _TABLE_FROM.value:
+        try:
+            with open(_TABLE_FROM.value) as f:
+                best = json.load(f)["best"]
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            cli.fail(f"--table_from={_TABLE_FROM.value}: {e} (a recall.json of the sweep)")
+        print(grid_table(best))
+        return
     # SIGINT (the device stage's time limit) must raise KeyboardInterrupt even when this
     # process started with it ignored (children of pytest-xdist workers, background jobs)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -851,6 +885,7 @@ def main(args: cli.Args):
         ),
         flush=True,
     )
+    print(grid_table(best_rows), flush=True)
     if pending:  # threads that are still compiling cannot be stopped: do not wait for them
         os._exit(0)
     pool.shutdown()

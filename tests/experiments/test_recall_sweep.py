@@ -460,3 +460,27 @@ def test_a_job_starts_only_if_this_calls_speed_says_it_finishes_in_time():
     assert recall_sweep.next_job(queue, 3000, seen, now + 50) is None
     assert recall_sweep.next_job(queue, 3000, seen, None) == 0  # no deadline
     assert recall_sweep.next_job(queue, 3000, [], now + 1) == 0  # speed unknown: it starts
+
+
+def test_the_grid_table_has_a_cell_per_point_and_marks_cut_runs(tmp_path):
+    best = [
+        dict(_run("mamba2", 512, 256, 16, 3e-3), accuracy=0.557, steps=2752, cut=True),
+        dict(_run("attention", 128, 256, 16, 1e-2), accuracy=0.9947, steps=1750, cut=False),
+        dict(_run("attention", 512, 512, 64, 1e-2), accuracy=0.9952, steps=1750, cut=False),
+    ]
+    lines = recall_sweep.grid_table(best).splitlines()
+    assert lines[0] == "| setting | mixer | d_model 128 | d_model 512 |"
+    assert lines[2:] == [
+        "| (256, 16) | attention | 0.995 (1750) | – |",
+        "| (256, 16) | mamba2 | – | 0.557 (cut at 2752) |",
+        "| (512, 64) | attention | – | 0.995 (1750) |",
+    ]
+    path = tmp_path / "recall.json"
+    path.write_text(json.dumps({"best": best}))
+    out = subprocess.run(
+        [sys.executable, "-m", "seqmix.experiments.recall_sweep", f"--table_from={path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.splitlines() == lines
