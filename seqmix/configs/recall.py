@@ -8,8 +8,8 @@ Mixed precision (``train.compute_dtype="bfloat16"``): matmuls and the mixers' in
 bfloat16; parameters, optimizer state, the residual stream, norms, softmax statistics, decays
 and recurrent states in float32 (the layers keep those in float32 whatever the compute dtype);
 the loss in float32. Runs are reproducible from ``seed`` on a given device and software.
-Arguments: ``mixer`` (attention, based, mamba2, gla, linear_attention or any registered
-name), ``d_model`` (64, 128, 256, 512), ``seq_len``/``num_kv_pairs`` ((64, 4), (128, 8),
+Arguments: ``mixer`` (attention, based, mamba2, gla, linear_attention; gated_deltanet and
+deltanet, outside the default grid; or any registered name), ``d_model`` (64, 128, 256, 512), ``seq_len``/``num_kv_pairs`` ((64, 4), (128, 8),
 (256, 16), (512, 64)), ``lr``, ``steps``, ``batch_size``. The grid runs on a GPU through
 ``seqmix-recall-sweep`` (see there for how far the training budget is reduced against
 Zoology's); ``seqmix-bench-model --preset=recall`` times one training step per mixer.
@@ -60,6 +60,9 @@ def model_for(mixer: str, d_model: int, vocab_size: int, layers: int = 2):
             "gla": {"num_heads": heads, "short_conv": True},
             "linear_attention": {"num_heads": heads, "feature_map": "elu1", "short_conv": True},
             "mamba2": {"headdim": 32, "d_state": 64, "expand": 2},
+            # the delta rule (short convs of their own, as in Zoology's delta nets)
+            "gated_deltanet": {"num_heads": heads},
+            "deltanet": {"num_heads": heads},
         },
     )
 

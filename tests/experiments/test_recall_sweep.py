@@ -484,3 +484,22 @@ def test_the_grid_table_has_a_cell_per_point_and_marks_cut_runs(tmp_path):
         check=True,
     ).stdout
     assert out.splitlines() == lines
+
+
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "deltanet"])
+def test_the_delta_rule_mixers_run_in_the_study_config(mixer):
+    import numpy as np
+
+    from seqmix.configs import recall
+    from seqmix.train import steps
+
+    config = recall.get_config(f"mixer={mixer},d_model=64,seq_len=32,num_kv_pairs=4")
+    assert config.model.layers == [mixer, mixer]
+    model = steps.build(steps.model_config_of(config), 0)
+    tokens = np.random.default_rng(0).integers(0, 8192, (2, 32)).astype(np.int32)
+    logits = model(tokens)
+    assert logits.shape == (2, 32, 8192) and np.isfinite(np.asarray(logits, np.float32)).all()
+    # a point of its own: its rows are never taken for another mixer's
+    assert recall_sweep.point_signature(mixer, 64, 32, 4) != recall_sweep.point_signature(
+        "gla", 64, 32, 4
+    )
