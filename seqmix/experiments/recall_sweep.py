@@ -102,8 +102,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of models and data.")
 _RESUME = flags.DEFINE_string(
     "resume",
     None,
-    "A recall.json of an earlier call: its finished "
-    "runs are kept and their jobs not run again (a grid can continue "
+    "A recall.json of an earlier call, or several separated by commas (a pilot's too): "
+    "their finished runs are kept and their jobs not run again (a grid can continue "
     "across several invocations).",
 )
 _ATTENTION_IMPL = flags.DEFINE_string(
@@ -563,13 +563,23 @@ def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
 
 
 def resume(path: str, jobs: list[tuple], lrs) -> tuple[list[dict], list[tuple[tuple, float]]]:
-    """The finished runs of an earlier recall.json (no error, not cut, trained with the
-    point's current model config: ``current``) and the entries ``(job, lr)`` of ``jobs`` x
+    """The finished runs of an earlier recall.json, or of several separated by commas (no
+    error, not cut, trained with the point's current model config: ``current``; a run found
+    in two files counts once, from the first) and the entries ``(job, lr)`` of ``jobs`` x
     rates that still lack one; ``lrs`` is a list of rates for every job or a dict
     ``mixer -> rate``."""
-    with open(path) as f:
-        earlier = json.load(f)["runs"]
-    kept = [r for r in earlier if "error" not in r and not r.get("cut") and current(r)]
+    earlier = []
+    for one in path.split(","):
+        with open(one) as f:
+            earlier += json.load(f)["runs"]
+    kept, seen = [], set()
+    for r in earlier:
+        if "error" in r or r.get("cut") or not current(r):
+            continue
+        key = (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
     done = {(r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"]) for r in kept}
     wanted = queue_of(jobs, lrs)
     left = [(job, lr) for job, lr in wanted if (*job, lr) not in done]
@@ -727,8 +737,11 @@ def main(args: cli.Args):
             )
         except ValueError as e:
             cli.fail(str(e))
-    if _RESUME.value and not os.path.exists(_RESUME.value):
-        cli.fail(f"--resume={_RESUME.value}: no such file (a recall.json of an earlier call)")
+    for one in _RESUME.value.split(",") if _RESUME.value else []:
+        if not os.path.exists(one):
+            cli.fail(
+                f"--resume={_RESUME.value}: no such file {one} (a recall.json of an earlier call)"
+            )
     if _LRS_FROM.value:
         if _LRS.value:
             cli.fail("--lrs_from and --lrs are exclusive (the pilot chooses the rates)")

@@ -86,6 +86,16 @@ def test_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path):
         ("gla", 1e-3),
         ("based", 3e-3),
     ]
+    # several files (a grid's and a pilot's): their runs together, each job once
+    pilot = tmp_path / "pilot.json"
+    pilot.write_text(
+        json.dumps(
+            {"runs": [_run("gla", 64, 64, 4, 3e-3), dict(_run("gla", 64, 64, 4, 1e-3), steps=7)]}
+        )
+    )
+    kept, left = recall_sweep.resume(f"{path},{pilot}", jobs, lrs)
+    assert (("gla", 64, 64, 4), 3e-3) not in left and len(left) == 3
+    assert [r["steps"] for r in kept if r["mixer"] == "gla"] == [10, 10]  # the first file's
 
 
 def test_a_pilot_chooses_one_rate_per_mixer(tmp_path):
