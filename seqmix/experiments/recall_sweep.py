@@ -84,6 +84,12 @@ _BUDGET = flags.DEFINE_float("budget_s", 480.0, "No job starts after this many s
 _MIXERS = flags.DEFINE_list("mixers", None, "Mixers (default: configs/recall.MIXERS).")
 _DMODELS = flags.DEFINE_list("d_models", None, "Widths (default: configs/recall.D_MODELS).")
 _SETTINGS = flags.DEFINE_list("settings", None, "seq_len:pairs items (default: all four).")
+_POINTS = flags.DEFINE_list(
+    "points",
+    None,
+    "Only the points matching one of these 'mixer:d_model:seq_len:pairs' patterns (shell "
+    "wildcards), out of --mixers x --d_models x --settings: e.g. '*:*:256:16,mamba2:*:*:*'.",
+)
 _LRS = flags.DEFINE_list("lrs", None, "Learning rates (default: configs/recall.LRS).")
 _LRS_FROM = flags.DEFINE_string(
     "lrs_from",
@@ -630,6 +636,15 @@ def next_job(queue, steps: int, observed: list[dict], deadline: float | None) ->
     return None
 
 
+def matches(job: tuple, patterns: list[str]) -> bool:
+    """Whether ``job`` ``(mixer, d_model, seq_len, pairs)`` matches one of ``patterns``
+    (``mixer:d_model:seq_len:pairs``, shell wildcards)."""
+    import fnmatch
+
+    name = ":".join(map(str, job))
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def queue_of(jobs: list[tuple], lrs) -> list[tuple[tuple, float]]:
     """``(job, lr)`` per job and rate: every rate of the list ``lrs``, or the job's mixer's
     rate of the dict ``lrs``."""
@@ -756,6 +771,10 @@ def main(args: cli.Args):
             cli.fail(f"--lrs_from={_LRS_FROM.value}: {e}")
         print(f"rates from the pilot {_LRS_FROM.value}: {lrs}", flush=True)
     jobs = [(m, d, T, n) for (T, n) in settings for d in d_models for m in mixers]
+    if _POINTS.value:
+        jobs = [j for j in jobs if matches(j, _POINTS.value)]
+        if not jobs:
+            cli.fail(f"--points={','.join(_POINTS.value)}: no point of the grid matches")
     jobs.sort(key=lambda j: -j[1] * j[2])  # longest first
     rows: list[dict] = []
     skipped: list[tuple] = []
@@ -798,6 +817,7 @@ def main(args: cli.Args):
                     if _LRS_FROM.value
                     else [f"--lrs={','.join(map(str, lrs))}"]
                 ),
+                *([f"--points={','.join(_POINTS.value)}"] if _POINTS.value else []),
                 f"--steps={_STEPS.value}",
                 f"--batch_size={_BATCH.value}",
                 f"--seed={_SEED.value}",

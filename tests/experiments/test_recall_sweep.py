@@ -334,6 +334,7 @@ def test_bad_flags_name_the_flag(tmp_path):
         ("--workers=0", "--workers"),
         ("--data_processes=-1", "--data_processes"),
         ("--compile_first=0", "--compile_first"),
+        ("--points=gla:99:*:*", "--points"),
         ("--attention_implementation=cuda", "--attention_implementation"),
         (f"--resume={tmp_path}/none.json", "--resume"),
         (f"--lrs_from={tmp_path}/none.json", "--lrs_from"),
@@ -513,3 +514,11 @@ def test_the_delta_rule_mixers_run_in_the_study_config(mixer):
     assert recall_sweep.point_signature(mixer, 64, 32, 4) != recall_sweep.point_signature(
         "gla", 64, 32, 4
     )
+
+
+def test_points_choose_part_of_the_grid():
+    patterns = ["*:*:256:16", "mamba2:*:*:*"]
+    assert recall_sweep.matches(("gla", 64, 256, 16), patterns)
+    assert recall_sweep.matches(("mamba2", 512, 64, 4), patterns)
+    assert not recall_sweep.matches(("gla", 64, 64, 4), patterns)
+    assert not recall_sweep.matches(("attention", 128, 512, 64), ["attention:1*:512:64x"])
