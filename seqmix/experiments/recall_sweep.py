@@ -311,6 +311,8 @@ def run_job(
     import shutil
     import tempfile
 
+    import jax
+
     from seqmix.train import (
         Deadline,
         NonFiniteError,
@@ -330,6 +332,9 @@ def run_job(
         lr=lr,
         compute_dtype=config.train.compute_dtype,
         model=model_signature(config),
+        # rows of several calls share a results file: each says where it ran, and its budget
+        device=jax.devices()[0].device_kind,
+        max_steps=steps,
         **sizes(config),
     )
     if _ATTENTION["implementation"] is not None:
@@ -568,34 +573,49 @@ def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
     return best_rows
 
 
-def resume(path: str, jobs: list[tuple], lrs) -> tuple[list[dict], list[tuple[tuple, float]]]:
-    """The finished runs of an earlier recall.json, or of several separated by commas (no
-    error, not cut, trained with the point's current model config: ``current``; a run found
-    in two files counts once, from the first) and the entries ``(job, lr)`` of ``jobs`` x
-    rates that still lack one; ``lrs`` is a list of rates for every job or a dict
-    ``mixer -> rate``."""
+def resume(
+    path: str, jobs: list[tuple], lrs, steps: int | None = None
+) -> tuple[list[dict], list[tuple[tuple, float]]]:
+    """What an earlier recall.json, or several separated by commas, keeps: ``(rows, left)``.
+
+    ``rows``: every finished run (no error, not cut, trained with the point's current model
+    config: ``current``), of this call's grid or not, so that the call's recall.json holds
+    the whole study so far; and the other runs (cut, or short: see below) of points this
+    call does not train. With ``steps``, a run below the target accuracy counts as finished
+    only if its budget ``max_steps`` (else its file's ``steps``) was at least ``steps``: a
+    larger budget trains it again. A run found in two files counts once, from the first.
+    ``left``: the entries ``(job, lr)`` of ``jobs`` x rates that still lack a finished run;
+    ``lrs`` is a list of rates for every job or a dict ``mixer -> rate``."""
     earlier = []
     for one in path.split(","):
         with open(one) as f:
-            earlier += json.load(f)["runs"]
-    kept, seen = [], set()
-    for r in earlier:
-        if "error" in r or r.get("cut") or not current(r):
-            continue
-        key = (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"])
-        if key not in seen:
-            seen.add(key)
-            kept.append(r)
-    done = {(r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"]) for r in kept}
-    wanted = queue_of(jobs, lrs)
-    left = [(job, lr) for job, lr in wanted if (*job, lr) not in done]
-    wanted = {(*job, lr) for job, lr in wanted}
-    kept = [
-        r
-        for r in kept
-        if (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"]) in wanted
-    ]
-    return kept, left
+            payload = json.load(f)
+        earlier += [
+            dict(r, max_steps=r.get("max_steps", payload.get("steps"))) for r in payload["runs"]
+        ]
+
+    def done(r):
+        if r.get("cut"):
+            return False
+        if steps is None or r.get("accuracy", 0.0) >= TARGET_ACCURACY:
+            return True
+        return r["max_steps"] is not None and r["max_steps"] >= steps
+
+    def key(r):
+        return (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"])
+
+    usable = [r for r in earlier if "error" not in r and current(r)]
+    finished = {}
+    for r in usable:
+        if done(r):
+            finished.setdefault(key(r), r)
+    left = [(job, lr) for job, lr in queue_of(jobs, lrs) if (*job, lr) not in finished]
+    retrained = {job for job, _ in left}
+    others = {}  # cut or short runs of points this call does not train
+    for r in usable:
+        if key(r) not in finished and key(r)[:4] not in retrained:
+            others.setdefault(key(r), r)
+    return list(finished.values()) + list(others.values()), left
 
 
 def expected_seconds(job: tuple, steps: int, observed: list[dict]) -> float | None:
@@ -780,7 +800,7 @@ def main(args: cli.Args):
     skipped: list[tuple] = []
     queue = queue_of(jobs, lrs)  # one job per point and rate
     if _RESUME.value:
-        rows, queue = resume(_RESUME.value, jobs, lrs)
+        rows, queue = resume(_RESUME.value, jobs, lrs, _STEPS.value)
         if not _COMPILE_ONLY.value:
             print(
                 f"resumed {len(rows)} runs from {_RESUME.value}; {len(queue)} jobs left",

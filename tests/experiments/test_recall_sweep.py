@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import jax
 import pytest
 
 from seqmix.experiments import recall_sweep
@@ -68,7 +69,9 @@ def test_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path):
         _run("based", 64, 64, 4, 1e-3, cut=True),  # cut: runs again
         _run("based", 64, 64, 4, 3e-3),
         error,
-        _run("attention", 128, 64, 4, 1e-3),  # not in this grid
+        _run("attention", 128, 64, 4, 1e-3),  # not in this grid: kept in the results
+        _run("mamba2", 128, 64, 4, 1e-3, cut=True),  # cut, not in this grid: kept, hollow
+        _run("mamba2", 128, 64, 4, 3e-3, model="an earlier config"),  # retired
     ]
     path = tmp_path / "recall.json"
     path.write_text(json.dumps({"runs": earlier}))
@@ -80,11 +83,13 @@ def test_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path):
         (("mamba2", 64, 64, 4), 1e-3),
         (("mamba2", 64, 64, 4), 3e-3),
     ]
-    assert [(r["mixer"], r["lr"]) for r in kept] == [
-        ("attention", 1e-3),
-        ("attention", 3e-3),
-        ("gla", 1e-3),
-        ("based", 3e-3),
+    assert [(r["mixer"], r["d_model"], r["lr"]) for r in kept] == [
+        ("attention", 64, 1e-3),
+        ("attention", 64, 3e-3),
+        ("gla", 64, 1e-3),
+        ("based", 64, 3e-3),
+        ("attention", 128, 1e-3),
+        ("mamba2", 128, 1e-3),  # the cut run (based's at 1e-3 trains again: dropped)
     ]
     # several files (a grid's and a pilot's): their runs together, each job once
     pilot = tmp_path / "pilot.json"
@@ -151,6 +156,8 @@ def test_run_job_is_the_loop_and_stops_at_the_deadline_saying_so(monkeypatch):
     assert row["cut"] and row["steps"] <= 2 and row["lr"] == 1e-3
     assert 0.0 <= row["accuracy"] <= 1.0 and row["state_size"] > 0 and row["params"] > 0
     assert row["compute_dtype"] == "bfloat16"  # the recall configs' mixed precision
+    assert row["device"] == jax.devices()[0].device_kind
+    assert row["max_steps"] == 500
     assert row["attention_implementation"] == "xla"
     assert row["model"] == recall_sweep.point_signature("attention", 64, 64, 4)
 
@@ -522,3 +529,19 @@ def test_points_choose_part_of_the_grid():
     assert recall_sweep.matches(("mamba2", 512, 64, 4), patterns)
     assert not recall_sweep.matches(("gla", 64, 64, 4), patterns)
     assert not recall_sweep.matches(("attention", 128, 512, 64), ["attention:1*:512:64x"])
+
+
+def test_a_larger_step_budget_trains_the_runs_that_missed_the_target_again(tmp_path):
+    earlier = [
+        dict(_run("attention", 64, 256, 16, 1e-2), accuracy=0.08, steps=3000),  # file's budget
+        dict(_run("attention", 128, 256, 16, 1e-2), accuracy=0.995, steps=1750),  # solved
+        dict(_run("gla", 64, 256, 16, 1e-2), accuracy=0.5, steps=10000, max_steps=10000),
+    ]
+    path = tmp_path / "recall.json"
+    path.write_text(json.dumps({"steps": 3000, "runs": earlier}))
+    jobs = [("attention", 64, 256, 16), ("attention", 128, 256, 16), ("gla", 64, 256, 16)]
+    kept, left = recall_sweep.resume(str(path), jobs, [1e-2], steps=3000)
+    assert left == [] and [r["max_steps"] for r in kept] == [3000, 3000, 10000]
+    kept, left = recall_sweep.resume(str(path), jobs, [1e-2], steps=10000)
+    assert left == [(("attention", 64, 256, 16), 1e-2)]
+    assert [r["d_model"] for r in kept] == [128, 64]  # the short run is trained again
