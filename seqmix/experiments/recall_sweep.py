@@ -36,9 +36,9 @@ processes into the persistent cache (``experiments/bench/precompile.py``, at mos
 ``--compile_budget_s``), so that the training threads start from cache hits (the workers
 build the same ``seqmix.train.build_program``). Jobs are scheduled longest first and none
 starts after ``budget_s``; with ``--deadline_s``, a job starts only if the speed of this
-call's runs so far says it can finish before the deadline (``expected_seconds``; a cut run's
-training is lost), and a shorter one takes its place. Writes ``recall.json`` (every run, the best rate per point, the
-recurrent state size of each model: the floats of its decoding cache at the sequence
+sweep's runs so far says it can finish before the deadline (``expected_seconds``; a cut
+run's training is lost), and a shorter one takes its place. Writes ``recall.json`` (every
+run, the best rate per point, the recurrent state size of each model: the floats of its decoding cache at the sequence
 length; rows of jobs still training, as ``cut``, every 30 s) and, where matplotlib is
 installed, two plots to ``--out_dir`` (default ``$SEQMIX_RUNS/recall_sweep`` or
 ``~/seqmix-runs/recall_sweep``) and ``$OUT``. On SIGINT the running jobs evaluate, save and
@@ -76,7 +76,7 @@ _COMPILE_FIRST = flags.DEFINE_integer(
     "compile_first",
     None,
     "The compile workers prepare only the first N jobs of the queue (longest first), those "
-    "that a time-limited call will reach; the others compile when they start (default: all).",
+    "that a time-limited sweep will reach; the others compile when they start (default: all).",
 )
 _STEPS = flags.DEFINE_integer("steps", 4000, "Training steps per run (upper bound).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Sequences per step.")
@@ -94,7 +94,7 @@ _LRS = flags.DEFINE_list("lrs", None, "Learning rates (default: configs/recall.L
 _LRS_FROM = flags.DEFINE_string(
     "lrs_from",
     None,
-    "A recall.json of a pilot (an earlier call with several --lrs), or several separated by "
+    "A recall.json of a pilot (an earlier sweep with several --lrs), or several separated by "
     "commas: each mixer trains at the one rate that did best there (see pilot_rates); "
     "replaces --lrs.",
 )
@@ -108,7 +108,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of models and data.")
 _RESUME = flags.DEFINE_string(
     "resume",
     None,
-    "A recall.json of an earlier call, or several separated by commas (a pilot's too): "
+    "A recall.json of an earlier sweep, or several separated by commas (a pilot's too): "
     "their finished runs are kept and their jobs not run again (a grid can continue "
     "across several invocations).",
 )
@@ -332,7 +332,7 @@ def run_job(
         lr=lr,
         compute_dtype=config.train.compute_dtype,
         model=model_signature(config),
-        # rows of several calls share a results file: each says where it ran, and its budget
+        # rows of several sweeps share a results file: each says where it ran, and its budget
         device=jax.devices()[0].device_kind,
         max_steps=steps,
         **sizes(config),
@@ -579,9 +579,9 @@ def resume(
     """What an earlier recall.json, or several separated by commas, keeps: ``(rows, left)``.
 
     ``rows``: every finished run (no error, not cut, trained with the point's current model
-    config: ``current``), of this call's grid or not, so that the call's recall.json holds
+    config: ``current``), of this sweep's grid or not, so that its recall.json holds
     the whole study so far; and the other runs (cut, or short: see below) of points this
-    call does not train. With ``steps``, a run below the target accuracy counts as finished
+    sweep does not train. With ``steps``, a run below the target accuracy counts as finished
     only if its budget ``max_steps`` (else its file's ``steps``) was at least ``steps``: a
     larger budget trains it again. A run found in two files counts once, from the first.
     ``left``: the entries ``(job, lr)`` of ``jobs`` x rates that still lack a finished run;
@@ -611,7 +611,7 @@ def resume(
             finished.setdefault(key(r), r)
     left = [(job, lr) for job, lr in queue_of(jobs, lrs) if (*job, lr) not in finished]
     retrained = {job for job, _ in left}
-    others = {}  # cut or short runs of points this call does not train
+    others = {}  # cut or short runs of points this sweep does not train
     for r in usable:
         if key(r) not in finished and key(r)[:4] not in retrained:
             others.setdefault(key(r), r)
@@ -620,7 +620,7 @@ def resume(
 
 def expected_seconds(job: tuple, steps: int, observed: list[dict]) -> float | None:
     """Seconds that ``job`` ``(mixer, d_model, seq_len, pairs)`` should take for ``steps``
-    steps, from the runs ``observed`` in this call (rows with ``steps`` and ``seconds``,
+    steps, from the runs ``observed`` in this sweep (rows with ``steps`` and ``seconds``,
     finished or still training, so under the same concurrency): their mean seconds per step
     at the job's ``d_model * seq_len``, preferring the same mixer; else the nearest size's,
     scaled by the work ratio (by its square root towards smaller jobs, which launch
@@ -637,11 +637,13 @@ def expected_seconds(job: tuple, steps: int, observed: list[dict]) -> float | No
         other = r["d_model"] * r["seq_len"]
         return (abs(math.log(other / size)), r["mixer"] != mixer)
 
+    def scaled(r):  # r's seconds per step at this job's size
+        ratio = size / (r["d_model"] * r["seq_len"])
+        return r["seconds"] / r["steps"] * (ratio if ratio >= 1 else math.sqrt(ratio))
+
     best = min(rank(r) for r in seen)
     like = [r for r in seen if rank(r) == best]
-    per_step = sum(r["seconds"] / r["steps"] for r in like) / len(like)
-    ratio = size / (like[0]["d_model"] * like[0]["seq_len"])
-    return steps * per_step * (ratio if ratio >= 1 else math.sqrt(ratio))
+    return steps * sum(scaled(r) for r in like) / len(like)
 
 
 def next_job(queue, steps: int, observed: list[dict], deadline: float | None) -> int | None:
@@ -775,7 +777,7 @@ def main(args: cli.Args):
     for one in _RESUME.value.split(",") if _RESUME.value else []:
         if not os.path.exists(one):
             cli.fail(
-                f"--resume={_RESUME.value}: no such file {one} (a recall.json of an earlier call)"
+                f"--resume={_RESUME.value}: no such file {one} (a recall.json of an earlier sweep)"
             )
     if _LRS_FROM.value:
         if _LRS.value:
@@ -858,7 +860,7 @@ def main(args: cli.Args):
         print(f"attention jobs ask for {_ATTENTION['implementation']}", flush=True)
     precompile.setup_cache()
     in_progress = lambda: list(_PROGRESS.values())
-    resumed = len(rows)  # rows of earlier calls: their speed is not this call's
+    resumed = len(rows)  # rows of earlier sweeps: their speed is not this one's
     pool = cf.ThreadPoolExecutor(_WORKERS.value)
     pending, interrupted = {}, None
     while queue or pending:
@@ -868,7 +870,7 @@ def main(args: cli.Args):
                 queue = []
                 break
             # the longest job that can still finish before the deadline (a cut run's
-            # training is lost: its workdir does not outlive the call)
+            # training is lost: its workdir does not outlive the sweep)
             i = next_job(queue, _STEPS.value, rows[resumed:] + in_progress(), deadline)
             if i is None:
                 print(f"{len(queue)} jobs would not finish before the deadline", flush=True)

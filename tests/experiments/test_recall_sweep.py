@@ -375,7 +375,7 @@ def test_recall_probe_times_every_variant_and_lists_device_ops(tmp_path):
     for key in ("compile_s", "host_ms", "vmapped_ms", "single_ms", "eval_ms"):
         assert row[key] > 0, key
     assert row["top_ops"] and all(ms >= 0 and n >= 1 for _, ms, n in row["top_ops"])
-    # every op counted once in its kind; the device time per step is their sum over 3 steps
+    # every op counted once in its kind; the GPU kernel time per step is their sum over 3 steps
     kinds = row["ops_by_kind"]
     assert sum(n for _, n in kinds.values()) >= sum(n for _, _, n in row["top_ops"])
     assert abs(sum(ms for ms, _ in kinds.values()) / 3 - row["device_ms_per_step"]) < 1e-6
@@ -449,7 +449,7 @@ def test_compile_workers_prepare_only_the_first_jobs_when_told(tmp_path):
     assert len(compiled) == 1 and "('linear_attention', 32, 64, 4, 0.001)" in compiled[0], compiled
 
 
-def test_a_job_starts_only_if_this_calls_speed_says_it_finishes_in_time():
+def test_a_job_starts_only_if_the_sweeps_speed_says_it_finishes_in_time():
     expect = recall_sweep.expected_seconds
     assert expect(("gla", 128, 256, 16), 3000, []) is None  # nothing observed yet
 
@@ -470,9 +470,12 @@ def test_a_job_starts_only_if_this_calls_speed_says_it_finishes_in_time():
     assert expect(("gla", 512, 1024, 64), 1000, seen) == pytest.approx(200.0)
     assert expect(("gla", 256, 256, 16), 1000, seen) == pytest.approx(30.0 * 2)
     assert expect(("gla", 256, 512, 64), 1000, seen) == pytest.approx(100.0 * 0.5**0.5)
+    # equally near from both sides: each run scaled to the job's size, then the mean
+    both = [timed("gla", 64, 256, 16, 100, 1.0), timed("gla", 256, 256, 16, 100, 4.0)]
+    assert expect(("gla", 128, 256, 16), 100, both) == pytest.approx((2.0 + 4.0 * 0.5**0.5) / 2)
     queue = [(("gla", 512, 512, 64), 3e-3), (("mamba2", 128, 256, 16), 3e-3)]
     now = time.time()
-    # 300 s for the first against 60 s left: the shorter job takes its place
+    # 300 s for the first against 200 s left: the shorter job (90 s) takes its place
     assert recall_sweep.next_job(queue, 3000, seen, now + 200) == 1
     assert recall_sweep.next_job(queue, 3000, seen, now + 400) == 0
     assert recall_sweep.next_job(queue, 3000, seen, now + 50) is None
@@ -544,4 +547,5 @@ def test_a_larger_step_budget_trains_the_runs_that_missed_the_target_again(tmp_p
     assert left == [] and [r["max_steps"] for r in kept] == [3000, 3000, 10000]
     kept, left = recall_sweep.resume(str(path), jobs, [1e-2], steps=10000)
     assert left == [(("attention", 64, 256, 16), 1e-2)]
-    assert [r["d_model"] for r in kept] == [128, 64]  # the short run is trained again
+    # attention at d_model 64 trains again; gla's 10000-step run stands
+    assert [(r["mixer"], r["d_model"]) for r in kept] == [("attention", 128), ("gla", 64)]

@@ -195,7 +195,7 @@ def probe(
             for n, ms, c in ops:
                 print(f"  {ms:9.2f} ms {c:6d}x  {n[:100]}", flush=True)
             print(
-                f"device time per step {row['device_ms_per_step']:.2f} ms of "
+                f"GPU kernel time per step {row['device_ms_per_step']:.2f} ms of "
                 f"{row['single_ms']:.2f} ms; by kind (3 steps): "
                 + ", ".join(f"{k} {ms:.2f} ms / {n}x" for k, (ms, n) in row["ops_by_kind"].items()),
                 flush=True,
