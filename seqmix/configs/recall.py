@@ -35,6 +35,9 @@ SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
 D_MODELS = (64, 128, 256, 512)
 # A short CPU pilot of this grid learned faster at 1e-2 than at 3e-3 (docs/benchmarking.md).
 LRS = (3e-3, 1e-2)
+# The study's points ('mixer:d_model:seq_len:pairs' patterns over the grid): every mixer and
+# width on the two hard settings, the two easy ones for attention, BASED and Mamba-2 (64).
+STUDY_POINTS = ("*:*:256:16", "*:*:512:64", "attention:*:*:*", "based:*:*:*", "mamba2:*:*:*")
 
 
 def model_for(mixer: str, d_model: int, vocab_size: int, layers: int = 2):

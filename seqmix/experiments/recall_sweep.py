@@ -35,9 +35,13 @@ GPU, one at a time in one process): ``--compile_workers=N`` first compiles every
 processes into the persistent cache (``experiments/bench/precompile.py``, at most
 ``--compile_budget_s``), so that the training threads start from cache hits (the workers
 build the same ``seqmix.train.build_program``). Jobs are scheduled longest first and none
-starts after ``budget_s``; with ``--deadline_s``, a job starts only if the speed of this
-sweep's runs so far says it can finish before the deadline (``expected_seconds``; a cut
-run's training is lost), and a shorter one takes its place. Writes ``recall.json`` (every
+starts after ``budget_s``; with ``--deadline_s``, a job starts only if the device time still
+owed to the running jobs plus its own ends before the deadline (``next_job``; a cut run's
+training is lost), and a shorter one takes its place. Each row records its ``concurrency``
+(the mean number of jobs beside it), so its share of the device per step is known
+(``device_seconds_per_step``); the speed comes from this sweep's runs and, before it has
+any, from earlier sweeps' rows on the same device; with none at all the first job starts
+alone and the others wait for its first evaluation. Writes ``recall.json`` (every
 run, the best rate per point, the recurrent state size of each model: the floats of its decoding cache at the sequence
 length; rows of jobs still training, as ``cut``, every 30 s) and, where matplotlib is
 installed, two plots to ``--out_dir`` (default ``$SEQMIX_RUNS/recall_sweep`` or
@@ -133,6 +137,13 @@ _TABLE_FROM = flags.DEFINE_string(
     "Print the grid of this recall.json as a markdown table (accuracy and steps per mixer, "
     "setting and width) and exit.",
 )
+_MERGE = flags.DEFINE_string(
+    "merge",
+    None,
+    "Write one recall.json (and its plots) to --out_dir from several sweeps' recall.json "
+    "files, comma-separated, and exit: every finished run once, 'skipped' the study's points "
+    "(--points, default configs/recall.STUDY_POINTS) still without one.",
+)
 _DEADLINE = flags.DEFINE_float(
     "deadline_s",
     None,
@@ -150,6 +161,46 @@ TARGET_ACCURACY = 0.99
 _ATTENTION = {"implementation": None}
 # --data_processes as main resolved it
 _DATA = {"processes": 0}
+# next_job's answer when a job should wait for the running jobs' first evaluations
+WAIT = -1
+
+
+class Occupancy:
+    """The number of jobs running, integrated over time. ``enter()`` (a job starts) returns
+    a reading ``(time, area)``; ``mean_since(reading)`` is the mean number of jobs that ran
+    from then to now, the reader included: a run's concurrency."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._count = 0
+        self._area = 0.0
+        self._since = time.time()
+
+    def _reading(self) -> tuple[float, float]:  # under the lock
+        now = time.time()
+        self._area += self._count * (now - self._since)
+        self._since = now
+        return now, self._area
+
+    def enter(self) -> tuple[float, float]:
+        with self._lock:
+            reading = self._reading()
+            self._count += 1
+            return reading
+
+    def leave(self) -> None:
+        with self._lock:
+            self._reading()
+            self._count -= 1
+
+    def mean_since(self, reading: tuple[float, float]) -> float:
+        with self._lock:
+            now, area = self._reading()
+        t0, area0 = reading
+        return (area - area0) / (now - t0) if now > t0 else float(max(self._count, 1))
+
+
+_OCCUPANCY = Occupancy()
 
 
 def data_processes(flag: int | None, workers: int) -> int:
@@ -274,11 +325,11 @@ class _Progress(Callback):
     """Keeps a job's latest evaluation in ``_PROGRESS`` (written as a cut row while the job
     trains) and prints a line per evaluation."""
 
-    def __init__(self, job, row, t0):
-        self.job, self.row, self.t0 = job, row, t0
+    def __init__(self, job, row, reading):
+        self.job, self.row, self.reading = job, row, reading
 
     def on_eval(self, step, metrics):
-        seconds = time.time() - self.t0
+        seconds = time.time() - self.reading[0]
         _PROGRESS[self.job] = dict(
             self.row,
             accuracy=metrics["accuracy"],
@@ -286,6 +337,7 @@ class _Progress(Callback):
             steps=step,
             cut=True,
             seconds=seconds,
+            concurrency=round(_OCCUPANCY.mean_since(self.reading), 3),
         )
         print(f"{self.job} step {step} accuracy {metrics['accuracy']:.3f} after {seconds:.0f}s")
         return None
@@ -307,7 +359,19 @@ def run_job(
     row: accuracy and evaluation loss at the step it stopped (accuracy >= 0.99, the last
     step, the ``deadline`` (a ``time.time()`` value) or an interrupt (``_STOP``); the last
     two mark a run below 0.99 ``cut``), or NaN at the step where the loss stopped being
-    finite. The workdir is ``runs_dir/<job>`` (kept, resumable) or a temporary one."""
+    finite. The workdir is ``runs_dir/<job>`` (kept, resumable) or a temporary one. The row's
+    ``concurrency`` is the mean number of jobs that ran during it, itself included, so that
+    ``seconds / steps / concurrency`` is its share of the device per step
+    (``device_seconds_per_step``)."""
+    job = (mixer, d_model, seq_len, pairs, lr)
+    reading = _OCCUPANCY.enter()
+    try:
+        return _run_job(job, reading, steps, batch_size, seed, deadline, runs_dir)
+    finally:
+        _OCCUPANCY.leave()
+
+
+def _run_job(job, reading, steps, batch_size, seed, deadline, runs_dir) -> dict:
     import shutil
     import tempfile
 
@@ -321,8 +385,8 @@ def run_job(
         train_and_evaluate,
     )
 
-    job = (mixer, d_model, seq_len, pairs, lr)
-    t0 = time.time()
+    mixer, d_model, seq_len, pairs, lr = job
+    t0 = reading[0]
     config = job_config(mixer, d_model, seq_len, pairs, lr, steps, batch_size, seed)
     row = dict(
         mixer=mixer,
@@ -339,7 +403,7 @@ def run_job(
     )
     if _ATTENTION["implementation"] is not None:
         row["attention_implementation"] = _ATTENTION["implementation"]
-    progress = _Progress(job, row, t0)
+    progress = _Progress(job, row, reading)
     callbacks = [StopAtMetric("accuracy", TARGET_ACCURACY), StopWhenSet(_STOP), progress]
     if deadline is not None:
         callbacks.append(Deadline(deadline))
@@ -355,6 +419,7 @@ def run_job(
             steps=e.step,
             cut=False,
             seconds=time.time() - t0,
+            concurrency=round(_OCCUPANCY.mean_since(reading), 3),
         )
     finally:
         _PROGRESS.pop(job, None)
@@ -369,6 +434,7 @@ def run_job(
         steps=int(result["step"]),
         cut=bool(stopped) and accuracy < TARGET_ACCURACY,
         seconds=time.time() - t0,
+        concurrency=round(_OCCUPANCY.mean_since(reading), 3),
     )
 
 
@@ -464,15 +530,19 @@ def _compile_shard(spec: str, jobs: list[tuple]) -> None:
 
 
 def plot(best: list[dict], path_prefix: str) -> None:
-    """Accuracy against d_model and against the recurrent state size, a panel per setting;
-    a run cut before its step budget (time limit) is a hollow marker."""
+    """Accuracy against d_model and against the recurrent state size, a panel per setting,
+    one colour per mixer in every panel; a run cut before its step budget (time limit) is a
+    hollow marker."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     settings = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in best})
     mixers = sorted({r["mixer"] for r in best})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(mixers)}
+    handles = [Line2D([], [], color=colors[m], marker="o", label=m) for m in mixers]
     for key, xlabel, scale, suffix in (
         ("d_model", "d_model", dict(base=2), "_vs_dmodel.png"),
         ("state_size", "state size per layer (floats)", {}, "_vs_state.png"),
@@ -490,21 +560,22 @@ def plot(best: list[dict], path_prefix: str) -> None:
                 )
                 if not rows:
                     continue
-                (line,) = ax.plot([r[key] for r in rows], [r["accuracy"] for r in rows], label=m)
+                color = colors[m]
+                ax.plot([r[key] for r in rows], [r["accuracy"] for r in rows], color=color)
                 for r in rows:
                     ax.plot(
                         r[key],
                         r["accuracy"],
                         marker="o",
-                        color=line.get_color(),
-                        markerfacecolor="white" if r.get("cut") else line.get_color(),
+                        color=color,
+                        markerfacecolor="white" if r.get("cut") else color,
                     )
             ax.set_xscale("log", **scale)
             ax.set_ylim(0, 1.02)
             ax.set_title(f"T={T}, {n} pairs")
             ax.set_xlabel(xlabel)
         axes[0][0].set_ylabel("MQAR accuracy")
-        axes[0][-1].legend(fontsize=7, title="hollow: cut", title_fontsize=7)
+        axes[0][-1].legend(handles=handles, fontsize=7, title="hollow: cut", title_fontsize=7)
         fig.tight_layout()
         fig.savefig(path_prefix + suffix, dpi=110)
         plt.close(fig)
@@ -536,10 +607,8 @@ def out_dir() -> str:
     return _OUT.value or os.path.join(runs_root(), "recall_sweep")
 
 
-def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
-    """recall.json (every run, the best rate per point, the jobs not run) and the plots."""
-    from seqmix.experiments.bench import common
-
+def best_runs(rows: list[dict]) -> list[dict]:
+    """The best run of each point (``run_score``), by setting, mixer and width."""
     best = {}
     for r in rows:
         if "error" in r:
@@ -547,7 +616,21 @@ def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
         key = (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"])
         if key not in best or run_score(r) > run_score(best[key]):
             best[key] = r
-    best_rows = sorted(best.values(), key=lambda r: (r["seq_len"], r["mixer"], r["d_model"]))
+    return sorted(best.values(), key=lambda r: (r["seq_len"], r["mixer"], r["d_model"]))
+
+
+def _skipped_rows(skipped) -> list[dict]:
+    return [
+        dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), job), lr=lr)
+        for job, lr in dict.fromkeys(skipped)
+    ]
+
+
+def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
+    """recall.json (every run, the best rate per point, the jobs not run) and the plots."""
+    from seqmix.experiments.bench import common
+
+    best_rows = best_runs(rows)
     payload = dict(
         env=common.environment(),
         steps=_STEPS.value,
@@ -556,21 +639,62 @@ def _write(rows, skipped, lrs, start, plots=True) -> list[dict]:
         seconds=time.time() - start,
         runs=rows,
         best=best_rows,
-        skipped=[
-            dict(zip(("mixer", "d_model", "seq_len", "num_kv_pairs"), job), lr=lr)
-            for job, lr in dict.fromkeys(skipped)
-        ],
+        skipped=_skipped_rows(skipped),
     )
+    _save(payload, plots)
+    return best_rows
+
+
+def _save(payload: dict, plots: bool) -> None:
+    """``payload`` as recall.json, with its plots, in ``out_dir()`` and ``$OUT``."""
     for d in filter(None, [out_dir(), os.environ.get("OUT")]):
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "recall.json"), "w") as f:
             json.dump(payload, f, indent=1, default=float)
-        if plots and best_rows:
+        if plots and payload["best"]:
             try:
-                plot(best_rows, os.path.join(d, "recall"))
+                plot(payload["best"], os.path.join(d, "recall"))
             except ImportError:
                 print("matplotlib is not installed: no plots (pip install 'seqmix[bench]')")
-    return best_rows
+
+
+def merge(paths: str, points=None) -> dict:
+    """One recall.json of several sweeps' files (comma-separated): every finished run once
+    (from the first file that has it) and the other runs of points without a finished run at
+    their rate (``resume``), ``env``, ``steps``, ``batch_size`` and ``lrs`` of the newest
+    file (by ``env.date``; each row names its device), and in ``skipped`` the ``points``
+    (patterns; default ``configs/recall.STUDY_POINTS`` over the study's grid) without any
+    finished run, at the newest file's rate of their mixer where it has one."""
+    from seqmix.configs import recall
+
+    payloads = []
+    for one in paths.split(","):
+        with open(one) as f:
+            payloads.append(json.load(f))
+    newest = max(payloads, key=lambda p: p.get("env", {}).get("date", ""))
+    rows, _ = resume(paths, [], [])
+    finished = {
+        (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"])
+        for r in rows
+        if not r.get("cut")
+    }
+    grid = [
+        (m, d, T, n) for (T, n) in recall.SETTINGS for d in recall.D_MODELS for m in recall.MIXERS
+    ]
+    wanted = [j for j in grid if matches(j, list(points or recall.STUDY_POINTS))]
+    lrs = newest.get("lrs")
+    rate = (lambda m: lrs.get(m)) if isinstance(lrs, dict) else (lambda m: None)
+    return dict(
+        env=newest.get("env", {}),
+        steps=newest.get("steps"),
+        batch_size=newest.get("batch_size"),
+        lrs=lrs,
+        runs=rows,
+        best=best_runs(rows),
+        skipped=_skipped_rows([(j, rate(j[0])) for j in wanted if j not in finished]),
+        note=f"Runs of {len(payloads)} results files merged; each row names its device. "
+        "skipped: the study's points without a finished run.",
+    )
 
 
 def resume(
@@ -618,42 +742,78 @@ def resume(
     return list(finished.values()) + list(others.values()), left
 
 
-def expected_seconds(job: tuple, steps: int, observed: list[dict]) -> float | None:
-    """Seconds that ``job`` ``(mixer, d_model, seq_len, pairs)`` should take for ``steps``
-    steps, from the runs ``observed`` in this sweep (rows with ``steps`` and ``seconds``,
-    finished or still training, so under the same concurrency): their mean seconds per step
-    at the job's ``d_model * seq_len``, preferring the same mixer; else the nearest size's,
-    scaled by the work ratio (by its square root towards smaller jobs, which launch
-    overheads keep from shrinking in proportion). None when nothing was observed."""
+def device_seconds_per_step(r: dict) -> float:
+    """Run ``r``'s share of the device per step: its seconds per step over the mean number
+    of jobs that ran beside it, itself included (``concurrency``; 1 for rows that predate
+    it). Jobs of a sweep share one device stream, so these shares add up to wall time."""
+    return r["seconds"] / r["steps"] / r.get("concurrency", 1.0)
+
+
+def expected_seconds(
+    job: tuple, steps: int, observed: list[dict], priors: list[dict] = ()
+) -> float | None:
+    """Seconds of the device that ``job`` ``(mixer, d_model, seq_len, pairs)`` should need
+    for ``steps`` steps (``device_seconds_per_step``), from the runs ``observed`` in this
+    sweep (rows with ``steps`` and ``seconds``, finished or still training) and ``priors``
+    (earlier sweeps' rows on this device): the mean at the job's ``d_model * seq_len``,
+    preferring the same mixer, then this sweep's runs; else the nearest size's, scaled by the
+    work ratio (by its square root towards smaller jobs, which launch overheads keep from
+    shrinking in proportion). None when nothing was observed."""
     import math
 
     mixer, d_model, seq_len = job[:3]
-    seen = [r for r in observed if "error" not in r and r.get("steps", 0) > 0]
+
+    def usable(r):
+        return "error" not in r and r.get("steps", 0) > 0 and r.get("seconds", 0) > 0
+
+    seen = [(r, False) for r in observed if usable(r)] + [(r, True) for r in priors if usable(r)]
     if not seen:
         return None
     size = d_model * seq_len
 
-    def rank(r):
+    def rank(item):
+        r, prior = item
         other = r["d_model"] * r["seq_len"]
-        return (abs(math.log(other / size)), r["mixer"] != mixer)
+        return (abs(math.log(other / size)), r["mixer"] != mixer, prior)
 
-    def scaled(r):  # r's seconds per step at this job's size
+    def scaled(r):  # r's device seconds per step at this job's size
         ratio = size / (r["d_model"] * r["seq_len"])
-        return r["seconds"] / r["steps"] * (ratio if ratio >= 1 else math.sqrt(ratio))
+        return device_seconds_per_step(r) * (ratio if ratio >= 1 else math.sqrt(ratio))
 
-    best = min(rank(r) for r in seen)
-    like = [r for r in seen if rank(r) == best]
+    best = min(rank(item) for item in seen)
+    like = [r for r, prior in seen if rank((r, prior)) == best]
     return steps * sum(scaled(r) for r in like) / len(like)
 
 
-def next_job(queue, steps: int, observed: list[dict], deadline: float | None) -> int | None:
-    """The index of the first ``(job, lr)`` of ``queue`` expected to finish before
-    ``deadline`` (a ``time.time()`` value; None: the first), a job of unknown speed
-    included; None when none is."""
+def next_job(
+    queue,
+    steps: int,
+    observed: list[dict],
+    deadline: float | None,
+    running: list[tuple[tuple, int]] = (),
+    priors: list[dict] = (),
+) -> int | None:
+    """The index of the first ``(job, lr)`` of ``queue`` that can start now; None when
+    none can finish before ``deadline`` (a ``time.time()`` value; None: the first starts);
+    ``WAIT`` when the speed is unknown (nothing ``observed`` nor in ``priors``) while jobs
+    run: their first evaluations tell it. ``running``: ``(job, steps done)`` of the jobs
+    training. Jobs share one device stream, so a job fits when the device time still owed to
+    the running jobs plus its own (``expected_seconds``) ends before the deadline; a job
+    that starts without any measure starts alone."""
+    if deadline is None:
+        return 0 if queue else None
+    owed = 0.0
+    for job, done in running:
+        est = expected_seconds(job[:4], max(steps - done, 0), observed, priors)
+        if est is None:
+            return WAIT
+        owed += est
     now = time.time()
     for i, (job, _) in enumerate(queue):
-        est = None if deadline is None else expected_seconds(job, steps, observed)
-        if est is None or now + est <= deadline:
+        est = expected_seconds(job, steps, observed, priors)
+        if est is None:  # nothing measured and nothing running: it starts alone
+            return i
+        if now + owed + est <= deadline:
             return i
     return None
 
@@ -747,6 +907,20 @@ def main(args: cli.Args):
         except (OSError, KeyError, json.JSONDecodeError) as e:
             cli.fail(f"--table_from={_TABLE_FROM.value}: {e} (a recall.json of the sweep)")
         print(grid_table(best))
+        return
+    if _MERGE.value:
+        for one in _MERGE.value.split(","):
+            if not os.path.exists(one):
+                cli.fail(f"--merge={_MERGE.value}: no such file {one} (a recall.json of a sweep)")
+        try:
+            payload = merge(_MERGE.value, _POINTS.value)
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            cli.fail(f"--merge={_MERGE.value}: {type(e).__name__}: {e} (recall.json files)")
+        _save(payload, plots=True)
+        print(
+            f"{len(payload['runs'])} runs, {len(payload['skipped'])} points without a finished run"
+        )
+        print(grid_table(payload["best"]), flush=True)
         return
     # SIGINT (the device stage's time limit) must raise KeyboardInterrupt even when this
     # process started with it ignored (children of pytest-xdist workers, background jobs)
@@ -860,10 +1034,17 @@ def main(args: cli.Args):
         print(f"attention jobs ask for {_ATTENTION['implementation']}", flush=True)
     precompile.setup_cache()
     in_progress = lambda: list(_PROGRESS.values())
-    resumed = len(rows)  # rows of earlier sweeps: their speed is not this one's
+    resumed = len(rows)
+    # earlier sweeps' runs on this device, with their concurrency: the speed before this
+    # sweep has measured its own
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    priors = [r for r in rows if "concurrency" in r and r.get("device") == kind]
     pool = cf.ThreadPoolExecutor(_WORKERS.value)
-    pending, interrupted = {}, None
+    pending, interrupted, held = {}, None, False
     while queue or pending:
+        held = False
         while queue and len(pending) < _WORKERS.value:
             if time.time() - start > _BUDGET.value:
                 skipped.extend(queue)
@@ -871,11 +1052,19 @@ def main(args: cli.Args):
                 break
             # the longest job that can still finish before the deadline (a cut run's
             # training is lost: its workdir does not outlive the sweep)
-            i = next_job(queue, _STEPS.value, rows[resumed:] + in_progress(), deadline)
-            if i is None:
+            running = [
+                (job + (lr,), _PROGRESS.get((*job, lr), {}).get("steps", 0))
+                for job, lr in pending.values()
+            ]
+            observed = rows[resumed:] + in_progress()
+            i = next_job(queue, _STEPS.value, observed, deadline, running, priors)
+            if i is None and not pending:
                 print(f"{len(queue)} jobs would not finish before the deadline", flush=True)
                 skipped.extend(queue)
                 queue = []
+                break
+            if i is None or i == WAIT:  # the running jobs' progress decides
+                held = True
                 break
             job, lr = queue.pop(i)
             future = pool.submit(
@@ -892,7 +1081,8 @@ def main(args: cli.Args):
         if not pending:
             break
         try:
-            done, _ = cf.wait(pending, timeout=30, return_when=cf.FIRST_COMPLETED)
+            # a job held back waits for the next evaluation or finish, not 30 s
+            done, _ = cf.wait(pending, timeout=5 if held else 30, return_when=cf.FIRST_COMPLETED)
         except KeyboardInterrupt:  # the time limit: keep what the running jobs reached
             print("interrupted: running jobs evaluate, save and stop", flush=True)
             _STOP.set()

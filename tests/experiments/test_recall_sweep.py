@@ -160,6 +160,7 @@ def test_run_job_is_the_loop_and_stops_at_the_deadline_saying_so(monkeypatch):
     assert row["max_steps"] == 500
     assert row["attention_implementation"] == "xla"
     assert row["model"] == recall_sweep.point_signature("attention", 64, 64, 4)
+    assert row["concurrency"] == pytest.approx(1.0, abs=0.01)  # it ran alone
 
 
 def test_concurrent_gpu_jobs_keep_attention_off_cudnn():
@@ -223,16 +224,36 @@ def test_the_probe_programs_train_what_the_loop_trains():
 
 
 def test_plots_accuracy_against_width_and_state(tmp_path):
+    import matplotlib.axes
+    import numpy as np
+
     best = [
         dict(mixer=m, d_model=d, seq_len=T, num_kv_pairs=n, accuracy=0.5, state_size=d * 100)
         for m in ("attention", "gla")
         for d in (64, 128)
         for T, n in ((64, 4), (128, 8))
     ]
-    recall_sweep.plot(best, str(tmp_path / "recall"))
+    # a mixer missing from one panel must not shift the others' colours there
+    best += [dict(best[0], mixer="based", seq_len=128, num_kv_pairs=8)]
+    drawn = []  # (panel, colour, x values) of every line drawn
+    real = matplotlib.axes.Axes.plot
+
+    def spy(ax, x, y, *args, **kw):
+        drawn.append((id(ax), kw.get("color"), tuple(np.atleast_1d(x))))
+        return real(ax, x, y, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.axes.Axes, "plot", spy)
+        recall_sweep.plot(best, str(tmp_path / "recall"))
     for suffix in ("_vs_dmodel.png", "_vs_state.png"):
         png = (tmp_path / f"recall{suffix}").read_bytes()
         assert png[:4] == b"\x89PNG" and len(png) > 5000
+    # the lines of gla and attention (width 64 and 128, state 100x that)
+    lines = [(panel, color) for panel, color, x in drawn if x in ((64, 128), (6400, 12800))]
+    panels = sorted({p for p, _ in lines})
+    assert len(panels) == 4  # two settings, two figures
+    for panel in panels:
+        assert sorted(c for p, c in lines if p == panel) == ["C0", "C2"]  # based is C1
 
 
 @pytest.mark.parametrize("data_processes", [0, 1], ids=["thread", "batch-process"])
@@ -422,6 +443,30 @@ def test_a_failing_job_is_a_row_naming_its_rate(tmp_path):
     assert [r["lr"] for r in runs] == [3e-3]
 
 
+def test_with_a_deadline_and_no_measure_the_first_job_starts_alone(tmp_path):
+    # Two jobs, two workers, a far deadline: without any speed measured the second waits
+    # for the first's evaluation (here its last step), so neither ran beside the other.
+    cmd = [
+        sys.executable,
+        "-m",
+        "seqmix.experiments.recall_sweep",
+        "--mixers=attention",
+        "--d_models=32,64",
+        "--settings=64:4",
+        "--lrs=1e-3",
+        "--steps=3",
+        "--batch_size=2",
+        f"--out_dir={tmp_path}",
+        "--workers=2",
+        "--data_processes=0",
+        "--deadline_s=900",
+    ]
+    subprocess.run(cmd, env=dict(os.environ, OUT=""), check=True, timeout=300, capture_output=True)
+    runs = json.loads((tmp_path / "recall.json").read_text())["runs"]
+    assert sorted(r["d_model"] for r in runs) == [32, 64] and not any(r["cut"] for r in runs)
+    assert all(1.0 <= r["concurrency"] < 1.3 for r in runs), runs
+
+
 def test_compile_workers_prepare_only_the_first_jobs_when_told(tmp_path):
     """--compile_first=N: a compile worker's shard is cut to the queue's first N jobs
     (longest first), those that a time-limited call reaches."""
@@ -449,19 +494,38 @@ def test_compile_workers_prepare_only_the_first_jobs_when_told(tmp_path):
     assert len(compiled) == 1 and "('linear_attention', 32, 64, 4, 0.001)" in compiled[0], compiled
 
 
-def test_a_job_starts_only_if_the_sweeps_speed_says_it_finishes_in_time():
+def test_a_runs_concurrency_is_the_mean_number_of_jobs_beside_it(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(recall_sweep.time, "time", lambda: clock[0])
+    occupancy = recall_sweep.Occupancy()
+    first = occupancy.enter()
+    clock[0] = 110.0
+    second = occupancy.enter()  # 10 s alone, then 10 s beside another
+    clock[0] = 120.0
+    assert occupancy.mean_since(first) == pytest.approx(1.5)
+    occupancy.leave()
+    clock[0] = 130.0  # the other alone for 10 s
+    assert occupancy.mean_since(second) == pytest.approx(1.5)
+    assert occupancy.mean_since(first) == pytest.approx((10 + 20 + 10) / 30)
+
+
+def test_a_job_starts_only_if_the_device_time_owed_ends_before_the_deadline():
     expect = recall_sweep.expected_seconds
     assert expect(("gla", 128, 256, 16), 3000, []) is None  # nothing observed yet
 
-    def timed(mixer, d, T, n, steps, seconds):
-        return dict(_run(mixer, d, T, n, 1e-3), steps=steps, seconds=seconds)
+    def timed(mixer, d, T, n, steps, seconds, concurrency=1.0):
+        return dict(
+            _run(mixer, d, T, n, 1e-3), steps=steps, seconds=seconds, concurrency=concurrency
+        )
 
     seen = [
-        timed("gla", 512, 512, 64, 1000, 100.0),  # 0.1 s a step
+        timed("gla", 512, 512, 64, 1000, 400.0, concurrency=4.0),  # 0.1 s of device a step
         timed("mamba2", 128, 256, 16, 500, 10.0),  # 0.02 s a step
-        timed("mamba2", 128, 256, 16, 500, 20.0),  # 0.04 s a step
+        # a row from before the count: taken as alone, 0.04 s a step
+        dict(_run("mamba2", 128, 256, 16, 1e-3), steps=500, seconds=20.0),
         _run("gla", 64, 256, 16, 1e-2, error="OOM"),  # a failed run says nothing
     ]
+    assert recall_sweep.device_seconds_per_step(seen[0]) == pytest.approx(0.1)
     # the same size: the mean of those runs, preferring the same mixer when it has one
     assert expect(("mamba2", 128, 256, 16), 1000, seen) == pytest.approx(30.0)
     assert expect(("based", 128, 256, 16), 1000, seen) == pytest.approx(30.0)
@@ -473,6 +537,11 @@ def test_a_job_starts_only_if_the_sweeps_speed_says_it_finishes_in_time():
     # equally near from both sides: each run scaled to the job's size, then the mean
     both = [timed("gla", 64, 256, 16, 100, 1.0), timed("gla", 256, 256, 16, 100, 4.0)]
     assert expect(("gla", 128, 256, 16), 100, both) == pytest.approx((2.0 + 4.0 * 0.5**0.5) / 2)
+    # an earlier sweep's run counts where this sweep has none as near, and yields to one
+    prior = [timed("gla", 512, 512, 64, 1000, 50.0)]
+    assert expect(("gla", 512, 512, 64), 1000, [], prior) == pytest.approx(50.0)
+    assert expect(("gla", 512, 512, 64), 1000, seen, prior) == pytest.approx(100.0)
+
     queue = [(("gla", 512, 512, 64), 3e-3), (("mamba2", 128, 256, 16), 3e-3)]
     now = time.time()
     # 300 s for the first against 200 s left: the shorter job (90 s) takes its place
@@ -480,7 +549,18 @@ def test_a_job_starts_only_if_the_sweeps_speed_says_it_finishes_in_time():
     assert recall_sweep.next_job(queue, 3000, seen, now + 400) == 0
     assert recall_sweep.next_job(queue, 3000, seen, now + 50) is None
     assert recall_sweep.next_job(queue, 3000, seen, None) == 0  # no deadline
-    assert recall_sweep.next_job(queue, 3000, [], now + 1) == 0  # speed unknown: it starts
+    # the device time still owed to running jobs comes first: a gla job 1000 steps in owes
+    # 200 s, so only the 90 s job fits in 300 s, and nothing in 250 s
+    running = [(("gla", 512, 512, 64, 3e-3), 1000)]
+    assert recall_sweep.next_job(queue, 3000, seen, now + 300, running) == 1
+    assert recall_sweep.next_job(queue, 3000, seen, now + 250, running) is None
+    assert recall_sweep.next_job(queue, 3000, seen, now + 600, running) == 0
+    # speed unknown: the first job starts alone, the next waits for its evaluations
+    assert recall_sweep.next_job(queue, 3000, [], now + 1) == 0
+    started = [(("gla", 512, 512, 64, 3e-3), 0)]
+    assert recall_sweep.next_job(queue[1:], 3000, [], now + 1, started) == recall_sweep.WAIT
+    # ... unless an earlier sweep on this device measured it
+    assert recall_sweep.next_job(queue[1:], 3000, [], now + 1000, started, prior) == 0
 
 
 def test_the_grid_table_has_a_cell_per_point_and_marks_cut_runs(tmp_path):
@@ -549,3 +629,65 @@ def test_a_larger_step_budget_trains_the_runs_that_missed_the_target_again(tmp_p
     assert left == [(("attention", 64, 256, 16), 1e-2)]
     # attention at d_model 64 trains again; gla's 10000-step run stands
     assert [(r["mixer"], r["d_model"]) for r in kept] == [("attention", 128), ("gla", 64)]
+
+
+def test_merge_writes_one_study_of_several_sweeps(tmp_path):
+    older = {
+        "env": {"date": "2026-01-01T00:00:00+00:00", "device": "A"},
+        "steps": 3000,
+        "lrs": {"attention": 1e-2, "gla": 1e-2, "based": 1e-2},
+        "runs": [_run("attention", 64, 64, 4, 1e-2, device="A", state_size=100)],
+    }
+    newer = {
+        "env": {"date": "2026-02-01T00:00:00+00:00", "device": "B"},
+        "steps": 3000,
+        "lrs": {"attention": 1e-2, "gla": 3e-3, "based": 1e-2},
+        "runs": [
+            _run(
+                "attention", 64, 64, 4, 1e-2, device="A", state_size=100
+            ),  # resumed from the older file
+            _run("gla", 64, 64, 4, 3e-3, device="B", state_size=100),
+            _run("based", 64, 64, 4, 1e-2, device="B", cut=True, state_size=100),  # not finished
+        ],
+    }
+    paths = []
+    for name, payload in (("older", older), ("newer", newer)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(payload))
+    merged = recall_sweep.merge(
+        ",".join(map(str, paths)), ["attention:64:64:4", "gla:64:64:4", "based:64:64:4"]
+    )
+    assert merged["env"]["device"] == "B" and merged["lrs"]["gla"] == 3e-3
+    assert [(r["mixer"], r.get("cut", False)) for r in merged["runs"]] == [
+        ("attention", False),
+        ("gla", False),
+        ("based", True),
+    ]
+    assert [r["mixer"] for r in merged["best"]] == ["attention", "based", "gla"]
+    assert merged["skipped"] == [
+        dict(mixer="based", d_model=64, seq_len=64, num_kv_pairs=4, lr=1e-2)
+    ]
+    # by default the study's 64 points: all but attention's (gla's (64, 4) is not one)
+    assert len(recall_sweep.merge(",".join(map(str, paths)))["skipped"]) == 63
+    # the launcher writes it with its plots
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "seqmix.experiments.recall_sweep",
+            f"--merge={paths[0]},{paths[1]}",
+            f"--out_dir={tmp_path / 'merged'}",
+        ],
+        env=dict(os.environ, OUT=""),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    written = json.loads((tmp_path / "merged" / "recall.json").read_text())
+    assert len(written["runs"]) == 3 and "63 points without a finished run" in out
+    bad = subprocess.run(
+        [sys.executable, "-m", "seqmix.experiments.recall_sweep", "--merge=nope.json"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "--merge=nope.json" in bad.stderr
