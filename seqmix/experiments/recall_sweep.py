@@ -23,7 +23,9 @@ loop (``seqmix.train.train_and_evaluate``) in its own workdir: the loop evaluate
 250 steps, and its callbacks stop it at accuracy 0.99 (``StopAtMetric``), at the deadline
 (``Deadline``, ``--deadline_s``) and on an interrupt (``StopWhenSet``). Workdirs are
 temporary (removed when the job's row is written) unless ``--runs_dir`` keeps them there;
-a kept job's workdir resumes where it stopped when the sweep runs again.
+a kept job's workdir resumes where it stopped when the sweep runs again, so a run cut by one
+sweep's deadline continues in the next sweep on the same disk, whose deadline counts only its
+remaining steps (``kept_step``).
 
 Jobs run in ``--workers`` threads of one process: they share one device allocator and one
 stream, so small models overlap their Python dispatch without the GPU time-slicing between
@@ -106,7 +108,10 @@ _OUT = flags.DEFINE_string(
     "out_dir", None, "Results folder (default $SEQMIX_RUNS/recall_sweep, ~/seqmix-runs/...)."
 )
 _RUNS_DIR = flags.DEFINE_string(
-    "runs_dir", None, "Keep each job's workdir here (default: temporary, removed)."
+    "runs_dir",
+    None,
+    "Keep each job's workdir here (default: temporary, removed): a run cut by a deadline or "
+    "an interrupt resumes from its checkpoint when a later sweep runs its job again.",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of models and data.")
 _RESUME = flags.DEFINE_string(
@@ -327,6 +332,12 @@ class _Progress(Callback):
 
     def __init__(self, job, row, reading):
         self.job, self.row, self.reading = job, row, reading
+        self.start_step = None  # the step this run resumed from (0: a fresh start)
+
+    def on_train(self, step, metrics):
+        if self.start_step is None:
+            self.start_step = step - 1
+        return None
 
     def on_eval(self, step, metrics):
         seconds = time.time() - self.reading[0]
@@ -338,9 +349,26 @@ class _Progress(Callback):
             cut=True,
             seconds=seconds,
             concurrency=round(_OCCUPANCY.mean_since(self.reading), 3),
+            start_step=self.start_step or 0,
         )
         print(f"{self.job} step {step} accuracy {metrics['accuracy']:.3f} after {seconds:.0f}s")
         return None
+
+
+def workdir_name(job: tuple) -> str:
+    """The workdir of job ``(mixer, d_model, seq_len, pairs, lr)`` under ``--runs_dir``."""
+    mixer, d_model, seq_len, pairs, lr = job
+    return f"{mixer}-d{d_model}-T{seq_len}-p{pairs}-lr{lr:g}"
+
+
+def kept_step(runs_dir: str | None, job: tuple) -> int:
+    """The step of the newest checkpoint in the kept workdir of ``job`` (0: none): where a
+    run cut by an earlier sweep's deadline resumes."""
+    if not runs_dir:
+        return 0
+    path = os.path.join(runs_dir, workdir_name(job), "checkpoints")
+    steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+    return max(steps, default=0)
 
 
 def run_job(
@@ -407,7 +435,7 @@ def _run_job(job, reading, steps, batch_size, seed, deadline, runs_dir) -> dict:
     callbacks = [StopAtMetric("accuracy", TARGET_ACCURACY), StopWhenSet(_STOP), progress]
     if deadline is not None:
         callbacks.append(Deadline(deadline))
-    name = f"{mixer}-d{d_model}-T{seq_len}-p{pairs}-lr{lr:g}"
+    name = workdir_name(job)
     workdir = os.path.join(runs_dir, name) if runs_dir else tempfile.mkdtemp(prefix="recall_")
     try:
         result = train_and_evaluate(config, workdir, callbacks=callbacks, label=name)
@@ -420,6 +448,7 @@ def _run_job(job, reading, steps, batch_size, seed, deadline, runs_dir) -> dict:
             cut=False,
             seconds=time.time() - t0,
             concurrency=round(_OCCUPANCY.mean_since(reading), 3),
+            start_step=progress.start_step or 0,
         )
     finally:
         _PROGRESS.pop(job, None)
@@ -435,6 +464,8 @@ def _run_job(job, reading, steps, batch_size, seed, deadline, runs_dir) -> dict:
         cut=bool(stopped) and accuracy < TARGET_ACCURACY,
         seconds=time.time() - t0,
         concurrency=round(_OCCUPANCY.mean_since(reading), 3),
+        # a run resumed from a kept workdir trained steps - start_step steps in seconds
+        start_step=progress.start_step if progress.start_step is not None else int(result["step"]),
     )
 
 
@@ -743,10 +774,12 @@ def resume(
 
 
 def device_seconds_per_step(r: dict) -> float:
-    """Run ``r``'s share of the device per step: its seconds per step over the mean number
-    of jobs that ran beside it, itself included (``concurrency``; 1 for rows that predate
-    it). Jobs of a sweep share one device stream, so these shares add up to wall time."""
-    return r["seconds"] / r["steps"] / r.get("concurrency", 1.0)
+    """Run ``r``'s share of the device per step: its seconds per step trained (from
+    ``start_step``, where a kept workdir resumed) over the mean number of jobs that ran
+    beside it, itself included (``concurrency``; 1 for rows that predate it). Jobs of a sweep
+    share one device stream, so these shares add up to wall time."""
+    trained = r["steps"] - r.get("start_step", 0)
+    return r["seconds"] / trained / r.get("concurrency", 1.0)
 
 
 def expected_seconds(
@@ -764,7 +797,8 @@ def expected_seconds(
     mixer, d_model, seq_len = job[:3]
 
     def usable(r):
-        return "error" not in r and r.get("steps", 0) > 0 and r.get("seconds", 0) > 0
+        trained = r.get("steps", 0) - r.get("start_step", 0)
+        return "error" not in r and trained > 0 and r.get("seconds", 0) > 0
 
     seen = [(r, False) for r in observed if usable(r)] + [(r, True) for r in priors if usable(r)]
     if not seen:
@@ -792,6 +826,7 @@ def next_job(
     deadline: float | None,
     running: list[tuple[tuple, int]] = (),
     priors: list[dict] = (),
+    done: dict | None = None,
 ) -> int | None:
     """The index of the first ``(job, lr)`` of ``queue`` that can start now; None when
     none can finish before ``deadline`` (a ``time.time()`` value; None: the first starts);
@@ -799,18 +834,20 @@ def next_job(
     run: their first evaluations tell it. ``running``: ``(job, steps done)`` of the jobs
     training. Jobs share one device stream, so a job fits when the device time still owed to
     the running jobs plus its own (``expected_seconds``) ends before the deadline; a job
-    that starts without any measure starts alone."""
+    that starts without any measure starts alone. ``done``: ``(job, lr) -> steps`` a queued
+    job resumes from (``kept_step``)."""
     if deadline is None:
         return 0 if queue else None
     owed = 0.0
-    for job, done in running:
-        est = expected_seconds(job[:4], max(steps - done, 0), observed, priors)
+    for job, trained in running:
+        est = expected_seconds(job[:4], max(steps - trained, 0), observed, priors)
         if est is None:
             return WAIT
         owed += est
     now = time.time()
-    for i, (job, _) in enumerate(queue):
-        est = expected_seconds(job, steps, observed, priors)
+    for i, (job, lr) in enumerate(queue):
+        left = max(steps - (done or {}).get((job, lr), 0), 0)
+        est = expected_seconds(job, left, observed, priors)
         if est is None:  # nothing measured and nothing running: it starts alone
             return i
         if now + owed + est <= deadline:
@@ -1041,6 +1078,8 @@ def main(args: cli.Args):
 
     kind = jax.devices()[0].device_kind
     priors = [r for r in rows if "concurrency" in r and r.get("device") == kind]
+    # jobs cut by an earlier sweep resume from their kept workdirs (--runs_dir)
+    kept = {(job, lr): kept_step(_RUNS_DIR.value, (*job, lr)) for job, lr in queue}
     pool = cf.ThreadPoolExecutor(_WORKERS.value)
     pending, interrupted, held = {}, None, False
     while queue or pending:
@@ -1053,11 +1092,11 @@ def main(args: cli.Args):
             # the longest job that can still finish before the deadline (a cut run's
             # training is lost: its workdir does not outlive the sweep)
             running = [
-                (job + (lr,), _PROGRESS.get((*job, lr), {}).get("steps", 0))
+                (job + (lr,), _PROGRESS.get((*job, lr), {}).get("steps", kept.get((job, lr), 0)))
                 for job, lr in pending.values()
             ]
             observed = rows[resumed:] + in_progress()
-            i = next_job(queue, _STEPS.value, observed, deadline, running, priors)
+            i = next_job(queue, _STEPS.value, observed, deadline, running, priors, kept)
             if i is None and not pending:
                 print(f"{len(queue)} jobs would not finish before the deadline", flush=True)
                 skipped.extend(queue)

@@ -188,6 +188,25 @@ def test_a_jobs_batches_come_from_the_resolved_number_of_processes(monkeypatch):
     assert recall_sweep.job_config("gla", 64, 64, 4, 1e-3, 5, 4, 0).train.data_processes == 2
 
 
+def test_a_cut_job_resumes_from_its_kept_workdir(monkeypatch, tmp_path):
+    job = ("attention", 64, 64, 4, 1e-3)
+    assert (
+        recall_sweep.kept_step(str(tmp_path), job) == 0 and recall_sweep.kept_step(None, job) == 0
+    )
+    cut = recall_sweep.run_job(*job, 500, 4, 0, deadline=time.time() - 1.0, runs_dir=str(tmp_path))
+    assert cut["cut"] and cut["start_step"] == 0
+    assert recall_sweep.kept_step(str(tmp_path), job) == cut["steps"] > 0
+    monkeypatch.setattr(recall_sweep, "TARGET_ACCURACY", 0.0)  # stop at the next evaluation
+    monkeypatch.setattr(recall_sweep, "_EVAL_EVERY", 5)
+    row = recall_sweep.run_job(*job, 500, 4, 0, runs_dir=str(tmp_path))
+    assert row["start_step"] == cut["steps"] and row["steps"] == 5 and not row["cut"]
+    # its speed counts the steps of this run only
+    trained = 5 - cut["steps"]
+    assert recall_sweep.device_seconds_per_step(row) == pytest.approx(
+        row["seconds"] / trained / row["concurrency"]
+    )
+
+
 def test_a_job_stops_early_at_the_target_accuracy(monkeypatch):
     config = recall_sweep.job_config("attention", 64, 64, 4, 1e-3, 500, 4, 0)
     assert config.train.eval_every == 250  # the sweep's cadence
@@ -561,6 +580,11 @@ def test_a_job_starts_only_if_the_device_time_owed_ends_before_the_deadline():
     assert recall_sweep.next_job(queue[1:], 3000, [], now + 1, started) == recall_sweep.WAIT
     # ... unless an earlier sweep on this device measured it
     assert recall_sweep.next_job(queue[1:], 3000, [], now + 1000, started, prior) == 0
+    # a queued job that resumes a kept workdir owes only its remaining steps: the gla job
+    # 2000 steps in needs 100 s, and now fits in 150 s
+    kept = {queue[0]: 2000}
+    assert recall_sweep.next_job(queue, 3000, seen, now + 150, done=kept) == 0
+    assert recall_sweep.next_job(queue, 3000, seen, now + 150) == 1
 
 
 def test_the_grid_table_has_a_cell_per_point_and_marks_cut_runs(tmp_path):
