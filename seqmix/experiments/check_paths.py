@@ -22,12 +22,16 @@ from absl import flags
 
 from seqmix.experiments import cli
 
-_CONFIG = flags.DEFINE_string("config", None, cli.CONFIG_HELP.format(names="mqar, recall, ..."))
-_IMPL = flags.DEFINE_string("implementation", "pallas_triton", "The implementation to check.")
-_OPS = flags.DEFINE_list(
-    "ops", ["linear_attention"], "The kernel ops that run --implementation (the others: XLA)."
-)
-flags.mark_flags_as_required(["config"])
+
+def _define_flags() -> None:
+    """The launcher's flags, defined when it runs (not on import: the functions below are a
+    library too, imported beside other launchers that define ``--config``)."""
+    flags.DEFINE_string("config", None, cli.CONFIG_HELP.format(names="mqar, recall, ..."))
+    flags.DEFINE_string("implementation", "pallas_triton", "The implementation to check.")
+    flags.DEFINE_list(
+        "ops", ["linear_attention"], "The kernel ops that run --implementation (the others: XLA)."
+    )
+    flags.mark_flags_as_required(["config"])
 
 
 def gradients(config, implementation: dict | None, dtype: str):
@@ -90,30 +94,30 @@ def main(args: cli.Args):
         cli.fail(f"unexpected arguments: {args.argv[1:]}")
     from seqmix.kernels import dispatch
 
-    config = cli.load_config(_CONFIG.value, args.overrides)
-    mapping = {op: _IMPL.value for op in _OPS.value}
+    impl, ops = flags.FLAGS.implementation, flags.FLAGS.ops
+    config = cli.load_config(flags.FLAGS.config, args.overrides)
+    mapping = {op: impl for op in ops}
     try:
         dispatch.check_implementation(mapping, "--implementation")
     except ValueError as e:
         cli.fail(str(e))
     dtype = config.train.get("compute_dtype", None) or "float32"
     t0 = time.time()
-    reference = gradients(config, {op: "xla" for op in _OPS.value}, "float32")
+    reference = gradients(config, {op: "xla" for op in ops}, "float32")
     print(f"yardstick: XLA in float32, loss {reference[0]:.6g} ({time.time() - t0:.0f} s)")
-    for label, implementation in (("xla", "xla"), (_IMPL.value, _IMPL.value)):
+    for implementation in ("xla", impl):
         t0 = time.time()
-        result = compare(
-            reference, gradients(config, {op: implementation for op in _OPS.value}, dtype)
-        )
+        result = compare(reference, gradients(config, {op: implementation for op in ops}, dtype))
         largest = ", ".join(f"{name} {err:.4f}" for name, err in result["largest"])
         print(
-            f"{label} at {dtype}: loss diff {result['loss_diff']:.3g}, gradient error median "
+            f"{implementation} at {dtype}: loss diff {result['loss_diff']:.3g}, gradient error median "
             f"{result['median']:.4f}, largest {largest} ({time.time() - t0:.0f} s)",
             flush=True,
         )
 
 
 def run() -> None:
+    _define_flags()
     cli.run(main, __doc__)
 
 

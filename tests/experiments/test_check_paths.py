@@ -27,10 +27,6 @@ def test_the_triton_path_of_a_recall_model_matches_xla_in_float32():
     assert len(xla[1]) > 10 and set(xla[1]) == set(triton[1])
     result = check_paths.compare(xla, triton)
     assert result["loss_diff"] < 1e-4 and result["largest"][0][1] < 1e-3, result
-    # a different model is not mistaken for the same one
-    other = recall.get_config("mixer=gla,d_model=64,seq_len=32,num_kv_pairs=4,batch_size=2")
-    other.seed = 1
-    assert check_paths.compare(xla, check_paths.gradients(other, None, "float32"))["median"] > 0.1
 
 
 def test_a_bad_implementation_names_the_flag():
