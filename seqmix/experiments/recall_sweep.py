@@ -333,11 +333,25 @@ class _Progress(Callback):
     def __init__(self, job, row, reading):
         self.job, self.row, self.reading = job, row, reading
         self.start_step = None  # the step this run resumed from (0: a fresh start)
+        self.first = None  # (step, time) when the first step (which compiles) ended
 
     def on_train(self, step, metrics):
         if self.start_step is None:
             self.start_step = step - 1
+            self.first = (step, time.time())
         return None
+
+    def timing(self, step: int) -> dict:
+        """``start_step``, ``concurrency`` and ``step_seconds`` (wall seconds per step after
+        the first, which compiled or loaded the programs; None before a second step) of the
+        run at ``step``."""
+        timing = dict(
+            start_step=self.start_step if self.start_step is not None else step,
+            concurrency=round(_OCCUPANCY.mean_since(self.reading), 3),
+        )
+        if self.first is not None and step > self.first[0]:
+            timing["step_seconds"] = (time.time() - self.first[1]) / (step - self.first[0])
+        return timing
 
     def on_eval(self, step, metrics):
         seconds = time.time() - self.reading[0]
@@ -348,8 +362,7 @@ class _Progress(Callback):
             steps=step,
             cut=True,
             seconds=seconds,
-            concurrency=round(_OCCUPANCY.mean_since(self.reading), 3),
-            start_step=self.start_step or 0,
+            **self.timing(step),
         )
         print(f"{self.job} step {step} accuracy {metrics['accuracy']:.3f} after {seconds:.0f}s")
         return None
@@ -388,9 +401,10 @@ def run_job(
     step, the ``deadline`` (a ``time.time()`` value) or an interrupt (``_STOP``); the last
     two mark a run below 0.99 ``cut``), or NaN at the step where the loss stopped being
     finite. The workdir is ``runs_dir/<job>`` (kept, resumable) or a temporary one. The row's
-    ``concurrency`` is the mean number of jobs that ran during it, itself included, so that
-    ``seconds / steps / concurrency`` is its share of the device per step
-    (``device_seconds_per_step``)."""
+    ``concurrency`` is the mean number of jobs that ran during it, itself included, and its
+    ``step_seconds`` the wall seconds per step after the first (which compiled or loaded the
+    programs), so that ``step_seconds / concurrency`` is its share of the device per step
+    (``device_seconds_per_step``); ``start_step`` is the step it resumed from."""
     job = (mixer, d_model, seq_len, pairs, lr)
     reading = _OCCUPANCY.enter()
     try:
@@ -447,8 +461,7 @@ def _run_job(job, reading, steps, batch_size, seed, deadline, runs_dir) -> dict:
             steps=e.step,
             cut=False,
             seconds=time.time() - t0,
-            concurrency=round(_OCCUPANCY.mean_since(reading), 3),
-            start_step=progress.start_step or 0,
+            **progress.timing(e.step),
         )
     finally:
         _PROGRESS.pop(job, None)
@@ -463,9 +476,8 @@ def _run_job(job, reading, steps, batch_size, seed, deadline, runs_dir) -> dict:
         steps=int(result["step"]),
         cut=bool(stopped) and accuracy < TARGET_ACCURACY,
         seconds=time.time() - t0,
-        concurrency=round(_OCCUPANCY.mean_since(reading), 3),
         # a run resumed from a kept workdir trained steps - start_step steps in seconds
-        start_step=progress.start_step if progress.start_step is not None else int(result["step"]),
+        **progress.timing(int(result["step"])),
     )
 
 
@@ -774,12 +786,16 @@ def resume(
 
 
 def device_seconds_per_step(r: dict) -> float:
-    """Run ``r``'s share of the device per step: its seconds per step trained (from
-    ``start_step``, where a kept workdir resumed) over the mean number of jobs that ran
-    beside it, itself included (``concurrency``; 1 for rows that predate it). Jobs of a sweep
-    share one device stream, so these shares add up to wall time."""
-    trained = r["steps"] - r.get("start_step", 0)
-    return r["seconds"] / trained / r.get("concurrency", 1.0)
+    """Run ``r``'s share of the device per step: its wall seconds per step after its first
+    (``step_seconds``; else its seconds over the steps it trained from ``start_step``, where
+    a kept workdir resumed) over the mean number of jobs that ran beside it, itself included
+    (``concurrency``; 1 for rows that predate it). Jobs of a sweep share one device stream,
+    so these shares add up to wall time; the first step, which compiles or loads the
+    programs on the host, is left out where it can be."""
+    per_step = r.get("step_seconds")
+    if per_step is None:
+        per_step = r["seconds"] / (r["steps"] - r.get("start_step", 0))
+    return per_step / r.get("concurrency", 1.0)
 
 
 def expected_seconds(
@@ -797,8 +813,11 @@ def expected_seconds(
     mixer, d_model, seq_len = job[:3]
 
     def usable(r):
-        trained = r.get("steps", 0) - r.get("start_step", 0)
-        return "error" not in r and trained > 0 and r.get("seconds", 0) > 0
+        if "error" in r:
+            return False
+        if r.get("step_seconds") is not None:
+            return True
+        return r.get("steps", 0) - r.get("start_step", 0) > 0 and r.get("seconds", 0) > 0
 
     seen = [(r, False) for r in observed if usable(r)] + [(r, True) for r in priors if usable(r)]
     if not seen:

@@ -200,10 +200,14 @@ def test_a_cut_job_resumes_from_its_kept_workdir(monkeypatch, tmp_path):
     monkeypatch.setattr(recall_sweep, "_EVAL_EVERY", 5)
     row = recall_sweep.run_job(*job, 500, 4, 0, runs_dir=str(tmp_path))
     assert row["start_step"] == cut["steps"] and row["steps"] == 5 and not row["cut"]
-    # its speed counts the steps of this run only
-    trained = 5 - cut["steps"]
+    # its speed counts the steps of this run after its first (which loaded the programs)
+    assert 0 < row["step_seconds"] < row["seconds"] / (5 - cut["steps"])
     assert recall_sweep.device_seconds_per_step(row) == pytest.approx(
-        row["seconds"] / trained / row["concurrency"]
+        row["step_seconds"] / row["concurrency"]
+    )
+    del row["step_seconds"]  # without it: the seconds over the steps this run trained
+    assert recall_sweep.device_seconds_per_step(row) == pytest.approx(
+        row["seconds"] / (5 - cut["steps"]) / row["concurrency"]
     )
 
 
@@ -545,6 +549,9 @@ def test_a_job_starts_only_if_the_device_time_owed_ends_before_the_deadline():
         _run("gla", 64, 256, 16, 1e-2, error="OOM"),  # a failed run says nothing
     ]
     assert recall_sweep.device_seconds_per_step(seen[0]) == pytest.approx(0.1)
+    # the time per step after the first step, where the row has it
+    timed_after_first = dict(seen[0], step_seconds=0.2)
+    assert recall_sweep.device_seconds_per_step(timed_after_first) == pytest.approx(0.05)
     # the same size: the mean of those runs, preferring the same mixer when it has one
     assert expect(("mamba2", 128, 256, 16), 1000, seen) == pytest.approx(30.0)
     assert expect(("based", 128, 256, 16), 1000, seen) == pytest.approx(30.0)
