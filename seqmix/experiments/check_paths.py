@@ -44,7 +44,7 @@ def gradients(config, implementation: dict | None, dtype: str):
 
     from seqmix import data
     from seqmix.kernels import dispatch
-    from seqmix.train import losses, steps
+    from seqmix.train import losses, steps, workdir
 
     config = config.copy_and_resolve_references()
     config.train.compute_dtype = dtype
@@ -64,12 +64,8 @@ def gradients(config, implementation: dict | None, dtype: str):
     )
     with dispatch.interpret(interpret):
         loss, grads = jax.value_and_grad(loss_fn)(params)
-    flat = {
-        ".".join(map(str, path)): np.asarray(leaf, np.float32)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]
-        for path in [[getattr(p, "key", getattr(p, "idx", p)) for p in path]]
-    }
-    return float(loss), flat
+    flat = workdir.flatten(nnx.to_pure_dict(grads))
+    return float(loss), {name: np.asarray(g, np.float32) for name, g in flat.items()}
 
 
 def compare(reference: tuple, other: tuple) -> dict:
@@ -110,8 +106,8 @@ def main(args: cli.Args):
         result = compare(reference, gradients(config, {op: implementation for op in ops}, dtype))
         largest = ", ".join(f"{name} {err:.4f}" for name, err in result["largest"])
         print(
-            f"{implementation} at {dtype}: loss diff {result['loss_diff']:.3g}, gradient error median "
-            f"{result['median']:.4f}, largest {largest} ({time.time() - t0:.0f} s)",
+            f"{implementation} at {dtype}: loss diff {result['loss_diff']:.3g}, gradient error "
+            f"median {result['median']:.4f}, largest {largest} ({time.time() - t0:.0f} s)",
             flush=True,
         )
 

@@ -32,22 +32,24 @@ stream, so small models overlap their Python dispatch without the GPU time-slici
 processes. Each concurrent job makes its MQAR batches in a process of its own
 (``--data_processes``, ``train.data_processes``), so that the numpy work of one job's
 batches does not hold the interpreter lock against the others' dispatch, and runs with
-XLA's command buffers off (CUDA graphs that concurrent jobs broke). Compilation is the other cost (two programs per job, tens of seconds each on the
-GPU, one at a time in one process): ``--compile_workers=N`` first compiles every job in N
-processes into the persistent cache (``experiments/bench/precompile.py``, at most
-``--compile_budget_s``), so that the training threads start from cache hits (the workers
-build the same ``seqmix.train.build_program``). Jobs are scheduled longest first and none
-starts after ``budget_s``; with ``--deadline_s``, a job starts only if the device time still
-owed to the running jobs plus its own ends before the deadline (``next_job``; a cut run's
-training is lost), and a shorter one takes its place. Each row records its ``concurrency``
-(the mean number of jobs beside it), so its share of the device per step is known
+XLA's command buffers off (CUDA graphs that concurrent jobs broke). Compilation is the
+other cost (two programs per job, tens of seconds each on the GPU, one at a time in one
+process): ``--compile_workers=N`` first compiles every job in N processes into the
+persistent cache (``experiments/bench/precompile.py``, at most ``--compile_budget_s``), so
+that the training threads start from cache hits (the workers build the same
+``seqmix.train.build_program``). Jobs are scheduled longest first and none starts after
+``budget_s``. With ``--deadline_s``, a job starts only if the accelerator time still owed to
+the running jobs plus its own ends before the deadline (``next_job``; a cut run's training
+is lost unless ``--runs_dir`` keeps it), and a shorter one takes its place. Each row
+records its ``concurrency`` (the mean number of jobs beside it) and ``step_seconds`` (its
+wall seconds per step after the first), so its share of the accelerator per step is known
 (``device_seconds_per_step``); the speed comes from this sweep's runs and, before it has
 any, from earlier sweeps' rows on the same device; with none at all the first job starts
-alone and the others wait for its first evaluation. Writes ``recall.json`` (every
-run, the best rate per point, the recurrent state size of each model: the floats of its decoding cache at the sequence
-length; rows of jobs still training, as ``cut``, every 30 s) and, where matplotlib is
-installed, two plots to ``--out_dir`` (default ``$SEQMIX_RUNS/recall_sweep`` or
-``~/seqmix-runs/recall_sweep``) and ``$OUT``. On SIGINT the running jobs evaluate, save and
+alone and the others wait for its first evaluation. Writes ``recall.json`` (every run, the
+best rate per point, the recurrent state size of each model: the floats of its decoding
+cache at the sequence length; rows of jobs still training, as ``cut``, every 30 s) and,
+where matplotlib is installed, two plots to ``--out_dir`` (default
+``$SEQMIX_RUNS/recall_sweep`` or ``~/seqmix-runs/recall_sweep``) and ``$OUT``. On SIGINT the running jobs evaluate, save and
 stop; those that do not within 30 s (still compiling) are left behind with their last
 evaluation.
 """
@@ -851,10 +853,10 @@ def next_job(
     none can finish before ``deadline`` (a ``time.time()`` value; None: the first starts);
     ``WAIT`` when the speed is unknown (nothing ``observed`` nor in ``priors``) while jobs
     run: their first evaluations tell it. ``running``: ``(job, steps done)`` of the jobs
-    training. Jobs share one device stream, so a job fits when the device time still owed to
-    the running jobs plus its own (``expected_seconds``) ends before the deadline; a job
-    that starts without any measure starts alone. ``done``: ``(job, lr) -> steps`` a queued
-    job resumes from (``kept_step``)."""
+    training. Jobs share one device stream, so a job fits when the accelerator time still
+    owed to the running jobs plus its own (``expected_seconds``) ends before the deadline; a
+    job that starts without any measure starts alone. ``done``: ``(job, lr) -> steps`` a
+    queued job resumes from (``kept_step``)."""
     if deadline is None:
         return 0 if queue else None
     owed = 0.0
@@ -1100,7 +1102,7 @@ def main(args: cli.Args):
     # jobs cut by an earlier sweep resume from their kept workdirs (--runs_dir)
     kept = {(job, lr): kept_step(_RUNS_DIR.value, (*job, lr)) for job, lr in queue}
     pool = cf.ThreadPoolExecutor(_WORKERS.value)
-    pending, interrupted, held = {}, None, False
+    pending, interrupted = {}, None
     while queue or pending:
         held = False
         while queue and len(pending) < _WORKERS.value:

@@ -532,7 +532,7 @@ def test_a_runs_concurrency_is_the_mean_number_of_jobs_beside_it(monkeypatch):
     assert occupancy.mean_since(first) == pytest.approx((10 + 20 + 10) / 30)
 
 
-def test_a_job_starts_only_if_the_device_time_owed_ends_before_the_deadline():
+def test_a_job_starts_only_if_the_accelerator_time_owed_ends_before_the_deadline():
     expect = recall_sweep.expected_seconds
     assert expect(("gla", 128, 256, 16), 3000, []) is None  # nothing observed yet
 
@@ -542,7 +542,7 @@ def test_a_job_starts_only_if_the_device_time_owed_ends_before_the_deadline():
         )
 
     seen = [
-        timed("gla", 512, 512, 64, 1000, 400.0, concurrency=4.0),  # 0.1 s of device a step
+        timed("gla", 512, 512, 64, 1000, 400.0, concurrency=4.0),  # 0.1 s of the accelerator a step
         timed("mamba2", 128, 256, 16, 500, 10.0),  # 0.02 s a step
         # a row from before the count: taken as alone, 0.04 s a step
         dict(_run("mamba2", 128, 256, 16, 1e-3), steps=500, seconds=20.0),
@@ -575,7 +575,7 @@ def test_a_job_starts_only_if_the_device_time_owed_ends_before_the_deadline():
     assert recall_sweep.next_job(queue, 3000, seen, now + 400) == 0
     assert recall_sweep.next_job(queue, 3000, seen, now + 50) is None
     assert recall_sweep.next_job(queue, 3000, seen, None) == 0  # no deadline
-    # the device time still owed to running jobs comes first: a gla job 1000 steps in owes
+    # the accelerator time still owed to running jobs comes first: a gla job 1000 steps in owes
     # 200 s, so only the 90 s job fits in 300 s, and nothing in 250 s
     running = [(("gla", 512, 512, 64, 3e-3), 1000)]
     assert recall_sweep.next_job(queue, 3000, seen, now + 300, running) == 1
@@ -674,9 +674,8 @@ def test_merge_writes_one_study_of_several_sweeps(tmp_path):
         "steps": 3000,
         "lrs": {"attention": 1e-2, "gla": 3e-3, "based": 1e-2},
         "runs": [
-            _run(
-                "attention", 64, 64, 4, 1e-2, device="A", state_size=100
-            ),  # resumed from the older file
+            # resumed from the older file
+            _run("attention", 64, 64, 4, 1e-2, device="A", state_size=100),
             _run("gla", 64, 64, 4, 3e-3, device="B", state_size=100),
             _run("based", 64, 64, 4, 1e-2, device="B", cut=True, state_size=100),  # not finished
         ],
