@@ -33,7 +33,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+# (a caller that runs two of these at once gives each its share)
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
 for stage in "$@"; do
   limit=600; case $stage in *@*) limit=${stage##*@}; stage=${stage%@*} ;; esac
