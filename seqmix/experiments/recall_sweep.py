@@ -705,8 +705,8 @@ def _save(payload: dict, plots: bool) -> None:
 
 def merge(paths: str, points=None) -> dict:
     """One recall.json of several sweeps' files (comma-separated): every finished run once
-    (from the first file that has it, or a later one's rerun at a larger budget if the first
-    missed the target) and the other runs of points without a finished run at
+    (from the first file that has it, unless that run missed the target and a later one met
+    it or had a larger budget) and the other runs of points without a finished run at
     their rate (``resume``), ``env``, ``steps``, ``batch_size`` and ``lrs`` of the newest
     file (by ``env.date``; each row names its device), and in ``skipped`` the ``points``
     (patterns; default ``configs/recall.STUDY_POINTS`` over the study's grid) without any
@@ -775,15 +775,16 @@ def resume(
     def key(r):
         return (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"], r["lr"])
 
-    def longer(r, kept):  # a rerun with a larger budget supersedes a run that missed
-        return kept.get("accuracy", 0.0) < TARGET_ACCURACY and (r["max_steps"] or 0) > (
-            kept["max_steps"] or 0
-        )
+    def better(r, kept):  # a run that met the target, or a larger budget, supersedes a miss
+        if kept.get("accuracy", 0.0) >= TARGET_ACCURACY:
+            return False
+        met = r.get("accuracy", 0.0) >= TARGET_ACCURACY
+        return met or (r["max_steps"] or 0) > (kept["max_steps"] or 0)
 
     usable = [r for r in earlier if "error" not in r and current(r)]
     finished = {}
     for r in usable:
-        if done(r) and (key(r) not in finished or longer(r, finished[key(r)])):
+        if done(r) and (key(r) not in finished or better(r, finished[key(r)])):
             finished[key(r)] = r
     left = [(job, lr) for job, lr in queue_of(jobs, lrs) if (*job, lr) not in finished]
     retrained = {job for job, _ in left}

@@ -101,7 +101,7 @@ def test_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path):
     kept, left = recall_sweep.resume(f"{path},{pilot}", jobs, lrs)
     assert (("gla", 64, 64, 4), 3e-3) not in left and len(left) == 3
     assert [r["steps"] for r in kept if r["mixer"] == "gla"] == [10, 10]  # the first file's
-    # a rerun at a larger budget replaces a run that missed the target, not one that met it
+    # a run that met the target, or a rerun at a larger budget, replaces a run that missed
     longer = tmp_path / "longer.json"
     longer.write_text(
         json.dumps(
@@ -109,16 +109,19 @@ def test_resume_keeps_finished_runs_and_reruns_the_rest(tmp_path):
                 "runs": [
                     dict(_run("based", 64, 64, 4, 3e-3), steps=40, max_steps=40),
                     dict(_run("attention", 64, 64, 4, 3e-3), steps=40, max_steps=40),
+                    dict(_run("gla", 64, 64, 4, 1e-3), accuracy=0.995, steps=5, max_steps=5),
                 ]
             }
         )
     )
     earlier[4] = dict(earlier[4], accuracy=0.5)  # based at 3e-3 missed
     earlier[1] = dict(earlier[1], accuracy=0.995)  # attention at 3e-3 met the target
+    earlier[2] = dict(earlier[2], max_steps=10)  # gla at 1e-3 missed on a larger budget
     path.write_text(json.dumps({"runs": earlier}))
     kept, _ = recall_sweep.resume(f"{path},{longer}", jobs, lrs)
     by = {(r["mixer"], r["d_model"], r["lr"]): r["steps"] for r in kept}
     assert by[("based", 64, 3e-3)] == 40 and by[("attention", 64, 3e-3)] == 10
+    assert by[("gla", 64, 1e-3)] == 5  # it met the target on a smaller budget: it replaces
 
 
 def test_a_pilot_chooses_one_rate_per_mixer(tmp_path):
