@@ -707,8 +707,9 @@ def merge(paths: str, points=None) -> dict:
     """One recall.json of several sweeps' files (comma-separated): every finished run once
     (from the first file that has it, unless that run missed the target and a later one met
     it or had a larger budget) and the other runs of points without a finished run at
-    their rate (``resume``), ``env``, ``steps``, ``batch_size`` and ``lrs`` of the newest
-    file (by ``env.date``; each row names its device), and in ``skipped`` the ``points``
+    their rate (``resume``), ``env`` of the newest file (by ``env.date``; each row names its
+    device), ``steps``, ``batch_size`` and ``lrs`` of the newest file that names one rate per
+    mixer (the grid's; a sweep over a list of rates is a side study), and in ``skipped`` the ``points``
     (patterns; default ``configs/recall.STUDY_POINTS`` over the study's grid) without any
     finished run, at the newest file's rate of their mixer where it has one."""
     from seqmix.configs import recall
@@ -717,7 +718,13 @@ def merge(paths: str, points=None) -> dict:
     for one in paths.split(","):
         with open(one) as f:
             payloads.append(json.load(f))
-    newest = max(payloads, key=lambda p: p.get("env", {}).get("date", ""))
+
+    def date(p):
+        return p.get("env", {}).get("date", "")
+
+    newest = max(payloads, key=date)
+    grids = [p for p in payloads if isinstance(p.get("lrs"), dict)]
+    grid_file = max(grids, key=date) if grids else newest
     rows, _ = resume(paths, [], [])
     finished = {
         (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"])
@@ -728,12 +735,12 @@ def merge(paths: str, points=None) -> dict:
         (m, d, T, n) for (T, n) in recall.SETTINGS for d in recall.D_MODELS for m in recall.MIXERS
     ]
     wanted = [j for j in grid if matches(j, list(points or recall.STUDY_POINTS))]
-    lrs = newest.get("lrs")
+    lrs = grid_file.get("lrs")
     rate = (lambda m: lrs.get(m)) if isinstance(lrs, dict) else (lambda m: None)
     return dict(
         env=newest.get("env", {}),
-        steps=newest.get("steps"),
-        batch_size=newest.get("batch_size"),
+        steps=grid_file.get("steps"),
+        batch_size=grid_file.get("batch_size"),
         lrs=lrs,
         runs=rows,
         best=best_runs(rows),

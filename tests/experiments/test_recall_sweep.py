@@ -701,10 +701,23 @@ def test_merge_writes_one_study_of_several_sweeps(tmp_path):
             _run("based", 64, 64, 4, 1e-2, device="B", cut=True, state_size=100),  # not finished
         ],
     }
+    # a later sweep over a list of rates (a side study) does not replace the grid's rates
+    side = {
+        "env": {"date": "2026-03-01T00:00:00+00:00", "device": "C"},
+        "steps": 10000,
+        "lrs": [3e-3],
+        "runs": [],
+    }
     paths = []
-    for name, payload in (("older", older), ("newer", newer)):
+    for name, payload in (("older", older), ("newer", newer), ("side", side)):
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(payload))
+    merged = recall_sweep.merge(
+        ",".join(map(str, paths)), ["attention:64:64:4", "gla:64:64:4", "based:64:64:4"]
+    )
+    assert merged["env"]["device"] == "C" and merged["steps"] == 3000
+    assert merged["lrs"] == newer["lrs"]
+    paths.pop()
     merged = recall_sweep.merge(
         ",".join(map(str, paths)), ["attention:64:64:4", "gla:64:64:4", "based:64:64:4"]
     )
