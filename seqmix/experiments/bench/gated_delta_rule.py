@@ -96,8 +96,8 @@ def forward_flops(B, T, H, D, C=CHUNK) -> float:
 # Other settings of the Triton kernels timed beside the table's on a GPU: the UT inverse by
 # blocks of 16 and 32 rows instead of column-by-column elimination.
 VARIANTS = {
-    "pallas_triton[inverse 16]": ("pallas_triton", TritonConfig(inverse_block=16)),
-    "pallas_triton[inverse 32]": ("pallas_triton", TritonConfig(inverse_block=32)),
+    # the WY backward as two kernels against the table's fused one
+    "pallas_triton[wy split]": ("pallas_triton", TritonConfig(wy_backward="split")),
 }
 
 
