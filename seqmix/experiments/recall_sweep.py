@@ -626,15 +626,22 @@ def plot(best: list[dict], path_prefix: str) -> None:
         plt.close(fig)
 
 
-def grid_table(best: list[dict]) -> str:
+def grid_table(best: list[dict], lrs=None, steps: int | None = None) -> str:
     """The grid as markdown: a row per (setting, mixer), a column per d_model, each cell the
-    best run's accuracy with its steps (``cut at`` for a run stopped by a time limit)."""
+    best run's accuracy with its steps (``cut at`` for a run stopped by a time limit), and
+    its rate where ``lrs`` (the grid's ``mixer -> rate``) names another, its step budget
+    (``max_steps``) where it is not ``steps``."""
     widths = sorted({r["d_model"] for r in best})
     cells = {}
     for r in best:
-        steps = f"cut at {r['steps']}" if r.get("cut") else str(r["steps"])
+        notes = [f"cut at {r['steps']}" if r.get("cut") else str(r["steps"])]
+        if isinstance(lrs, dict) and r["mixer"] in lrs and r["lr"] != lrs[r["mixer"]]:
+            notes.append(f"lr {r['lr']:g}")
+        if steps is not None and r.get("max_steps", steps) != steps:
+            notes.append(f"budget {r['max_steps']}")
+        steps_note = "; ".join(notes)
         key = (r["seq_len"], r["num_kv_pairs"], r["mixer"])
-        cells.setdefault(key, {})[r["d_model"]] = f"{r['accuracy']:.3f} ({steps})"
+        cells.setdefault(key, {})[r["d_model"]] = f"{r['accuracy']:.3f} ({steps_note})"
     lines = [
         "| setting | mixer | " + " | ".join(f"d_model {d}" for d in widths) + " |",
         "|" + " --- |" * (2 + len(widths)),
@@ -976,10 +983,11 @@ def main(args: cli.Args):
     if _TABLE_FROM.value:
         try:
             with open(_TABLE_FROM.value) as f:
-                best = json.load(f)["best"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
+                payload = json.load(f)
+            best = payload["best"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
             cli.fail(f"--table_from={_TABLE_FROM.value}: {e} (a recall.json of the sweep)")
-        print(grid_table(best))
+        print(grid_table(best, payload.get("lrs"), payload.get("steps")))
         return
     if _MERGE.value:
         for one in _MERGE.value.split(","):
@@ -993,7 +1001,7 @@ def main(args: cli.Args):
         print(
             f"{len(payload['runs'])} runs, {len(payload['skipped'])} points without a finished run"
         )
-        print(grid_table(payload["best"]), flush=True)
+        print(grid_table(payload["best"], payload["lrs"], payload["steps"]), flush=True)
         return
     # SIGINT (the device stage's time limit) must raise KeyboardInterrupt even when this
     # process started with it ignored (children of pytest-xdist workers, background jobs)
@@ -1205,7 +1213,7 @@ def main(args: cli.Args):
         ),
         flush=True,
     )
-    print(grid_table(best_rows), flush=True)
+    print(grid_table(best_rows, lrs, _STEPS.value), flush=True)
     if pending:  # threads that are still compiling cannot be stopped: do not wait for them
         os._exit(0)
     pool.shutdown()

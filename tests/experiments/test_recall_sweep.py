@@ -628,8 +628,18 @@ def test_the_grid_table_has_a_cell_per_point_and_marks_cut_runs(tmp_path):
         "| (256, 16) | mamba2 | – | 0.557 (cut at 2752) |",
         "| (512, 64) | attention | – | 0.995 (1750) |",
     ]
+    # a run at another rate than the grid's, or on another step budget, says so
+    best[1] = dict(best[1], max_steps=10000)
+    best[2] = dict(best[2], lr=3e-3)
+    lrs = {"attention": 1e-2, "mamba2": 3e-3}
+    lines = recall_sweep.grid_table(best, lrs, 3000).splitlines()
+    assert lines[2:] == [
+        "| (256, 16) | attention | 0.995 (1750; budget 10000) | – |",
+        "| (256, 16) | mamba2 | – | 0.557 (cut at 2752) |",
+        "| (512, 64) | attention | – | 0.995 (1750; lr 0.003) |",
+    ]
     path = tmp_path / "recall.json"
-    path.write_text(json.dumps({"best": best}))
+    path.write_text(json.dumps({"best": best, "lrs": lrs, "steps": 3000}))
     out = subprocess.run(
         [sys.executable, "-m", "seqmix.experiments.recall_sweep", f"--table_from={path}"],
         capture_output=True,
