@@ -637,7 +637,7 @@ def grid_table(best: list[dict], lrs=None, steps: int | None = None) -> str:
         notes = [f"cut at {r['steps']}" if r.get("cut") else str(r["steps"])]
         if isinstance(lrs, dict) and r["mixer"] in lrs and r["lr"] != lrs[r["mixer"]]:
             notes.append(f"lr {r['lr']:g}")
-        if steps is not None and r.get("max_steps", steps) != steps:
+        if r.get("max_steps") not in (None, steps):
             notes.append(f"budget {r['max_steps']}")
         steps_note = "; ".join(notes)
         key = (r["seq_len"], r["num_kv_pairs"], r["mixer"])
