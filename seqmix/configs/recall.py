@@ -8,9 +8,10 @@ Mixed precision (``train.compute_dtype="bfloat16"``): matmuls and the mixers' in
 bfloat16; parameters, optimizer state, the residual stream, norms, softmax statistics, decays
 and recurrent states in float32 (the layers keep those in float32 whatever the compute dtype);
 the loss in float32. Runs are reproducible from ``seed`` on a given device and software.
-Arguments: ``mixer`` (attention, based, mamba2, gla, linear_attention; gated_deltanet and
-deltanet, outside the default grid; or any registered name), ``d_model`` (64, 128, 256,
-512), ``seq_len``/``num_kv_pairs`` ((64, 4), (128, 8), (256, 16), (512, 64)), ``lr``, ``steps``, ``batch_size``. The grid runs on a GPU through
+Arguments: ``mixer`` (attention, based, mamba2, gla, linear_attention, gated_deltanet,
+deltanet; or any registered name), ``d_model`` (64, 128, 256, 512),
+``seq_len``/``num_kv_pairs`` ((64, 4), (128, 8), (256, 16), (512, 64)), ``lr``, ``steps``,
+``batch_size``. The grid runs on a GPU through
 ``seqmix-recall-sweep`` (see there for how far the training budget is reduced against
 Zoology's); ``seqmix-bench-model --preset=recall`` times one training step per mixer.
 """
@@ -30,7 +31,7 @@ DEFAULTS = dict(
     layers=2,
 )
 
-MIXERS = ("attention", "based", "mamba2", "gla", "linear_attention")
+MIXERS = ("attention", "based", "mamba2", "gla", "linear_attention", "gated_deltanet", "deltanet")
 SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
 D_MODELS = (64, 128, 256, 512)
 # A short CPU pilot of this grid learned faster at 1e-2 than at 3e-3 (docs/benchmarking.md).

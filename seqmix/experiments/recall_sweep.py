@@ -104,7 +104,7 @@ _LRS_FROM = flags.DEFINE_string(
     None,
     "A recall.json of a pilot (an earlier sweep with several --lrs), or several separated by "
     "commas: each mixer trains at the one rate that did best there (see pilot_rates); "
-    "replaces --lrs.",
+    "replaces --lrs. With --merge: the grid's rate of each mixer the grid's rates lack.",
 )
 _OUT = flags.DEFINE_string(
     "out_dir", None, "Results folder (default $SEQMIX_RUNS/recall_sweep, ~/seqmix-runs/...)."
@@ -149,7 +149,8 @@ _MERGE = flags.DEFINE_string(
     None,
     "Write one recall.json (and its plots) to --out_dir from several sweeps' recall.json "
     "files, comma-separated, and exit: every finished run once, 'skipped' the study's points "
-    "(--points, default configs/recall.STUDY_POINTS) still without one.",
+    "(--points, default configs/recall.STUDY_POINTS) still without one; --lrs_from adds the "
+    "rates of mixers swept after the grid's pilot.",
 )
 _DEADLINE = flags.DEFINE_float(
     "deadline_s",
@@ -620,7 +621,15 @@ def plot(best: list[dict], path_prefix: str) -> None:
             ax.set_title(f"T={T}, {n} pairs")
             ax.set_xlabel(xlabel)
         axes[0][0].set_ylabel("MQAR accuracy")
-        axes[0][-1].legend(handles=handles, fontsize=7, title="hollow: cut", title_fontsize=7)
+        # beside the last panel, where it hides no point
+        axes[0][-1].legend(
+            handles=handles,
+            fontsize=7,
+            title="hollow: cut",
+            title_fontsize=7,
+            loc="center left",
+            bbox_to_anchor=(1.02, 0.5),
+        )
         fig.tight_layout()
         fig.savefig(path_prefix + suffix, dpi=110)
         plt.close(fig)
@@ -660,13 +669,19 @@ def out_dir() -> str:
 
 
 def best_runs(rows: list[dict]) -> list[dict]:
-    """The best run of each point (``run_score``), by setting, mixer and width."""
+    """The best run of each point (``run_score``; at equal accuracy a finished run before
+    one cut short), by setting, mixer and width."""
+
+    def score(r):
+        acc, loss = run_score(r)
+        return acc, not r.get("cut"), loss
+
     best = {}
     for r in rows:
         if "error" in r:
             continue
         key = (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"])
-        if key not in best or run_score(r) > run_score(best[key]):
+        if key not in best or score(r) > score(best[key]):
             best[key] = r
     return sorted(best.values(), key=lambda r: (r["seq_len"], r["mixer"], r["d_model"]))
 
@@ -710,7 +725,7 @@ def _save(payload: dict, plots: bool) -> None:
                 print("matplotlib is not installed: no plots (pip install 'seqmix[bench]')")
 
 
-def merge(paths: str, points=None) -> dict:
+def merge(paths: str, points=None, pilots: str | None = None) -> dict:
     """One recall.json of several sweeps' files (comma-separated): every finished run once
     (from the first file that has it, unless that run missed the target and a later one met
     it or had a larger budget) and the other runs of points without a finished run at
@@ -718,7 +733,12 @@ def merge(paths: str, points=None) -> dict:
     device), ``steps``, ``batch_size`` and ``lrs`` of the newest file that names one rate per
     mixer (the grid's; a sweep over a list of rates is a side study), and in ``skipped`` the ``points``
     (patterns; default ``configs/recall.STUDY_POINTS`` over the study's grid) without any
-    finished run, at the newest file's rate of their mixer where it has one."""
+    finished run, at the newest file's rate of their mixer where it has one.
+
+    ``pilots`` (a pilot's recall.json, or several, comma-separated): the grid's rate of each
+    mixer that the pilot ran and the grid's ``lrs`` lacks (a mixer added to the study later,
+    whose points were swept at its own pilot's rate), chosen as ``--lrs_from`` chooses it
+    (``pilot_rates``)."""
     from seqmix.configs import recall
 
     payloads = []
@@ -743,6 +763,14 @@ def merge(paths: str, points=None) -> dict:
     ]
     wanted = [j for j in grid if matches(j, list(points or recall.STUDY_POINTS))]
     lrs = grid_file.get("lrs")
+    if pilots:
+        known = lrs if isinstance(lrs, dict) else {}
+        piloted = set()
+        for one in pilots.split(","):
+            with open(one) as f:
+                piloted |= {r.get("mixer") for r in json.load(f)["runs"]}
+        missing = [m for m in recall.MIXERS if m in piloted and m not in known]
+        lrs = {**known, **pilot_rates(pilots, missing)}
     rate = (lambda m: lrs.get(m)) if isinstance(lrs, dict) else (lambda m: None)
     return dict(
         env=newest.get("env", {}),
@@ -993,8 +1021,15 @@ def main(args: cli.Args):
         for one in _MERGE.value.split(","):
             if not os.path.exists(one):
                 cli.fail(f"--merge={_MERGE.value}: no such file {one} (a recall.json of a sweep)")
+        for one in _LRS_FROM.value.split(",") if _LRS_FROM.value else []:
+            if not os.path.exists(one):
+                cli.fail(
+                    f"--lrs_from={_LRS_FROM.value}: no such file {one} (a pilot's recall.json)"
+                )
         try:
-            payload = merge(_MERGE.value, _POINTS.value)
+            payload = merge(_MERGE.value, _POINTS.value, _LRS_FROM.value)
+        except ValueError as e:  # a pilot without a usable run of a mixer it ran
+            cli.fail(str(e))
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             cli.fail(f"--merge={_MERGE.value}: {type(e).__name__}: {e} (recall.json files)")
         _save(payload, plots=True)

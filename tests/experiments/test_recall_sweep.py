@@ -742,8 +742,8 @@ def test_merge_writes_one_study_of_several_sweeps(tmp_path):
     assert merged["skipped"] == [
         dict(mixer="based", d_model=64, seq_len=64, num_kv_pairs=4, lr=1e-2)
     ]
-    # by default the study's 64 points: all but attention's (gla's (64, 4) is not one)
-    assert len(recall_sweep.merge(",".join(map(str, paths)))["skipped"]) == 63
+    # by default the study's 80 points: all but attention's (gla's (64, 4) is not one)
+    assert len(recall_sweep.merge(",".join(map(str, paths)))["skipped"]) == 79
     # the launcher writes it with its plots
     out = subprocess.run(
         [
@@ -759,10 +759,77 @@ def test_merge_writes_one_study_of_several_sweeps(tmp_path):
         check=True,
     ).stdout
     written = json.loads((tmp_path / "merged" / "recall.json").read_text())
-    assert len(written["runs"]) == 3 and "63 points without a finished run" in out
+    assert len(written["runs"]) == 3 and "79 points without a finished run" in out
     bad = subprocess.run(
         [sys.executable, "-m", "seqmix.experiments.recall_sweep", "--merge=nope.json"],
         capture_output=True,
         text=True,
     )
     assert bad.returncode != 0 and "--merge=nope.json" in bad.stderr
+
+
+def test_merge_takes_the_rates_of_mixers_added_later_from_their_pilot(tmp_path):
+    """A mixer swept after the grid's pilot gets the grid rate its own pilot chose (the best
+    mean accuracy there); the grid's rates of the other mixers stay, and a rate named in a
+    cell's note is one that differs from it."""
+    grid = {
+        "env": {"date": "2026-01-01T00:00:00+00:00"},
+        "steps": 3000,
+        "lrs": {"attention": 1e-2, "gla": 1e-2},
+        "runs": [_run("attention", 64, 256, 16, 1e-2)],
+    }
+    pilot = {
+        "env": {"date": "2026-02-01T00:00:00+00:00"},
+        "steps": 3000,
+        "lrs": [3e-3, 1e-2],
+        "runs": [
+            dict(_run("deltanet", 128, 256, 16, 3e-3), accuracy=0.99, eval_loss=0.1),
+            dict(_run("deltanet", 128, 256, 16, 1e-2), accuracy=0.9, eval_loss=0.5),
+            # the grid already has gla's rate: its pilot runs change nothing
+            dict(_run("gla", 128, 256, 16, 3e-3), accuracy=0.99, eval_loss=0.1),
+        ],
+    }
+    side = {  # the deltanet points, one at another rate
+        "env": {"date": "2026-03-01T00:00:00+00:00"},
+        "steps": 3000,
+        "lrs": [1e-3],
+        "runs": [dict(_run("deltanet", 512, 512, 64, 1e-3), accuracy=0.99, eval_loss=0.1)],
+    }
+    paths = []
+    for name, payload in (("grid", grid), ("pilot", pilot), ("side", side)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(payload))
+    files = ",".join(map(str, paths))
+    merged = recall_sweep.merge(files, pilots=str(paths[1]))
+    assert merged["lrs"] == {"attention": 1e-2, "gla": 1e-2, "deltanet": 3e-3}
+    assert {(r["mixer"], r["lr"]) for r in merged["skipped"] if r["mixer"] == "deltanet"} == {
+        ("deltanet", 3e-3)
+    }
+    assert recall_sweep.merge(files)["lrs"] == grid["lrs"]  # without the pilot: the grid's
+    table = recall_sweep.grid_table(merged["best"], merged["lrs"], merged["steps"])
+    assert "0.990 (10; lr 0.001)" in table and "0.990 (10)" in table
+    # the launcher: --lrs_from names the pilot; a missing one is named
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "seqmix.experiments.recall_sweep",
+            f"--merge={files}",
+            "--lrs_from=nope.json",
+            f"--out_dir={tmp_path / 'merged'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "--lrs_from=nope.json" in bad.stderr
+
+
+def test_the_best_run_of_a_point_is_a_finished_one_at_equal_accuracy():
+    """Of two runs of a point at the same accuracy (to 3 decimals), the table shows the one
+    that trained its whole budget, whatever the losses; a better accuracy wins even cut."""
+    finished = dict(_run("gla", 512, 512, 64, 3e-3), accuracy=0.0004, eval_loss=8.4)
+    cut = dict(_run("gla", 512, 512, 64, 1e-3), accuracy=0.0003, eval_loss=8.2, cut=True)
+    assert recall_sweep.best_runs([finished, cut]) == [finished]
+    assert recall_sweep.best_runs([cut, finished]) == [finished]
+    better = dict(cut, accuracy=0.5)
+    assert recall_sweep.best_runs([finished, better]) == [better]
