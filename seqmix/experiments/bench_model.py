@@ -25,7 +25,8 @@ Presets (defaults of ``--config``, ``--mixers``, ``--lengths``, ``--tokens``):
   dimension 64 (~125M parameters), mixers attention, mamba2, gla, based and the 3:1
   mamba2/attention hybrid, T = 2048 ... 16384 at 32768 tokens per batch;
 - ``recall``: the recall study's step (``recall`` at d_model 256, T 256, 16 pairs, batch 256,
-  bfloat16 compute on a GPU), mixers attention, based, mamba2, gla, linear_attention.
+  bfloat16 compute on a GPU), the study's mixers (``configs/recall.MIXERS``: attention,
+  based, mamba2, gla, linear_attention, gated_deltanet, deltanet).
 
 Each row reports ms per step, tokens/s, the ratio of its step time to attention's at the
 same T (``vs_attention``), model FLOP utilisation against the bf16 matmul ceiling measured in
@@ -69,7 +70,7 @@ PRESETS = {
     "recall": dict(
         config="recall:d_model=256,seq_len=256,num_kv_pairs=16,batch_size=256",
         overrides=[],
-        mixers=["attention", "based", "mamba2", "gla", "linear_attention"],
+        mixers=None,  # the study's: configs/recall.MIXERS
         lengths=["256"],
         tokens=0,
     ),
@@ -96,6 +97,12 @@ _PEAK = flags.DEFINE_float(
 )
 
 
+def _study_mixers() -> list[str]:
+    from seqmix.configs import recall
+
+    return list(recall.MIXERS)
+
+
 def settings(overrides: list[tuple[str, str]]) -> dict:
     """The run's config spec, overrides, mixers, lengths and tokens: the preset's, replaced
     by the flags given."""
@@ -103,7 +110,7 @@ def settings(overrides: list[tuple[str, str]]) -> dict:
     return dict(
         config=_CONFIG.value or preset["config"],
         overrides=(preset["overrides"] if not _CONFIG.value else []) + list(overrides),
-        mixers=_MIXERS.value or preset["mixers"],
+        mixers=_MIXERS.value or preset["mixers"] or _study_mixers(),
         lengths=[int(t) for t in (_LENGTHS.value or preset["lengths"])],
         tokens=preset["tokens"] if _TOKENS.value is None else _TOKENS.value,
     )
