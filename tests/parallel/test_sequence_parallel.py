@@ -4,6 +4,7 @@ devices' blocks). The 8 devices are CPU devices of a subprocess (``sequence_runn
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
-from seqmix import kernels, parallel
+from seqmix import kernels, parallel, testing
 from seqmix.testing import fresh_seed
 
 HERE = pathlib.Path(__file__).parent
@@ -175,15 +176,29 @@ def test_backward_chunk_fills_its_byte_budget():
     assert backward_chunk(2, 37, 8, 4, budget=1 << 20) == 37  # the whole block
 
 
-@pytest.mark.parametrize("T, groups", [(37, 2), (300, None)], ids=["groups", "chunks"])
-def test_block_final_state_is_the_scan_final_state_with_its_gradients(T, groups, monkeypatch):
+@pytest.mark.parametrize(
+    "T, groups, reduction",
+    [
+        pytest.param(37, 2, "xla", id="groups"),
+        pytest.param(300, None, "xla", id="chunks"),
+        pytest.param(37, 2, "pallas_triton", id="triton-groups", marks=pytest.mark.gpu),
+        pytest.param(45, None, "pallas_triton", id="triton", marks=pytest.mark.gpu),
+    ],
+)
+def test_block_final_state_is_the_scan_final_state_with_its_gradients(
+    T, groups, reduction, monkeypatch
+):
     """The scan's per-device reduction against the recurrence's final state: values and
-    gradients (300 tokens under a byte budget of 128 tokens: the backward's loop over
-    chunks, the last one padded)."""
+    gradients, by the XLA backward (300 tokens under a byte budget of 128 tokens: its loop
+    over chunks, the last one padded) and by the Triton kernel, in interpret mode on the CPU
+    and natively with ``pytest -m gpu`` (a partial last tile of tokens; two groups of B over
+    channel blocks of 4)."""
     import importlib
 
+    from seqmix.kernels import dispatch
+
     selective_scan = importlib.import_module("seqmix.parallel.selective_scan")  # the module
-    block_final_state = selective_scan.block_final_state
+    block_final_state = functools.partial(selective_scan.block_final_state, reduction=reduction)
 
     B, Dm, N = 2, 8, 4
     monkeypatch.setattr(selective_scan, "_CHUNK_BYTES", 128 * 4 * B * Dm * N)
@@ -208,10 +223,10 @@ def test_block_final_state_is_the_scan_final_state_with_its_gradients(T, groups,
     # the sum cancels: its tolerance is relative to the terms' magnitude, not to the sum's
     scale = float(jnp.sum(jnp.abs(w * block_final_state(*args))))
     np.testing.assert_allclose(mine(*args), scan(*args), rtol=1e-5, atol=1e-6 * scale)
+    with dispatch.interpret(reduction == "pallas_triton" and not testing.native_run()):
+        grads = jax.grad(mine, argnums=(0, 1, 2, 3))(*args)
     for name, a, b in zip(
-        ("dt", "u", "B", "A"),
-        jax.grad(mine, argnums=(0, 1, 2, 3))(*args),
-        jax.grad(scan, argnums=(0, 1, 2, 3))(*args),
+        ("dt", "u", "B", "A"), grads, jax.grad(scan, argnums=(0, 1, 2, 3))(*args)
     ):
         np.testing.assert_allclose(
             a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from seqmix import kernels
 from seqmix.experiments.bench.models import model_config_125m
+from seqmix.kernels import dispatch
 from seqmix.layers import block as block_lib
 from seqmix.models import layer_names
 from seqmix.parallel.attention import causal_attention_local, windowed_attention_local
@@ -281,13 +282,19 @@ def overhead_cases(T: int, d_model: int = 768) -> dict[str, tuple[Callable, Call
     Dm = 2 * d_model
     A = -jnp.broadcast_to(jnp.arange(1, 17, dtype=jnp.float32), (Dm, 16))
     scan_args = (normal(1, T, Dm), normal(1, T, Dm), A, normal(1, T, 16), normal(1, T, 16))
-    cases["selective_scan"] = (
-        lambda u, d, A, b, c: kernels.selective_scan(u, d, A, b, c, delta_softplus=True),
-        lambda u, d, A, b, c: selective_scan_local(
-            u, d, A, b, c, None, None, axis=SEQ_AXIS, delta_softplus=True
-        )[0],
-        scan_args,
-    )
+    # The block's final state differentiated by the XLA loop (the default) and, on a GPU, by
+    # the Triton kernel (``reduction="pallas_triton"``).
+    reductions = {"selective_scan": "xla"}
+    if dispatch.available("pallas_triton") and not dispatch.interpret_mode():
+        reductions["selective_scan_triton_reduction"] = "pallas_triton"
+    for name, reduction in reductions.items():
+        cases[name] = (
+            lambda u, d, A, b, c: kernels.selective_scan(u, d, A, b, c, delta_softplus=True),
+            lambda u, d, A, b, c, r=reduction: selective_scan_local(
+                u, d, A, b, c, None, None, axis=SEQ_AXIS, delta_softplus=True, reduction=r
+            )[0],
+            scan_args,
+        )
     # Gated DeltaNet: H heads of 64, L2-normalised q and k, beta in (0, 1).
     unit = lambda x: (x / jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)).astype(bf)
     beta = jax.nn.sigmoid(normal(1, T, H, dtype=jnp.float32))

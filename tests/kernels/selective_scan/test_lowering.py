@@ -83,3 +83,21 @@ def test_lowers_forward_and_backward(implementation, config, prefix):
             assert "selective_scan_chunked_bwd" not in text
             for name in ("local", "adjoint"):
                 assert f"{prefix}{name}" in text, f"kernel {prefix}{name} missing"
+
+
+@pytest.mark.parametrize("groups", [None, 2], ids=["one-group", "two-groups"])
+def test_final_state_backward_lowers_for_the_gpu(groups):
+    """The context-parallel scan's reduction backward (``reduction="pallas_triton"``) at a
+    block of the 125M Mamba-1 layer, [1, 4096, 1536, 16], with the GPU tiles, lowers for an
+    H200 (nothing runs)."""
+    from seqmix.parallel.selective_scan import block_final_state
+
+    def loss(dt, u, B, A):
+        return jnp.sum(block_final_state(dt, u, B, A, "pallas_triton"))
+
+    Bshape = (1, 4096, 16) if groups is None else (1, 4096, groups, 16)
+    args = [_SD((1, 4096, 1536), _F32), _SD((1, 4096, 1536), _BF), _SD(Bshape, _BF)]
+    args.append(_SD((1536, 16), _F32))
+    text = testing.lower_for(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "selective_scan_final_state_bwd" in text
