@@ -30,7 +30,6 @@ from seqmix.parallel.conv1d import causal_conv1d
 from seqmix.parallel.delta_rule import gated_delta_rule
 from seqmix.parallel.linear_attention import linear_attention
 from seqmix.parallel.mesh import SEQ_AXIS, sequence_mesh, sequence_parallel_size
-from seqmix.parallel.segment_attention import segment_attention
 from seqmix.parallel.selective_scan import selective_scan
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "causal_conv1d",
     "gated_delta_rule",
     "linear_attention",
-    "segment_attention",
     "selective_scan",
     "sequence_mesh",
     "sequence_parallel_size",

@@ -35,11 +35,9 @@ but needs a hand-written recomputing backward to realise that saving (autodiff t
 ring saves every received block anyway). ``bench_sequence_parallel --mode=scaling``
 measures the time in collectives (docs/sequence_parallel.md).
 
-Packed segments: within the diagonal chunks the op masks them itself; for a key chunk
-before the query chunk the mask compares a query id array with a key id array, which the
-op's self-attention ``segment_ids`` cannot express, so those blocks run
-``seqmix.parallel.segment_attention`` (flash-style, in XLA). Without segments every block
-is the op.
+Packed segments: within the diagonal chunks the op masks them with ``segment_ids``; a key
+chunk before the query chunk compares the queries' ids with the keys', which the op takes
+as ``kv_segment_ids``. Every block is the op.
 """
 
 from __future__ import annotations
@@ -63,7 +61,6 @@ from seqmix.parallel.mesh import (
     shard_over_sequence,
     token_spec,
 )
-from seqmix.parallel.segment_attention import segment_attention
 
 Array = jax.Array
 
@@ -194,6 +191,7 @@ def _op(
     causal=False,
     window=None,
     segment_ids=None,
+    kv_segment_ids=None,
     softcap,
     scale,
     return_lse=True,
@@ -208,6 +206,7 @@ def _op(
         causal=causal,
         local_window_size=window,
         segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
         softcap=softcap,
         scale=scale,
         return_lse=return_lse,
@@ -218,9 +217,16 @@ def _op(
 
 def _full_block(q, k, v, q_ids, kv_ids, *, softcap, scale, **op_kwargs):
     """Queries against a key block they see entirely (apart from segments)."""
-    if q_ids is None:
-        return _op(q, k, v, softcap=softcap, scale=scale, **op_kwargs)
-    return segment_attention(q, k, v, q_ids, kv_ids, scale=scale, softcap=softcap)
+    return _op(
+        q,
+        k,
+        v,
+        segment_ids=q_ids,
+        kv_segment_ids=kv_ids,
+        softcap=softcap,
+        scale=scale,
+        **op_kwargs,
+    )
 
 
 def _sentinel(segment_ids):
@@ -349,11 +355,17 @@ def full_attention_local(
     k_all = lax.all_gather(k, axis, axis=1, tiled=True)
     v_all = lax.all_gather(v, axis, axis=1, tiled=True)
     ids_all = None if segment_ids is None else lax.all_gather(segment_ids, axis, axis=1, tiled=True)
-    if segment_ids is None:
-        return _op(
-            q, k_all, v_all, softcap=softcap, scale=scale, return_lse=return_lse, **op_kwargs
-        )
-    return segment_attention(q, k_all, v_all, segment_ids, ids_all, scale=scale, softcap=softcap)
+    return _op(
+        q,
+        k_all,
+        v_all,
+        segment_ids=segment_ids,
+        kv_segment_ids=ids_all,
+        softcap=softcap,
+        scale=scale,
+        return_lse=return_lse,
+        **op_kwargs,
+    )
 
 
 def _zigzag_perms(n: int):

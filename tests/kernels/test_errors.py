@@ -15,6 +15,7 @@ from seqmix.kernels import (
 
 q = jnp.zeros((2, 8, 4, 16))
 kv = jnp.zeros((2, 8, 2, 16))
+ids8 = jnp.zeros((2, 8), jnp.int32)
 
 
 @pytest.mark.parametrize(
@@ -27,6 +28,15 @@ kv = jnp.zeros((2, 8, 2, 16))
         (lambda: attention(q, kv, kv, local_window_size=(2, -3)), "local_window_size"),
         (lambda: attention(q, kv, kv, segment_ids=jnp.zeros((2, 7), jnp.int32)), "segment_ids"),
         (lambda: attention(q, kv, kv, segment_ids=jnp.zeros((2, 8))), "segment_ids"),
+        (lambda: attention(q, kv, kv, kv_segment_ids=ids8), "kv_segment_ids needs segment_ids"),
+        (
+            lambda: attention(q, kv, kv, segment_ids=ids8, kv_segment_ids=ids8[:, :5]),
+            "kv_segment_ids",
+        ),
+        (
+            lambda: attention(q, kv[:, :5], kv[:, :5], segment_ids=ids8),
+            "segment_ids without kv_segment_ids",
+        ),
         (lambda: attention(q, kv, kv, softcap=0.0), "softcap"),
         (lambda: attention(q, kv, kv, implementation="fast"), "implementation"),
         (lambda: attention(q.astype(jnp.int32), kv, kv), "q has dtype"),

@@ -13,7 +13,9 @@ Array = jax.Array
 
 
 # Every attention implementation is called as impl(q, k, v, *, causal, window, segment_ids,
-# softcap, scale, return_lse[, config]) with normalised arguments and returns (o, lse); lse
+# kv_segment_ids, softcap, scale, return_lse[, config]) with normalised arguments
+# (kv_segment_ids None with segment_ids given: self-attention, the keys' ids are the
+# queries') and returns (o, lse); lse
 # may be None when return_lse is False. It raises NotImplementedError for arguments it cannot
 # serve. The Pallas backends take config= (their Config in tuning.py, or None).
 
@@ -93,6 +95,7 @@ def attention(
     causal: bool = False,
     local_window_size: int | tuple[int, int] | None = None,
     segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
     softcap: float | None = None,
     scale: float | None = None,
     return_lse: bool = False,
@@ -108,8 +111,11 @@ def attention(
       causal: query ``t`` sees keys ``s <= t`` (positions aligned at 0).
       local_window_size: ``w`` or ``(left, right)``: query ``t`` sees keys in
         ``[t - left, t + right]`` (``right = 0`` when causal), as ``jax.nn.dot_product_attention``.
-      segment_ids: ``[B, T]`` ints (self-attention, ``S == T``): a query sees only keys with
-        the same id.
+      segment_ids: ``[B, T]`` ints: a query sees only keys with the same id. Without
+        ``kv_segment_ids`` they are the keys' ids too (self-attention, ``S == T``).
+      kv_segment_ids: ``[B, S]`` ints, the keys' ids where they are not the queries' (a
+        block of a packed sequence against another block of it); needs ``segment_ids``.
+        Query ``t`` sees key ``s`` only if ``segment_ids[b, t] == kv_segment_ids[b, s]``.
       softcap: ``c``: logits become ``c * tanh(s / c)``.
       scale: logit scale, default ``D ** -0.5``.
       return_lse: also return the natural log-sum-exp of the visible logits, ``[B, T, H]``
@@ -138,10 +144,17 @@ def attention(
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     checks.check_heads("q", H, "k/v", Hkv)
     window = normalize_window(local_window_size, causal)
+    if kv_segment_ids is not None:
+        if segment_ids is None:
+            raise ValueError("kv_segment_ids needs segment_ids (the queries' ids)")
+        checks.check_int_array(
+            "kv_segment_ids", kv_segment_ids, 2, "[batch, kv_time]", shape=(B, S)
+        )
     if segment_ids is not None:
-        if S != T:
+        if S != T and kv_segment_ids is None:
             raise ValueError(
-                f"segment_ids needs self-attention (kv_time == time), got T={T} and S={S}"
+                f"segment_ids without kv_segment_ids needs self-attention (kv_time == time), "
+                f"got T={T} and S={S}"
             )
         checks.check_int_array("segment_ids", segment_ids, 2, "[batch, time]", shape=(B, T))
     softcap = checks.check_softcap(softcap)
@@ -159,6 +172,7 @@ def attention(
             causal=bool(causal),
             window=window,
             segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
             softcap=softcap,
             scale=scale,
             return_lse=bool(return_lse),

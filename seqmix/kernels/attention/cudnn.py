@@ -100,9 +100,12 @@ def _rows_reached(bad, T, is_causal, left):
     return count - before > 0
 
 
-def attention(q, k, v, *, causal, window, segment_ids, softcap, scale, return_lse):
+def attention(
+    q, k, v, *, causal, window, segment_ids, softcap, scale, return_lse, kv_segment_ids=None
+):
     """The ``cudnn`` implementation of ``seqmix.kernels.attention`` (normalised arguments,
     see ``api.py``): returns ``(o, None)``."""
+    del kv_segment_ids  # given only with segment_ids, which this implementation refuses
     _check_common("attention", q.dtype, q.shape[-1], softcap)
     if return_lse:
         raise NotImplementedError(

@@ -61,7 +61,7 @@ def nonfinite_keys(v):
     return bad, jnp.where(bad[..., None], jnp.zeros((), v.dtype), v)
 
 
-def attention_naive(q, k, v, *, causal, window, segment_ids, softcap, scale):
+def attention_naive(q, k, v, *, causal, window, segment_ids, softcap, scale, kv_segment_ids=None):
     """Dense masked softmax attention, float32 (float64 for float64 inputs) inside."""
     acc = accum_dtype(q.dtype)
     B, T, H, D = q.shape
@@ -76,7 +76,7 @@ def attention_naive(q, k, v, *, causal, window, segment_ids, softcap, scale):
         causal=causal,
         window=window,
         q_segment_ids=segment_ids,
-        k_segment_ids=segment_ids,
+        k_segment_ids=segment_ids if kv_segment_ids is None else kv_segment_ids,
     )
     mask = mask[:, None, None] if mask.ndim == 3 else mask[None, None, None]
     s = jnp.where(mask, s, -jnp.inf)
@@ -125,12 +125,16 @@ def _block_logits(qf, kb, kpos, qpos, q_seg, kseg, *, causal, window, softcap, s
     return s, s_raw, mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention_xla(q, k, v, segment_ids, causal, window, softcap, scale, block_k):
-    return _attention_xla_fwd(q, k, v, segment_ids, causal, window, softcap, scale, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _attention_xla(q, k, v, segment_ids, kv_segment_ids, causal, window, softcap, scale, block_k):
+    return _attention_xla_fwd(
+        q, k, v, segment_ids, kv_segment_ids, causal, window, softcap, scale, block_k
+    )[0]
 
 
-def _attention_xla_fwd(q, k, v, segment_ids, causal, window, softcap, scale, block_k):
+def _attention_xla_fwd(
+    q, k, v, segment_ids, kv_segment_ids, causal, window, softcap, scale, block_k
+):
     acc = accum_dtype(q.dtype)
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -139,7 +143,7 @@ def _attention_xla_fwd(q, k, v, segment_ids, causal, window, softcap, scale, blo
     qf = q.astype(acc).reshape(B, T, Hkv, G, D)
     qpos = jnp.arange(T)
     kpos_blocks = _key_positions(S, bk)
-    seg_blocks = None if segment_ids is None else _blocks(segment_ids, bk)
+    seg_blocks = None if kv_segment_ids is None else _blocks(kv_segment_ids, bk)
 
     def body(carry, xs):
         o, m, l, hit = carry
@@ -180,11 +184,11 @@ def _attention_xla_fwd(q, k, v, segment_ids, causal, window, softcap, scale, blo
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
     o = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, H, D).astype(q.dtype)
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, H)
-    return (o, lse), (q, k, v, segment_ids, o, lse, hit)
+    return (o, lse), (q, k, v, segment_ids, kv_segment_ids, o, lse, hit)
 
 
 def _attention_xla_bwd(causal, window, softcap, scale, block_k, res, cts):
-    q, k, v, segment_ids, o, lse, hit = res
+    q, k, v, segment_ids, kv_segment_ids, o, lse, hit = res
     do, dlse = cts
     acc = accum_dtype(q.dtype)
     B, T, H, D = q.shape
@@ -239,7 +243,7 @@ def _attention_xla_bwd(causal, window, softcap, scale, block_k, res, cts):
         _blocks(k, bk),
         _blocks(v, bk),
         _key_positions(S, bk),
-        None if segment_ids is None else _blocks(segment_ids, bk),
+        None if kv_segment_ids is None else _blocks(kv_segment_ids, bk),
     )
     dq, (dk, dv) = lax.scan(body, jnp.zeros((B, T, Hkv, G, D), acc), xs)
     unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, -1, Hkv, D)[:, :S]
@@ -248,17 +252,25 @@ def _attention_xla_bwd(causal, window, softcap, scale, block_k, res, cts):
         unblock(dk).astype(k.dtype),
         unblock(dv).astype(v.dtype),
         None,
+        None,
     )
 
 
 _attention_xla.defvjp(_attention_xla_fwd, _attention_xla_bwd)
 
 
-def attention_xla(q, k, v, *, causal, window, segment_ids, softcap, scale, block_k=512):
+def attention_xla(
+    q, k, v, *, causal, window, segment_ids, softcap, scale, kv_segment_ids=None, block_k=512
+):
     """Flash attention written in XLA: keys in blocks of ``block_k`` with an online softmax;
     the backward recomputes each block's probabilities from the saved log-sum-exp, so memory
-    grows with T * block_k, never T * S."""
-    return _attention_xla(q, k, v, segment_ids, causal, window, softcap, scale, block_k)
+    grows with T * block_k, never T * S. ``kv_segment_ids``: the keys' ids (default: the
+    queries' ``segment_ids``)."""
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    return _attention_xla(
+        q, k, v, segment_ids, kv_segment_ids, causal, window, softcap, scale, block_k
+    )
 
 
 # --- decoding --------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ GPU_IMPLEMENTATIONS = (TRITON, "cudnn")
 @dataclasses.dataclass(frozen=True)
 class Case:
     """``q [B, T, H, D]``, ``k, v [B, S, Hkv, D]``; ``segments``: None, ``"sorted"`` (packed
-    sequences of random lengths) or ``"random"`` (ids in any order: masked, not skipped);
+    sequences of random lengths), ``"random"`` (ids in any order: masked, not skipped), or
+    ``"cross-sorted"`` / ``"cross-random"``: the same for queries and keys drawn apart
+    (``kv_segment_ids``; ids that one side lacks leave rows without keys);
     ``cpu``: the implementations that run the case in CI; ``grad_tol``: a measured
     exception (with its reason at the case)."""
 
@@ -156,6 +158,37 @@ CASES = [
     C("mqa-full-D128-fp16", 1, 200, 200, 4, 1, 128, F16, cpu=(TPU,)),
     C("D256-segments-noncausal", 1, 17, 17, 2, 2, 256, F32, segments="sorted", cpu=(TPU,)),
     # rows t >= 155 see no key: o = 0, lse = -inf, finite gradients; whole q blocks see none
+    # separate key ids (one block of a packed sequence against another), S != T
+    C(
+        "cross-segments-T40-S72",
+        2,
+        40,
+        72,
+        4,
+        2,
+        16,
+        F32,
+        segments="cross-sorted",
+        cpu=(XLA, TRITON),
+    ),
+    C("cross-segments-T40-S72-bf16", 2, 40, 72, 4, 2, 16, BF16, segments="cross-sorted"),
+    C(
+        "cross-segments-random-window-T150-S200",
+        *(1, 150, 200, 2, 1, 64, F32, False, (60, 20), "cross-random"),
+        cpu=(TRITON, TPU),
+    ),
+    C(
+        "cross-segments-T136-S264-D128",
+        1,
+        136,
+        264,
+        2,
+        1,
+        128,
+        F32,
+        segments="cross-sorted",
+        cpu=(TPU,),
+    ),
     C("rows-without-keys-D128", 1, 200, 150, 2, 1, 128, F32, False, (5, 0), cpu=(TPU,)),
 ]
 
@@ -168,11 +201,21 @@ def inputs(case: Case, seed: int):
     k = jax.random.normal(ks[1], (case.B, case.S, case.Hkv, case.D), jnp.float32).astype(dtype)
     v = jax.random.normal(ks[2], (case.B, case.S, case.Hkv, case.D), jnp.float32).astype(dtype)
     seg = None
-    if case.segments == "sorted":
+    if case.segments in ("sorted", "cross-sorted"):
         seg = jnp.sort(jax.random.randint(ks[3], (case.B, case.T), 0, 4), axis=1)
-    elif case.segments == "random":
+    elif case.segments in ("random", "cross-random"):
         seg = jax.random.randint(ks[3], (case.B, case.T), 0, 3)
     return q, k, v, seg
+
+
+def kv_segment_ids(case: Case, seed: int):
+    """The keys' ids ``[B, S]`` of a ``"cross-*"`` case (None otherwise)."""
+    if case.segments is None or not case.segments.startswith("cross"):
+        return None
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+    if case.segments == "cross-sorted":
+        return jnp.sort(jax.random.randint(key, (case.B, case.S), 0, 4), axis=1)
+    return jax.random.randint(key, (case.B, case.S), 0, 3)
 
 
 def check(case: Case, implementation: str) -> None:
@@ -184,6 +227,7 @@ def check(case: Case, implementation: str) -> None:
         causal=case.causal,
         local_window_size=case.window,
         segment_ids=seg,
+        kv_segment_ids=kv_segment_ids(case, seed),
         softcap=case.softcap,
         return_lse=implementation != "cudnn",  # cuDNN's lse has no gradient
     )

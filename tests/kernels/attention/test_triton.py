@@ -293,6 +293,33 @@ def test_lowers_for_cuda(D, Hkv, window, segments, softcap, dtype):
         assert name in text, name
 
 
+def test_separate_key_ids_lower_for_cuda():
+    """Queries of one block against a longer key block with their own ids (the context-
+    parallel pairs of a packed sequence), forward and backward, lower for an H200."""
+
+    def grads(q, k, v, q_ids, kv_ids):
+        def loss(q, k, v):
+            o, lse = triton.flash_attention(
+                q, k, v, segment_ids=q_ids, kv_segment_ids=kv_ids, interpret=False
+            )
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    sd = jax.ShapeDtypeStruct
+    B, T, S, H, Hkv, D = 1, 1024, 3072, 8, 2, 128
+    text = testing.lower_for(
+        grads,
+        sd((B, T, H, D), jnp.bfloat16),
+        sd((B, S, Hkv, D), jnp.bfloat16),
+        sd((B, S, Hkv, D), jnp.bfloat16),
+        sd((B, T), jnp.int32),
+        sd((B, S), jnp.int32),
+    )
+    for name in ("seqmix_flash_fwd", "seqmix_flash_bwd_dkdv", "seqmix_flash_bwd_dq"):
+        assert name in text, name
+
+
 # --- the split-K decoder ----------------------------------------------------------------------
 
 

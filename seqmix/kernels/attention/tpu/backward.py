@@ -173,7 +173,7 @@ def backward(qk, kk, vk, seg, dok, lse_b, dc, c: Cfg):
     ]
     args = [qk, kk, vk]
     if c.has_seg:
-        col, row = seg
+        col, row = seg[:2]  # the queries' ids as columns, the keys' as rows
         in_specs += [
             pl.BlockSpec((None, c.bq, LANES), lambda b, h, i, jj: (b, i, 0)),
             pl.BlockSpec((None, SUBLANES, c.bk), lambda b, h, i, jj: (b, 0, kv_block(i, jj, c)[0])),
@@ -222,7 +222,7 @@ def backward(qk, kk, vk, seg, dok, lse_b, dc, c: Cfg):
     ]
     args = [qk, kk, vk]
     if c.has_seg:
-        col, row = seg
+        row, col = seg[2:]  # the queries' ids as rows, the keys' as columns
         in_specs += [
             pl.BlockSpec(
                 (None, SUBLANES, c.bq), lambda b, hk, j, g, ii: (b, 0, q_block(j, ii, c)[0])

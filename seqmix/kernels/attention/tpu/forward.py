@@ -98,13 +98,23 @@ def _fwd_kernel(*refs, c: Cfg, nkv: int):
         lse_ref[...] = lse.T[0:1, :]  # lane-dense [1, bq]
 
 
-def seg_arrays(segment_ids, c: Cfg):
-    """Segment ids as [B, L, 128] (one id per row, broadcast on lanes) and [B, 8, L]."""
+def seg_arrays(q_ids, kv_ids, c: Cfg):
+    """Segment ids in the kernels' layouts, ``(q_col, k_row, q_row, k_col)``: as columns
+    ``[B, L, 128]`` (one id per row, broadcast on lanes) and rows ``[B, 8, L]`` (L the longer
+    padded side; padding gets id -1). The forward and dQ read the queries' as columns and
+    the keys' as rows, dK/dV (keys on rows) the other two. ``kv_ids`` None (self-attention):
+    the keys' ids are the queries', and each layout is built once."""
     L = max(c.Tp, c.Sp)
-    seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, L - c.T)), constant_values=-1)
-    col = lax.broadcast_in_dim(seg, (c.B, L, LANES), (0, 1))
-    row = lax.broadcast_in_dim(seg, (c.B, SUBLANES, L), (0, 2))
-    return col, row
+
+    def layouts(ids):
+        ids = jnp.pad(ids.astype(jnp.int32), ((0, 0), (0, L - ids.shape[1])), constant_values=-1)
+        col = lax.broadcast_in_dim(ids, (c.B, L, LANES), (0, 1))
+        row = lax.broadcast_in_dim(ids, (c.B, SUBLANES, L), (0, 2))
+        return col, row
+
+    q_col, q_row = layouts(q_ids)
+    k_col, k_row = (q_col, q_row) if kv_ids is None else layouts(kv_ids)
+    return q_col, k_row, q_row, k_col
 
 
 def forward(qk, kk, vk, seg, c: Cfg):
@@ -126,7 +136,7 @@ def forward(qk, kk, vk, seg, c: Cfg):
     ]
     args = [qk, kk, vk]
     if c.has_seg:
-        col, row = seg
+        col, row = seg[:2]
         in_specs += [
             pl.BlockSpec((None, c.bq, LANES), lambda b, h, i, jj: (b, i, 0)),
             pl.BlockSpec((None, SUBLANES, c.bk), lambda b, h, i, jj: (b, 0, kv_block(i, jj, c)[0])),

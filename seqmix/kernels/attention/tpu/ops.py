@@ -63,22 +63,22 @@ def _rows_to_kernel(x, c: Cfg, fill):
     return x[:, :, None, :]
 
 
-def _fwd_impl(q, k, v, segment_ids, c: Cfg):
+def _fwd_impl(q, k, v, segment_ids, kv_segment_ids, c: Cfg):
     qk, kk, vk = _to_kernel(q, c.Tp, c), _to_kernel(k, c.Sp, c), _to_kernel(v, c.Sp, c)
-    seg = forward.seg_arrays(segment_ids, c) if c.has_seg else None
+    seg = forward.seg_arrays(segment_ids, kv_segment_ids, c) if c.has_seg else None
     ok, lse_k = forward.forward(qk, kk, vk, seg, c)
     o = _from_kernel(ok, c.T, c.H, c, q.dtype)
     lse = jnp.transpose(lse_k[:, :, 0, : c.T], (0, 2, 1))
     return (o, lse), (qk, kk, vk, seg, o, lse_k)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, segment_ids, c: Cfg):
-    return _fwd_impl(q, k, v, segment_ids, c)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, segment_ids, kv_segment_ids, c: Cfg):
+    return _fwd_impl(q, k, v, segment_ids, kv_segment_ids, c)[0]
 
 
-def _flash_fwd(q, k, v, segment_ids, c: Cfg):
-    return _fwd_impl(q, k, v, segment_ids, c)
+def _flash_fwd(q, k, v, segment_ids, kv_segment_ids, c: Cfg):
+    return _fwd_impl(q, k, v, segment_ids, kv_segment_ids, c)
 
 
 def _flash_bwd(c: Cfg, res, cts):
@@ -101,6 +101,7 @@ def _flash_bwd(c: Cfg, res, cts):
         _from_kernel(dqk, c.T, c.H, c, dt),
         _from_kernel(dkk, c.S, c.Hkv, c, dt),
         _from_kernel(dvk, c.S, c.Hkv, c, dt),
+        None,
         None,
     )
 
@@ -127,14 +128,16 @@ def attention(
     softcap: float | None,
     scale: float,
     return_lse: bool,
+    kv_segment_ids: Array | None = None,
     config: tuning.TpuConfig | None = None,
 ) -> tuple[Array, Array | None]:
     """Flash attention on TPU (Pallas Mosaic); see the module docstring.
 
     Args:
       q: ``[B, T, H, D]``; k, v: ``[B, S, Hkv, D]`` (``H % Hkv == 0``), one float dtype.
-      causal, window, segment_ids, softcap, scale, return_lse: as ``api.attention`` after
-        normalisation (``window = (left, right)``, ``None`` = unbounded side).
+      causal, window, segment_ids, kv_segment_ids, softcap, scale, return_lse: as
+        ``api.attention`` after normalisation (``window = (left, right)``, ``None`` =
+        unbounded side; ``kv_segment_ids`` None: ``segment_ids``).
       config: ``tuning.TpuConfig`` (block sizes, multiples of 128; None: the table's, fitted
         to the sequence).
 
@@ -180,5 +183,5 @@ def attention(
         compute_dtype="float32" if dtype == "float16" else dtype,
         interpret=interpret_mode(),
     )
-    o, lse = _flash(q, k, v, segment_ids, c)
+    o, lse = _flash(q, k, v, segment_ids, kv_segment_ids, c)
     return o, (lse if return_lse else None)

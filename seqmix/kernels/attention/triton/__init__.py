@@ -5,8 +5,9 @@
 ``q [B, T, H, D]``, ``k, v [B, S, Hkv, D]``, query head ``h`` reading KV head ``h // G``
 (``G = H / Hkv``), and the natural log-sum-exp ``lse [B, T, H]`` (float32).
 
-``segment_ids`` mask across segments; for non-decreasing ids (packed sequences) each block
-also skips the blocks of other segments (a row whose ids are not sorted is masked only).
+``segment_ids`` (and ``kv_segment_ids``, the keys' own ids where they differ) mask across
+segments; for non-decreasing ids (packed sequences) each block also skips the blocks of
+other segments (a row whose ids are not sorted is masked only).
 Measured speed: BENCHMARKS.md (attention, decode_attention).
 """
 

@@ -77,7 +77,7 @@ def drop_dead_rows(q, do, lse2, delta):
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq):
     if st.segments:
-        seg_ref, lo_ref, hi_ref, dk_ref, dv_ref = refs
+        qseg_ref, kseg_ref, lo_ref, hi_ref, dk_ref, dv_ref = refs
     else:
         dk_ref, dv_ref = refs
     bq, bk = st.bwd.block_q, st.bwd.block_k
@@ -86,7 +86,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq)
     k = _finite(k_ref[...])
     v = _finite(v_ref[...])
     kpos = k0 + jnp.arange(bk, dtype=jnp.int32)
-    kseg = seg_ref[pl.ds(k0, bk)][:, None] if st.segments else None
+    kseg = kseg_ref[pl.ds(k0, bk)][:, None] if st.segments else None
 
     def step(i, carry, g, masked):
         dk, dv = carry
@@ -98,7 +98,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq)
         s, t = st.logits2(st.dot(k, q, trans_b=True))  # transposed logits [bk, bq]
         if masked:
             qpos = q0 + jnp.arange(bq, dtype=jnp.int32)
-            qseg = seg_ref[pl.ds(q0, bq)][None, :] if st.segments else None
+            qseg = qseg_ref[pl.ds(q0, bq)][None, :] if st.segments else None
             vis = st.mask(qpos[None, :] - kpos[:, None], kpos[:, None], qseg, kseg)
             s = jnp.where(vis, s, -jnp.inf)
         p = jnp.exp2(s - lse[None, :])
@@ -125,7 +125,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq)
     plgpu.store(dv_ref, dv.astype(dv_ref.dtype))
 
 
-def dkdv(q, k, v, do, lse2, delta, seg, st):
+def dkdv(q, k, v, do, lse2, delta, qseg, kseg, st):
     B, T, _H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = st.groups
@@ -137,13 +137,14 @@ def dkdv(q, k, v, do, lse2, delta, seg, st):
     in_specs = [qs, kv, kv, qs, rows, rows]
     args = [q, k, v, do, lse2, delta]
     if st.segments:
-        lo, hi = segment_ranges(seg, bk, bq)
+        lo, hi = segment_ranges(kseg, qseg, bk, bq)
         in_specs += [
             pl.BlockSpec((None, T), lambda j, b, h: (b, 0)),
+            pl.BlockSpec((None, S), lambda j, b, h: (b, 0)),
             pl.BlockSpec((None, nk), lambda j, b, h: (b, 0)),
             pl.BlockSpec((None, nk), lambda j, b, h: (b, 0)),
         ]
-        args += [seg, lo, hi]
+        args += [qseg, kseg, lo, hi]
     return pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st, nq=nq),
         grid=(nk, B, Hkv),
@@ -203,7 +204,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st, nq, n
     plgpu.store(dq_ref, (dq * st.scale).astype(dq_ref.dtype))
 
 
-def dq(q, k, v, do, lse2, delta, seg, st):
+def dq(q, k, v, do, lse2, delta, qseg, kseg, st):
     B, T, H, D = q.shape
     S = k.shape[1]
     G = st.groups
@@ -216,14 +217,14 @@ def dq(q, k, v, do, lse2, delta, seg, st):
     in_specs = [qs, kv, kv, qs, rows, rows]
     args = [q, k, v, do, lse2, delta]
     if st.segments:
-        lo, hi = segment_ranges(seg, bq, bk)
+        lo, hi = segment_ranges(qseg, kseg, bq, bk)
         in_specs += [
             pl.BlockSpec((None, bq), lambda i, b, h: (b, qi(i))),
             pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
             pl.BlockSpec((None, nq), lambda i, b, h: (b, 0)),
             pl.BlockSpec((None, nq), lambda i, b, h: (b, 0)),
         ]
-        args += [seg, seg, lo, hi]
+        args += [qseg, kseg, lo, hi]
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st, nq=nq, nk=nk),
         grid=(nq, B, H),

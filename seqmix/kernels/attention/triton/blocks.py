@@ -111,17 +111,20 @@ def loops(lo, hi, flo, fhi, step, carry, st, *, head: bool):
     return lax.fori_loop(fhi, hi, masked, carry)
 
 
-def segment_ranges(seg, b_rows, b_cols):
-    """For non-decreasing segment ids: per block of ``b_rows`` rows, the range of
-    ``b_cols``-blocks whose ids can meet it, ``lo, hi [B, n_rows]`` int32. A row of
-    unsorted ids gets the full range (its blocks are masked, not skipped)."""
-    B, L = seg.shape
-    n_rows, n_cols = L // b_rows, L // b_cols
-    rows = seg.reshape(B, n_rows, b_rows)
-    first = jax.vmap(lambda s, v: jnp.searchsorted(s, v, side="left"))(seg, rows[:, :, 0])
-    last = jax.vmap(lambda s, v: jnp.searchsorted(s, v, side="right"))(seg, rows[:, :, -1])
+def segment_ranges(row_ids, col_ids, b_rows, b_cols):
+    """For non-decreasing segment ids: per block of ``b_rows`` rows (ids ``row_ids
+    [B, R]``), the range of ``b_cols``-blocks of columns (ids ``col_ids [B, C]``) whose ids
+    can meet it, ``lo, hi [B, R / b_rows]`` int32 (``hi <= lo``: none). Rows of unsorted ids
+    (on either side) get the full range (their blocks are masked, not skipped)."""
+    B, R = row_ids.shape
+    n_rows, n_cols = R // b_rows, col_ids.shape[1] // b_cols
+    rows = row_ids.reshape(B, n_rows, b_rows)
+    find = lambda side: jax.vmap(lambda s, v: jnp.searchsorted(s, v, side=side))
+    first = find("left")(col_ids, rows[:, :, 0])
+    last = find("right")(col_ids, rows[:, :, -1])
     lo, hi = first // b_cols, -(-last // b_cols)
-    sorted_ = jnp.all(seg[:, 1:] >= seg[:, :-1], axis=1)[:, None]
+    ascending = lambda x: jnp.all(x[:, 1:] >= x[:, :-1], axis=1)
+    sorted_ = (ascending(row_ids) & ascending(col_ids))[:, None]
     lo = jnp.where(sorted_, lo, 0).astype(jnp.int32)
     hi = jnp.where(sorted_, hi, n_cols).astype(jnp.int32)
     return lo, hi

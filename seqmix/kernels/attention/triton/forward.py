@@ -75,7 +75,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st, nq, nk):
     plgpu.store(lse_ref, jnp.where(seen, m + jnp.log2(l_safe), jnp.inf))
 
 
-def forward(q, k, v, seg, st):
+def forward(q, k, v, qseg, kseg, st):
     B, T, H, D = q.shape
     S = k.shape[1]
     G = st.groups
@@ -89,14 +89,14 @@ def forward(q, k, v, seg, st):
     ]
     args = [q, k, v]
     if st.segments:
-        lo, hi = segment_ranges(seg, bq, bk)
+        lo, hi = segment_ranges(qseg, kseg, bq, bk)
         in_specs += [
             pl.BlockSpec((None, bq), lambda i, b, h: (b, qi(i))),
             pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
             pl.BlockSpec((None, nq), lambda i, b, h: (b, 0)),
             pl.BlockSpec((None, nq), lambda i, b, h: (b, 0)),
         ]
-        args += [seg, seg, lo, hi]
+        args += [qseg, kseg, lo, hi]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk),
         grid=(nq, B, H),
