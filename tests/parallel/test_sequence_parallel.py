@@ -147,6 +147,58 @@ def test_length_not_divisible_by_the_axis_names_the_argument():
         parallel.causal_conv1d(x[..., 0], jnp.zeros((4, 2)), mesh=mesh)
 
 
+def test_scan_reduction_by_the_triton_kernel_in_the_per_device_program():
+    """``selective_scan_local(reduction="pallas_triton")`` inside ``shard_map`` (a ``seq``
+    axis of one device; the kernel in interpret mode) gives the XLA reduction's output and
+    gradients; an unknown reduction, or the kernel without a GPU or interpret mode, raises
+    naming ``reduction``."""
+    from jax.sharding import PartitionSpec as P
+
+    from seqmix.kernels import dispatch
+    from seqmix.parallel.mesh import SEQ_AXIS, shard_over_sequence
+    from seqmix.parallel.selective_scan import selective_scan_local
+
+    ks = jax.random.split(jax.random.key(fresh_seed()), 5)
+    B, T, Dm, N = 1, 24, 8, 4
+    u, delta = jax.random.normal(ks[0], (B, T, Dm)), jax.random.normal(ks[1], (B, T, Dm))
+    A = -jnp.exp(jax.random.normal(ks[2], (Dm, N)))
+    Bm, Cm = jax.random.normal(ks[3], (B, T, N)), jax.random.normal(ks[4], (B, T, N))
+    mesh = jax.make_mesh(
+        (1,), (SEQ_AXIS,), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    tok = P(None, SEQ_AXIS)
+
+    def grads(reduction):
+        def local(u, delta, A, Bm, Cm):
+            return selective_scan_local(
+                *(u, delta, A, Bm, Cm, None, None),
+                axis=SEQ_AXIS,
+                delta_softplus=True,
+                reduction=reduction,
+            )
+
+        f = shard_over_sequence(local, mesh, (tok, tok, P(), tok, tok), (tok, P()))
+
+        def loss(*a):  # the final state (the reduction's value) enters the loss too
+            y, final = f(*a)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(final))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(u, delta, A, Bm, Cm)
+
+    with dispatch.interpret():
+        got = grads("pallas_triton")
+    want = grads("xla")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    x = jnp.zeros((1, 8, 2))
+    with pytest.raises(ValueError, match="reduction must be"):
+        parallel.selective_scan(x, x, jnp.zeros((2, 3)), x[..., :1], x[..., :1], reduction="cub")
+    with dispatch.interpret(False), pytest.raises(NotImplementedError, match="reduction="):
+        parallel.selective_scan(
+            x, x, jnp.zeros((2, 3)), x[..., :1], x[..., :1], reduction="pallas_triton"
+        )
+
+
 def test_one_sided_bidirectional_window_is_not_implemented():
     mesh = AbstractMesh((2,), ("seq",))
     x = jnp.zeros((1, 8, 2, 4))
