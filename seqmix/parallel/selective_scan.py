@@ -73,11 +73,12 @@ def selective_scan(
     ``[B, T, G, N]``; A ``[Dm, N]``; ``op_kwargs`` such as ``implementation`` go to the op).
     ``mesh``: a mesh with an ``axis`` of size > 1 (None: the active mesh); without one this
     is the op itself. T must be divisible by the devices of ``axis``. ``reduction``: the
-    backward of each block's final state (``block_final_state``; None: ``"xla"``).
+    backward of each block's final state (``block_final_state``; None: the Triton kernel
+    when ``implementation="pallas_triton"``, else XLA).
     """
     found = sequence_mesh(mesh, axis)
     kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, **op_kwargs)
-    _reduction(reduction)
+    _reduction(reduction, op_kwargs.get("implementation"))
     if found is None:
         return kernels.selective_scan(
             u,
@@ -134,7 +135,7 @@ def selective_scan_local(
 ) -> tuple[Array, Array]:
     """The per-device program (inside ``shard_map`` over ``axis``): this device's block ->
     ``(y, final state of the whole sequence)``. ``reduction``: see ``block_final_state``."""
-    reduction = _reduction(reduction)
+    reduction = _reduction(reduction, op_kwargs.get("implementation"))
     kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, **op_kwargs)
     dt = delta.astype(jnp.float32)
     if delta_bias is not None:
@@ -163,12 +164,14 @@ def _final_parts(dt, u, B, A):
 REDUCTIONS = ("xla", "pallas_triton")
 
 
-def _reduction(name: str | None) -> str:
+def _reduction(name: str | None, implementation: str | None = None) -> str:
     """The backward of ``block_final_state``: ``"xla"`` (a loop over chunks of tokens) or
     ``"pallas_triton"`` (one kernel, ``kernels.selective_scan.triton.final_state``; natively on
-    a GPU, or in interpret mode). None is ``"xla"``: the kernel has not run natively on a GPU
-    yet, so it is asked for by name."""
-    name = "xla" if name is None else name
+    a GPU, or in interpret mode). None follows the scan's ``implementation``: the kernel
+    where the scan's is named ``"pallas_triton"``, else ``"xla"`` (auto dispatch does not pick
+    the kernel until it has run natively on a GPU)."""
+    if name is None:
+        name = "pallas_triton" if implementation == "pallas_triton" else "xla"
     if name not in REDUCTIONS:
         raise ValueError(f"reduction must be None or one of {REDUCTIONS}, got {name!r}")
     if not dispatch.available(name):

@@ -150,8 +150,8 @@ def test_length_not_divisible_by_the_axis_names_the_argument():
 def test_scan_reduction_by_the_triton_kernel_in_the_per_device_program():
     """``selective_scan_local(reduction="pallas_triton")`` inside ``shard_map`` (a ``seq``
     axis of one device; the kernel in interpret mode) gives the XLA reduction's output and
-    gradients; an unknown reduction, or the kernel without a GPU or interpret mode, raises
-    naming ``reduction``."""
+    gradients; the default follows the scan's implementation; an unknown reduction, or the
+    kernel without a GPU or interpret mode, raises naming ``reduction``."""
     from jax.sharding import PartitionSpec as P
 
     from seqmix.kernels import dispatch
@@ -190,6 +190,12 @@ def test_scan_reduction_by_the_triton_kernel_in_the_per_device_program():
     want = grads("xla")
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    # None follows the scan's implementation: the kernel where the scan's is named
+    from seqmix.parallel.selective_scan import _reduction
+
+    with dispatch.interpret():
+        assert _reduction(None, "pallas_triton") == "pallas_triton"
+        assert _reduction(None, None) == _reduction(None, "xla") == "xla"
     x = jnp.zeros((1, 8, 2))
     with pytest.raises(ValueError, match="reduction must be"):
         parallel.selective_scan(x, x, jnp.zeros((2, 3)), x[..., :1], x[..., :1], reduction="cub")
