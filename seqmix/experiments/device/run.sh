@@ -10,7 +10,8 @@
 #         | masking[:op:impl,...] | time:<time_ops op>
 #         (flags separated by spaces, the stage quoted)
 #   test   every kernel's cases natively on the GPU against the float32 oracle:
-#          python -m pytest -m gpu tests (args default: -n 8 -q; needs pytest, pytest-xdist)
+#          python -m pytest -m gpu tests (args default: -n 8 -q; needs pytest, pytest-xdist;
+#          quoted args stay whole: "test:-n 8 -q -k 'delta_rule or cross'")
 #   peers  comparisons with PyTorch SDPA and flash-linear-attention (experiments/gpu_check.py)
 #   compare  bench_kernels --quick of this tree beside the tree in .old/ (or $COMPARE_OTHER),
 #          A B A in separate processes (experiments/device/compare_revisions.py)
@@ -47,7 +48,9 @@ for stage in "$@"; do
   echo "=== $stage" | tee -a "$OUT/summary.txt"
   start=$(date +%s)
   case $name in
-    test) $T python3 -m pytest -m gpu ${arg:--n 8 -q} tests > "$log" 2>&1 ;;
+    # the args as the shell would split them (quotes kept): "test:-n 8 -k 'a or b'"
+    test) eval "targs=(${arg:--n 8 -q})"
+          $T python3 -m pytest -m gpu "${targs[@]}" tests > "$log" 2>&1 ;;
     peers) $T python3 -m seqmix.experiments.gpu_check ${arg:+--only=$arg} > "$log" 2>&1 ;;
     bench) $T python3 -m seqmix.experiments.bench_kernels --op="$arg" --out_dir="$OUT" > "$log" 2>&1 ;;
     bench_quick) $T python3 -m seqmix.experiments.bench_kernels --op="$arg" --quick --out_dir="$OUT" > "$log" 2>&1 ;;
