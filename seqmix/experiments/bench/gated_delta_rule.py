@@ -93,11 +93,12 @@ def forward_flops(B, T, H, D, C=CHUNK) -> float:
     return float(B * H * n * per_chunk)
 
 
-# Other settings of the Triton kernels timed beside the table's on a GPU: the UT inverse by
-# blocks of 16 and 32 rows instead of column-by-column elimination.
+# Other settings of the Triton kernels timed beside the table's on a GPU.
 VARIANTS = {
     # the WY backward as two kernels against the table's fused one
     "pallas_triton[wy split]": ("pallas_triton", TritonConfig(wy_backward="split")),
+    # the forward's w, states and v_new kept for the backward instead of recomputed there
+    "pallas_triton[saved states]": ("pallas_triton", TritonConfig(save_states=True)),
 }
 
 

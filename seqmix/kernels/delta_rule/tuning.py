@@ -56,6 +56,10 @@ class TritonConfig:
         dk, d log_decay), each holding about half the tiles of the fused one at the cost of
         the UT inverse twice and a ``[C, C]`` block per chunk through memory. Both use the
         ``dwy`` warps and stages.
+      save_states: the forward's ``w``, chunk states and pseudo-values ``v_new`` are kept
+        for the backward, which otherwise recomputes them (the WY transform and the state
+        pass a second time). Memory per call: ``w`` and ``v_new`` as large as k and v, the
+        states ``[B, T / chunk, H, K, V]`` in the state dtype.
       num_warps, num_stages: per kernel (``PerKernel``).
     """
 
@@ -70,6 +74,7 @@ class TritonConfig:
     num_stages: PerKernel | None = None
     inverse_block: int | None = None
     wy_backward: str | None = None
+    save_states: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +116,8 @@ _HOPPER = TritonConfig(
     # elimination and 2.07 ms by blocks of 32; forward + backward 11.1 against 11.8 ms.
     inverse_block=16,
     wy_backward="fused",
+    # the backward recomputes w, the states and v_new (no residuals beyond the inputs)
+    save_states=False,
 )
 _HOPPER_ROWS = {"none": _HOPPER, "scalar": _HOPPER}
 

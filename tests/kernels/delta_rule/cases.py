@@ -164,6 +164,21 @@ CASES = [
         configs={TRITON: TritonConfig(wy_backward="split")},
         cpu=(TRITON,),
     ),
+    # the forward's w, states and v_new kept for the backward (not recomputed there)
+    C(
+        "saved-states-groups-segments-chunk-16-T45",
+        1,
+        45,
+        1,
+        2,
+        16,
+        16,
+        16,
+        -2.0,
+        segments=True,
+        configs={TRITON: TritonConfig(save_states=True)},
+        cpu=(TRITON,),
+    ),
     # --- the TPU kernels (two chunks per grid step: the loop inside a step)
     C("decay-groups-segments-T37", 1, 37, 1, 2, 16, 16, 16, segments=True, cpu=(TPU,)),
     C(

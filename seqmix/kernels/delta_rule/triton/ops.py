@@ -5,7 +5,8 @@ Forward: ``wy.wy_forward`` (w, u per chunk) -> ``state.chunk_states`` (the state
 the chunks and the pseudo-values ``v_new``) -> the linear-attention engine's
 ``forward.chunk_output`` with ``v_new`` as values.
 
-Backward (``jax.custom_vjp``): recompute w, u, the states and ``v_new``; the reverse pass
+Backward (``jax.custom_vjp``): recompute w, u, the states and ``v_new`` (or take them from
+the forward, ``TritonConfig(save_states=True)``); the reverse pass
 ``state.chunk_state_grads`` (``dS_{c+1}``, ``dv_new``, d initial_state); the linear-
 attention engine's ``backward.chunk_dqk`` on ``(q, k, v_new)`` for dq, the direct part of
 dk and of d log_decay; ``wy.wy_backward`` for dv, dbeta and the WY parts of dk and
@@ -71,15 +72,22 @@ def _chunked(plan: DeltaPlan, q, k, v, beta, g, initial_state, runs):
 
 
 def _chunked_fwd(plan, q, k, v, beta, g, initial_state, runs):
-    out = _chunked(plan, q, k, v, beta, g, initial_state, runs)
-    return out, (q, k, v, beta, g, initial_state, runs)
+    inputs = (q, k, v, beta, g, initial_state, runs)
+    if not plan.save_states:
+        return _chunked(plan, *inputs), (*inputs, None)
+    w, states, v_new, final = _states(plan, k, v, beta, g, initial_state, runs)
+    o = la_forward.chunk_output(plan, q, k, v_new, g, runs, states)
+    return (o, final), (*inputs, (w, states, v_new))
 
 
 def _chunked_bwd(plan, residuals, cotangents):
-    q, k, v, beta, g, initial_state, runs = residuals
+    q, k, v, beta, g, initial_state, runs, saved = residuals
     do, dfinal = cotangents
     do = do.astype(q.dtype)
-    w, states, v_new, _ = _states(plan, k, v, beta, g, initial_state, runs)
+    if saved is None:
+        w, states, v_new, _ = _states(plan, k, v, beta, g, initial_state, runs)
+    else:
+        w, states, v_new = saved
     dstates, dv_new, dinit = state.chunk_state_grads(plan, q, k, w, do, g, runs, dfinal.astype(f32))
     dq, dk, dg = la_backward.chunk_dqk(plan, q, k, v_new, g, runs, do, states, dstates, f32)
     dk_wy, dv, dbeta, dg_wy = wy.wy_backward(plan, k, v, beta, g, runs, states, dv_new)

@@ -30,11 +30,13 @@ class DeltaPlan(Plan):
     """``Plan`` plus ``wy_mma``: the operand dtype of the matmuls on float32 intermediates
     of the WY transform (the inverse ``M``, ``w``, ``u`` and their gradients),
     ``inverse_block``: the UT inverse by elimination (0) or by blocks of that many rows, and
-    ``split_wy_backward``: the WY backward as two kernels (value side, key side)."""
+    ``split_wy_backward``: the WY backward as two kernels (value side, key side), and
+    ``save_states``: the forward keeps w, the states and v_new for the backward."""
 
     wy_mma: str = "float32"
     inverse_block: int = 0
     split_wy_backward: bool = False
+    save_states: bool = False
 
 
 def make_plan(
@@ -104,4 +106,5 @@ def make_plan(
         else _WY_MMA[dtype],
         inverse_block=ib if ib < C else 0,
         split_wy_backward=cfg.wy_backward == "split",
+        save_states=bool(cfg.save_states),
     )
