@@ -56,6 +56,9 @@ class TritonConfig:
       segment_programs, min_segment_chunks: "auto" takes P = ceil(segment_programs /
         programs) when fewer than ``min_state_programs`` programs would run, with at least
         ``min_segment_chunks`` chunks per segment.
+      save_states: the forward's chunk states are kept for the backward, which otherwise
+        recomputes them (the state pass a second time); memory per call: the states,
+        ``[B, T / chunk, H, K, V]`` in the state dtype.
     """
 
     block_k: int | None = None
@@ -72,6 +75,7 @@ class TritonConfig:
     state_segments: int | str | None = None
     segment_programs: int | None = None
     min_segment_chunks: int | None = None
+    save_states: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +185,7 @@ _HOPPER = TritonConfig(
     state_segments="auto",
     segment_programs=528,  # four per SM
     min_segment_chunks=8,
+    save_states=False,  # the backward recomputes the states (no residuals beyond the inputs)
 )
 # Per-channel decays spend most of their time on the exponentials of the [L, L, block_k]
 # diagonal blocks; a value block covering V (up to 128) computes them once per chunk

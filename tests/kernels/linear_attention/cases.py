@@ -260,6 +260,23 @@ CASES = [
         configs={TRITON: TritonConfig(state_segments=2)},
         cpu=(TRITON,),
     ),
+    # the forward's chunk states (segmented: with their segment parts) kept for the backward
+    C(
+        "channel-groups-runs-saved-states-T70-P2",
+        1,
+        70,
+        1,
+        2,
+        16,
+        16,
+        "channel",
+        16,
+        F32,
+        SEG,
+        log_decay_min=WEAK,
+        configs={TRITON: TritonConfig(state_segments=2, save_states=True)},
+        cpu=(TRITON,),
+    ),
     # --- the TPU kernels' cases: every decay kind, groups, segments, states in and out,
     # normalize, log_decay down to -20, bf16/fp16/fp32; chunk 32 gives the per-channel kernel
     # two sub-chunks (off-diagonal factored blocks); T in {1, 15} around the chunk of 16

@@ -30,13 +30,12 @@ class DeltaPlan(Plan):
     """``Plan`` plus ``wy_mma``: the operand dtype of the matmuls on float32 intermediates
     of the WY transform (the inverse ``M``, ``w``, ``u`` and their gradients),
     ``inverse_block``: the UT inverse by elimination (0) or by blocks of that many rows, and
-    ``split_wy_backward``: the WY backward as two kernels (value side, key side), and
-    ``save_states``: the forward keeps w, the states and v_new for the backward."""
+    ``split_wy_backward``: the WY backward as two kernels (value side, key side).
+    (``save_states``, the engine's: here the forward keeps w, the states and v_new.)"""
 
     wy_mma: str = "float32"
     inverse_block: int = 0
     split_wy_backward: bool = False
-    save_states: bool = False
 
 
 def make_plan(

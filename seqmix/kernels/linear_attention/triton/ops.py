@@ -1,7 +1,8 @@
 """Chunked gated linear attention in Pallas Triton: the ``pallas_triton`` implementation of
 ``seqmix.kernels.linear_attention`` (padding and the custom VJP over the kernels).
 
-The backward (``jax.custom_vjp``) recomputes the chunk states, runs the reverse pass over
+The backward (``jax.custom_vjp``) recomputes the chunk states (or takes the forward's,
+``TritonConfig(save_states=True)``), runs the reverse pass over
 chunks for the state gradients (``state.chunk_state_grads``) and then the per-chunk
 gradient kernels (``backward.chunk_dv`` and ``chunk_dqk``: dq, dk and the log-decay
 gradient); d initial_state is the reverse pass's last state gradient.
@@ -56,14 +57,22 @@ def _chunked(plan: Plan, q, k, v, g, initial_state, runs):
 
 
 def _chunked_fwd(plan, q, k, v, g, initial_state, runs):
-    return _chunked(plan, q, k, v, g, initial_state, runs), (q, k, v, g, initial_state, runs)
+    inputs = (q, k, v, g, initial_state, runs)
+    if not plan.save_states:
+        return _chunked(plan, *inputs), (*inputs, None)
+    states, final, segments = state.chunk_states(plan, k, v, g, runs, initial_state)
+    o = forward.chunk_output(plan, q, k, v, g, runs, states, segments)
+    return (o, final), (*inputs, (states, segments))
 
 
 def _chunked_bwd(plan, residuals, cotangents):
-    q, k, v, g, initial_state, runs = residuals
+    q, k, v, g, initial_state, runs, saved = residuals
     do, dfinal = cotangents
     do = do.astype(q.dtype)
-    states, _, segments = state.chunk_states(plan, k, v, g, runs, initial_state)
+    if saved is None:
+        states, _, segments = state.chunk_states(plan, k, v, g, runs, initial_state)
+    else:
+        states, segments = saved
     dstates, dinit, dsegments = state.chunk_state_grads(
         plan,
         q,

@@ -78,6 +78,7 @@ class Plan:
     # (the last one shorter) walked in parallel; 1 = one sequential pass (the default).
     segments: int = 1
     segment_chunks: int = 0  # chunks per segment (== chunks when segments == 1)
+    save_states: bool = False  # the forward keeps its states for the backward
 
     @property
     def groups(self) -> int:
@@ -180,6 +181,7 @@ def make_plan(
         interpret=dispatch.interpret_mode(),
         segments=segments,
         segment_chunks=segment_chunks,
+        save_states=bool(cfg.save_states),
     )
 
 
