@@ -10,17 +10,18 @@ Given ``G = dL/dh`` and ``P_t = G * exp(A R_t)`` (``[Dm, N]`` per token):
 - ``dL/dA = sum_t R_t P_t w_t B_t``  (``[Dm, N]``).
 
 No term depends on another token: one program per (batch row, ``block_d`` channels,
-``block_t`` tokens) loads its ``[block_t, block_d]`` tiles of R and w once and walks the N
-states, each a ``[block_t, block_d]`` tile of ``exp2`` and a few products held in registers.
-The sums over channels (dB) and over tokens (dA) leave each program as partial rows that
-XLA adds (``[B, Dm / block_d, T, N]`` and ``[B, T / block_t, N, Dm]`` float32), so nothing of
+``steps`` tiles of ``block_t`` tokens) loads each ``[block_t, block_d]`` tile of R and w once
+and walks the N states, each a tile of ``exp2`` and a few products held in registers. The
+sums over channels (dB) leave each program as partial rows, and the sums over tokens (dA)
+as one partial ``[N, block_d]`` per program (accumulated over its tiles), which XLA adds
+(``[B, Dm / block_d, T, N]`` and ``[B, T / (steps block_t), N, Dm]`` float32), so nothing of
 size ``[T, Dm, N]`` reaches memory. The XLA form of the same gradients (a loop over chunks
 of tokens) materialises and re-reads such chunks several times over.
 
 Bytes at one 125M Mamba-1 layer's block of 32k tokens (``[1, 32768, 1536, 16]``): R and w
 read once and the two ``[T, Dm]`` gradients written once, float32, 0.8 GB, plus the partials
-(0.05 GB at ``block_d`` 64); work: one ``exp2`` and ~8 multiply-adds per ``(t, d, n)``, 0.8G
-of each.
+(dB 0.05 GB at ``block_d`` 64, dA 0.01 GB at 256 tokens a program); work: one ``exp2`` and
+~8 multiply-adds per ``(t, d, n)``, 0.8G of each.
 """
 
 from __future__ import annotations
@@ -41,17 +42,20 @@ _LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True)
 class FinalStateTiles:
-    """Tokens and channels per program (powers of two; ``block_d`` is shrunk to divide the
-    channels of one group) and warps. Not measured on a GPU yet: 32 x 64 float32 tiles at 4
-    warps hold 16 values a thread per tile, about 8 tiles live."""
+    """A program's tile of tokens and channels (powers of two; ``block_d`` is shrunk to
+    divide the channels of one group), the tiles it walks in turn (``steps``: its tokens are
+    ``steps x block_t``), and warps. Not measured on a GPU yet: 32 x 64 float32 tiles at 4
+    warps hold 16 values a thread per tile, about 8 tiles live; 256 tokens a program leave
+    3072 programs at 32k tokens of 1536 channels."""
 
     block_t: int = 32
     block_d: int = 64
+    steps: int = 8
     num_warps: int = 4
 
 
 GPU_TILES = FinalStateTiles()
-INTERPRET_TILES = FinalStateTiles(block_t=8, block_d=4, num_warps=1)
+INTERPRET_TILES = FinalStateTiles(block_t=8, block_d=4, steps=2, num_warps=1)
 
 
 def final_state_grads(
@@ -84,32 +88,43 @@ def final_state_grads(
     per = Dm // G  # channels per group
     bd = pow2_divisor(per, tiles.block_d)
     bt = min(tiles.block_t, pl.next_power_of_2(T))
-    nd, nt = Dm // bd, pl.cdiv(T, bt)
+    steps = max(1, min(tiles.steps, pl.cdiv(T, bt)))
+    nd, nt = Dm // bd, pl.cdiv(T, bt * steps)
 
     def kernel(r_ref, w_ref, b_ref, at_ref, gt_ref, dw_ref, dr_ref, db_ref, da_ref):
         b, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         cols = j * bd + jnp.arange(bd)
-        t = i * bt + jnp.arange(bt)
-        rows, ok = t[:, None], (t < T)[:, None]
-        tile = lambda ref: plgpu.load(ref.at[b, rows, cols[None, :]], mask=ok, other=0.0)
-        R = tile(r_ref).astype(jnp.float32)
-        wt = tile(w_ref).astype(jnp.float32)  # 0 past T: no padded token adds to dA or dB
         grp = (j * bd) // per
-        s_w = jnp.zeros((bt, bd), jnp.float32)
-        s_r = jnp.zeros((bt, bd), jnp.float32)
+        # the program's rows of A^T (natural and log2 e scaled) and of the cotangent
+        a = [plgpu.load(at_ref.at[n, cols]).astype(jnp.float32)[None, :] for n in range(N)]
+        a2 = [x * _LOG2E for x in a]
+        gn = [plgpu.load(gt_ref.at[b, n, cols]).astype(jnp.float32)[None, :] for n in range(N)]
+
+        def step(s, d_a):
+            t = (i * steps + s) * bt + jnp.arange(bt)
+            rows, ok = t[:, None], (t < T)[:, None]
+            tile = lambda ref: plgpu.load(ref.at[b, rows, cols[None, :]], mask=ok, other=0.0)
+            R = tile(r_ref).astype(jnp.float32)
+            wt = tile(w_ref).astype(jnp.float32)  # 0 past T: no padded token adds to dA, dB
+            s_w = jnp.zeros((bt, bd), jnp.float32)
+            s_r = jnp.zeros((bt, bd), jnp.float32)
+            out = []
+            for n in range(N):
+                bn = plgpu.load(b_ref.at[b, t, grp, n], mask=t < T, other=0.0)
+                eg = jnp.exp2(R * a2[n]) * gn[n]  # P_t for state n
+                egb = eg * bn.astype(jnp.float32)[:, None]
+                s_w = s_w + egb
+                s_r = s_r + egb * a[n]
+                out.append(d_a[n] + jnp.sum(R * wt * egb, axis=0))
+                plgpu.store(db_ref.at[b, j, t, n], jnp.sum(eg * wt, axis=1), mask=t < T)
+            plgpu.store(dw_ref.at[b, rows, cols[None, :]], s_w, mask=ok)
+            plgpu.store(dr_ref.at[b, rows, cols[None, :]], s_r * wt, mask=ok)
+            return tuple(out)
+
+        zero = tuple(jnp.zeros((bd,), jnp.float32) for _ in range(N))
+        d_a = jax.lax.fori_loop(0, steps, step, zero)
         for n in range(N):
-            a = plgpu.load(at_ref.at[n, cols]).astype(jnp.float32)[None, :]
-            gn = plgpu.load(gt_ref.at[b, n, cols]).astype(jnp.float32)[None, :]
-            bn = plgpu.load(b_ref.at[b, t, grp, n], mask=t < T, other=0.0)
-            bn = bn.astype(jnp.float32)[:, None]
-            eg = jnp.exp2(R * (a * _LOG2E)) * gn  # P_t for state n
-            egb = eg * bn
-            s_w = s_w + egb
-            s_r = s_r + egb * a
-            plgpu.store(da_ref.at[b, i, n, cols], jnp.sum(R * wt * egb, axis=0))
-            plgpu.store(db_ref.at[b, j, t, n], jnp.sum(eg * wt, axis=1), mask=t < T)
-        plgpu.store(dw_ref.at[b, rows, cols[None, :]], s_w, mask=ok)
-        plgpu.store(dr_ref.at[b, rows, cols[None, :]], s_r * wt, mask=ok)
+            plgpu.store(da_ref.at[b, i, n, cols], d_a[n])
 
     f32 = jnp.float32
     d_w, d_r, db_part, da_part = pl.pallas_call(
