@@ -103,6 +103,9 @@ class MosaicGpuConfig:
         waves on 132 SMs).
       min_segment_chunks: "auto" never makes segments shorter than this.
       detect_races: interpret mode only: run the Mosaic GPU interpreter's race detector.
+      save_states: the forward's chunk states are kept for the backward, which otherwise
+        recomputes them (the state pass, with its segments, a second time); memory per
+        call: the states, ``[B, T / 64, H, K, V]`` float32.
     """
 
     block_v: int | None = None
@@ -115,6 +118,7 @@ class MosaicGpuConfig:
     segment_programs: int | None = None
     min_segment_chunks: int | None = None
     detect_races: bool | None = None
+    save_states: bool | None = None
 
     def __post_init__(self):
         for name in ("block_v", "block_v_grad"):
@@ -215,6 +219,7 @@ _MOSAIC_GPU_HOPPER = MosaicGpuConfig(
     segment_programs=264,
     min_segment_chunks=8,
     detect_races=False,
+    save_states=False,  # the backward recomputes the states (no residuals beyond the inputs)
 )
 # generation -> decay kind -> MosaicGpuConfig (wgmma kernels: Hopper only).
 MOSAIC_GPU = {

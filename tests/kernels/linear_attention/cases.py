@@ -530,9 +530,10 @@ CASES = [
         configs={MOSAIC: MosaicGpuConfig(state_segments=2)},
         cpu=(MOSAIC,),
     ),
-    # no decay, segments of 2 and 1 chunks, unsplit scores, one-deep pipelines
+    # no decay, segments of 2 and 1 chunks, unsplit scores, one-deep pipelines, the forward's
+    # states kept for the backward
     C(
-        "none-bf16-unsplit-depth1-T150-P2",
+        "none-bf16-unsplit-depth1-saved-states-T150-P2",
         1,
         150,
         2,
@@ -542,7 +543,9 @@ CASES = [
         "none",
         64,
         BF16,
-        configs={MOSAIC: MosaicGpuConfig(state_segments=2, split_scores=False, depth=1)},
+        configs={
+            MOSAIC: MosaicGpuConfig(state_segments=2, split_scores=False, depth=1, save_states=True)
+        },
         cpu=(MOSAIC,),
     ),
     # --- GPU only (too long for the interpreter): K = V = 128 over many chunks

@@ -95,25 +95,29 @@ def _states(plan: Plan, x, y, b, masks, init, *, reverse: bool):
 
 
 def _forward(plan: Plan, q, k, v, b, s0, masks):
+    """``((o, final), states)``."""
     states, final = _states(plan, k, v, b, masks, s0, reverse=False)
     output = channel_kernels.channel_output if plan.decay == "channel" else forward.chunk_output
-    return output(plan, q, k, v, states, b, masks), final
+    return (output(plan, q, k, v, states, b, masks), final), states
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked(plan: Plan, q, k, v, b, s0, masks):
-    return _forward(plan, q, k, v, b, s0, masks)
+    return _forward(plan, q, k, v, b, s0, masks)[0]
 
 
 def _chunked_fwd(plan, q, k, v, b, s0, masks):
-    return _forward(plan, q, k, v, b, s0, masks), (q, k, v, b, s0, masks)
+    out, states = _forward(plan, q, k, v, b, s0, masks)
+    # the states go to the backward only where the plan keeps them (else it recomputes them)
+    return out, (q, k, v, b, s0, masks, states if plan.save_states else None)
 
 
 def _chunked_bwd(plan, residuals, cotangents):
-    q, k, v, b, s0, masks = residuals
+    q, k, v, b, s0, masks, states = residuals
     do, dfinal = cotangents
     do = do.astype(q.dtype)
-    states, _ = _states(plan, k, v, b, masks, s0, reverse=False)
+    if states is None:
+        states, _ = _states(plan, k, v, b, masks, s0, reverse=False)
     dstates, ds0 = _states(plan, q, do, b, masks, dfinal.astype(F32), reverse=True)
     dq, dk, dv, db = backward.chunk_grads(plan, q, k, v, b, masks, do, states, dstates)
     return dq, dk, dv, db, (ds0 if s0 is not None else None), None

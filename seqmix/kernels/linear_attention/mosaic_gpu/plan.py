@@ -46,6 +46,7 @@ class Plan:
     depth: int
     split_scores: bool
     interpret: object  # False or plgpu.InterpretGPUParams
+    save_states: bool = False  # the forward keeps its chunk states for the backward
 
     @property
     def groups(self) -> int:
@@ -147,4 +148,5 @@ def make_plan(
         depth=cfg.depth,
         split_scores=cfg.split_scores,
         interpret=_interpret(cfg.detect_races) if interpret else False,
+        save_states=bool(cfg.save_states),
     )
