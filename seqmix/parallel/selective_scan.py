@@ -149,16 +149,23 @@ def selective_scan_local(
     return y, final
 
 
+def _later_and_drive(dt, u, B):
+    """``(R, dt u)`` float32 ``[B, T, Dm]`` (``R_t`` the dt of the tokens after t) and B as
+    ``[B, T, G, N]``."""
+    later = lax.cumsum(dt, axis=1, reverse=True) - dt  # sum over s > t, exact near the end
+    return later, dt * u.astype(jnp.float32), B[:, :, None] if B.ndim == 3 else B
+
+
 def _final_parts(dt, u, B, A):
     """Broadcastable pieces of ``sum_t exp(A R_t) w_t``: ``R [B, T, G, c, 1]`` (dt summed over
     the later tokens), ``w = dt u B [B, T, G, c, N]``-broadcastable factors, ``A [G, c, N]``."""
     Bsz, T, Dm = dt.shape
-    Bg = (B[:, :, None] if B.ndim == 3 else B).astype(jnp.float32)  # [B, T, G, N]
+    later, du, Bg = _later_and_drive(dt, u, B)
+    Bg = Bg.astype(jnp.float32)  # [B, T, G, N]
     G, N = Bg.shape[2], Bg.shape[3]
-    later = lax.cumsum(dt, axis=1, reverse=True) - dt  # sum over s > t, exact near the end
     shape = (Bsz, T, G, Dm // G, 1)
-    du = (dt * u.astype(jnp.float32)).reshape(shape)
-    return later.reshape(shape), du, Bg[:, :, :, None, :], A.astype(jnp.float32).reshape(G, -1, N)
+    A = A.astype(jnp.float32).reshape(G, -1, N)
+    return later.reshape(shape), du.reshape(shape), Bg[:, :, :, None, :], A
 
 
 REDUCTIONS = ("xla", "pallas_triton")
@@ -243,14 +250,11 @@ def _xla_grads(dt, u, B, A, g):
 
 
 def _triton_grads(dt, u, B, A, g):
-    from seqmix.kernels.common import interpret_params
+    """The same gradients by the Triton kernel (``final_state_grads``)."""
     from seqmix.kernels.selective_scan.triton.final_state import final_state_grads
 
-    later = lax.cumsum(dt, axis=1, reverse=True) - dt
-    w = dt * u.astype(jnp.float32)
-    Bg = B[:, :, None] if B.ndim == 3 else B
-    interpret = bool(interpret_params("pallas_triton"))
-    return final_state_grads(later, w, Bg, A, g, interpret=interpret)
+    later, w, Bg = _later_and_drive(dt, u, B)
+    return final_state_grads(later, w, Bg, A, g, interpret=dispatch.interpret_mode())
 
 
 def _final_bwd(reduction, res, ct):
